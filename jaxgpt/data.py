@@ -1,0 +1,121 @@
+"""The corpus and batches: find or download tiny shakespeare, split, get_batch.
+
+`get_batch` is pure: the batch for training step s is
+`get_batch(batch_key(seed, s), ...)`, so a resumed run sees exactly the
+batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from functools import partial
+from pathlib import Path
+
+import jax
+import numpy as np
+
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+    "tinyshakespeare/input.txt"
+)
+TINYSHAKESPEARE_SHA256 = (
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+)
+RELATIVE_PATH = Path("tinyshakespeare") / "input.txt"
+
+
+class DataError(RuntimeError):
+    """The corpus cannot be found, fetched or used (the message says why)."""
+
+
+def cache_dir() -> Path:
+    """Where a downloaded corpus is kept: $XDG_CACHE_HOME/jaxgpt or ~/.cache/jaxgpt."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxgpt"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
+    """Downloads `url` to `dest` atomically and checks its sha256."""
+    dest = Path(dest)
+    offline_hint = (
+        f"Fetch {url} by hand and pass --data_path=/path/to/input.txt, or set"
+        f" JAXGPT_DATA_DIR to a folder holding {RELATIVE_PATH}."
+    )
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            payload = response.read()
+    except OSError as e:  # URLError, timeouts, refused connections.
+        raise DataError(f"could not download {url} ({e}). {offline_hint}") from e
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != sha256:
+        raise DataError(
+            f"{url} has sha256 {digest}, expected {sha256}: the download is"
+            f" corrupt or the file changed. {offline_hint}"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+        tmp.write(payload)
+    os.replace(tmp.name, dest)
+    return dest
+
+
+def find_corpus(data_path: str | None = None, *, allow_download: bool = True) -> Path:
+    """Finds tiny shakespeare: --data_path, $JAXGPT_DATA_DIR, the cache, the web."""
+    if data_path:
+        path = Path(data_path).expanduser()
+        if not path.is_file():
+            raise DataError(f"--data_path={data_path} is not a file.")
+        return path
+    if os.environ.get("JAXGPT_DATA_DIR"):
+        path = Path(os.environ["JAXGPT_DATA_DIR"]).expanduser() / RELATIVE_PATH
+        if path.is_file():
+            return path
+    cached = cache_dir() / RELATIVE_PATH
+    if cached.is_file() and sha256_of(cached) == TINYSHAKESPEARE_SHA256:
+        return cached
+    if not allow_download:
+        raise DataError(f"tiny shakespeare not found (looked in {cached}).")
+    return download(TINYSHAKESPEARE_URL, cached, TINYSHAKESPEARE_SHA256)
+
+
+def load_text(data_path: str | None = None) -> str:
+    """Returns the corpus text (see `find_corpus` for where it comes from)."""
+    return find_corpus(data_path).read_text(encoding="utf-8")
+
+
+def split(tokens: np.ndarray, train_fraction: float = 0.9):
+    """First `train_fraction` of the tokens for training, the rest for validation."""
+    n = int(train_fraction * len(tokens))
+    return tokens[:n], tokens[n:]
+
+
+def check_long_enough(n_tokens: int, block_size: int, what: str) -> None:
+    """A split must hold one window of block_size + 1 tokens (inputs + targets)."""
+    if n_tokens < block_size + 1:
+        raise DataError(
+            f"the {what} has {n_tokens} tokens, fewer than --block_size={block_size} + 1:"
+            " use a smaller --block_size or a longer corpus"
+            " (--data_path)."
+        )
+
+
+def batch_key(seed: int, step) -> jax.Array:
+    """The key of the training batch at `step`: a function of (seed, step) only."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+
+@partial(jax.jit, static_argnames=("batch_size", "block_size"))
+def get_batch(key: jax.Array, tokens: jax.Array, batch_size: int, block_size: int):
+    """Samples `batch_size` random windows: x_BT = tokens[i:i+T], y_BT = x shifted by 1."""
+    n = tokens.shape[0]
+    start_B = jax.random.randint(key, (batch_size,), 0, n - block_size)
+    window = lambda i: jax.lax.dynamic_slice(tokens, (i,), (block_size + 1,))
+    xy_BT1 = jax.vmap(window)(start_B)  # [B, T+1]
+    return xy_BT1[:, :-1], xy_BT1[:, 1:]

@@ -1,0 +1,49 @@
+"""Shared fixtures: the corpus (shared copy, else generated text) and tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+
+
+def shared_corpus() -> Path | None:
+    """The shared tiny shakespeare copy, if this checkout has one beside it."""
+    for base in (os.environ.get("JAXGPT_DATA_DIR"), SHARED):
+        if base and (Path(base) / "tinyshakespeare" / "input.txt").is_file():
+            return Path(base) / "tinyshakespeare" / "input.txt"
+    return None
+
+
+def generated_text(n_chars: int = 60_000, seed: int = 0) -> str:
+    """Deterministic play-like text for when the shared corpus is absent."""
+    rng = np.random.default_rng(seed)
+    words = (
+        "the king and queen shall speak of love thy lord my good sir "
+        "what say you now o fair night come hither gentle friend"
+    ).split()
+    names = ["ROMEO", "JULIET", "KING HENRY", "FIRST CITIZEN"]
+    parts = []
+    while sum(map(len, parts)) < n_chars:
+        line = " ".join(rng.choice(words, size=rng.integers(4, 10)))
+        parts.append(f"{rng.choice(names)}:\n{line.capitalize()}.\n\n")
+    return "".join(parts)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def corpus_path(tmp_path_factory) -> Path:
+    path = shared_corpus()
+    if path is None:
+        path = tmp_path_factory.mktemp("corpus") / "input.txt"
+        path.write_text(generated_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_text(corpus_path) -> str:
+    return corpus_path.read_text(encoding="utf-8")

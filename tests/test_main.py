@@ -1,0 +1,181 @@
+"""End to end: `python -m jaxgpt.main` with a tiny flagfile, and its flag errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from jaxgpt import main
+
+TINY = """\
+--n_layer=2
+--n_head=2
+--n_embd=32
+--block_size=32
+--batch_size=8
+--max_iters=40
+--eval_interval=20
+--eval_iters=4
+--log_interval=10
+--warmup_iters=5
+"""
+
+
+@pytest.fixture
+def flagfile(tmp_path, corpus_path):
+    path = tmp_path / "tiny.cfg"
+    path.write_text(TINY + f"--data_path={corpus_path}\n--workdir={tmp_path / 'wd'}\n")
+    return path
+
+
+def run_main(*args, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxgpt.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def samples(stdout: str) -> list[str]:
+    """The printed samples: the text before each separator line."""
+    parts = stdout.split("\n" + "-" * 40 + "\n")
+    return [p.lstrip("\n") if i else p for i, p in enumerate(parts[:-1])]
+
+
+def test_train_checkpoint_and_sample(tmp_path, flagfile):
+    done = run_main(f"--flagfile={flagfile}", "--max_new_tokens=77", "--prompt=ROMEO:")
+    assert done.returncode == 0, done.stderr[-3000:]
+    workdir = tmp_path / "wd"
+    assert (workdir / "checkpoints" / "40").is_dir() and (workdir / "best").is_dir()
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [0, 20, 40]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    assert "step 40: train loss" in done.stdout + done.stderr
+    (text,) = samples(done.stdout)
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 77
+
+    # Sampling from the checkpoint: several samples of the requested length.
+    again = run_main(
+        f"--flagfile={flagfile}",
+        "--mode=sample",
+        "--num_samples=3",
+        "--max_new_tokens=25",
+        "--prompt=a",
+        "--checkpoint=best",
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    texts = samples(again.stdout)
+    assert len(texts) == 3 and all(len(t) == 26 and t[0] == "a" for t in texts)
+
+    # Running the same command again resumes (nothing left to train) and samples.
+    resumed = run_main(f"--flagfile={flagfile}", "--max_new_tokens=5")
+    assert resumed.returncode == 0 and "resuming from step 40" in resumed.stderr
+
+    # A different model in the same workdir is refused, unless --overwrite.
+    other = run_main(f"--flagfile={flagfile}", "--n_layer=3")
+    assert other.returncode == 1
+    assert "different model" in other.stderr and "--overwrite" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_sigterm_keeps_a_checkpoint_and_resumes(tmp_path, flagfile):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jaxgpt.main",
+            f"--flagfile={flagfile}",
+            "--max_iters=100000",
+            "--eval_interval=100000",
+            "--log_interval=5",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 240
+    for line in proc.stdout:  # Wait until training is under way.
+        if line.startswith("step 10:") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    steps = [int(p.name) for p in (tmp_path / "wd" / "checkpoints").iterdir()]
+    assert max(steps) >= 10
+    resumed = run_main(
+        f"--flagfile={flagfile}",
+        "--max_iters=100000",
+        "--eval_interval=100000",
+        f"--stop_at={max(steps) + 3}",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {max(steps)}" in resumed.stderr
+    assert (tmp_path / "wd" / "checkpoints" / str(max(steps) + 3)).is_dir()
+
+
+def test_unknown_mode_is_one_clear_message():
+    done = run_main("--mode=serve")
+    assert done.returncode != 0 and "--mode=serve" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def parsed_flags():
+    flags.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver():
+        yield
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (dict(n_embd=100, n_head=6), ["--n_embd=100", "--n_head=6"]),
+        (dict(n_layer=0), ["--n_layer=0", "positive"]),
+        (dict(batch_size=-2), ["--batch_size=-2"]),
+        (dict(block_size=2_000_000), ["--block_size=2000000", "split"]),
+        (dict(prompt="¿qué?", mode="sample"), ["--prompt", "'¿'", "'é'"]),
+        (dict(data_path="/no/such/file.txt"), ["--data_path=/no/such/file.txt"]),
+    ],
+)
+def test_bad_flags_end_in_one_clear_message(
+    overrides, words, tmp_path, parsed_flags, corpus_path, flagfile
+):
+    if overrides.get("mode") == "sample":  # Needs a checkpoint to sample from.
+        assert (
+            run_main(
+                f"--flagfile={flagfile}",
+                "--max_iters=2",
+                "--warmup_iters=0",
+                "--max_new_tokens=1",
+            ).returncode
+            == 0
+        )
+        overrides = {**overrides, "workdir": str(tmp_path / "wd")}
+    settings = dict(
+        data_path=str(corpus_path),
+        workdir=str(tmp_path / "new"),
+        max_iters=2,
+        warmup_iters=0,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        block_size=16,
+    )
+    settings.update(overrides)
+    with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
+        main.main(["jaxgpt.main"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    for word in words:
+        assert word in message

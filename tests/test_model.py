@@ -1,0 +1,174 @@
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import model
+from jaxgpt.config import ConfigError, ModelConfig
+
+CFG = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+
+def apply(cfg, params, idx, **kw):
+    return model.make_model(cfg).apply({"params": params}, idx, **kw)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, jax.random.PRNGKey(0))
+
+
+def test_logits_shape(params):
+    idx = jnp.zeros((3, CFG.block_size), jnp.int32)
+    chex.assert_shape(apply(CFG, params, idx), (3, CFG.block_size, CFG.vocab_size))
+    chex.assert_shape(apply(CFG, params, idx[:, :5]), (3, 5, CFG.vocab_size))
+
+
+def test_longer_than_block_size_is_refused(params):
+    with pytest.raises(ValueError, match="block_size"):
+        apply(CFG, params, jnp.zeros((1, CFG.block_size + 1), jnp.int32))
+
+
+def test_causality(params):
+    """Changing tokens after position t leaves the logits at positions <= t unchanged."""
+    idx = jax.random.randint(jax.random.PRNGKey(1), (2, CFG.block_size), 0, 65)
+    t = 6
+    changed = idx.at[:, t + 1 :].set((idx[:, t + 1 :] + 7) % 65)
+    a, b = apply(CFG, params, idx), apply(CFG, params, changed)
+    chex.assert_trees_all_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+    assert not np.allclose(a[:, t + 1 :], b[:, t + 1 :], atol=1e-3)
+
+
+def reference_attention(p, x, n_head):
+    """Attention in plain numpy (float64), written from the paper's formula."""
+    x = np.asarray(x, np.float64)
+    B, T, C = x.shape
+    D = C // n_head
+    qkv = x @ np.asarray(p["c_attn"]["kernel"]) + np.asarray(p["c_attn"]["bias"])
+    q, k, v = (qkv[..., i * C : (i + 1) * C].reshape(B, T, n_head, D) for i in range(3))
+    out = np.zeros((B, T, n_head, D))
+    for b in range(B):
+        for h in range(n_head):
+            s = q[b, :, h] @ k[b, :, h].T / math.sqrt(D)
+            s[np.triu_indices(T, 1)] = -np.inf
+            w = np.exp(s - s.max(-1, keepdims=True))
+            out[b, :, h] = (w / w.sum(-1, keepdims=True)) @ v[b, :, h]
+    y = out.reshape(B, T, C)
+    return y @ np.asarray(p["c_proj"]["kernel"]) + np.asarray(p["c_proj"]["bias"])
+
+
+def test_attention_matches_reference(params):
+    attn = model.CausalSelfAttention(CFG)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 9, CFG.n_embd))
+    p = params["h_0"]["attn"]
+    got = attn.apply({"params": p}, x, deterministic=True)
+    np.testing.assert_allclose(got, reference_attention(p, x, CFG.n_head), atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n_layer,n_embd,block_size", [(1, 16, 8), (3, 48, 32)])
+def test_param_count_matches_closed_form(bias, n_layer, n_embd, block_size):
+    cfg = ModelConfig(
+        vocab_size=65,
+        block_size=block_size,
+        n_layer=n_layer,
+        n_head=4,
+        n_embd=n_embd,
+        bias=bias,
+    )
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    V, T, C, L = 65, block_size, n_embd, n_layer
+    per_block = 4 * C * C + 8 * C * C + (2 * C if not bias else 13 * C)
+    expected = V * C + T * C + L * per_block + (2 * C if bias else C)
+    assert model.count_params(params) == expected == model.expected_param_count(cfg)
+
+
+def test_baby_gpt_size():
+    """nanoGPT reports 10.65M parameters (without position embeddings) for this model."""
+    cfg = ModelConfig(
+        vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False
+    )
+    n = model.expected_param_count(cfg) - 256 * 384
+    assert round(n / 1e6, 2) == 10.65
+
+
+def test_output_projection_is_tied(params):
+    assert "lm_head" not in params and set(params) >= {"wte", "wpe", "ln_f"}
+
+
+def test_gpt2_initialisation():
+    cfg = ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=256)
+    p = model.init_params(cfg, jax.random.PRNGKey(0))
+    assert abs(float(p["wte"]["embedding"].std()) - 0.02) < 2e-3
+    assert abs(float(p["h_0"]["mlp"]["c_fc"]["kernel"].std()) - 0.02) < 2e-3
+    residual = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert abs(float(p["h_0"]["mlp"]["c_proj"]["kernel"].std()) - residual) < 1e-3
+    assert abs(float(p["h_0"]["attn"]["c_proj"]["kernel"].std()) - residual) < 1e-3
+    assert float(jnp.abs(p["h_0"]["attn"]["c_attn"]["bias"]).max()) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bigram"])
+def test_initial_loss_near_log_vocab(kind, corpus_text):
+    from jaxgpt import data, tokenizer
+
+    vocab = tokenizer.build_vocab(corpus_text)
+    cfg = ModelConfig(
+        vocab_size=len(vocab), block_size=32, n_layer=2, n_head=2, n_embd=32, model=kind
+    )
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(tokenizer.encode(corpus_text[:20000], vocab))
+    x, y = data.get_batch(jax.random.PRNGKey(0), tokens, 16, 32)
+    loss = float(model.cross_entropy(apply(cfg, params, x), y))
+    assert abs(loss - math.log(len(vocab))) < 0.05
+
+
+def test_bigram_is_a_lookup_table():
+    cfg = ModelConfig(vocab_size=5, block_size=4, model="bigram")
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    assert model.count_params(params) == 25
+    idx = jnp.array([[3, 1, 3]])
+    logits = apply(cfg, params, idx)
+    chex.assert_shape(logits, (1, 3, 5))
+    np.testing.assert_array_equal(logits[0, 0], params["table"]["embedding"][3])
+
+
+def test_dropout_only_when_training():
+    cfg = ModelConfig(
+        vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.5
+    )
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    idx = jnp.arange(16)[None] % 65
+    eval_a, eval_b = apply(cfg, params, idx), apply(cfg, params, idx)
+    chex.assert_trees_all_equal(eval_a, eval_b)
+    train = lambda k: apply(cfg, params, idx, deterministic=False, rngs={"dropout": k})
+    a, b = train(jax.random.PRNGKey(1)), train(jax.random.PRNGKey(2))
+    assert not np.allclose(a, b)
+    chex.assert_trees_all_equal(a, train(jax.random.PRNGKey(1)))
+
+
+def test_cross_entropy_matches_formula():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 7))
+    targets = jnp.array([[0, 6, 3], [2, 2, 1]])
+    logp = jax.nn.log_softmax(logits)
+    expected = -np.mean([logp[b, t, targets[b, t]] for b in range(2) for t in range(3)])
+    np.testing.assert_allclose(
+        model.cross_entropy(logits, targets), expected, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kw,flag",
+    [
+        (dict(n_embd=30, n_head=4), "--n_embd"),
+        (dict(n_layer=0), "--n_layer"),
+        (dict(block_size=-1), "--block_size"),
+        (dict(dropout=1.0), "--dropout"),
+        (dict(model="lstm"), "--model"),
+    ],
+)
+def test_bad_model_config_names_the_flag(kw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        ModelConfig(vocab_size=65, **kw)

@@ -1,0 +1,203 @@
+import math
+import os
+import signal
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import checkpoint as ckpt
+from jaxgpt import data, tokenizer, train
+from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
+
+MODEL = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_decay_mask_covers_matrices_only():
+    state = train.create_state(MODEL, TrainConfig())
+    mask = train.decay_mask(state.params)
+    flat = {
+        "/".join(k.key for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+    }
+    assert flat["wte/embedding"] and flat["h_0/attn/c_attn/kernel"]
+    assert flat["h_1/mlp/c_proj/kernel"]
+    assert not flat["ln_f/scale"] and not flat["h_0/ln_1/scale"]
+    assert not flat["h_0/attn/c_attn/bias"]
+    # Every leaf: decayed exactly when it is 2-D.
+    for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(state.params)):
+        assert m == (p.ndim == 2)
+
+
+def test_weight_decay_skips_masked_leaves():
+    """With zero gradients, AdamW only shrinks the matrices, by lr * wd."""
+    cfg = TrainConfig(
+        learning_rate=0.1, min_lr=0.1, warmup_iters=0, weight_decay=0.5, grad_clip=0.0
+    )
+    state = train.create_state(MODEL, cfg)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    new = state.apply_gradients(grads=zeros)
+    for old, upd in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+        factor = 1 - 0.1 * 0.5 if old.ndim == 2 else 1.0
+        np.testing.assert_allclose(upd, old * factor, rtol=1e-6, atol=1e-7)
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    cfg = TrainConfig(
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        warmup_iters=100,
+        max_iters=1000,
+        lr_decay_iters=800,
+    )
+    lr = train.lr_schedule(cfg)
+    np.testing.assert_allclose(lr(0), 0.0)
+    np.testing.assert_allclose(lr(50), 5e-4, rtol=1e-5)
+    np.testing.assert_allclose(lr(100), 1e-3, rtol=1e-5)
+    mid = 100 + (800 - 100) // 2  # Cosine halfway: (peak + floor) / 2.
+    np.testing.assert_allclose(lr(mid), (1e-3 + 1e-4) / 2, rtol=1e-4)
+    np.testing.assert_allclose(lr(800), 1e-4, rtol=1e-5)
+    np.testing.assert_allclose(lr(999), 1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_clip,expected_norm", [(1.0, 1.0), (0.0, 400.0)])
+def test_gradients_are_clipped_to_global_norm(grad_clip, expected_norm):
+    """Adam's first moment after one step is (1 - beta1) * the (clipped) gradient."""
+    tx = train.make_optimizer(TrainConfig(grad_clip=grad_clip))
+    params = {"w": jnp.ones((2, 2))}
+    grads = {"w": jnp.full((2, 2), 200.0)}  # Global norm 400.
+    _, opt_state = tx.update(grads, tx.init(params), params)
+    mu = train.optax.tree_utils.tree_get(opt_state, "mu")
+    norm = float(train.optax.tree.norm(mu)) / (1 - 0.9)
+    assert math.isclose(norm, expected_norm, rel_tol=1e-5)
+
+
+def test_train_step_overfits_one_batch():
+    cfg = TrainConfig(learning_rate=3e-3, min_lr=3e-3, warmup_iters=0, weight_decay=0.0)
+    state = train.create_state(MODEL, cfg)
+    x = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, 65)
+    y = jnp.roll(x, -1, axis=1)
+    first = None
+    for step in range(300):
+        state, metrics = train.train_step(state, x, y, jax.random.PRNGKey(step))
+        first = float(metrics["loss"]) if first is None else first
+    assert first > 3.5 and float(metrics["loss"]) < 0.05
+    assert int(state.step) == 300
+
+
+def test_train_step_donates_its_state():
+    cfg = TrainConfig()
+    state = train.create_state(MODEL, cfg)
+    x = jnp.zeros((2, 16), jnp.int32)
+    old_leaf = jax.tree.leaves(state.params)[0]
+    train.train_step(state, x, x, jax.random.PRNGKey(0))
+    assert old_leaf.is_deleted()
+
+
+@pytest.fixture(scope="module")
+def tokens(corpus_text):
+    text = corpus_text[:200_000]
+    vocab = tokenizer.build_vocab(text)
+    train_tokens, val_tokens = data.split(tokenizer.encode(text, vocab))
+    return vocab, train_tokens, val_tokens
+
+
+def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
+    vocab, train_tokens, val_tokens = tokens
+    model_cfg = ModelConfig(
+        vocab_size=len(vocab),
+        block_size=16,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        dropout=0.1,
+    )
+    cfg = TrainConfig(
+        workdir=str(workdir),
+        batch_size=4,
+        max_iters=max_iters,
+        stop_at=stop_at,
+        warmup_iters=2,
+        eval_interval=4,
+        eval_iters=2,
+        log_interval=3,
+    )
+    checkpointer = ckpt.Checkpointer(workdir)
+    state = train.create_state(model_cfg, cfg)
+    if checkpointer.latest_step() is not None:
+        abstract = jax.eval_shape(lambda: train.create_state(model_cfg, cfg))
+        state = checkpointer.restore(abstract)
+        meta = checkpointer.read_meta()
+    else:
+        meta = {"vocab": vocab}
+    state, history = train.train(
+        state,
+        model_cfg,
+        cfg,
+        train_tokens,
+        val_tokens,
+        checkpointer,
+        meta,
+        on_step=on_step,
+    )
+    checkpointer.close()
+    return state, history
+
+
+def test_resume_is_bitwise_exact(tmp_path, tokens):
+    """12 steps in one go == 6 steps (stopped by flag), then resumed to 12."""
+    full_state, full = run(tmp_path / "full", tokens)
+    _, first = run(tmp_path / "split", tokens, stop_at=6)
+    assert first["stopped_by"] == "stop_at" and len(first["losses"]) == 6
+    resumed_state, second = run(tmp_path / "split", tokens)
+    assert full["losses"] == first["losses"] + second["losses"]  # Bitwise.
+    assert full["evals"] == first["evals"] + second["evals"]
+    chex.assert_trees_all_equal(full_state.params, resumed_state.params)
+    chex.assert_trees_all_equal(full_state.opt_state, resumed_state.opt_state)
+
+
+def test_sigterm_saves_and_resumes_exactly(tmp_path, tokens):
+    _, full = run(tmp_path / "full", tokens, max_iters=10)
+
+    def send_sigterm(step, state):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _, first = run(tmp_path / "sig", tokens, on_step=send_sigterm, max_iters=10)
+    assert first["stopped_by"] == "SIGTERM" and len(first["losses"]) == 5
+    assert ckpt.Checkpointer(tmp_path / "sig").latest_step() == 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handler restored.
+    _, second = run(tmp_path / "sig", tokens, max_iters=10)
+    assert full["losses"] == first["losses"] + second["losses"]
+
+
+def test_metrics_jsonl_and_best_checkpoint(tmp_path, tokens):
+    import json
+
+    run(tmp_path, tokens)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [0, 4, 8, 12]
+    assert all({"step", "train_loss", "val_loss", "lr"} <= r.keys() for r in records)
+    best = min(records, key=lambda r: r["val_loss"])
+    checkpointer = ckpt.Checkpointer(tmp_path)
+    assert checkpointer.latest_step(ckpt.BEST) == best["step"]
+    assert checkpointer.latest_step() == 12
+    assert checkpointer.read_meta()["best_val_loss"] == best["val_loss"]
+
+
+@pytest.mark.parametrize(
+    "kw,flag",
+    [
+        (dict(batch_size=0), "--batch_size"),
+        (dict(max_iters=-5), "--max_iters"),
+        (dict(min_lr=1.0, learning_rate=0.1), "--min_lr"),
+        (dict(warmup_iters=500, max_iters=100), "--lr_decay_iters"),
+        (dict(stop_at=0), "--stop_at"),
+        (dict(eval_iters=0), "--eval_iters"),
+    ],
+)
+def test_bad_train_config_names_the_flag(kw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        TrainConfig(**kw)
