@@ -1,0 +1,185 @@
+"""A bigram character model trained with the numpy tensor engine.
+
+    python -m jaxgpt.micrograd.bigram [--steps=2000 --data_path=path/to/input.txt]
+
+The same model and recipe as the core's `--model=bigram`: a V x V table,
+initialised N(0, 0.02), whose row for token t holds the logits of the next
+token; sorted-character vocabulary; first 90% of the corpus for training;
+batches of random windows; mean cross-entropy; AdamW (b1=0.9, b2=0.99,
+eps=1e-8) at a constant learning rate. Only the gradients come from
+`jaxgpt.micrograd.tensor` instead of jax.grad.
+
+The corpus: --data_path, else `jaxgpt.data.load_text()` (the core's finder:
+$JAXGPT_DATA_DIR, its cache, a download), else
+$JAXGPT_DATA_DIR/tinyshakespeare/input.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxgpt.micrograd.optim import AdamW
+from jaxgpt.micrograd.tensor import Tensor, cross_entropy, embedding, no_grad
+
+
+def load_corpus(data_path: str | None = None) -> str:
+    """The training text; see the module docstring for where it is looked for."""
+    if data_path:
+        path = Path(data_path).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"--data_path={data_path} is not a file.")
+        return path.read_text(encoding="utf-8")
+    hint = (
+        "Pass --data_path=/path/to/input.txt or set JAXGPT_DATA_DIR to a folder"
+        " holding tinyshakespeare/input.txt."
+    )
+    try:
+        from jaxgpt.data import load_text  # The core's finder (it imports jax).
+    except ImportError as e:
+        reason = f"jaxgpt.data is not importable ({e}). {hint}"
+    else:
+        try:
+            return load_text()
+        except (OSError, RuntimeError) as e:  # jaxgpt.data.DataError is a RuntimeError.
+            reason = str(e)  # The core's message says what to do.
+    env = os.environ.get("JAXGPT_DATA_DIR")
+    path = Path(env).expanduser() / "tinyshakespeare" / "input.txt" if env else None
+    if path is not None and path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise SystemExit(f"tiny shakespeare not found: {reason}")
+
+
+def encode(text: str) -> tuple[list[str], np.ndarray]:
+    """Character vocabulary (sorted distinct characters) and the text as token ids."""
+    vocab, tokens = np.unique(np.array(list(text)), return_inverse=True)
+    return [str(c) for c in vocab], tokens.astype(np.int64)
+
+
+def get_batch(
+    rng: np.random.Generator, tokens: np.ndarray, batch_size: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`batch_size` random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
+    start_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    idx_BT = start_B[:, None] + np.arange(block_size)
+    return tokens[idx_BT], tokens[idx_BT + 1]
+
+
+def loss_fn(table: Tensor, x_BT: np.ndarray, y_BT: np.ndarray) -> Tensor:
+    """Mean cross-entropy of the next-token logits table[x] against y."""
+    return cross_entropy(embedding(table, x_BT), y_BT)
+
+
+def estimate_loss(
+    table: Tensor, splits: dict[str, np.ndarray], args: argparse.Namespace
+) -> dict[str, float]:
+    """Mean loss over `eval_iters` batches of each split (the same ones every time)."""
+    out = {}
+    with no_grad():
+        for name, tokens in splits.items():
+            rng = np.random.default_rng([args.seed, 1])
+            losses = [
+                loss_fn(
+                    table, *get_batch(rng, tokens, args.batch_size, args.block_size)
+                ).item()
+                for _ in range(args.eval_iters)
+            ]
+            out[name] = float(np.mean(losses))
+    return out
+
+
+def train(
+    text: str, args: argparse.Namespace, log=print
+) -> tuple[Tensor, dict[str, float]]:
+    """Trains the bigram table on `text`; returns it and the final train/val losses."""
+    vocab, tokens = encode(text)
+    n = int(0.9 * len(tokens))
+    splits = {"train": tokens[:n], "val": tokens[n:]}
+    for name, part in splits.items():
+        if len(part) < args.block_size + 1:
+            raise SystemExit(
+                f"the {name} split has {len(part)} tokens, fewer than --block_size + 1"
+                f" = {args.block_size + 1}: use a smaller --block_size or more text."
+            )
+    rng = np.random.default_rng(args.seed)
+    V = len(vocab)
+    table = Tensor(rng.normal(0.0, 0.02, size=(V, V)))
+    opt = AdamW(
+        [table],
+        lr=args.learning_rate,
+        b1=0.9,
+        b2=0.99,
+        eps=1e-8,
+        weight_decay=args.weight_decay,
+    )
+    log(f"{len(tokens):,} tokens, vocabulary of {V}, {V * V:,} parameters")
+    start = time.perf_counter()
+    losses = {}
+    for step in range(args.steps + 1):
+        if step % args.eval_interval == 0 or step == args.steps:
+            losses = estimate_loss(table, splits, args)
+            log(
+                f"step {step:5d}  train loss {losses['train']:.4f}"
+                f"  val loss {losses['val']:.4f}"
+                f"  ({time.perf_counter() - start:.1f} s)"
+            )
+        if step == args.steps:
+            break
+        x_BT, y_BT = get_batch(rng, splits["train"], args.batch_size, args.block_size)
+        loss = loss_fn(table, x_BT, y_BT)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    log(
+        f"final: train loss {losses['train']:.4f}, val loss {losses['val']:.4f},"
+        f" {args.steps} steps in {time.perf_counter() - start:.1f} s"
+    )
+    return table, losses
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxgpt.micrograd.bigram",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--steps", type=int, default=2000, help="Training steps.")
+    p.add_argument("--batch_size", type=int, default=32, help="Sequences per step.")
+    p.add_argument("--block_size", type=int, default=8, help="Characters per sequence.")
+    p.add_argument(
+        "--learning_rate", type=float, default=1e-2, help="Constant AdamW rate."
+    )
+    p.add_argument(
+        "--weight_decay", type=float, default=0.0, help="AdamW weight decay."
+    )
+    p.add_argument(
+        "--eval_iters", type=int, default=50, help="Batches per loss estimate."
+    )
+    p.add_argument(
+        "--eval_interval", type=int, default=500, help="Steps between estimates."
+    )
+    p.add_argument("--seed", type=int, default=1337, help="Seed of init and batches.")
+    p.add_argument("--data_path", default=None, help="The corpus (a text file).")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "block_size", "eval_iters", "eval_interval"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name}={getattr(args, name)} must be positive.")
+    if args.learning_rate <= 0 or args.weight_decay < 0:
+        p.error("--learning_rate must be positive and --weight_decay >= 0.")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    train(load_corpus(args.data_path), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
