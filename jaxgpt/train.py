@@ -242,7 +242,7 @@ def train(
                 tqdm.write(line, file=sys.stderr)
             if done % cfg.eval_interval == 0 or done == cfg.max_iters:
                 evaluate_and_save(done, state)
-                t_last = time.perf_counter()  # Keep evals out of ms/step.
+                t_last, step_last = time.perf_counter(), done  # Evals aren't steps.
             if on_step is not None:
                 on_step(done, state)
             if stop.signum is not None:
