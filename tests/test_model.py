@@ -172,3 +172,11 @@ def test_cross_entropy_matches_formula():
 def test_bad_model_config_names_the_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         ModelConfig(vocab_size=65, **kw)
+
+
+def test_allocator_settings_apply_on_linux():
+    import sys
+
+    from jaxgpt import runtime
+
+    assert runtime.keep_freed_memory() == sys.platform.startswith("linux")
