@@ -33,7 +33,7 @@ def keep_freed_memory() -> bool:
     settings = {
         M_ARENA_MAX: 1,
         M_MMAP_MAX: 0,
-        M_TRIM_THRESHOLD: 2**31 - 1,
+        M_TRIM_THRESHOLD: -1,  # glibc reads -1 as SIZE_MAX: never trim.
         M_TOP_PAD: 256 * 2**20,
     }
     return all(mallopt(param, value) == 1 for param, value in settings.items())
