@@ -2,8 +2,9 @@
 
 XLA's CPU runtime frees and reallocates its large activation buffers every
 step. glibc hands buffers over its mmap threshold straight back to the
-kernel, so each step page-faults on fresh memory (a quarter of a step's time
-in profiles). Keeping freed memory in one heap removes those faults.
+kernel, so each step page-faults on fresh memory. Keeping freed memory in one
+heap removes those faults (measured here: 2.6M -> 145k minor faults over 200
+steps of the CPU recipe, 41 -> 29 ms/step).
 """
 
 from __future__ import annotations
