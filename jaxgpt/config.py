@@ -32,6 +32,11 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True  # Biases in Dense and LayerNorm layers.
     model: str = "gpt"  # "gpt" or "bigram".
+    # How the same network computes (none of these changes the math):
+    dtype: str = "float32"  # Compute dtype, "float32" or "bfloat16"; params float32.
+    remat: bool = False  # Recompute each block's activations in the backward pass.
+    scan_layers: bool = False  # nn.scan over the blocks: params stacked on an L axis.
+    attention: str = "einsum"  # "einsum" or "dot_product" (jax.nn's).
 
     def __post_init__(self):
         _require_positive(
@@ -54,6 +59,21 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout={self.dropout} must be in [0, 1).")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(
+                f"--dtype={self.dtype!r} is unknown: use 'float32' or 'bfloat16'."
+            )
+        if self.attention not in ("einsum", "dot_product"):
+            raise ConfigError(
+                f"--attention={self.attention!r} is unknown: use 'einsum' or"
+                " 'dot_product'."
+            )
+        if self.attention == "dot_product" and self.dropout > 0:
+            raise ConfigError(
+                f"--attention=dot_product has no dropout on the attention weights,"
+                f" but --dropout={self.dropout}: pass --dropout=0 with"
+                " --attention=dot_product, or keep --attention=einsum."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -63,9 +83,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict[str, Any]:
-        """The fields that fix the parameter shapes (dropout may change on resume)."""
+        """The fields that fix the parameter tree and shapes.
+
+        dropout, dtype, remat and attention may change on resume; scan_layers
+        may not (it stacks the blocks' parameters).
+        """
         d = self.to_dict()
-        d.pop("dropout")
+        for name in ("dropout", "dtype", "remat", "attention"):
+            d.pop(name)
         return d
 
 
@@ -74,7 +99,8 @@ class TrainConfig:
     """Optimisation, evaluation, logging and checkpointing."""
 
     workdir: str = "out"
-    batch_size: int = 64  # B
+    batch_size: int = 64  # B: sequences per step, over all devices and hosts.
+    grad_accum_steps: int = 1  # Micro-batches per step (each B / this rows).
     max_iters: int = 5000  # The schedule's length: training ends here.
     stop_at: int | None = None  # Stop early at this step (schedule unchanged).
     learning_rate: float = 1e-3
@@ -94,6 +120,7 @@ class TrainConfig:
     def __post_init__(self):
         _require_positive(
             batch_size=self.batch_size,
+            grad_accum_steps=self.grad_accum_steps,
             max_iters=self.max_iters,
             learning_rate=self.learning_rate,
             eval_interval=self.eval_interval,
@@ -102,6 +129,12 @@ class TrainConfig:
         )
         if self.lr_decay_iters is None:
             object.__setattr__(self, "lr_decay_iters", self.max_iters)
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"--batch_size={self.batch_size} is not divisible by"
+                f" --grad_accum_steps={self.grad_accum_steps}: the step splits the"
+                " batch into that many equal micro-batches. Choose a multiple."
+            )
         if self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise ConfigError(
                 f"--min_lr={self.min_lr} must lie in [0, --learning_rate"
@@ -133,8 +166,10 @@ class SampleConfig:
     max_new_tokens: int = 500
     temperature: float = 0.8  # 0 means greedy (argmax).
     top_k: int | None = 200  # Keep the k most likely tokens; None keeps all.
+    top_p: float = 1.0  # Keep the likeliest tokens holding this much mass; 1: all.
     num_samples: int = 1
     seed: int = 1337
+    kv_cache: bool = True  # False re-runs the model on the whole window per token.
 
     def __post_init__(self):
         _require_positive(
@@ -153,4 +188,8 @@ class SampleConfig:
             raise ConfigError(
                 f"top_k={self.top_k} must be positive, or None to keep all tokens"
                 " (on the command line --top_k=0 keeps all)."
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(
+                f"--top_p={self.top_p} must lie in (0, 1] (1 keeps all tokens)."
             )

@@ -20,9 +20,9 @@ import jax
 from absl import app, flags, logging
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, generate, model, runtime, tokenizer
+from jaxgpt import data, generate, model, runtime, sharding, tokenizer
 from jaxgpt.config import ConfigError, ModelConfig, SampleConfig, TrainConfig
-from jaxgpt.train import create_state, train
+from jaxgpt.train import abstract_state, create_state, train
 
 _MODE = flags.DEFINE_enum(
     "mode",
@@ -47,6 +47,26 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", 256, "Context length in tokens.
 _DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout rate while training.")
 _BIAS = flags.DEFINE_bool(
     "bias", False, "Biases in Dense and LayerNorm layers (nanoGPT trains without)."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Compute dtype of the blocks; parameters, softmax, logits and loss stay float32.",
+)
+_REMAT = flags.DEFINE_bool(
+    "remat", False, "Recompute each block's activations in the backward pass."
+)
+_SCAN_LAYERS = flags.DEFINE_bool(
+    "scan_layers",
+    False,
+    "nn.scan over the blocks: compile time flat in n_layer (checkpoints differ).",
+)
+_ATTENTION = flags.DEFINE_enum(
+    "attention",
+    "einsum",
+    ["einsum", "dot_product"],
+    "einsum (the math, spelled out) or jax.nn.dot_product_attention (no dropout).",
 )
 # Training.
 _WORKDIR = flags.DEFINE_string("workdir", "out", "Checkpoints and metrics.jsonl.")
@@ -86,6 +106,30 @@ _TEMPERATURE = flags.DEFINE_float(
 )
 _TOP_K = flags.DEFINE_integer("top_k", 200, "Sample among the k likeliest (0: all).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples to draw.")
+_TOP_P = flags.DEFINE_float(
+    "top_p", 1.0, "Sample among the likeliest tokens holding this mass (1: all)."
+)
+_KV_CACHE = flags.DEFINE_bool(
+    "kv_cache", True, "Cache keys/values while sampling (no: re-run the window)."
+)
+# Scale: devices, hosts and micro-batches (see jaxgpt/sharding.py).
+_MESH_DATA = flags.DEFINE_integer(
+    "mesh_data", None, "Data-parallel axis of the device mesh (default: all / fsdp)."
+)
+_MESH_FSDP = flags.DEFINE_integer(
+    "mesh_fsdp", 1, "FSDP axis: devices that split params and optimizer state."
+)
+_GRAD_ACCUM = flags.DEFINE_integer(
+    "grad_accum_steps", 1, "Micro-batches per step (--batch_size a multiple of it)."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for a run over several processes or hosts; with"
+    " --num_processes and --process_id.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process: 0 .. n - 1.")
 
 
 def model_config(vocab_size: int) -> ModelConfig:
@@ -98,6 +142,10 @@ def model_config(vocab_size: int) -> ModelConfig:
         dropout=_DROPOUT.value,
         bias=_BIAS.value,
         model=_MODEL.value,
+        dtype=_DTYPE.value,
+        remat=_REMAT.value,
+        scan_layers=_SCAN_LAYERS.value,
+        attention=_ATTENTION.value,
     )
 
 
@@ -105,6 +153,7 @@ def train_config() -> TrainConfig:
     return TrainConfig(
         workdir=_WORKDIR.value,
         batch_size=_BATCH_SIZE.value,
+        grad_accum_steps=_GRAD_ACCUM.value,
         max_iters=_MAX_ITERS.value,
         stop_at=_STOP_AT.value,
         learning_rate=_LR.value,
@@ -129,13 +178,15 @@ def sample_config() -> SampleConfig:
         max_new_tokens=_MAX_NEW.value,
         temperature=_TEMPERATURE.value,
         top_k=_TOP_K.value or None,
+        top_p=_TOP_P.value,
         num_samples=_NUM_SAMPLES.value,
         seed=_SEED.value,
+        kv_cache=_KV_CACHE.value,
     )
 
 
-def restore_state(checkpointer, model_cfg, train_cfg, which=ckpt.LATEST):
-    abstract = jax.eval_shape(lambda: create_state(model_cfg, train_cfg))
+def restore_state(checkpointer, model_cfg, train_cfg, mesh, which=ckpt.LATEST):
+    abstract = abstract_state(model_cfg, train_cfg, mesh)  # With shardings.
     try:
         return checkpointer.restore(abstract, which=which)
     except (ValueError, KeyError, TypeError) as e:
@@ -167,7 +218,13 @@ def print_samples(state, model_cfg: ModelConfig, vocab: str, cfg: SampleConfig) 
     )
 
 
+def make_mesh():
+    return sharding.make_mesh(_MESH_DATA.value, _MESH_FSDP.value)
+
+
 def run_train(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
+    mesh = make_mesh()
+    sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     text = data.load_text(_DATA_PATH.value)
     workdir = Path(train_cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -194,14 +251,14 @@ def run_train(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
         "validation split (the last 10% of the corpus)",
     )
     if resuming:
-        state = restore_state(checkpointer, model_cfg, train_cfg)
+        state = restore_state(checkpointer, model_cfg, train_cfg, mesh)
         logging.info("resuming from step %d in %s", int(state.step), workdir)
     else:
-        state = create_state(model_cfg, train_cfg)
+        state = create_state(model_cfg, train_cfg, mesh)
     n_params = model.count_params(state.params)
     logging.info(
         "%s: %s parameters (%s without position embeddings); vocab %d,"
-        " %s train / %s val tokens; devices: %s",
+        " %s train / %s val tokens; mesh %s over %d devices, %d process(es)",
         model_cfg.model,
         f"{n_params:,}",
         f"{n_params - model_cfg.block_size * model_cfg.n_embd:,}"
@@ -210,7 +267,9 @@ def run_train(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
         len(vocab),
         f"{len(train_tokens):,}",
         f"{len(val_tokens):,}",
-        jax.devices(),
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.process_count(),
     )
     meta = {
         "model": model_cfg.to_dict(),
@@ -229,6 +288,7 @@ def run_train(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
             checkpointer,
             meta,
             flops_per_token=model.flops_per_token(model_cfg),
+            mesh=mesh,
         )
     finally:
         checkpointer.wait()
@@ -238,7 +298,9 @@ def run_train(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
     )
     if history["stopped_by"] in ("SIGINT", "SIGTERM"):
         return 128 + signal.Signals[history["stopped_by"]].value
-    print_samples(state, model_cfg, vocab, sample_cfg)
+    params = sharding.to_local(state.params, mesh)  # Every process takes part.
+    if sharding.is_main_process():
+        print_samples(state.replace(params=params), model_cfg, vocab, sample_cfg)
     return 0
 
 
@@ -254,10 +316,15 @@ def run_sample(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
     meta = checkpointer.read_meta(which)
     model_cfg = ModelConfig(**meta["model"])
     saved_train_cfg = TrainConfig(**meta["train"])
-    state = restore_state(checkpointer, model_cfg, saved_train_cfg, which)
+    mesh = make_mesh()
+    state = restore_state(checkpointer, model_cfg, saved_train_cfg, mesh, which)
     checkpointer.close()
     logging.info("sampling from step %d of %s", int(state.step), workdir)
-    print_samples(state, model_cfg, meta["vocab"], sample_cfg)
+    params = sharding.to_local(state.params, mesh)  # Every process takes part.
+    if sharding.is_main_process():
+        print_samples(
+            state.replace(params=params), model_cfg, meta["vocab"], sample_cfg
+        )
     return 0
 
 
@@ -278,6 +345,11 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
+        sharding.initialize_distributed(  # Before any other use of JAX.
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+        )
+        if not sharding.is_main_process():
+            logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
         train_cfg, sample_cfg = train_config(), sample_config()
         if _MODE.value == "sample":
             return run_sample(train_cfg, sample_cfg)

@@ -4,6 +4,12 @@ The loop is a function of (configs, tokens, seed): step s trains on the batch
 `get_batch(batch_key(seed, s))` with dropout key `fold_in(dropout_key, s)`, so
 a run stopped at step N and resumed from its checkpoint reproduces the
 uninterrupted run bit for bit.
+
+The same loop runs on one device or a mesh of many (see sharding.py): the
+state, the batch and the step are laid out on the mesh, and jit compiles one
+program for all its devices. Every process of a multi-host run executes the
+loop; process 0 alone writes the log, metrics.jsonl and samples, and all of
+them write the checkpoint together.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,12 +30,15 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxgpt import checkpoint as ckpt
+from jaxgpt import sharding
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.data import batch_key, get_batch
 from jaxgpt.model import cross_entropy, init_params, make_model
+from jaxgpt.model import decay_mask as model_decay_mask
 
 
 class TrainState(train_state.TrainState):
@@ -48,8 +57,11 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay applies to matrices (ndim >= 2): not to biases or LayerNorm."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay applies to matrices: not to biases or LayerNorm scales.
+
+    (model.decay_mask: the leading layer axis of --scan_layers doesn't count.)
+    """
+    return model_decay_mask(params)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -67,13 +79,35 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(clip, adamw)
 
 
-def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
-    """A fresh TrainState; parameters come from PRNGKey(seed)."""
-    key = jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 0)
-    return TrainState.create(
-        apply_fn=make_model(model_cfg).apply,
-        params=init_params(model_cfg, key),
-        tx=make_optimizer(train_cfg),
+def create_state(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None
+) -> TrainState:
+    """A fresh TrainState; parameters come from PRNGKey(seed).
+
+    With a mesh, each device creates only its shards of the state.
+    """
+
+    def create():
+        key = jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 0)
+        return TrainState.create(
+            apply_fn=make_model(model_cfg).apply,
+            params=init_params(model_cfg, key),
+            tx=make_optimizer(train_cfg),
+        )
+
+    if mesh is None:
+        return create()
+    shardings = sharding.state_shardings(jax.eval_shape(create), mesh)
+    return jax.jit(create, out_shardings=shardings)()
+
+
+def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
+    """The state's shapes, dtypes and shardings on `mesh`: a target to restore into."""
+    shapes = jax.eval_shape(lambda: create_state(model_cfg, train_cfg))
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes,
+        sharding.state_shardings(shapes, mesh),
     )
 
 
@@ -81,42 +115,130 @@ def dropout_key(seed: int, step) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 2), step)
 
 
-@partial(jax.jit, donate_argnums=0)
-def train_step(state: TrainState, x_BT, y_BT, key) -> tuple[TrainState, dict]:
-    """One AdamW update on the batch (x_BT, y_BT); returns the new state and metrics."""
+def loss_and_grads(state: TrainState, x_BT, y_BT, key, mesh: Mesh | None = None):
+    """Mean cross-entropy of the batch (with dropout from `key`) and its gradient.
+
+    On a mesh, the model runs on whole parameters (FSDP gathers their shards)
+    and on activations split by batch rows; each gradient is then summed over
+    the devices onto its parameter's shards.
+    """
+    x_BT, y_BT = sharding.split_batch((x_BT, y_BT), mesh)
 
     def loss_fn(params):
         logits_BTV = state.apply_fn(
-            {"params": params}, x_BT, deterministic=False, rngs={"dropout": key}
+            {"params": sharding.gather(params, mesh)},
+            x_BT,
+            deterministic=False,
+            rngs={"dropout": key},
         )
         return cross_entropy(logits_BTV, y_BT)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return loss, sharding.shard_like_params(grads, mesh)
+
+
+def accumulate(
+    state: TrainState, x_BT, y_BT, key, steps: int, mesh: Mesh | None = None
+):
+    """loss_and_grads of the batch, computed on `steps` micro-batches in turn.
+
+    Only one micro-batch's activations are alive at a time (a lax.scan). The
+    mean of the micro-batch means is the mean over the batch, so the result
+    equals one pass over the whole batch, dropout aside: micro-batch a holds
+    rows a, a + steps, a + 2 * steps, ... (so each device keeps its own rows)
+    and draws its dropout from fold_in(key, a).
+    """
+    if steps == 1:
+        return loss_and_grads(state, x_BT, y_BT, key, mesh)
+    B, T = x_BT.shape
+    # [B, T] -> [steps, b, T] with b = B / steps: row i goes to micro-batch i % steps.
+    micro = lambda z_BT: z_BT.reshape(B // steps, steps, T).swapaxes(0, 1)
+
+    def add(total, xs):
+        a, x_bT, y_bT = xs
+        key_a = jax.random.fold_in(key, a)
+        loss_grads = loss_and_grads(state, x_bT, y_bT, key_a, mesh)
+        return jax.tree.map(jnp.add, total, loss_grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0.0), state.params))
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(steps), micro(x_BT), micro(y_BT)))
+    return jax.tree.map(lambda t: t / steps, total)
+
+
+def update(
+    state: TrainState,
+    x_BT,
+    y_BT,
+    key,
+    grad_accum_steps: int = 1,
+    mesh: Mesh | None = None,
+):
+    """One AdamW update on the batch (x_BT, y_BT); returns the new state and metrics."""
+    loss, grads = accumulate(state, x_BT, y_BT, key, grad_accum_steps, mesh)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads=grads), metrics
 
 
-@partial(jax.jit, static_argnames=("batch_size", "block_size"))
-def eval_loss(state: TrainState, tokens, keys, batch_size: int, block_size: int):
-    """Mean loss without dropout over one batch per key (one compiled scan)."""
-
-    def one(total, key):
-        x_BT, y_BT = get_batch(key, tokens, batch_size, block_size)
-        logits_BTV = state.apply_fn({"params": state.params}, x_BT, deterministic=True)
-        return total + cross_entropy(logits_BTV, y_BT), None
-
-    total, _ = jax.lax.scan(one, jnp.float32(0.0), keys)
-    return total / keys.shape[0]
+# `update` compiled for wherever its inputs are (e.g. one device); the old state
+# is donated: its buffers hold the new one.
+train_step = jax.jit(update, donate_argnums=0, static_argnames="grad_accum_steps")
 
 
-def estimate_loss(state, splits: dict[str, jax.Array], model_cfg, train_cfg) -> dict:
-    """Average loss of `eval_iters` fixed batches of each split (same batches each time)."""
+def make_train_step(mesh: Mesh, state_shardings, grad_accum_steps: int = 1):
+    """`update` compiled for the mesh: state laid out by `state_shardings`, the
+    batch split over the devices, key and metrics replicated; state donated."""
+    batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(
+        partial(update, grad_accum_steps=grad_accum_steps, mesh=mesh),
+        in_shardings=(state_shardings, batch, batch, rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0,
+    )
+
+
+def make_get_batch(mesh: Mesh, batch_size: int, block_size: int):
+    """get_batch(key, tokens) whose x_BT, y_BT come out split over the devices."""
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(
+        partial(get_batch, batch_size=batch_size, block_size=block_size),
+        out_shardings=(batch, batch),
+    )
+
+
+def make_eval_loss(mesh: Mesh, state_shardings, batch_size: int, block_size: int):
+    """eval_loss(state, tokens, keys): mean loss without dropout, one batch per key
+    (one compiled scan; batches split over the devices as in training)."""
+    rep = sharding.replicated(mesh)
+
+    def eval_loss(state: TrainState, tokens, keys):
+        params = sharding.gather(state.params, mesh)
+
+        def one(total, key):
+            x_BT, y_BT = get_batch(key, tokens, batch_size, block_size)
+            x_BT, y_BT = sharding.split_batch((x_BT, y_BT), mesh)
+            logits_BTV = state.apply_fn({"params": params}, x_BT, deterministic=True)
+            return total + cross_entropy(logits_BTV, y_BT), None
+
+        total, _ = jax.lax.scan(one, jnp.float32(0.0), keys)
+        return total / keys.shape[0]
+
+    return jax.jit(
+        eval_loss, in_shardings=(state_shardings, rep, rep), out_shardings=rep
+    )
+
+
+def eval_keys(train_cfg: TrainConfig) -> jax.Array:
+    """The fixed keys of the evaluation batches: eval_iters * grad_accum_steps of
+    them, since each holds batch_size / grad_accum_steps rows (a micro-batch)."""
     base = jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 3)
-    keys = jax.random.split(base, train_cfg.eval_iters)
+    return jax.random.split(base, train_cfg.eval_iters * train_cfg.grad_accum_steps)
+
+
+def estimate_loss(eval_loss, state, splits: dict[str, jax.Array], train_cfg) -> dict:
+    """Average loss of the same fixed batches of each split (see `eval_keys`)."""
+    keys = eval_keys(train_cfg)
     return {
-        f"{name}_loss": float(
-            eval_loss(state, tokens, keys, train_cfg.batch_size, model_cfg.block_size)
-        )
+        f"{name}_loss": float(eval_loss(state, tokens, keys))
         for name, tokens in splits.items()
     }
 
@@ -155,15 +277,34 @@ def train(
     meta: dict[str, Any],
     flops_per_token: float | None = None,
     on_step: Callable[[int, TrainState], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Trains from `state.step` to max_iters (or stop_at), evaluating and checkpointing.
 
-    Returns the final state and a history: per-step `losses` and the `evals`
-    written to <workdir>/metrics.jsonl, plus `stopped_by` (None, "stop_at", or
-    the signal's name).
+    Runs on `mesh` (default: all devices, data parallel); `state` is moved onto
+    it if it is not there yet. Returns the final state and a history: per-step
+    `losses` and the `evals` written to <workdir>/metrics.jsonl, plus
+    `stopped_by` (None, "stop_at", or the signal's name).
     """
     cfg = train_cfg
-    splits = {"train": jnp.asarray(train_tokens), "val": jnp.asarray(val_tokens)}
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    sharding.check_batch(cfg.batch_size, cfg.grad_accum_steps, mesh)
+    state_shardings = sharding.state_shardings(state, mesh)
+    state = jax.device_put(state, state_shardings)
+    step_fn = make_train_step(mesh, state_shardings, cfg.grad_accum_steps)
+    next_batch = make_get_batch(mesh, cfg.batch_size, model_cfg.block_size)
+    micro_batch = cfg.batch_size // cfg.grad_accum_steps
+    eval_loss = make_eval_loss(mesh, state_shardings, micro_batch, model_cfg.block_size)
+    splits = {  # A whole copy of the tokens on every device.
+        name: jax.device_put(jnp.asarray(tokens), sharding.replicated(mesh))
+        for name, tokens in (("train", train_tokens), ("val", val_tokens))
+    }
+    is_main = sharding.is_main_process()
+
+    def say(text: str) -> None:
+        if is_main:
+            tqdm.write(text, file=sys.stderr)
+
     schedule = lr_schedule(cfg)
     metrics_path = Path(cfg.workdir) / "metrics.jsonl"
     tokens_per_step = cfg.batch_size * model_cfg.block_size
@@ -174,7 +315,7 @@ def train(
 
     def evaluate_and_save(step: int, state: TrainState) -> None:
         nonlocal best
-        losses = estimate_loss(state, splits, model_cfg, cfg)
+        losses = estimate_loss(eval_loss, state, splits, cfg)
         record = {"step": step, **losses, "lr": float(schedule(step))}
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(
@@ -183,17 +324,17 @@ def train(
                 " raise --warmup_iters."
             )
         history["evals"].append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        tqdm.write(
+        if is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        say(
             f"step {step}: train loss {losses['train_loss']:.4f},"
-            f" val loss {losses['val_loss']:.4f}",
-            file=sys.stderr,
+            f" val loss {losses['val_loss']:.4f}"
         )
         improved = losses["val_loss"] < best
         best = min(best, losses["val_loss"])
         meta["best_val_loss"] = best
-        checkpointer.save(step, state, meta)
+        checkpointer.save(step, state, meta)  # All processes save together.
         if improved:
             checkpointer.save(step, state, meta, which=ckpt.BEST)
 
@@ -206,18 +347,13 @@ def train(
         initial=start,
         desc="train",
         unit="step",
-        disable=None,
+        disable=None if is_main else True,
         dynamic_ncols=True,
     )
     with StopRequest() as stop:
         for step in range(start, end):
-            x_BT, y_BT = get_batch(
-                batch_key(cfg.seed, step),
-                splits["train"],
-                cfg.batch_size,
-                model_cfg.block_size,
-            )
-            state, metrics = train_step(state, x_BT, y_BT, dropout_key(cfg.seed, step))
+            x_BT, y_BT = next_batch(batch_key(cfg.seed, step), splits["train"])
+            state, metrics = step_fn(state, x_BT, y_BT, dropout_key(cfg.seed, step))
             step_losses.append(metrics["loss"])
             done = step + 1
             bar.update(1)
@@ -239,7 +375,7 @@ def train(
                         f", {flops_per_token * tokens_per_step / dt / 1e9:.1f} GFLOP/s"
                     )
                 bar.set_postfix(loss=f"{loss:.4f}")
-                tqdm.write(line, file=sys.stderr)
+                say(line)
             if done % cfg.eval_interval == 0 or done == cfg.max_iters:
                 evaluate_and_save(done, state)
                 t_last, step_last = time.perf_counter(), done  # Evals aren't steps.
@@ -254,7 +390,7 @@ def train(
         history["stopped_by"] = "stop_at"
     checkpointer.save(final, state, meta)  # No-op if this step was just saved.
     checkpointer.wait()
-    if history["stopped_by"]:
+    if history["stopped_by"] and is_main:
         logging.info(
             "stopped at step %d (%s); checkpoint saved in %s: run the same"
             " command again to resume.",

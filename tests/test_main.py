@@ -179,3 +179,87 @@ def test_bad_flags_end_in_one_clear_message(
     assert message.startswith("error: ") and "\n" not in message
     for word in words:
         assert word in message
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (
+            {"attention": "dot_product", "dropout": 0.1},
+            ["--attention=dot_product", "--dropout=0.1", "--dropout=0"],
+        ),
+        ({"top_p": 0.0}, ["--top_p=0.0"]),
+    ],
+)
+def test_speed_flags_end_in_one_clear_message(
+    overrides, words, tmp_path, parsed_flags, corpus_path
+):
+    settings = {
+        "data_path": str(corpus_path),
+        "workdir": str(tmp_path / "new"),
+        "max_iters": 2,
+        "warmup_iters": 0,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "block_size": 16,
+        **overrides,
+    }
+    with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
+        main.main(["jaxgpt.main"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_gpu_flagfile_is_the_baby_gpt_in_bfloat16(parsed_flags, monkeypatch):
+    """shakespeare_gpu.cfg includes shakespeare.cfg (paths relative to the repo)."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    flags.FLAGS(["jaxgpt.main", "--flagfile=experiments/shakespeare_gpu.cfg"])
+    cfg = main.model_config(vocab_size=65)
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.dropout) == (6, 384, 256, 0.2)
+    assert cfg.dtype == "bfloat16" and flags.FLAGS.workdir == "out/shakespeare"
+    flags.FLAGS.unparse_flags()  # Back to the defaults.
+    flags.FLAGS(["jaxgpt.main", "--flagfile=experiments/shakespeare.cfg"])
+    assert main.model_config(vocab_size=65).dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        ({"mesh_data": 2}, ["--mesh_data=2", "--mesh_fsdp=1", "devices, 1"]),
+        (
+            {"batch_size": 6, "grad_accum_steps": 4},
+            ["--batch_size=6", "--grad_accum_steps=4"],
+        ),
+        (
+            {"num_processes": 2},
+            ["--coordinator_address", "--num_processes", "--process_id"],
+        ),
+        (
+            {"coordinator_address": "127.0.0.1:1", "num_processes": 2, "process_id": 2},
+            ["--process_id=2", "--num_processes=2"],
+        ),
+    ],
+)
+def test_scale_flags_end_in_one_clear_message(
+    overrides, words, tmp_path, parsed_flags, corpus_path
+):
+    settings = {
+        "data_path": str(corpus_path),
+        "workdir": str(tmp_path / "new"),
+        "max_iters": 2,
+        "warmup_iters": 0,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "block_size": 16,
+        **overrides,
+    }
+    with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
+        main.main(["jaxgpt.main"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    for word in words:
+        assert word in message

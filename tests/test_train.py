@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import os
 import signal
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, tokenizer, train
+from jaxgpt import data, sharding, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)
+SMALL = ModelConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16)
 
 
 def test_decay_mask_covers_matrices_only():
@@ -96,6 +98,39 @@ def test_train_step_donates_its_state():
     assert old_leaf.is_deleted()
 
 
+def test_grad_accumulation_equals_one_step_on_the_whole_batch():
+    """4 micro-batches of 2 rows, scanned in one jitted step == 1 batch of 8."""
+    cfg = TrainConfig(warmup_iters=0)
+    x = jax.random.randint(jax.random.PRNGKey(0), (8, 8), 0, 65)
+    y = jnp.roll(x, -1, axis=1)
+    key = jax.random.PRNGKey(1)
+    whole, accum = train.create_state(SMALL, cfg), train.create_state(SMALL, cfg)
+    for _ in range(2):
+        whole, m_whole = train.train_step(whole, x, y, key)
+        accum, m_accum = train.train_step(accum, x, y, key, grad_accum_steps=4)
+    np.testing.assert_allclose(m_accum["loss"], m_whole["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_accum["grad_norm"], m_whole["grad_norm"], rtol=1e-5)
+    chex.assert_trees_all_close(accum.params, whole.params, atol=1e-5)
+
+
+def test_micro_batches_are_strided_rows_with_folded_dropout_keys():
+    """With dropout, micro-batch a is rows a, a + 2, ... under fold_in(key, a)."""
+    model_cfg = dataclasses.replace(SMALL, dropout=0.5)
+    state = train.create_state(model_cfg, TrainConfig())
+    x = jax.random.randint(jax.random.PRNGKey(0), (4, 8), 0, 65)
+    y = jnp.roll(x, -1, axis=1)
+    key = jax.random.PRNGKey(7)
+    loss, grads = jax.jit(train.accumulate, static_argnums=4)(state, x, y, key, 2)
+    one = jax.jit(train.loss_and_grads)
+    parts = [one(state, x[a::2], y[a::2], jax.random.fold_in(key, a)) for a in (0, 1)]
+    expected_loss, expected_grads = jax.tree.map(lambda p, q: (p + q) / 2, *parts)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    chex.assert_trees_all_close(grads, expected_grads, atol=1e-6)
+    # The keys matter: micro-batches under the step's own key give another loss.
+    same_key = [one(state, x[a::2], y[a::2], key)[0] for a in (0, 1)]
+    assert abs(float(sum(same_key)) / 2 - float(loss)) > 1e-4
+
+
 @pytest.fixture(scope="module")
 def tokens(corpus_text):
     text = corpus_text[:200_000]
@@ -127,8 +162,9 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
     checkpointer = ckpt.Checkpointer(workdir)
     state = train.create_state(model_cfg, cfg)
     if checkpointer.latest_step() is not None:
-        abstract = jax.eval_shape(lambda: train.create_state(model_cfg, cfg))
-        state = checkpointer.restore(abstract)
+        mesh = sharding.make_mesh()
+        state = checkpointer.restore(train.abstract_state(model_cfg, cfg, mesh))
+        assert jax.tree.leaves(state)[0].sharding == sharding.replicated(mesh)
         meta = checkpointer.read_meta()
     else:
         meta = {"vocab": vocab}
@@ -190,12 +226,14 @@ def test_metrics_jsonl_and_best_checkpoint(tmp_path, tokens):
 @pytest.mark.parametrize(
     "kw,flag",
     [
-        (dict(batch_size=0), "--batch_size"),
-        (dict(max_iters=-5), "--max_iters"),
-        (dict(min_lr=1.0, learning_rate=0.1), "--min_lr"),
-        (dict(warmup_iters=500, max_iters=100), "--lr_decay_iters"),
-        (dict(stop_at=0), "--stop_at"),
-        (dict(eval_iters=0), "--eval_iters"),
+        ({"batch_size": 0}, "--batch_size"),
+        ({"max_iters": -5}, "--max_iters"),
+        ({"min_lr": 1.0, "learning_rate": 0.1}, "--min_lr"),
+        ({"warmup_iters": 500, "max_iters": 100}, "--lr_decay_iters"),
+        ({"stop_at": 0}, "--stop_at"),
+        ({"eval_iters": 0}, "--eval_iters"),
+        ({"grad_accum_steps": 0}, "--grad_accum_steps"),
+        ({"batch_size": 6, "grad_accum_steps": 4}, "--grad_accum_steps=4"),
     ],
 )
 def test_bad_train_config_names_the_flag(kw, flag):
