@@ -1,14 +1,37 @@
-"""Sampling: one jitted loop generates all new tokens (compiled once per call shape).
+"""Sampling: one jitted program draws all new tokens (compiled once per call shape).
 
-The tokens live in a fixed buffer of length P + N (prompt + new). At each step
-the model sees the last W = min(block_size, P + N) positions ending at the
-newest token; when fewer than W tokens exist yet, the window starts at 0 and
-its not-yet-written tail is ignored because attention is causal. So contexts
-longer than block_size are cropped to their last block_size tokens.
+The tokens live in a fixed buffer of length P + N (prompt + new); token t is
+drawn with the key fold_in(key, t). Two ways give the logits for token t:
+
+With the KV cache (the default), the prompt (its last block_size tokens) is
+encoded in one forward pass, a "prefill", that keeps every layer's keys and
+values in the model's "cache" collection; then each step feeds only the newest
+token, which attends to the cached keys and values. The model learned absolute
+position embeddings for positions 0 .. block_size - 1, so a full cache cannot
+slide by one token (every cached key would move to a new position). Instead,
+when the cache is full, the last block_size // 2 tokens are re-encoded at
+positions 0 .. block_size // 2 - 1 in one forward pass (a new prefill), and
+decoding continues one token per step. Past block_size tokens, a new token
+therefore sees between block_size // 2 and block_size tokens of context. The
+schedule is fixed by the shapes, so the program is: the prompt's segment (its
+prefill, then one-token steps until the cache is full), then a loop over
+refill segments (a refill, then one-token steps). (A lax.cond between refill
+and step inside one loop reads shorter, but makes XLA copy every layer's cache
+on every step.)
+
+Without the cache (nanoGPT's loop), each step re-runs the model on the last
+W = min(block_size, P + N) positions ending at the newest token; when fewer
+than W tokens exist yet, the window starts at 0 and its not-yet-written tail is
+ignored because attention is causal. So contexts longer than block_size are
+cropped to their last block_size tokens, one token further each step.
+
+Up to block_size tokens in all, both give the same logits (to float rounding)
+and so, with the same key, the same tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -17,14 +40,43 @@ import jax.numpy as jnp
 from jaxgpt.config import ModelConfig, SampleConfig
 
 
-def sample_logits(key, logits_BV, temperature: float, top_k: int | None):
-    """Draws one token per row: greedy if temperature == 0, else softmax(logits/temp) over the top k."""
-    if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1)
+def filter_logits(
+    logits_BV: jax.Array,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> jax.Array:
+    """float32 logits / temperature, with -inf on the tokens top-k and top-p exclude.
+
+    top-k keeps the k likeliest tokens. top-p (nucleus) then keeps the smallest
+    set of likeliest tokens whose probability adds up to at least top_p (ties
+    with the least likely kept token are kept too).
+    """
     logits_BV = logits_BV.astype(jnp.float32) / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p is not None and top_p < 1.0:
+        sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)  # Likeliest first.
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # Mass of likelier ones.
+        n_keep_B1 = jnp.sum(before_BV < top_p, axis=-1, keepdims=True)  # >= 1.
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return logits_BV
+
+
+def sample_logits(
+    key: jax.Array,
+    logits_BV: jax.Array,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> jax.Array:
+    """Draws one token per row: greedy if temperature == 0, else from filter_logits."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1)
+    logits_BV = filter_logits(logits_BV, temperature, top_k, top_p)
     return jax.random.categorical(key, logits_BV, axis=-1)
 
 
@@ -36,39 +88,98 @@ def sample_logits(key, logits_BV, temperature: float, top_k: int | None):
         "max_new_tokens",
         "temperature",
         "top_k",
+        "top_p",
+        "kv_cache",
+        "return_logits",
     ),
 )
 def generate(
-    apply_fn,
+    apply_fn: Callable,
     params,
-    prompt_BP,
-    key,
+    prompt_BP: jax.Array,
+    key: jax.Array,
     *,
     block_size: int,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
+    kv_cache: bool = True,
+    return_logits: bool = False,
 ):
-    """Extends each prompt row by `max_new_tokens` sampled tokens: returns [B, P + N]."""
+    """Extends each prompt row by `max_new_tokens` sampled tokens: returns [B, P + N].
+
+    With return_logits, also returns the [B, N, V] float32 logits each new
+    token was drawn from (before temperature, top-k and top-p).
+    """
     B, P = prompt_BP.shape
     total = P + max_new_tokens
-    W = min(block_size, total)
-    buf_BS = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt_BP)
+    S, K = block_size, max(1, block_size // 2)  # Cache length; tokens kept when full.
+    variables = {"params": params}
+    V = jax.eval_shape(lambda: apply_fn(variables, prompt_BP[:, :1])).shape[-1]
 
-    def step(t, carry):  # Writes position t from the tokens before it.
-        buf_BS, key = carry
+    def draw(t, logits_BV, carry):  # Writes token t (and its logits).
+        buf_BS, logits_BNV = carry
+        next_B = sample_logits(
+            jax.random.fold_in(key, t), logits_BV, temperature, top_k, top_p
+        )
+        buf_BS = buf_BS.at[:, t].set(next_B.astype(jnp.int32))
+        if return_logits:
+            logits_BNV = logits_BNV.at[:, t - P].set(logits_BV)
+        return buf_BS, logits_BNV
+
+    def window_step(t, carry):  # No cache: re-run the model on the last W tokens.
+        W = min(S, total)
         start = jnp.clip(t - W, 0, total - W)
-        window_BW = jax.lax.dynamic_slice(buf_BS, (0, start), (B, W))
-        logits_BWV = apply_fn({"params": params}, window_BW, deterministic=True)
+        window_BW = jax.lax.dynamic_slice(carry[0], (0, start), (B, W))
+        logits_BWV = apply_fn(variables, window_BW, deterministic=True)
         logits_BV = jax.lax.dynamic_index_in_dim(
             logits_BWV, t - 1 - start, axis=1, keepdims=False
         )
-        key, sub = jax.random.split(key)
-        next_B = sample_logits(sub, logits_BV, temperature, top_k).astype(jnp.int32)
-        return buf_BS.at[:, t].set(next_B), key
+        return draw(t, logits_BV, carry)
 
-    buf_BS, _ = jax.lax.fori_loop(P, total, step, (buf_BS, key))
-    return buf_BS
+    def prefill(t, n, buf_BS):  # The n tokens before t, at positions 0 .. n-1.
+        window_Bn = jax.lax.dynamic_slice(buf_BS, (0, t - n), (B, n))
+        logits_BnV, new = apply_fn(variables, window_Bn, decode=True, mutable="cache")
+        return logits_BnV[:, -1], new.get("cache", {})
+
+    def extend(t, buf_BS, cache):  # Token t - 1, at the cache's next position.
+        token_B1 = jax.lax.dynamic_slice(buf_BS, (0, t - 1), (B, 1))
+        logits_B1V, new = apply_fn(
+            {**variables, "cache": cache}, token_B1, decode=True, mutable="cache"
+        )
+        return logits_B1V[:, -1], new.get("cache", {})
+
+    def segment(t, n, carry):
+        """Draws tokens t, t+1, ... from a fresh cache of the n tokens before t,
+        one token per step, until the cache is full or the buffer is."""
+        logits_BV, cache = prefill(t, n, carry[0])
+        carry = draw(t, logits_BV, carry)
+
+        def step(u, state):
+            carry, cache = state
+            logits_BV, cache = extend(u, carry[0], cache)
+            return draw(u, logits_BV, carry), cache
+
+        end = jnp.minimum(total, t + 1 + S - n)  # The cache then holds S tokens.
+        carry, _ = jax.lax.fori_loop(t + 1, end, step, (carry, cache))
+        return carry
+
+    buf_BS = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt_BP)
+    logits_BNV = jnp.zeros((B, max_new_tokens, V)) if return_logits else None
+    carry = (buf_BS, logits_BNV)
+    if not kv_cache:
+        carry = jax.lax.fori_loop(P, total, window_step, carry)
+    else:  # The prompt's segment, then refills of K tokens until the buffer is full.
+        carry = segment(P, min(P, S), carry)
+        first, length = P + 1 + S - min(P, S), S - K + 1  # Tokens per refill.
+        refills = -(-(total - first) // length)  # Rounded up; <= 0 if never full.
+        if refills > 0:
+            carry = jax.lax.fori_loop(
+                0, refills, lambda i, c: segment(first + i * length, K, c), carry
+            )
+    buf_BS, logits_BNV = carry
+    return (buf_BS, logits_BNV) if return_logits else buf_BS
 
 
 def sample(apply_fn, params, model_cfg: ModelConfig, prompt_ids, cfg: SampleConfig):
@@ -83,4 +194,6 @@ def sample(apply_fn, params, model_cfg: ModelConfig, prompt_ids, cfg: SampleConf
         max_new_tokens=cfg.max_new_tokens,
         temperature=float(cfg.temperature),
         top_k=cfg.top_k,
+        top_p=float(cfg.top_p) if cfg.top_p < 1.0 else None,
+        kv_cache=cfg.kv_cache,
     )

@@ -1,12 +1,26 @@
 """The GPT (nanoGPT's architecture) and the bigram baseline, in Flax linen.
 
 Shapes are suffixes: B batch, T time (sequence), C embedding (n_embd),
-H heads, D head size (C // H), V vocabulary, L layers.
+H heads, D head size (C // H), V vocabulary, L layers, S key positions (T, or
+block_size when decoding from the cache).
+
+Options (ModelConfig) that leave the math unchanged:
+- dtype: matmuls and activations inside the blocks in float32 or bfloat16.
+  Like torch.autocast in nanoGPT, parameters, the residual stream, LayerNorm
+  statistics, the softmax, the logits and the loss stay float32.
+- remat: each block's activations are recomputed in the backward pass.
+- scan_layers: one `nn.scan` over the blocks, so the block is traced and
+  compiled once whatever n_layer; its parameters are stacked along a leading
+  L axis under "h" (plain models have "h_0" ... "h_{L-1}"; see stack_blocks).
+- attention: the einsum below, or jax.nn.dot_product_attention.
+`decode=True` runs the model on the next tokens of a sequence whose keys and
+values so far sit in the "cache" collection (see generate.py).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,31 +37,79 @@ def residual_init(config: ModelConfig):
     return nn.initializers.normal(stddev=0.02 / math.sqrt(2 * config.n_layer))
 
 
+def dense(cfg: ModelConfig, features: int, kernel_init, name: str) -> nn.Dense:
+    """A Dense layer that computes in cfg.dtype; its parameters stay float32."""
+    return nn.Dense(
+        features,
+        use_bias=cfg.bias,
+        kernel_init=kernel_init,
+        dtype=jnp.dtype(cfg.dtype),
+        name=name,
+    )
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t sees positions <= t only."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False
+    ) -> jax.Array:
         cfg = self.config
         B, T, C = x_BTC.shape
         H, D = cfg.n_head, cfg.head_dim
-        qkv_BT3C = nn.Dense(
-            3 * C, use_bias=cfg.bias, kernel_init=init_normal, name="c_attn"
-        )(x_BTC)
-        q_BTHD, k_BTHD, v_BTHD = jnp.split(qkv_BT3C.reshape(B, T, 3 * H, D), 3, axis=2)
-        # Scaled dot-product scores; 1/sqrt(D) keeps their variance near 1.
-        att_BHTT = jnp.einsum("bqhd,bkhd->bhqk", q_BTHD, k_BTHD) / math.sqrt(D)
-        causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-        att_BHTT = jnp.where(causal_TT, att_BHTT, jnp.finfo(att_BHTT.dtype).min)
-        att_BHTT = jax.nn.softmax(att_BHTT, axis=-1)
-        att_BHTT = nn.Dropout(cfg.dropout)(att_BHTT, deterministic=deterministic)
-        y_BTHD = jnp.einsum("bhqk,bkhd->bqhd", att_BHTT, v_BTHD)
-        y_BTC = nn.Dense(
-            C, use_bias=cfg.bias, kernel_init=residual_init(cfg), name="c_proj"
-        )(y_BTHD.reshape(B, T, C))
+        qkv_BT3C = dense(cfg, 3 * C, init_normal, "c_attn")(x_BTC)
+        q_BTHD, k_BSHD, v_BSHD = jnp.split(qkv_BT3C.reshape(B, T, 3 * H, D), 3, axis=2)
+        q_pos_T = jnp.arange(T)  # Positions of the queries (and, below, the keys).
+        if decode:  # Append k, v to the cache; attend to everything cached so far.
+            k_BSHD, v_BSHD, start = self.append_to_cache(k_BSHD, v_BSHD)
+            q_pos_T = start + q_pos_T
+        causal_TS = q_pos_T[:, None] >= jnp.arange(k_BSHD.shape[1])[None, :]
+        if cfg.attention == "einsum":
+            # Scaled dot-product scores; 1/sqrt(D) keeps their variance near 1.
+            att_BHTS = jnp.einsum(
+                "bqhd,bkhd->bhqk", q_BTHD, k_BSHD, preferred_element_type=jnp.float32
+            ) / math.sqrt(D)
+            att_BHTS = jnp.where(causal_TS, att_BHTS, jnp.finfo(jnp.float32).min)
+            att_BHTS = jax.nn.softmax(att_BHTS, axis=-1)
+            att_BHTS = nn.Dropout(cfg.dropout)(att_BHTS, deterministic=deterministic)
+            y_BTHD = jnp.einsum(
+                "bhqk,bkhd->bqhd", att_BHTS.astype(v_BSHD.dtype), v_BSHD
+            )
+        else:  # The same math in one call (cuDNN's flash attention can serve it).
+            y_BTHD = jax.nn.dot_product_attention(
+                q_BTHD,
+                k_BSHD,
+                v_BSHD,
+                mask=causal_TS[None, None] if decode else None,
+                is_causal=not decode,
+            )
+        y_BTC = dense(cfg, C, residual_init(cfg), "c_proj")(y_BTHD.reshape(B, T, C))
         return nn.Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)
+
+    def append_to_cache(self, k_BTHD: jax.Array, v_BTHD: jax.Array):
+        """Writes k, v at the cache index; returns the whole cache and that index.
+
+        The cache holds block_size positions; slots past the index hold zeros or
+        stale values that the causal mask hides. Callers keep the index + T
+        within block_size (generate.py does).
+        """
+        B, T, H, D = k_BTHD.shape
+        shape_BSHD = (B, self.config.block_size, H, D)
+        k_cache = self.variable("cache", "k", jnp.zeros, shape_BSHD, k_BTHD.dtype)
+        v_cache = self.variable("cache", "v", jnp.zeros, shape_BSHD, v_BTHD.dtype)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        start = index.value
+        k_cache.value = jax.lax.dynamic_update_slice(
+            k_cache.value, k_BTHD, (0, start, 0, 0)
+        )
+        v_cache.value = jax.lax.dynamic_update_slice(
+            v_cache.value, v_BTHD, (0, start, 0, 0)
+        )
+        index.value = start + T
+        return k_cache.value, v_cache.value, start
 
 
 class MLP(nn.Module):
@@ -58,13 +120,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
-        h_BTF = nn.Dense(
-            4 * cfg.n_embd, use_bias=cfg.bias, kernel_init=init_normal, name="c_fc"
-        )(x_BTC)
+        h_BTF = dense(cfg, 4 * cfg.n_embd, init_normal, "c_fc")(x_BTC)
         h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # GPT-2's tanh GELU.
-        y_BTC = nn.Dense(
-            cfg.n_embd, use_bias=cfg.bias, kernel_init=residual_init(cfg), name="c_proj"
-        )(h_BTF)
+        y_BTC = dense(cfg, cfg.n_embd, residual_init(cfg), "c_proj")(h_BTF)
         return nn.Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)
 
 
@@ -74,14 +132,27 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False
+    ) -> jax.Array:
         cfg = self.config
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, name=name)
+        ln = lambda name: nn.LayerNorm(
+            epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), name=name
+        )
         x_BTC = x_BTC + CausalSelfAttention(cfg, name="attn")(
-            ln("ln_1")(x_BTC), deterministic
+            ln("ln_1")(x_BTC), deterministic, decode
         )
         x_BTC = x_BTC + MLP(cfg, name="mlp")(ln("ln_2")(x_BTC), deterministic)
         return x_BTC
+
+
+class ScannedBlock(Block):
+    """A Block with nn.scan's signature: (carry, x) -> (carry, output)."""
+
+    def __call__(
+        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False
+    ) -> tuple[jax.Array, None]:
+        return super().__call__(x_BTC, deterministic, decode), None
 
 
 class GPT(nn.Module):
@@ -90,25 +161,45 @@ class GPT(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, idx_BT: jax.Array, deterministic: bool = True, decode: bool = False
+    ) -> jax.Array:
         cfg = self.config
         T = idx_BT.shape[1]
         if T > cfg.block_size:
             raise ValueError(
                 f"sequence length {T} exceeds block_size {cfg.block_size}."
             )
+        start = 0
+        if decode:  # These tokens continue the ones already in the cache.
+            index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+            start, index.value = index.value, index.value + T
         wte = nn.Embed(
             cfg.vocab_size, cfg.n_embd, embedding_init=init_normal, name="wte"
         )
         wpe = nn.Embed(
             cfg.block_size, cfg.n_embd, embedding_init=init_normal, name="wpe"
         )
-        x_BTC = wte(idx_BT) + wpe(jnp.arange(T))[None]
+        x_BTC = wte(idx_BT) + wpe(start + jnp.arange(T))[None]
         x_BTC = nn.Dropout(cfg.dropout)(x_BTC, deterministic=deterministic)
-        for i in range(cfg.n_layer):
-            x_BTC = Block(cfg, name=f"h_{i}")(x_BTC, deterministic)
+        block = ScannedBlock if cfg.scan_layers else Block
+        if cfg.remat:  # Keep only each block's input; recompute the rest for grads.
+            block = nn.remat(
+                block, static_argnums=(2, 3), prevent_cse=not cfg.scan_layers
+            )  # Arguments (self, x, deterministic, decode): the flags are static.
+        if cfg.scan_layers:
+            x_BTC, _ = nn.scan(
+                block,
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0},  # On L.
+                split_rngs={"params": True, "dropout": True},  # Own init and masks.
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.n_layer,
+            )(cfg, name="h")(x_BTC, deterministic, decode)
+        else:
+            for i in range(cfg.n_layer):
+                x_BTC = block(cfg, name=f"h_{i}")(x_BTC, deterministic, decode)
         x_BTC = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, name="ln_f")(x_BTC)
-        return wte.attend(x_BTC)  # logits_BTV; weights tied to the token embedding.
+        return wte.attend(x_BTC)  # logits_BTV (float32); tied to the token embedding.
 
 
 class Bigram(nn.Module):
@@ -117,8 +208,10 @@ class Bigram(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
-        del deterministic  # No dropout: the table is the whole model.
+    def __call__(
+        self, idx_BT: jax.Array, deterministic: bool = True, decode: bool = False
+    ) -> jax.Array:
+        del deterministic, decode  # No dropout, no context: the table is the model.
         table = nn.Embed(
             self.config.vocab_size,
             self.config.vocab_size,
@@ -136,6 +229,43 @@ def init_params(config: ModelConfig, key: jax.Array):
     """Initial parameters for `config`, from `key`."""
     idx_BT = jnp.zeros((1, config.block_size), jnp.int32)
     return make_model(config).init(key, idx_BT)["params"]
+
+
+def stack_blocks(params: dict[str, Any]) -> dict[str, Any]:
+    """Plain parameters (blocks h_0 ... h_{L-1}) -> scan_layers ones (h, stacked on L).
+
+    Works on any tree shaped like the parameters (gradients, Adam moments).
+    """
+    names = sorted((k for k in params if k.startswith("h_")), key=lambda k: int(k[2:]))
+    if not names:
+        raise ValueError("no blocks h_0 ... h_{L-1} to stack (already stacked?).")
+    rest = {k: v for k, v in params.items() if k not in names}
+    blocks = [params[k] for k in names]
+    return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_blocks(params: dict[str, Any]) -> dict[str, Any]:
+    """scan_layers parameters (h, stacked on L) -> plain ones (h_0 ... h_{L-1})."""
+    if "h" not in params:
+        raise ValueError("no stacked blocks 'h' to unstack (already plain?).")
+    rest = {k: v for k, v in params.items() if k != "h"}
+    L = jax.tree.leaves(params["h"])[0].shape[0]
+    blocks = {
+        f"h_{i}": jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(L)
+    }
+    return {**rest, **blocks}
+
+
+def decay_mask(params: dict[str, Any]) -> dict[str, Any]:
+    """True for the weight matrices (AdamW decays those), False for biases and scales.
+
+    A leaf is a matrix when it has two axes per layer: the leading L axis of
+    scan_layers' stacked blocks doesn't count.
+    """
+    return {
+        name: jax.tree.map(lambda p, L=int(name == "h"): p.ndim - L >= 2, tree)
+        for name, tree in params.items()
+    }
 
 
 def count_params(params) -> int:

@@ -1,0 +1,64 @@
+"""Cold compile time of the train step: plain blocks vs --scan_layers, by depth.
+
+  python benchmarks/compile.py
+  python benchmarks/compile.py --bench_layers=6,12,24 --n_embd=768 --n_head=12
+
+For each depth, with and without scan_layers, times jax.jit(train_step)'s
+lower (tracing to StableHLO) and compile (XLA) for a fresh model, so nothing
+is cached. Width, heads and block size come from the model flags (defaults:
+the baby GPT, 384 wide, 6 heads, block 256); the batch is small because
+compile time hardly depends on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from jaxgpt import main as jaxgpt_main  # Defines the model flags.
+from jaxgpt import runtime, train
+from jaxgpt.config import TrainConfig
+
+_LAYERS = flags.DEFINE_list("bench_layers", ["6", "24"], "Depths to compile.")
+_BATCH = flags.DEFINE_integer("bench_batch", 4, "Sequences per step.")
+
+
+def compile_times(model_cfg, batch_size: int) -> tuple[float, float]:
+    """Seconds to lower and to compile one train step of `model_cfg`."""
+    state = jax.eval_shape(lambda: train.create_state(model_cfg, TrainConfig()))
+    x_BT = jax.ShapeDtypeStruct((batch_size, model_cfg.block_size), jnp.int32)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    t0 = time.perf_counter()
+    lowered = train.train_step.lower(state, x_BT, x_BT, key)
+    t1 = time.perf_counter()
+    lowered.compile()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def main(argv):
+    del argv
+    runtime.keep_freed_memory()
+    base = jaxgpt_main.model_config(vocab_size=65)
+    print(
+        f"train step, C={base.n_embd} H={base.n_head} T={base.block_size}"
+        f" B={_BATCH.value}, {base.dtype}; {jax.devices()[0].device_kind}"
+    )
+    print("| layers | scan_layers | lower (s) | compile (s) | total (s) |")
+    print("|-------:|:-----------:|----------:|------------:|----------:|")
+    for n_layer in map(int, _LAYERS.value):
+        for scan in (False, True):
+            cfg = dataclasses.replace(base, n_layer=n_layer, scan_layers=scan)
+            lower_s, compile_s = compile_times(cfg, _BATCH.value)
+            print(
+                f"| {n_layer} | {'yes' if scan else 'no'} | {lower_s:.2f} |"
+                f" {compile_s:.2f} | {lower_s + compile_s:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)

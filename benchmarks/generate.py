@@ -1,0 +1,92 @@
+"""Generation speed: tokens/s with and without the KV cache.
+
+  python benchmarks/generate.py                              # baby GPT, random init
+  python benchmarks/generate.py --workdir=out/shakespeare    # a trained checkpoint
+  python benchmarks/generate.py --flagfile=experiments/shakespeare_gpu.cfg  # bf16
+
+The model comes from the model flags (their defaults are shakespeare.cfg's baby
+GPT: 6 layers, 6 heads, 384 wide, block 256) with vocabulary 65 and random
+parameters, or from the checkpoint in --workdir when that flag is given. Each
+row compiles generate() for a one-token prompt (lower + compile, timed on its
+own), then times one run of the compiled program. Sampling uses --temperature,
+--top_k and --top_p as --mode=sample does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from jaxgpt import checkpoint as ckpt
+from jaxgpt import generate, model, runtime
+from jaxgpt import main as jaxgpt_main  # Defines the model and sampling flags.
+from jaxgpt.config import ModelConfig, TrainConfig
+
+_BATCHES = flags.DEFINE_list("bench_batch_sizes", ["1", "8"], "Rows sampled at once.")
+_NEW = flags.DEFINE_integer("bench_new_tokens", 500, "Tokens generated per row.")
+
+
+def load_model():
+    """(model config, params): the checkpoint in --workdir if given, else random."""
+    if not flags.FLAGS["workdir"].present:
+        cfg = jaxgpt_main.model_config(vocab_size=65)
+        return cfg, model.init_params(cfg, jax.random.PRNGKey(0))
+    checkpointer = ckpt.Checkpointer(flags.FLAGS.workdir)
+    meta = checkpointer.read_meta()
+    cfg = ModelConfig(**meta["model"])
+    state = jaxgpt_main.restore_state(
+        checkpointer, cfg, TrainConfig(**meta["train"]), jaxgpt_main.make_mesh()
+    )
+    checkpointer.close()
+    return cfg, state.params
+
+
+def main(argv):
+    del argv
+    runtime.keep_freed_memory()
+    cfg, params = load_model()
+    sampling = jaxgpt_main.sample_config()
+    apply_fn = model.make_model(cfg).apply
+    N, key = _NEW.value, jax.random.PRNGKey(0)
+    print(
+        f"model: L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} T={cfg.block_size}"
+        f" V={cfg.vocab_size} ({model.count_params(params):,} params), {cfg.dtype};"
+        f" {N} new tokens from a 1-token prompt; {jax.devices()[0].device_kind}"
+    )
+    print("| batch | KV cache | compile (s) | run (s) | tokens/s | speed-up |")
+    print("|------:|:--------:|------------:|--------:|---------:|---------:|")
+    for B in map(int, _BATCHES.value):
+        prompt_BP = jnp.zeros((B, 1), jnp.int32)
+        rows = {}
+        for kv_cache in (True, False):
+            t0 = time.perf_counter()
+            compiled = generate.generate.lower(
+                apply_fn,
+                params,
+                prompt_BP,
+                key,
+                block_size=cfg.block_size,
+                max_new_tokens=N,
+                temperature=float(sampling.temperature),
+                top_k=sampling.top_k,
+                top_p=sampling.top_p if sampling.top_p < 1.0 else None,
+                kv_cache=kv_cache,
+            ).compile()
+            compile_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            compiled(params, prompt_BP, key).block_until_ready()
+            rows[kv_cache] = (compile_s, time.perf_counter() - t0)
+        for kv_cache, (compile_s, run_s) in rows.items():
+            speedup = rows[False][1] / run_s  # Against recomputing the window.
+            print(
+                f"| {B} | {'yes' if kv_cache else 'no'} | {compile_s:.2f} |"
+                f" {run_s:.2f} | {B * N / run_s:,.0f} | {speedup:.1f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)
