@@ -5,8 +5,9 @@
 
 Model FLOPs per token are 6N + 12*L*C*T with N the non-embedding parameters
 (PaLM's accounting, as nanoGPT's MFU); MFU divides the achieved FLOP/s by a
-peak that is measured in this run (a large jitted matmul in the run's dtype)
-unless --peak_tflops or --accelerator names it. Uses random tokens: no corpus.
+peak (jaxgpt/perf.py): on a CPU it is measured in this run (a large jitted
+matmul in the run's dtype); on a known accelerator it is the data sheet's
+figure; --peak_tflops gives it. Uses random tokens: no corpus.
 """
 
 from __future__ import annotations
@@ -15,48 +16,17 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from jaxgpt import main as jaxgpt_main  # Defines the model and training flags.
-from jaxgpt import model, runtime, train
-
-# Dense peak TFLOP/s per chip from the vendors' data sheets.
-KNOWN_PEAKS = {
-    "a100-bf16": 312.0,
-    "a100-fp32": 19.5,
-    "a100-tf32": 156.0,
-    "h100-bf16": 989.0,
-    "h100-fp32": 67.0,
-    "h200-bf16": 989.0,
-    "tpu-v2-bf16": 45.0,
-    "tpu-v5e-bf16": 197.0,
-}
+from jaxgpt import model, perf, runtime, sharding, train
 
 _STEPS = flags.DEFINE_integer("bench_steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("bench_warmup", 5, "Untimed steps after compiling.")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s to compute MFU against.")
-_ACCEL = flags.DEFINE_enum(
-    "accelerator",
-    None,
-    sorted(KNOWN_PEAKS),
-    "Take the peak from this table instead of measuring it.",
+_MEASURE = flags.DEFINE_bool(
+    "measure_peak", False, "Measure the peak even on a device in the data-sheet table."
 )
 _MATMUL_N = flags.DEFINE_integer("peak_matmul_n", 2048, "Size of the peak matmul.")
-
-
-def measure_peak_flops(dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` n x n x n jitted matmuls in `dtype`."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-    matmul = jax.jit(lambda a, b: a @ b)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def main(argv):
@@ -64,14 +34,28 @@ def main(argv):
     runtime.keep_freed_memory()
     train_cfg = jaxgpt_main.train_config()
     model_cfg = jaxgpt_main.model_config(vocab_size=65)
+    dtype = model_cfg.dtype
+    # The peak first, while the machine is otherwise idle.
+    if _MEASURE.value:
+        peak = perf.measure_peak(dtype, _MATMUL_N.value)
+        source = f"measured: {_MATMUL_N.value}^3 {dtype} matmul"
+    else:
+        peak, source = perf.peak_flops(dtype, flags.FLAGS.peak_tflops, _MATMUL_N.value)
+
+    # The training program of main.py: the same mesh, shardings and step.
+    mesh = jaxgpt_main.make_mesh()
     B, T = train_cfg.batch_size, model_cfg.block_size
-    state = train.create_state(model_cfg, train_cfg)
-    key = jax.random.PRNGKey(0)
-    x = jax.random.randint(key, (B, T), 0, model_cfg.vocab_size)
-    y = jnp.roll(x, -1, axis=1)
+    sharding.check_batch(B, train_cfg.grad_accum_steps, mesh)
+    state = train.create_state(model_cfg, train_cfg, mesh)
+    step = train.make_train_step(
+        mesh, sharding.state_shardings(state, mesh), train_cfg.grad_accum_steps
+    )
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (100 * T,), 0, 65)
+    x, y = train.make_get_batch(mesh, B, T)(jax.random.PRNGKey(1), tokens)
+    key = jax.random.PRNGKey(2)
 
     t0 = time.perf_counter()
-    compiled = train.train_step.lower(state, x, y, key).compile()
+    compiled = step.lower(state, x, y, key).compile()
     compile_s = time.perf_counter() - t0
     for i in range(_WARMUP.value):
         state, metrics = compiled(state, x, y, jax.random.fold_in(key, i))
@@ -87,32 +71,30 @@ def main(argv):
     flops_token = model.flops_per_token(model_cfg)
     tokens_s = B * T / step_s
     achieved = flops_token * tokens_s
-    if _PEAK.value:
-        peak, source = _PEAK.value * 1e12, "given"
-    elif _ACCEL.value:
-        peak, source = KNOWN_PEAKS[_ACCEL.value] * 1e12, _ACCEL.value
-    else:
-        dtype = jnp.float32  # The run's compute dtype.
-        peak = measure_peak_flops(dtype, _MATMUL_N.value)
-        source = f"measured, {_MATMUL_N.value}^3 {jnp.dtype(dtype).name} matmul"
     n_params = model.count_params(state.params)
     rows = [
-        ("device", str(jax.devices()[0].device_kind)),
+        (
+            "devices",
+            f"{mesh.size} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}",
+        ),
         (
             "model",
-            f"L={model_cfg.n_layer} H={model_cfg.n_head} C={model_cfg.n_embd} "
-            f"T={T} B={B} ({n_params:,} params)",
+            (
+                f"L={model_cfg.n_layer} H={model_cfg.n_head} C={model_cfg.n_embd}"
+                f" T={T} B={B} dropout={model_cfg.dropout} {dtype}"
+                f" ({n_params:,} params)"
+            ),
         ),
         ("compile (cold)", f"{compile_s:.2f} s"),
-        ("ms/step (median)", f"{1e3 * step_s:.2f}"),
+        ("ms/step (median)", f"{1e3 * step_s:.2f} (best {1e3 * min(times):.2f})"),
         ("tokens/s", f"{tokens_s:,.0f}"),
         (
             "model FLOPs/token",
             f"{flops_token / 1e6:.2f} M (6N + 12LCT, N = non-embedding params)",
         ),
         ("achieved", f"{achieved / 1e9:.1f} GFLOP/s"),
-        ("peak", f"{peak / 1e9:.1f} GFLOP/s ({source})"),
-        ("MFU", f"{100 * achieved / peak:.1f}%"),
+        ("peak", f"{peak / 1e9:.1f} GFLOP/s per device ({source})"),
+        ("MFU", f"{100 * perf.mfu(flops_token, tokens_s, peak, mesh.size):.1f}%"),
     ]
     for name, value in rows:
         print(f"{name:>18}: {value}")

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, generate, model, runtime, sharding, tokenizer
+from jaxgpt import data, generate, model, perf, runtime, sharding, tokenizer
 from jaxgpt.config import ConfigError, ModelConfig, SampleConfig, TrainConfig
 from jaxgpt.train import abstract_state, create_state, train
 
@@ -95,6 +95,12 @@ _EVAL_INTERVAL = flags.DEFINE_integer("eval_interval", 250, "Steps between evals
 _EVAL_ITERS = flags.DEFINE_integer("eval_iters", 200, "Batches per eval estimate.")
 _LOG_INTERVAL = flags.DEFINE_integer("log_interval", 10, "Steps between log lines.")
 _SEED = flags.DEFINE_integer("seed", 1337, "Seed of init, batches, dropout, sampling.")
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops",
+    None,
+    "Peak TFLOP/s of one device, for the MFU in the log. Default: the data"
+    " sheet's for a known GPU/TPU (jaxgpt/perf.py), else measured with a matmul.",
+)
 # Sampling.
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint", "latest", ["latest", "best"], "Which checkpoint --mode=sample reads."
@@ -256,6 +262,8 @@ def run_train(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
     else:
         state = create_state(model_cfg, train_cfg, mesh)
     n_params = model.count_params(state.params)
+    peak, peak_source = perf.peak_flops(model_cfg.dtype, _PEAK_TFLOPS.value)
+    logging.info("peak %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
     logging.info(
         "%s: %s parameters (%s without position embeddings); vocab %d,"
         " %s train / %s val tokens; mesh %s over %d devices, %d process(es)",
@@ -288,6 +296,7 @@ def run_train(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
             checkpointer,
             meta,
             flops_per_token=model.flops_per_token(model_cfg),
+            peak_flops=peak,
             mesh=mesh,
         )
     finally:

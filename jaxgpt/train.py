@@ -276,13 +276,15 @@ def train(
     checkpointer: ckpt.Checkpointer,
     meta: dict[str, Any],
     flops_per_token: float | None = None,
+    peak_flops: float | None = None,
     on_step: Callable[[int, TrainState], None] | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Trains from `state.step` to max_iters (or stop_at), evaluating and checkpointing.
 
     Runs on `mesh` (default: all devices, data parallel); `state` is moved onto
-    it if it is not there yet. Returns the final state and a history: per-step
+    it if it is not there yet. With `flops_per_token` the log shows the model's
+    FLOP/s, and with `peak_flops` (per device) its MFU too. Returns the final state and a history: per-step
     `losses` and the `evals` written to <workdir>/metrics.jsonl, plus
     `stopped_by` (None, "stop_at", or the signal's name).
     """
@@ -371,9 +373,10 @@ def train(
                     f" {1e3 * dt:.1f} ms/step, {tokens_per_step / dt:,.0f} tok/s"
                 )
                 if flops_per_token:
-                    line += (
-                        f", {flops_per_token * tokens_per_step / dt / 1e9:.1f} GFLOP/s"
-                    )
+                    flops = flops_per_token * tokens_per_step / dt  # All devices.
+                    line += f", {flops / 1e9:.1f} GFLOP/s"
+                    if peak_flops:
+                        line += f", MFU {100 * flops / (peak_flops * mesh.size):.1f}%"
                 bar.set_postfix(loss=f"{loss:.4f}")
                 say(line)
             if done % cfg.eval_interval == 0 or done == cfg.max_iters:

@@ -1,0 +1,69 @@
+"""Model FLOP utilisation (MFU): the hardware's peak FLOP/s, known or measured.
+
+MFU = (model FLOPs per token x tokens/s) / (peak FLOP/s of the devices used).
+Model FLOPs per token come from `model.flops_per_token` (6N + 12LCT). The peak
+of a known accelerator is its data-sheet figure for the compute dtype; on a
+CPU (or anything unknown) it is measured: the best FLOP/s of a large jitted
+matmul in that dtype.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak TFLOP/s per chip from the vendors' data sheets, by compute dtype.
+KNOWN_PEAKS = {
+    "a100": {"bfloat16": 312.0, "float32": 19.5},
+    "h100": {"bfloat16": 989.0, "float32": 67.0},
+    "h200": {"bfloat16": 989.0, "float32": 67.0},
+    "tpu v2": {"bfloat16": 45.0},
+    "tpu v3": {"bfloat16": 123.0},
+    "tpu v4": {"bfloat16": 275.0},
+    "tpu v5 lite": {"bfloat16": 197.0},  # v5e's device_kind.
+    "tpu v5e": {"bfloat16": 197.0},
+    "tpu v5p": {"bfloat16": 459.0},
+}
+
+
+def known_peak(device_kind: str, dtype: str) -> float | None:
+    """Data-sheet peak FLOP/s of one chip for `dtype`, or None if not in the table."""
+    kind = device_kind.lower()
+    for name, peaks in KNOWN_PEAKS.items():
+        if name in kind and dtype in peaks:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def measure_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of `repeats` jitted n x n x n matmuls on one device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(
+    dtype: str = "float32", tflops: float | None = None, n: int = 2048
+) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where it came from: given, data sheet, or measured."""
+    if tflops:
+        return tflops * 1e12, "given"
+    kind = jax.devices()[0].device_kind
+    peak = known_peak(kind, dtype)
+    if peak is not None:
+        return peak, f"{kind} data sheet, {dtype}"
+    return measure_peak(dtype, n), f"measured: {n}^3 {jnp.dtype(dtype).name} matmul"
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float, devices: int = 1):
+    """Fraction of the devices' peak that the model's FLOPs achieve."""
+    return flops_per_token * tokens_per_s / (peak * devices)
