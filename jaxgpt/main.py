@@ -263,7 +263,7 @@ def run_train(train_cfg: TrainConfig, sample_cfg: SampleConfig) -> int:
         state = create_state(model_cfg, train_cfg, mesh)
     n_params = model.count_params(state.params)
     peak, peak_source = perf.peak_flops(model_cfg.dtype, _PEAK_TFLOPS.value)
-    logging.info("peak %.1f TFLOP/s per device (%s)", peak / 1e12, peak_source)
+    logging.info("peak %.4g GFLOP/s per device (%s)", peak / 1e9, peak_source)
     logging.info(
         "%s: %s parameters (%s without position embeddings); vocab %d,"
         " %s train / %s val tokens; mesh %s over %d devices, %d process(es)",
