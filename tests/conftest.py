@@ -23,10 +23,11 @@ def shared_corpus() -> Path | None:
 def generated_text(n_chars: int = 60_000, seed: int = 0) -> str:
     """Deterministic play-like text for when the shared corpus is absent."""
     rng = np.random.default_rng(seed)
-    words = (
+    sentence = (
         "the king and queen shall speak of love thy lord my good sir "
         "what say you now o fair night come hither gentle friend"
-    ).split()
+    )
+    words = sentence.split()
     names = ["ROMEO", "JULIET", "KING HENRY", "FIRST CITIZEN"]
     parts = []
     while sum(map(len, parts)) < n_chars:

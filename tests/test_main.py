@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def run_main(*args, timeout=300):
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,  # The tests read the return code.
     )
 
 
@@ -60,6 +62,12 @@ def test_train_checkpoint_and_sample(tmp_path, flagfile):
     assert [r["step"] for r in records] == [0, 20, 40]
     assert records[-1]["val_loss"] < records[0]["val_loss"]
     assert "step 40: train loss" in done.stdout + done.stderr
+    # The log line at each --log_interval: speed, FLOP/s and MFU (measured peak).
+    log = re.search(
+        r"step 40: loss [\d.]+, .* tok/s, ([\d.]+) GFLOP/s, MFU ([\d.]+)%", done.stderr
+    )
+    assert log and float(log.group(1)) > 0 and 0 < float(log.group(2)) < 100
+    assert "GFLOP/s per device (measured" in done.stderr
     (text,) = samples(done.stdout)
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 77
 
@@ -140,12 +148,12 @@ def parsed_flags():
 @pytest.mark.parametrize(
     "overrides,words",
     [
-        (dict(n_embd=100, n_head=6), ["--n_embd=100", "--n_head=6"]),
-        (dict(n_layer=0), ["--n_layer=0", "positive"]),
-        (dict(batch_size=-2), ["--batch_size=-2"]),
-        (dict(block_size=2_000_000), ["--block_size=2000000", "split"]),
-        (dict(prompt="¿qué?", mode="sample"), ["--prompt", "'¿'", "'é'"]),
-        (dict(data_path="/no/such/file.txt"), ["--data_path=/no/such/file.txt"]),
+        ({"n_embd": 100, "n_head": 6}, ["--n_embd=100", "--n_head=6"]),
+        ({"n_layer": 0}, ["--n_layer=0", "positive"]),
+        ({"batch_size": -2}, ["--batch_size=-2"]),
+        ({"block_size": 2_000_000}, ["--block_size=2000000", "split"]),
+        ({"prompt": "¿qué?", "mode": "sample"}, ["--prompt", "'¿'", "'é'"]),
+        ({"data_path": "/no/such/file.txt"}, ["--data_path=/no/such/file.txt"]),
     ],
 )
 def test_bad_flags_end_in_one_clear_message(
@@ -162,16 +170,16 @@ def test_bad_flags_end_in_one_clear_message(
             == 0
         )
         overrides = {**overrides, "workdir": str(tmp_path / "wd")}
-    settings = dict(
-        data_path=str(corpus_path),
-        workdir=str(tmp_path / "new"),
-        max_iters=2,
-        warmup_iters=0,
-        n_layer=1,
-        n_head=2,
-        n_embd=16,
-        block_size=16,
-    )
+    settings = {
+        "data_path": str(corpus_path),
+        "workdir": str(tmp_path / "new"),
+        "max_iters": 2,
+        "warmup_iters": 0,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "block_size": 16,
+    }
     settings.update(overrides)
     with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
         main.main(["jaxgpt.main"])

@@ -162,11 +162,11 @@ def test_cross_entropy_matches_formula():
 @pytest.mark.parametrize(
     "kw,flag",
     [
-        (dict(n_embd=30, n_head=4), "--n_embd"),
-        (dict(n_layer=0), "--n_layer"),
-        (dict(block_size=-1), "--block_size"),
-        (dict(dropout=1.0), "--dropout"),
-        (dict(model="lstm"), "--model"),
+        ({"n_embd": 30, "n_head": 4}, "--n_embd"),
+        ({"n_layer": 0}, "--n_layer"),
+        ({"block_size": -1}, "--block_size"),
+        ({"dropout": 1.0}, "--dropout"),
+        ({"model": "lstm"}, "--model"),
     ],
 )
 def test_bad_model_config_names_the_flag(kw, flag):
