@@ -36,7 +36,7 @@ class ModelConfig:
     dtype: str = "float32"  # Compute dtype, "float32" or "bfloat16"; params float32.
     remat: bool = False  # Recompute each block's activations in the backward pass.
     scan_layers: bool = False  # nn.scan over the blocks: params stacked on an L axis.
-    attention: str = "einsum"  # "einsum" or "dot_product" (jax.nn's).
+    attention: str = "einsum"  # "einsum", "dot_product" (jax.nn's) or "cudnn".
 
     def __post_init__(self):
         _require_positive(
@@ -63,16 +63,22 @@ class ModelConfig:
             raise ConfigError(
                 f"--dtype={self.dtype!r} is unknown: use 'float32' or 'bfloat16'."
             )
-        if self.attention not in ("einsum", "dot_product"):
+        if self.attention not in ("einsum", "dot_product", "cudnn"):
             raise ConfigError(
-                f"--attention={self.attention!r} is unknown: use 'einsum' or"
-                " 'dot_product'."
+                f"--attention={self.attention!r} is unknown: use 'einsum',"
+                " 'dot_product' or 'cudnn'."
             )
-        if self.attention == "dot_product" and self.dropout > 0:
+        if self.attention != "einsum" and self.dropout > 0:
             raise ConfigError(
-                f"--attention=dot_product has no dropout on the attention weights,"
-                f" but --dropout={self.dropout}: pass --dropout=0 with"
-                " --attention=dot_product, or keep --attention=einsum."
+                f"--attention={self.attention} has no dropout on the attention"
+                f" weights, but --dropout={self.dropout}: pass --dropout=0 with"
+                f" --attention={self.attention}, or keep --attention=einsum."
+            )
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ConfigError(
+                "--attention=cudnn (cuDNN's flash attention) computes in 16 bits:"
+                f" pass --dtype=bfloat16 (not {self.dtype}), or use"
+                " --attention=dot_product."
             )
 
     @property

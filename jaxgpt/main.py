@@ -65,8 +65,10 @@ _SCAN_LAYERS = flags.DEFINE_bool(
 _ATTENTION = flags.DEFINE_enum(
     "attention",
     "einsum",
-    ["einsum", "dot_product"],
-    "einsum (the math, spelled out) or jax.nn.dot_product_attention (no dropout).",
+    ["einsum", "dot_product", "cudnn"],
+    "einsum (the math, spelled out), jax.nn.dot_product_attention (XLA's), or"
+    " cudnn (its cuDNN flash attention: NVIDIA GPU, bfloat16). The last two have"
+    " no attention dropout.",
 )
 # Training.
 _WORKDIR = flags.DEFINE_string("workdir", "out", "Checkpoints and metrics.jsonl.")
@@ -139,6 +141,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process: 0 .. n - 1
 
 
 def model_config(vocab_size: int) -> ModelConfig:
+    if _ATTENTION.value == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(
+            "--attention=cudnn needs an NVIDIA GPU, and this run has"
+            f" {jax.default_backend()}: use --attention=dot_product or einsum."
+        )
     return ModelConfig(
         vocab_size=vocab_size,
         block_size=_BLOCK_SIZE.value,

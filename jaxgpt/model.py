@@ -12,7 +12,8 @@ Options (ModelConfig) that leave the math unchanged:
 - scan_layers: one `nn.scan` over the blocks, so the block is traced and
   compiled once whatever n_layer; its parameters are stacked along a leading
   L axis under "h" (plain models have "h_0" ... "h_{L-1}"; see stack_blocks).
-- attention: the einsum below, or jax.nn.dot_product_attention.
+- attention: the einsum below, or jax.nn.dot_product_attention (XLA's, or
+  "cudnn": cuDNN's flash attention on an NVIDIA GPU, in bfloat16).
 `decode=True` runs the model on the next tokens of a sequence whose keys and
 values so far sit in the "cache" collection (see generate.py).
 """
@@ -75,6 +76,13 @@ class Dropout(nn.Module):
         return rng.dropout(self.make_rng("dropout"), x, self.rate)
 
 
+def use_cudnn(cfg: ModelConfig, decode: bool) -> bool:
+    """--attention=cudnn on a GPU, outside decoding (one query against a masked
+    cache, which XLA's version serves); elsewhere (e.g. sampling on a laptop
+    from a GPU-trained checkpoint) the same math runs on XLA's version."""
+    return cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu"
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t sees positions <= t only."""
 
@@ -112,6 +120,7 @@ class CausalSelfAttention(nn.Module):
                 v_BSHD,
                 mask=causal_TS[None, None] if decode else None,
                 is_causal=not decode,
+                implementation="cudnn" if use_cudnn(cfg, decode) else None,
             )
         y_BTC = dense(cfg, C, residual_init(cfg), "c_proj")(y_BTHD.reshape(B, T, C))
         return Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)

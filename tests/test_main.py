@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 from absl import flags
 from absl.testing import flagsaver
@@ -197,6 +198,13 @@ def test_bad_flags_end_in_one_clear_message(
             ["--attention=dot_product", "--dropout=0.1", "--dropout=0"],
         ),
         ({"top_p": 0.0}, ["--top_p=0.0"]),
+        pytest.param(
+            {"attention": "cudnn", "dropout": 0.0, "dtype": "bfloat16"},
+            ["--attention=cudnn needs an NVIDIA GPU", "cpu"],
+            marks=pytest.mark.skipif(
+                jax.default_backend() == "gpu", reason="a GPU runs cuDNN"
+            ),
+        ),
     ],
 )
 def test_speed_flags_end_in_one_clear_message(

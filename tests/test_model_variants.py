@@ -217,6 +217,24 @@ def test_dot_product_attention_with_dropout_is_refused():
     assert "--dropout=0" in str(e.value) and "--attention=einsum" in str(e.value)
 
 
+def test_cudnn_attention_needs_bfloat16_and_no_dropout():
+    with pytest.raises(ConfigError, match="--dtype=bfloat16"):
+        dataclasses.replace(CFG, attention="cudnn")
+    with pytest.raises(ConfigError, match="--attention=cudnn"):
+        dataclasses.replace(CFG, attention="cudnn", dtype="bfloat16", dropout=0.1)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs on a GPU")
+def test_cudnn_checkpoints_sample_off_the_gpu_with_xla_attention(params):
+    """Away from a GPU, --attention=cudnn models run jax.nn's XLA version."""
+    bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+    cfg = dataclasses.replace(bf16, attention="cudnn")
+    assert not model.use_cudnn(cfg, decode=False)
+    x_BT, _ = tokens(1)
+    logits = lambda c: jax.jit(model.make_model(c).apply)({"params": params}, x_BT)
+    chex.assert_trees_all_close(logits(cfg), logits(bf16), atol=0.05)
+
+
 @pytest.mark.parametrize(
     "kw,flag",
     [({"dtype": "float16"}, "--dtype"), ({"attention": "flash"}, "--attention")],
