@@ -54,6 +54,27 @@ def samples(stdout: str) -> list[str]:
     return [p.lstrip("\n") if i else p for i, p in enumerate(parts[:-1])]
 
 
+def assert_one_clear_message(overrides, words, tmp_path, corpus_path):
+    """main() on a tiny model with `overrides` exits with one line holding `words`."""
+    settings = {
+        "data_path": str(corpus_path),
+        "workdir": str(tmp_path / "new"),
+        "max_iters": 2,
+        "warmup_iters": 0,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "block_size": 16,
+        **overrides,
+    }
+    with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
+        main.main(["jaxgpt.main"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    for word in words:
+        assert word in message
+
+
 def test_train_checkpoint_and_sample(tmp_path, flagfile):
     done = run_main(f"--flagfile={flagfile}", "--max_new_tokens=77", "--prompt=ROMEO:")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -171,23 +192,7 @@ def test_bad_flags_end_in_one_clear_message(
             == 0
         )
         overrides = {**overrides, "workdir": str(tmp_path / "wd")}
-    settings = {
-        "data_path": str(corpus_path),
-        "workdir": str(tmp_path / "new"),
-        "max_iters": 2,
-        "warmup_iters": 0,
-        "n_layer": 1,
-        "n_head": 2,
-        "n_embd": 16,
-        "block_size": 16,
-    }
-    settings.update(overrides)
-    with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
-        main.main(["jaxgpt.main"])
-    message = str(exit_.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    for word in words:
-        assert word in message
+    assert_one_clear_message(overrides, words, tmp_path, corpus_path)
 
 
 @pytest.mark.parametrize(
@@ -210,23 +215,7 @@ def test_bad_flags_end_in_one_clear_message(
 def test_speed_flags_end_in_one_clear_message(
     overrides, words, tmp_path, parsed_flags, corpus_path
 ):
-    settings = {
-        "data_path": str(corpus_path),
-        "workdir": str(tmp_path / "new"),
-        "max_iters": 2,
-        "warmup_iters": 0,
-        "n_layer": 1,
-        "n_head": 2,
-        "n_embd": 16,
-        "block_size": 16,
-        **overrides,
-    }
-    with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
-        main.main(["jaxgpt.main"])
-    message = str(exit_.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    for word in words:
-        assert word in message
+    assert_one_clear_message(overrides, words, tmp_path, corpus_path)
 
 
 def test_gpu_flagfile_is_the_baby_gpt_in_bfloat16(parsed_flags, monkeypatch):
@@ -262,20 +251,4 @@ def test_gpu_flagfile_is_the_baby_gpt_in_bfloat16(parsed_flags, monkeypatch):
 def test_scale_flags_end_in_one_clear_message(
     overrides, words, tmp_path, parsed_flags, corpus_path
 ):
-    settings = {
-        "data_path": str(corpus_path),
-        "workdir": str(tmp_path / "new"),
-        "max_iters": 2,
-        "warmup_iters": 0,
-        "n_layer": 1,
-        "n_head": 2,
-        "n_embd": 16,
-        "block_size": 16,
-        **overrides,
-    }
-    with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
-        main.main(["jaxgpt.main"])
-    message = str(exit_.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    for word in words:
-        assert word in message
+    assert_one_clear_message(overrides, words, tmp_path, corpus_path)
