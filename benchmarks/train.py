@@ -36,11 +36,9 @@ def main(argv):
     model_cfg = jaxgpt_main.model_config(vocab_size=65)
     dtype = model_cfg.dtype
     # The peak first, while the machine is otherwise idle.
-    if _MEASURE.value:
-        peak = perf.measure_peak(dtype, _MATMUL_N.value)
-        source = f"measured: {_MATMUL_N.value}^3 {dtype} matmul"
-    else:
-        peak, source = perf.peak_flops(dtype, flags.FLAGS.peak_tflops, _MATMUL_N.value)
+    peak, source = perf.peak_flops(
+        dtype, flags.FLAGS.peak_tflops, _MATMUL_N.value, measure=_MEASURE.value
+    )
 
     # The training program of main.py: the same mesh, shardings and step.
     mesh = jaxgpt_main.make_mesh()
