@@ -3,7 +3,7 @@
   python benchmarks/compile.py
   python benchmarks/compile.py --bench_layers=6,12,24 --n_embd=768 --n_head=12
 
-For each depth, with and without scan_layers, times jax.jit(train_step)'s
+For each depth, with and without scan_layers, times the loop's train step's
 lower (tracing to StableHLO) and compile (XLA) for a fresh model, so nothing
 is cached. Width, heads and block size come from the model flags (defaults:
 the baby GPT, 384 wide, 6 heads, block 256); the batch is small because
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from jaxgpt import main as jaxgpt_main  # Defines the model flags.
-from jaxgpt import runtime, train
-from jaxgpt.config import TrainConfig
+from jaxgpt import sharding, train
+from jaxgpt.config import ModelConfig, TrainConfig
+from jaxgpt.speedups import keep_freed_memory
 
 _LAYERS = flags.DEFINE_list("bench_layers", ["6", "24"], "Depths to compile.")
 _BATCH = flags.DEFINE_integer("bench_batch", 4, "Sequences per step.")
@@ -29,11 +30,13 @@ _BATCH = flags.DEFINE_integer("bench_batch", 4, "Sequences per step.")
 
 def compile_times(model_cfg, batch_size: int) -> tuple[float, float]:
     """Seconds to lower and to compile one train step of `model_cfg`."""
-    state = jax.eval_shape(lambda: train.create_state(model_cfg, TrainConfig()))
+    train_cfg, mesh = TrainConfig(batch_size=batch_size), sharding.make_mesh()
+    state = train.abstract_state(model_cfg, train_cfg, mesh)
     x_BT = jax.ShapeDtypeStruct((batch_size, model_cfg.block_size), jnp.int32)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    root = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    step = train.make_train_step(model_cfg, train_cfg, mesh)  # The loop's step.
     t0 = time.perf_counter()
-    lowered = train.train_step.lower(state, x_BT, x_BT, key)
+    lowered = step.lower(state, x_BT, x_BT, root)
     t1 = time.perf_counter()
     lowered.compile()
     return t1 - t0, time.perf_counter() - t1
@@ -41,8 +44,8 @@ def compile_times(model_cfg, batch_size: int) -> tuple[float, float]:
 
 def main(argv):
     del argv
-    runtime.keep_freed_memory()
-    base = jaxgpt_main.model_config(vocab_size=65)
+    keep_freed_memory()
+    base = jaxgpt_main.from_flags(ModelConfig, vocab_size=65)
     print(
         f"train step, C={base.n_embd} H={base.n_head} T={base.block_size}"
         f" B={_BATCH.value}, {base.dtype}; {jax.devices()[0].device_kind}"

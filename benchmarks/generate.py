@@ -21,9 +21,10 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import generate, model, runtime
+from jaxgpt import generate, model, sharding, train
 from jaxgpt import main as jaxgpt_main  # Defines the model and sampling flags.
-from jaxgpt.config import ModelConfig, TrainConfig
+from jaxgpt.config import ModelConfig, SampleConfig
+from jaxgpt.speedups import keep_freed_memory
 
 _BATCHES = flags.DEFINE_list("bench_batch_sizes", ["1", "8"], "Rows sampled at once.")
 _NEW = flags.DEFINE_integer("bench_new_tokens", 500, "Tokens generated per row.")
@@ -32,23 +33,19 @@ _NEW = flags.DEFINE_integer("bench_new_tokens", 500, "Tokens generated per row."
 def load_model():
     """(model config, params): the checkpoint in --workdir if given, else random."""
     if not flags.FLAGS["workdir"].present:
-        cfg = jaxgpt_main.model_config(vocab_size=65)
+        cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=65)
         return cfg, model.init_params(cfg, jax.random.PRNGKey(0))
-    checkpointer = ckpt.Checkpointer(flags.FLAGS.workdir)
-    meta = checkpointer.read_meta()
-    cfg = ModelConfig(**meta["model"])
-    state = jaxgpt_main.restore_state(
-        checkpointer, cfg, TrainConfig(**meta["train"]), jaxgpt_main.make_mesh()
-    )
-    checkpointer.close()
-    return cfg, state.params
+    with ckpt.Checkpointer(flags.FLAGS.workdir) as checkpointer:
+        cfg = ModelConfig(**checkpointer.read_meta()["model"])
+        target = train.abstract_params(cfg, sharding.make_mesh())
+        return cfg, checkpointer.restore_params(target)
 
 
 def main(argv):
     del argv
-    runtime.keep_freed_memory()
+    keep_freed_memory()
     cfg, params = load_model()
-    sampling = jaxgpt_main.sample_config()
+    sampling = jaxgpt_main.from_flags(SampleConfig)
     apply_fn = model.make_model(cfg).apply
     N, key = _NEW.value, jax.random.PRNGKey(0)
     print(
@@ -71,7 +68,7 @@ def main(argv):
                 block_size=cfg.block_size,
                 max_new_tokens=N,
                 temperature=float(sampling.temperature),
-                top_k=sampling.top_k,
+                top_k=sampling.top_k or None,
                 top_p=sampling.top_p if sampling.top_p < 1.0 else None,
                 kv_cache=kv_cache,
             ).compile()

@@ -3,23 +3,29 @@
   python benchmarks/train.py --flagfile=experiments/shakespeare_cpu.cfg
   python benchmarks/train.py --flagfile=experiments/shakespeare.cfg --peak_tflops=989
 
-Model FLOPs per token are 6N + 12*L*C*T with N the non-embedding parameters
-(PaLM's accounting, as nanoGPT's MFU); MFU divides the achieved FLOP/s by a
-peak (jaxgpt/perf.py): on a CPU it is measured in this run (a large jitted
-matmul in the run's dtype); on a known accelerator it is the data sheet's
-figure; --peak_tflops gives it. Uses random tokens: no corpus.
+Runs the program the training loop runs: the same mesh, train.make_train_step
+and train.make_batches (host batches from the batch stream), on random tokens
+(no corpus needed). Model FLOPs per token are 6N + 12*L*C*T with N the
+non-embedding parameters (PaLM's accounting, as nanoGPT's MFU); MFU is
+perf.mfu against a peak from jaxgpt/perf.py: measured in this run on a CPU (a
+large jitted matmul in the run's dtype), the data sheet's for a known
+accelerator, or --peak_tflops.
 """
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 
 import jax
+import numpy as np
 from absl import app, flags
 
-from jaxgpt import main as jaxgpt_main  # Defines the model and training flags.
-from jaxgpt import model, perf, runtime, sharding, train
+from jaxgpt import main as jaxgpt_main  # Defines the flags.
+from jaxgpt import model, perf, sharding, streams, train
+from jaxgpt.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
+from jaxgpt.speedups import keep_freed_memory
 
 _STEPS = flags.DEFINE_integer("bench_steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("bench_warmup", 5, "Untimed steps after compiling.")
@@ -29,60 +35,67 @@ _MEASURE = flags.DEFINE_bool(
 _MATMUL_N = flags.DEFINE_integer("peak_matmul_n", 2048, "Size of the peak matmul.")
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main(argv):
     del argv
-    runtime.keep_freed_memory()
-    train_cfg = jaxgpt_main.train_config()
-    model_cfg = jaxgpt_main.model_config(vocab_size=65)
-    dtype = model_cfg.dtype
+    keep_freed_memory()
+    run, mesh_cfg = (
+        jaxgpt_main.from_flags(RunConfig),
+        jaxgpt_main.from_flags(MeshConfig),
+    )
+    train_cfg = jaxgpt_main.from_flags(TrainConfig)
+    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=65)
     # The peak first, while the machine is otherwise idle.
     peak, source = perf.peak_flops(
-        dtype, flags.FLAGS.peak_tflops, _MATMUL_N.value, measure=_MEASURE.value
+        model_cfg.dtype, run.peak_tflops, _MATMUL_N.value, measure=_MEASURE.value
     )
 
-    # The training program of main.py: the same mesh, shardings and step.
-    mesh = jaxgpt_main.make_mesh()
+    mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
     B, T = train_cfg.batch_size, model_cfg.block_size
-    sharding.check_batch(B, train_cfg.grad_accum_steps, mesh)
-    state = train.create_state(model_cfg, train_cfg, mesh)
-    step = train.make_train_step(
-        mesh, sharding.state_shardings(state, mesh), train_cfg.grad_accum_steps
-    )
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (100 * T,), 0, 65)
-    x, y = train.make_get_batch(mesh, B, T)(jax.random.PRNGKey(1), tokens)
-    key = jax.random.PRNGKey(2)
+    root = streams.root(run.seed)
+    state = train.create_state(model_cfg, train_cfg, root, mesh)
+    step = train.make_train_step(model_cfg, train_cfg, mesh)
+    tokens = np.random.default_rng(0).integers(0, 65, 100 * T).astype(np.int32)
+    batches = train.make_batches(tokens, root, B, T, mesh)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, x, y, key).compile()
+    compiled = step.lower(state, *batches(0), root).compile()
     compile_s = time.perf_counter() - t0
     for i in range(_WARMUP.value):
-        state, metrics = compiled(state, x, y, jax.random.fold_in(key, i))
+        state, metrics = compiled(state, *batches(i), root)
     jax.block_until_ready(metrics)
     times = []
-    for i in range(_STEPS.value):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, x, y, jax.random.fold_in(key, i))
+    for i in range(_WARMUP.value, _WARMUP.value + _STEPS.value):
+        t0 = time.perf_counter()  # A step as the loop runs it: its batch included.
+        state, metrics = compiled(state, *batches(i), root)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
 
     flops_token = model.flops_per_token(model_cfg)
     tokens_s = B * T / step_s
-    achieved = flops_token * tokens_s
     n_params = model.count_params(state.params)
+    shape = (
+        f"L={model_cfg.n_layer} H={model_cfg.n_head} C={model_cfg.n_embd} T={T} B={B}"
+        f" dropout={model_cfg.dropout} {model_cfg.dtype} ({n_params:,} params)"
+    )
     rows = [
         (
-            "devices",
-            f"{mesh.size} x {jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}",
+            "machine",
+            f"{cpu_name()}, {jax.local_device_count()} x {jax.devices()[0].device_kind}",
         ),
-        (
-            "model",
-            (
-                f"L={model_cfg.n_layer} H={model_cfg.n_head} C={model_cfg.n_embd}"
-                f" T={T} B={B} dropout={model_cfg.dropout} {dtype}"
-                f" ({n_params:,} params)"
-            ),
-        ),
+        ("mesh", str(dict(mesh.shape))),
+        ("model", shape),
         ("compile (cold)", f"{compile_s:.2f} s"),
         ("ms/step (median)", f"{1e3 * step_s:.2f} (best {1e3 * min(times):.2f})"),
         ("tokens/s", f"{tokens_s:,.0f}"),
@@ -90,7 +103,7 @@ def main(argv):
             "model FLOPs/token",
             f"{flops_token / 1e6:.2f} M (6N + 12LCT, N = non-embedding params)",
         ),
-        ("achieved", f"{achieved / 1e9:.1f} GFLOP/s"),
+        ("achieved", f"{flops_token * tokens_s / 1e9:.1f} GFLOP/s"),
         ("peak", f"{peak / 1e9:.1f} GFLOP/s per device ({source})"),
         ("MFU", f"{100 * perf.mfu(flops_token, tokens_s, peak, mesh.size):.1f}%"),
     ]

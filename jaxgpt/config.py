@@ -1,55 +1,135 @@
-"""Frozen configuration dataclasses, validated on construction.
+"""Every option of jaxgpt, defined once: frozen dataclasses validated on construction.
 
-Every module takes one of these and arrays; only `main.py` reads flags. A bad
-value raises `ConfigError` naming the flag and how to fix it.
+A field with help text is a command-line flag of the same name (main.py makes
+the flags from these fields: type, default and help come from here and nowhere
+else; a `Literal` type lists the flag's choices). A bad value raises
+`ConfigError` naming the flag and how to fix it. Every module takes the config
+it needs and arrays; only main.py reads flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import typing
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
     """A configuration value the user must change (the message names the flag)."""
 
 
-def _require_positive(**values: float) -> None:
+def option(default: Any, help: str) -> Any:
+    """A field that is also a command-line flag: its default and its help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """The (field, resolved type) pairs of `cls` that are command-line flags."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def check_choices(config: Any) -> None:
+    """Every `Literal` field holds one of its choices."""
+    for field, hint in flag_fields(type(config)):
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        value = getattr(config, field.name)
+        if choices and value not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise ConfigError(
+                f"--{field.name}={value!r} is unknown: use one of {shown}."
+            )
+
+
+def require_positive(**values: float) -> None:
     for name, value in values.items():
         if value <= 0:
             raise ConfigError(f"--{name}={value} must be positive.")
 
 
 @dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What to do, where, and from which seed."""
+
+    mode: Literal["train", "sample"] = option(
+        "train",
+        "train (resumes from --workdir if it holds a checkpoint),"
+        " or sample from the checkpoint in --workdir.",
+    )
+    workdir: str = option("out", "Checkpoints, metrics.jsonl and the run's meta.")
+    overwrite: bool = option(
+        False, "Delete the checkpoints in --workdir and start afresh."
+    )
+    seed: int = option(
+        1337, "Root of every random stream: init, batches, dropout, evals, sampling."
+    )
+    peak_tflops: float | None = option(
+        None,
+        "Peak TFLOP/s of one device, for the MFU in the log. Default: the data"
+        " sheet's for a known GPU/TPU (jaxgpt/perf.py), else measured with a matmul.",
+    )
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.peak_tflops is not None:
+            require_positive(peak_tflops=self.peak_tflops)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the corpus comes from."""
+
+    data_path: str | None = option(
+        None,
+        "Corpus text file. Default: $JAXGPT_DATA_DIR/tinyshakespeare/input.txt,"
+        " the cache, or a download.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The network: nanoGPT's GPT, or the bigram baseline."""
 
-    vocab_size: int
-    block_size: int = 256  # T: the longest context the model sees.
-    n_layer: int = 6  # L
-    n_head: int = 6  # H
-    n_embd: int = 384  # C; head size D = C // H.
-    dropout: float = 0.0
-    bias: bool = True  # Biases in Dense and LayerNorm layers.
-    model: str = "gpt"  # "gpt" or "bigram".
+    vocab_size: int  # V: set by the tokenizer, not a flag.
+    model: Literal["gpt", "bigram"] = option("gpt", "Architecture.")
+    block_size: int = option(256, "T: context length in tokens.")
+    n_layer: int = option(6, "L: transformer blocks.")
+    n_head: int = option(6, "H: attention heads per block.")
+    n_embd: int = option(384, "C: embedding width (divisible by n_head).")
+    dropout: float = option(0.0, "Dropout rate while training.")
+    bias: bool = option(
+        False, "Biases in Dense and LayerNorm layers (nanoGPT trains without)."
+    )
     # How the same network computes (none of these changes the math):
-    dtype: str = "float32"  # Compute dtype, "float32" or "bfloat16"; params float32.
-    remat: bool = False  # Recompute each block's activations in the backward pass.
-    scan_layers: bool = False  # nn.scan over the blocks: params stacked on an L axis.
-    attention: str = "einsum"  # "einsum", "dot_product" (jax.nn's) or "cudnn".
+    dtype: Literal["float32", "bfloat16"] = option(
+        "float32",
+        "Compute dtype of the blocks; parameters, softmax, logits and loss stay"
+        " float32.",
+    )
+    remat: bool = option(
+        False, "Recompute each block's activations in the backward pass."
+    )
+    scan_layers: bool = option(
+        False,
+        "nn.scan over the blocks: compile time flat in n_layer (parameters stacked"
+        " on a layer axis, so checkpoints differ).",
+    )
+    attention: Literal["einsum", "dot_product", "cudnn"] = option(
+        "einsum",
+        "einsum (the math, spelled out), jax.nn.dot_product_attention (XLA's), or"
+        " cudnn (its cuDNN flash attention: NVIDIA GPU, bfloat16). The last two have"
+        " no attention dropout.",
+    )
 
     def __post_init__(self):
-        _require_positive(
+        check_choices(self)
+        require_positive(
             vocab_size=self.vocab_size,
             block_size=self.block_size,
             n_layer=self.n_layer,
             n_head=self.n_head,
             n_embd=self.n_embd,
         )
-        if self.model not in ("gpt", "bigram"):
-            raise ConfigError(
-                f"--model={self.model!r} is unknown: use 'gpt' or 'bigram'."
-            )
         if self.n_embd % self.n_head:
             lo = self.n_embd - self.n_embd % self.n_head
             raise ConfigError(
@@ -59,15 +139,6 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout={self.dropout} must be in [0, 1).")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(
-                f"--dtype={self.dtype!r} is unknown: use 'float32' or 'bfloat16'."
-            )
-        if self.attention not in ("einsum", "dot_product", "cudnn"):
-            raise ConfigError(
-                f"--attention={self.attention!r} is unknown: use 'einsum',"
-                " 'dot_product' or 'cudnn'."
-            )
         if self.attention != "einsum" and self.dropout > 0:
             raise ConfigError(
                 f"--attention={self.attention} has no dropout on the attention"
@@ -102,29 +173,34 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, evaluation, logging and checkpointing."""
+    """Optimisation, evaluation and logging."""
 
-    workdir: str = "out"
-    batch_size: int = 64  # B: sequences per step, over all devices and hosts.
-    grad_accum_steps: int = 1  # Micro-batches per step (each B / this rows).
-    max_iters: int = 5000  # The schedule's length: training ends here.
-    stop_at: int | None = None  # Stop early at this step (schedule unchanged).
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # Defaults to max_iters.
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # Global-norm clip; 0 disables.
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 10
-    seed: int = 1337
-    overwrite: bool = False  # Start afresh even if workdir holds a checkpoint.
+    batch_size: int = option(64, "B: sequences per step, over all devices and hosts.")
+    grad_accum_steps: int = option(
+        1, "Micro-batches per step (--batch_size a multiple of it)."
+    )
+    max_iters: int = option(5000, "The schedule's length: training ends here.")
+    stop_at: int | None = option(
+        None,
+        "Stop (and checkpoint) at this step without changing the schedule; rerun"
+        " to resume.",
+    )
+    learning_rate: float = option(1e-3, "Peak learning rate.")
+    min_lr: float = option(1e-4, "Learning rate at the end of the decay.")
+    warmup_iters: int = option(100, "Linear warmup steps.")
+    lr_decay_iters: int | None = option(
+        None, "Cosine decay length (default: --max_iters)."
+    )
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only).")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.99, "AdamW beta2.")
+    grad_clip: float = option(1.0, "Global-norm gradient clip (0: off).")
+    eval_interval: int = option(250, "Steps between evaluations and checkpoints.")
+    eval_iters: int = option(200, "Batches per evaluation estimate.")
+    log_interval: int = option(10, "Steps between log lines.")
 
     def __post_init__(self):
-        _require_positive(
+        require_positive(
             batch_size=self.batch_size,
             grad_accum_steps=self.grad_accum_steps,
             max_iters=self.max_iters,
@@ -163,22 +239,34 @@ class TrainConfig:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("--beta1 and --beta2 must lie in [0, 1).")
 
+    @property
+    def end_step(self) -> int:
+        """Where this invocation stops: --stop_at, else --max_iters."""
+        return self.stop_at or self.max_iters
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """Text generation from a trained model."""
+    """Text generation from a trained model (its key: the run's sample stream)."""
 
-    prompt: str = "\n"
-    max_new_tokens: int = 500
-    temperature: float = 0.8  # 0 means greedy (argmax).
-    top_k: int | None = 200  # Keep the k most likely tokens; None keeps all.
-    top_p: float = 1.0  # Keep the likeliest tokens holding this much mass; 1: all.
-    num_samples: int = 1
-    seed: int = 1337
-    kv_cache: bool = True  # False re-runs the model on the whole window per token.
+    checkpoint: Literal["latest", "best"] = option(
+        "latest", "Which checkpoint --mode=sample reads."
+    )
+    prompt: str = option("\n", "Text the samples continue.")
+    max_new_tokens: int = option(500, "Tokens to generate.")
+    temperature: float = option(0.8, "Sampling temperature (0: greedy).")
+    top_k: int = option(200, "Sample among the k likeliest tokens (0: all).")
+    top_p: float = option(
+        1.0, "Sample among the likeliest tokens holding this mass (1: all)."
+    )
+    num_samples: int = option(1, "Samples to draw.")
+    kv_cache: bool = option(
+        True, "Cache keys/values while sampling (no: re-run the window per token)."
+    )
 
     def __post_init__(self):
-        _require_positive(
+        check_choices(self)
+        require_positive(
             max_new_tokens=self.max_new_tokens, num_samples=self.num_samples
         )
         if not self.prompt:
@@ -190,12 +278,56 @@ class SampleConfig:
             raise ConfigError(
                 f"--temperature={self.temperature} must be >= 0 (0 samples greedily)."
             )
-        if self.top_k is not None and self.top_k <= 0:
+        if self.top_k < 0:
             raise ConfigError(
-                f"top_k={self.top_k} must be positive, or None to keep all tokens"
-                " (on the command line --top_k=0 keeps all)."
+                f"--top_k={self.top_k} must be >= 0 (0 keeps all tokens)."
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(
                 f"--top_p={self.top_p} must lie in (0, 1] (1 keeps all tokens)."
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Devices and hosts: the (data, fsdp) mesh and a multi-process run."""
+
+    mesh_data: int | None = option(
+        None, "Data-parallel axis of the device mesh (default: devices / fsdp)."
+    )
+    mesh_fsdp: int = option(
+        1, "FSDP axis: devices that split the parameters and optimizer state."
+    )
+    coordinator_address: str | None = option(
+        None,
+        "host:port of process 0, for a run over several processes or hosts; with"
+        " --num_processes and --process_id.",
+    )
+    num_processes: int | None = option(None, "Processes in the run.")
+    process_id: int | None = option(None, "This process: 0 .. num_processes - 1.")
+
+    def __post_init__(self):
+        if self.mesh_fsdp < 1 or (self.mesh_data is not None and self.mesh_data < 1):
+            raise ConfigError(
+                f"--mesh_data={self.mesh_data} and --mesh_fsdp={self.mesh_fsdp} must"
+                " be >= 1."
+            )
+        given = (self.coordinator_address, self.num_processes, self.process_id)
+        if any(v is None for v in given) and not all(v is None for v in given):
+            raise ConfigError(
+                "--coordinator_address, --num_processes and --process_id go together:"
+                " give all three (the same address and count to every process, ids"
+                " 0 .. num_processes - 1), or none for a single process."
+            )
+        if self.multi_process and not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(
+                f"--process_id={self.process_id} must lie in [0, --num_processes"
+                f"={self.num_processes})."
+            )
+
+    @property
+    def multi_process(self) -> bool:
+        return self.coordinator_address is not None
+
+
+ALL = (RunConfig, DataConfig, ModelConfig, TrainConfig, SampleConfig, MeshConfig)

@@ -1,8 +1,9 @@
 """The corpus and batches: find or download tiny shakespeare, split, get_batch.
 
-`get_batch` is pure: the batch for training step s is
-`get_batch(batch_key(seed, s), ...)`, so a resumed run sees exactly the
-batches an uninterrupted one would.
+`get_batch` is pure: the batch of training step s is drawn by the generator
+`streams.host_rng(batch_stream, s)`, a function of (seed, s) only, so a
+resumed run sees exactly the batches an uninterrupted one would. This module
+needs numpy only (micrograd's bigram uses it too).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import hashlib
 import os
 import tempfile
 import urllib.request
-from functools import partial
 from pathlib import Path
 
-import jax
 import numpy as np
 
 TINYSHAKESPEARE_URL = (
@@ -66,7 +65,7 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     return dest
 
 
-def find_corpus(data_path: str | None = None, *, allow_download: bool = True) -> Path:
+def find_corpus(data_path: str | None = None) -> Path:
     """Finds tiny shakespeare: --data_path, $JAXGPT_DATA_DIR, the cache, the web."""
     if data_path:
         path = Path(data_path).expanduser()
@@ -80,8 +79,6 @@ def find_corpus(data_path: str | None = None, *, allow_download: bool = True) ->
     cached = cache_dir() / RELATIVE_PATH
     if cached.is_file() and sha256_of(cached) == TINYSHAKESPEARE_SHA256:
         return cached
-    if not allow_download:
-        raise DataError(f"tiny shakespeare not found (looked in {cached}).")
     return download(TINYSHAKESPEARE_URL, cached, TINYSHAKESPEARE_SHA256)
 
 
@@ -106,16 +103,20 @@ def check_long_enough(n_tokens: int, block_size: int, what: str) -> None:
         )
 
 
-def batch_key(seed: int, step) -> jax.Array:
-    """The key of the training batch at `step`: a function of (seed, step) only."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+def get_batch(
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    batch_size: int,
+    block_size: int,
+    rows: slice = slice(None),
+) -> tuple[np.ndarray, np.ndarray]:
+    """`batch_size` random windows: x_BT = tokens[i:i+T], y_BT = x shifted by 1.
 
-
-@partial(jax.jit, static_argnames=("batch_size", "block_size"))
-def get_batch(key: jax.Array, tokens: jax.Array, batch_size: int, block_size: int):
-    """Samples `batch_size` random windows: x_BT = tokens[i:i+T], y_BT = x shifted by 1."""
-    n = tokens.shape[0]
-    start_B = jax.random.randint(key, (batch_size,), 0, n - block_size)
-    window = lambda i: jax.lax.dynamic_slice(tokens, (i,), (block_size + 1,))
-    xy_BT1 = jax.vmap(window)(start_B)  # [B, T+1]
+    All the windows' starts are drawn, but only `rows` of them are read (each
+    process of a multi-host run reads its own devices' rows of the same batch).
+    Reading only the windows, `tokens` may be a memory-mapped file.
+    """
+    start_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    xy_BT1 = np.stack([tokens[i : i + block_size + 1] for i in start_B[rows]])
+    xy_BT1 = xy_BT1.astype(np.int32)
     return xy_BT1[:, :-1], xy_BT1[:, 1:]

@@ -1,7 +1,9 @@
 """Sampling: one jitted program draws all new tokens (compiled once per call shape).
 
-The tokens live in a fixed buffer of length P + N (prompt + new); token t is
-drawn with the key fold_in(key, t). Two ways give the logits for token t:
+Shapes are suffixes: B rows, P prompt tokens, N new tokens, A = P + N all of
+them, V vocabulary; S = block_size is the cache's length. The tokens live in a
+fixed buffer buf_BA; token t is drawn with the key fold_in(key, t). Two ways
+give the logits for token t:
 
 With the KV cache (the default), the prompt (its last block_size tokens) is
 encoded in one forward pass, a "prefill", that keeps every layer's keys and
@@ -113,24 +115,24 @@ def generate(
     token was drawn from (before temperature, top-k and top-p).
     """
     B, P = prompt_BP.shape
-    total = P + max_new_tokens
+    A = P + max_new_tokens
     S, K = block_size, max(1, block_size // 2)  # Cache length; tokens kept when full.
     variables = {"params": params}
     V = jax.eval_shape(lambda: apply_fn(variables, prompt_BP[:, :1])).shape[-1]
 
     def draw(t, logits_BV, carry):  # Writes token t (and its logits).
-        buf_BS, logits_BNV = carry
+        buf_BA, logits_BNV = carry
         next_B = sample_logits(
             jax.random.fold_in(key, t), logits_BV, temperature, top_k, top_p
         )
-        buf_BS = buf_BS.at[:, t].set(next_B.astype(jnp.int32))
+        buf_BA = buf_BA.at[:, t].set(next_B.astype(jnp.int32))
         if return_logits:
             logits_BNV = logits_BNV.at[:, t - P].set(logits_BV)
-        return buf_BS, logits_BNV
+        return buf_BA, logits_BNV
 
     def window_step(t, carry):  # No cache: re-run the model on the last W tokens.
-        W = min(S, total)
-        start = jnp.clip(t - W, 0, total - W)
+        W = min(S, A)
+        start = jnp.clip(t - W, 0, A - W)
         window_BW = jax.lax.dynamic_slice(carry[0], (0, start), (B, W))
         logits_BWV = apply_fn(variables, window_BW, deterministic=True)
         logits_BV = jax.lax.dynamic_index_in_dim(
@@ -138,13 +140,13 @@ def generate(
         )
         return draw(t, logits_BV, carry)
 
-    def prefill(t, n, buf_BS):  # The n tokens before t, at positions 0 .. n-1.
-        window_Bn = jax.lax.dynamic_slice(buf_BS, (0, t - n), (B, n))
+    def prefill(t, n, buf_BA):  # The n tokens before t, at positions 0 .. n-1.
+        window_Bn = jax.lax.dynamic_slice(buf_BA, (0, t - n), (B, n))
         logits_BnV, new = apply_fn(variables, window_Bn, decode=True, mutable="cache")
         return logits_BnV[:, -1], new.get("cache", {})
 
-    def extend(t, buf_BS, cache):  # Token t - 1, at the cache's next position.
-        token_B1 = jax.lax.dynamic_slice(buf_BS, (0, t - 1), (B, 1))
+    def extend(t, buf_BA, cache):  # Token t - 1, at the cache's next position.
+        token_B1 = jax.lax.dynamic_slice(buf_BA, (0, t - 1), (B, 1))
         logits_B1V, new = apply_fn(
             {**variables, "cache": cache}, token_B1, decode=True, mutable="cache"
         )
@@ -161,39 +163,49 @@ def generate(
             logits_BV, cache = extend(u, carry[0], cache)
             return draw(u, logits_BV, carry), cache
 
-        end = jnp.minimum(total, t + 1 + S - n)  # The cache then holds S tokens.
+        end = jnp.minimum(A, t + 1 + S - n)  # The cache then holds S tokens.
         carry, _ = jax.lax.fori_loop(t + 1, end, step, (carry, cache))
         return carry
 
-    buf_BS = jnp.zeros((B, total), jnp.int32).at[:, :P].set(prompt_BP)
+    buf_BA = jnp.zeros((B, A), jnp.int32).at[:, :P].set(prompt_BP)
     logits_BNV = jnp.zeros((B, max_new_tokens, V)) if return_logits else None
-    carry = (buf_BS, logits_BNV)
+    carry = (buf_BA, logits_BNV)
     if not kv_cache:
-        carry = jax.lax.fori_loop(P, total, window_step, carry)
+        carry = jax.lax.fori_loop(P, A, window_step, carry)
     else:  # The prompt's segment, then refills of K tokens until the buffer is full.
         carry = segment(P, min(P, S), carry)
         first, length = P + 1 + S - min(P, S), S - K + 1  # Tokens per refill.
-        refills = -(-(total - first) // length)  # Rounded up; <= 0 if never full.
+        refills = -(-(A - first) // length)  # Rounded up; <= 0 if never full.
         if refills > 0:
             carry = jax.lax.fori_loop(
                 0, refills, lambda i, c: segment(first + i * length, K, c), carry
             )
-    buf_BS, logits_BNV = carry
-    return (buf_BS, logits_BNV) if return_logits else buf_BS
+    buf_BA, logits_BNV = carry
+    return (buf_BA, logits_BNV) if return_logits else buf_BA
 
 
-def sample(apply_fn, params, model_cfg: ModelConfig, prompt_ids, cfg: SampleConfig):
-    """Returns [num_samples, len(prompt) + max_new_tokens] token ids for one prompt."""
+def sample(
+    apply_fn,
+    params,
+    model_cfg: ModelConfig,
+    prompt_ids,
+    cfg: SampleConfig,
+    key: jax.Array,
+) -> jax.Array:
+    """[num_samples, len(prompt) + max_new_tokens] token ids continuing one prompt.
+
+    `key` is the run's sample stream (streams.stream(root, "sample")).
+    """
     prompt_BP = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (cfg.num_samples, 1))
     return generate(
         apply_fn,
         params,
         prompt_BP,
-        jax.random.PRNGKey(cfg.seed),
+        key,
         block_size=model_cfg.block_size,
         max_new_tokens=cfg.max_new_tokens,
         temperature=float(cfg.temperature),
-        top_k=cfg.top_k,
+        top_k=cfg.top_k or None,
         top_p=float(cfg.top_p) if cfg.top_p < 1.0 else None,
         kv_cache=cfg.kv_cache,
     )

@@ -15,7 +15,9 @@ Options (ModelConfig) that leave the math unchanged:
 - attention: the einsum below, or jax.nn.dot_product_attention (XLA's, or
   "cudnn": cuDNN's flash attention on an NVIDIA GPU, in bfloat16).
 `decode=True` runs the model on the next tokens of a sequence whose keys and
-values so far sit in the "cache" collection (see generate.py).
+values so far sit in the "cache" collection (see generate.py); GPT keeps the
+one position counter and hands each block the position `start` of its tokens.
+Dense and Dropout come from speedups.py: Flax's own, computed faster on a CPU.
 """
 
 from __future__ import annotations
@@ -28,59 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgpt import rng
 from jaxgpt.config import ModelConfig
-
-init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2 initialisation.
-
-
-def residual_init(config: ModelConfig):
-    """GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L)."""
-    return nn.initializers.normal(stddev=0.02 / math.sqrt(2 * config.n_layer))
-
-
-class Dense(nn.Dense):
-    """nn.Dense on the rows of x_...C: one 2-D [N, C] matmul, N = all leading axes.
-
-    The same parameters and math as nn.Dense. On a 3-D [B, T, C] input, XLA's
-    CPU backend lays out the backward pass's [B*T, 4C] MLP gradient transposed
-    for the weight-gradient matmul, a slow strided copy; on 2-D it doesn't
-    (measured: 30 -> 21 ms/step on the CPU recipe, see benchmarks/README.md).
-    """
-
-    def __call__(self, x_NC: jax.Array) -> jax.Array:
-        *lead, C = x_NC.shape
-        return super().__call__(x_NC.reshape(-1, C)).reshape(*lead, self.features)
-
-
-def dense(cfg: ModelConfig, features: int, kernel_init, name: str) -> Dense:
-    """A Dense layer that computes in cfg.dtype; its parameters stay float32."""
-    return Dense(
-        features,
-        use_bias=cfg.bias,
-        kernel_init=kernel_init,
-        dtype=jnp.dtype(cfg.dtype),
-        name=name,
-    )
-
-
-class Dropout(nn.Module):
-    """nn.Dropout's semantics, with masks from jaxgpt.rng (fused Threefry bits)."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        return rng.dropout(self.make_rng("dropout"), x, self.rate)
-
-
-def use_cudnn(cfg: ModelConfig, decode: bool) -> bool:
-    """--attention=cudnn on a GPU, outside decoding (one query against a masked
-    cache, which XLA's version serves); elsewhere (e.g. sampling on a laptop
-    from a GPU-trained checkpoint) the same math runs on XLA's version."""
-    return cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu"
+from jaxgpt.speedups import Dense, Dropout
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,17 +41,16 @@ class CausalSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False
+        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False, start=0
     ) -> jax.Array:
         cfg = self.config
         B, T, C = x_BTC.shape
         H, D = cfg.n_head, cfg.head_dim
         qkv_BT3C = dense(cfg, 3 * C, init_normal, "c_attn")(x_BTC)
         q_BTHD, k_BSHD, v_BSHD = jnp.split(qkv_BT3C.reshape(B, T, 3 * H, D), 3, axis=2)
-        q_pos_T = jnp.arange(T)  # Positions of the queries (and, below, the keys).
-        if decode:  # Append k, v to the cache; attend to everything cached so far.
-            k_BSHD, v_BSHD, start = self.append_to_cache(k_BSHD, v_BSHD)
-            q_pos_T = start + q_pos_T
+        if decode:  # The keys and values so far come from the cache; these join them.
+            k_BSHD, v_BSHD = self.append_to_cache(k_BSHD, v_BSHD, start)
+        q_pos_T = start + jnp.arange(T)  # Positions of the queries (keys: 0 .. S-1).
         causal_TS = q_pos_T[:, None] >= jnp.arange(k_BSHD.shape[1])[None, :]
         if cfg.attention == "einsum":
             # Scaled dot-product scores; 1/sqrt(D) keeps their variance near 1.
@@ -125,27 +75,21 @@ class CausalSelfAttention(nn.Module):
         y_BTC = dense(cfg, C, residual_init(cfg), "c_proj")(y_BTHD.reshape(B, T, C))
         return Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)
 
-    def append_to_cache(self, k_BTHD: jax.Array, v_BTHD: jax.Array):
-        """Writes k, v at the cache index; returns the whole cache and that index.
+    def append_to_cache(self, k_BTHD: jax.Array, v_BTHD: jax.Array, start):
+        """Writes k, v at positions start .. start + T - 1 of the cache; returns it all.
 
-        The cache holds block_size positions; slots past the index hold zeros or
-        stale values that the causal mask hides. Callers keep the index + T
-        within block_size (generate.py does).
+        The cache holds block_size positions; slots past start + T hold zeros or
+        stale values that the causal mask hides. Callers keep start + T within
+        block_size (generate.py does).
         """
-        B, T, H, D = k_BTHD.shape
+        B, _, H, D = k_BTHD.shape
         shape_BSHD = (B, self.config.block_size, H, D)
         k_cache = self.variable("cache", "k", jnp.zeros, shape_BSHD, k_BTHD.dtype)
         v_cache = self.variable("cache", "v", jnp.zeros, shape_BSHD, v_BTHD.dtype)
-        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
-        start = index.value
-        k_cache.value = jax.lax.dynamic_update_slice(
-            k_cache.value, k_BTHD, (0, start, 0, 0)
-        )
-        v_cache.value = jax.lax.dynamic_update_slice(
-            v_cache.value, v_BTHD, (0, start, 0, 0)
-        )
-        index.value = start + T
-        return k_cache.value, v_cache.value, start
+        at = (0, start, 0, 0)
+        k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BTHD, at)
+        v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BTHD, at)
+        return k_cache.value, v_cache.value
 
 
 class MLP(nn.Module):
@@ -169,14 +113,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False
+        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False, start=0
     ) -> jax.Array:
         cfg = self.config
         ln = lambda name: nn.LayerNorm(
             epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), name=name
         )
         x_BTC = x_BTC + CausalSelfAttention(cfg, name="attn")(
-            ln("ln_1")(x_BTC), deterministic, decode
+            ln("ln_1")(x_BTC), deterministic, decode, start
         )
         x_BTC = x_BTC + MLP(cfg, name="mlp")(ln("ln_2")(x_BTC), deterministic)
         return x_BTC
@@ -186,9 +130,9 @@ class ScannedBlock(Block):
     """A Block with nn.scan's signature: (carry, x) -> (carry, output)."""
 
     def __call__(
-        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False
+        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False, start=0
     ) -> tuple[jax.Array, None]:
-        return super().__call__(x_BTC, deterministic, decode), None
+        return super().__call__(x_BTC, deterministic, decode, start), None
 
 
 class GPT(nn.Module):
@@ -206,7 +150,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence length {T} exceeds block_size {cfg.block_size}."
             )
-        start = 0
+        start = 0  # The position of idx_BT's first token.
         if decode:  # These tokens continue the ones already in the cache.
             index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
             start, index.value = index.value, index.value + T
@@ -222,18 +166,18 @@ class GPT(nn.Module):
         if cfg.remat:  # Keep only each block's input; recompute the rest for grads.
             block = nn.remat(
                 block, static_argnums=(2, 3), prevent_cse=not cfg.scan_layers
-            )  # Arguments (self, x, deterministic, decode): the flags are static.
+            )  # Arguments (self, x, deterministic, decode, start): flags static.
         if cfg.scan_layers:
             x_BTC, _ = nn.scan(
                 block,
                 variable_axes={"params": 0, "cache": 0, "intermediates": 0},  # On L.
                 split_rngs={"params": True, "dropout": True},  # Own init and masks.
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layer,
-            )(cfg, name="h")(x_BTC, deterministic, decode)
+            )(cfg, name="h")(x_BTC, deterministic, decode, start)
         else:
             for i in range(cfg.n_layer):
-                x_BTC = block(cfg, name=f"h_{i}")(x_BTC, deterministic, decode)
+                x_BTC = block(cfg, name=f"h_{i}")(x_BTC, deterministic, decode, start)
         x_BTC = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, name="ln_f")(x_BTC)
         B, T, C = x_BTC.shape  # Tied to the token embedding; rows as in Dense.
         return wte.attend(x_BTC.reshape(B * T, C)).reshape(B, T, -1)  # float32
@@ -258,6 +202,14 @@ class Bigram(nn.Module):
         return table(idx_BT)  # logits_BTV
 
 
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy, computed in float32."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV, targets_BT
+    ).mean()
+
+
 def make_model(config: ModelConfig) -> nn.Module:
     return {"gpt": GPT, "bigram": Bigram}[config.model](config)
 
@@ -268,6 +220,35 @@ def init_params(config: ModelConfig, key: jax.Array):
     return make_model(config).init(key, idx_BT)["params"]
 
 
+# --- Building blocks ---------------------------------------------------------
+
+init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2 initialisation.
+
+
+def residual_init(config: ModelConfig):
+    """GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L)."""
+    return nn.initializers.normal(stddev=0.02 / math.sqrt(2 * config.n_layer))
+
+
+def dense(cfg: ModelConfig, features: int, kernel_init, name: str) -> Dense:
+    """A Dense layer that computes in cfg.dtype; its parameters stay float32."""
+    return Dense(
+        features,
+        use_bias=cfg.bias,
+        kernel_init=kernel_init,
+        dtype=jnp.dtype(cfg.dtype),
+        name=name,
+    )
+
+
+def use_cudnn(cfg: ModelConfig, decode: bool) -> bool:
+    """--attention=cudnn on a GPU, outside decoding (one query against a masked
+    cache, which XLA's version serves); elsewhere (e.g. sampling on a laptop
+    from a GPU-trained checkpoint) the same math runs on XLA's version."""
+    return cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu"
+
+
+# --- Parameters: layout, decay, counts ---------------------------------------
 def stack_blocks(params: dict[str, Any]) -> dict[str, Any]:
     """Plain parameters (blocks h_0 ... h_{L-1}) -> scan_layers ones (h, stacked on L).
 
@@ -310,7 +291,8 @@ def count_params(params) -> int:
 
 
 def expected_param_count(config: ModelConfig) -> int:
-    """Closed-form parameter count (used by the tests and the startup log)."""
+    """The parameter count of `config` in closed form, tied output layer included
+    once (flops_per_token builds on it; the tests check it against real trees)."""
     V, T, C, L = config.vocab_size, config.block_size, config.n_embd, config.n_layer
     if config.model == "bigram":
         return V * V
@@ -332,11 +314,3 @@ def flops_per_token(config: ModelConfig) -> float:
     C, L, T = config.n_embd, config.n_layer, config.block_size
     n = expected_param_count(config) - config.vocab_size * C - T * C
     return 6.0 * n + 12.0 * L * C * T
-
-
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy, computed in float32."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV, targets_BT
-    ).mean()

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt.config import ConfigError
+from jaxgpt.config import ConfigError, MeshConfig
 
 wsc = jax.lax.with_sharding_constraint
 
@@ -37,33 +37,19 @@ DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)  # The batch dimension is split over both.
 
 
-def initialize_distributed(
-    coordinator_address: str | None,
-    num_processes: int | None,
-    process_id: int | None,
-) -> None:
+def initialize_distributed(cfg: MeshConfig) -> None:
     """Joins this process to a multi-process run (call before any other JAX use).
 
-    A no-op when no flag is given: one process sees only its own devices.
+    A no-op without --coordinator_address: one process sees only its own devices.
     """
-    given = (coordinator_address, num_processes, process_id)
-    if all(v is None for v in given):
+    if not cfg.multi_process:
         return
-    if any(v is None for v in given):
-        raise ConfigError(
-            "--coordinator_address, --num_processes and --process_id go together:"
-            " give all three (the same address and count to every process, ids"
-            " 0 .. num_processes - 1), or none for a single process."
-        )
-    if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ConfigError(
-            f"--process_id={process_id} must lie in [0, --num_processes"
-            f"={num_processes})."
-        )
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         # CPU processes exchange arrays over gloo (older JAX defaults to none).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(
+        cfg.coordinator_address, cfg.num_processes, cfg.process_id
+    )
 
 
 def is_main_process() -> bool:
@@ -71,15 +57,12 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def make_mesh(data: int | None = None, fsdp: int = 1, devices=None) -> Mesh:
-    """A data x fsdp grid of `devices` (default: all, on every host).
+def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
+    """A data x fsdp grid of all devices (on every host).
 
     `data` defaults to the number of devices / fsdp: pure data parallelism.
     """
-    devices = jax.devices() if devices is None else list(devices)
-    n = len(devices)
-    if fsdp < 1 or (data is not None and data < 1):
-        raise ConfigError(f"--mesh_data={data} and --mesh_fsdp={fsdp} must be >= 1.")
+    n = jax.device_count()
     if data is None and n % fsdp == 0:
         data = n // fsdp
     if data is None or data * fsdp != n:
@@ -89,9 +72,7 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices=None) -> Mesh:
             f" e.g. --mesh_data={n} --mesh_fsdp=1."
         )
     # Auto axes: jit's in/out shardings fix the layouts, XLA chooses the rest.
-    return jax.make_mesh(
-        (data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto,) * 2, devices=devices
-    )
+    return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto,) * 2)
 
 
 def batch_devices(mesh) -> int:
@@ -114,9 +95,33 @@ def check_batch(batch_size: int, grad_accum_steps: int, mesh) -> None:
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of x_BT / y_BT split over all devices; each device keeps whole rows."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, row_axis: int = 0) -> NamedSharding:
+    """Rows of a batch (axis `row_axis`) split over all devices, each keeping whole rows."""
+    return NamedSharding(mesh, P(*(None,) * row_axis, BATCH_AXES))
+
+
+def process_rows(mesh: Mesh, n_rows: int) -> slice:
+    """The rows of a batch of `n_rows` that this process's devices hold.
+
+    jax.make_mesh orders the devices so that each process's devices hold one
+    contiguous range of rows; with one process, all of them.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((n_rows,))
+    ranges = {index[0].indices(n_rows)[:2] for index in index_map.values()}
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if sum(stop - start for start, stop in ranges) != hi - lo:
+        raise ValueError(
+            f"this process's rows of the batch are not contiguous: {ranges}"
+        )
+    return slice(lo, hi)
+
+
+def put_batch(local, shape: tuple[int, ...], mesh: Mesh, row_axis: int = 0):
+    """The global batch of `shape`, split by rows over the mesh, from this process's
+    rows (`local`, the rows `process_rows` names)."""
+    return jax.make_array_from_process_local_data(
+        batch_sharding(mesh, row_axis), local, shape
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -142,6 +147,16 @@ def state_shardings(tree, mesh: Mesh):
     fsdp = mesh.shape[FSDP]
     return jax.tree.map(
         lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree
+    )
+
+
+def on_mesh(shapes, mesh: Mesh):
+    """jax.ShapeDtypeStructs of `shapes` laid out by `state_shardings`: a target to
+    create or restore a state into, each device holding only its shards."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes,
+        state_shardings(shapes, mesh),
     )
 
 

@@ -1,48 +1,36 @@
-"""Training: the optimizer, the jitted train/eval steps, and the loop.
+"""Training: the optimizer, the one compiled train step, evaluation, and the loop.
 
-The loop is a function of (configs, tokens, seed): step s trains on the batch
-`get_batch(batch_key(seed, s))` with dropout key `fold_in(dropout_key, s)`, so
-a run stopped at step N and resumed from its checkpoint reproduces the
-uninterrupted run bit for bit.
+A run is a function of (configs, tokens, seed): step s trains on the batch
+drawn by the batch stream at s and drops out with the dropout stream's key at
+s (see streams.py), so a run stopped at step N and resumed from its checkpoint
+reproduces the uninterrupted run bit for bit.
 
-The same loop runs on one device or a mesh of many (see sharding.py): the
-state, the batch and the step are laid out on the mesh, and jit compiles one
-program for all its devices. Every process of a multi-host run executes the
-loop; process 0 alone writes the log, metrics.jsonl and samples, and all of
-them write the checkpoint together.
+The same program runs on one device or a mesh of many (see sharding.py): the
+state and the batch are laid out on the mesh, and jit compiles one program for
+all its devices. Every process of a multi-host run executes the loop; process
+0 alone writes the log and metrics, and all of them write the checkpoint together.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import signal
-import sys
-import time
 from collections.abc import Callable
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
-from flax.training import train_state
+from flax import struct
 from jax.sharding import Mesh
-from tqdm import tqdm
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import sharding
+from jaxgpt import data, sharding, streams
+from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.data import batch_key, get_batch
-from jaxgpt.model import cross_entropy, init_params, make_model
-from jaxgpt.model import decay_mask as model_decay_mask
+from jaxgpt.model import cross_entropy, decay_mask, init_params, make_model
 
-
-class TrainState(train_state.TrainState):
-    """step, params, opt_state (+ the static apply_fn and tx)."""
+# --- The optimizer and the state ---------------------------------------------
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -56,15 +44,8 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     )
 
 
-def decay_mask(params):
-    """Weight decay applies to matrices: not to biases or LayerNorm scales.
-
-    (model.decay_mask: the leading layer axis of --scan_layers doesn't count.)
-    """
-    return model_decay_mask(params)
-
-
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with weight decay on the matrices only, after global-norm clipping."""
     adamw = optax.adamw(
         lr_schedule(cfg),
         b1=cfg.beta1,
@@ -79,20 +60,33 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(clip, adamw)
 
 
+@struct.dataclass
+class TrainState:
+    """What training changes, and nothing else: arrays only (the model and the
+    optimizer live in the compiled step), so shardings and checkpoints describe
+    data alone."""
+
+    step: jax.Array  # The number of updates so far: the next batch's step.
+    params: Any
+    opt_state: Any
+
+
 def create_state(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    root: jax.Array,
+    mesh: Mesh | None = None,
 ) -> TrainState:
-    """A fresh TrainState; parameters come from PRNGKey(seed).
+    """A fresh TrainState; parameters from the params stream, AdamW's moments at 0.
 
     With a mesh, each device creates only its shards of the state.
     """
 
     def create():
-        key = jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 0)
-        return TrainState.create(
-            apply_fn=make_model(model_cfg).apply,
-            params=init_params(model_cfg, key),
-            tx=make_optimizer(train_cfg),
+        params = init_params(model_cfg, streams.stream(root, "params"))
+        opt_state = make_optimizer(train_cfg).init(params)
+        return TrainState(
+            step=jnp.array(0, jnp.int32), params=params, opt_state=opt_state
         )
 
     if mesh is None:
@@ -103,19 +97,20 @@ def create_state(
 
 def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
     """The state's shapes, dtypes and shardings on `mesh`: a target to restore into."""
-    shapes = jax.eval_shape(lambda: create_state(model_cfg, train_cfg))
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        shapes,
-        sharding.state_shardings(shapes, mesh),
-    )
+    create = lambda: create_state(model_cfg, train_cfg, streams.root(0))
+    return sharding.on_mesh(jax.eval_shape(create), mesh)
 
 
-def dropout_key(seed: int, step) -> jax.Array:
-    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 2), step)
+def abstract_params(model_cfg: ModelConfig, mesh: Mesh):
+    """The parameters' shapes, dtypes and shardings on `mesh` (for sampling)."""
+    init = lambda: init_params(model_cfg, streams.root(0))
+    return sharding.on_mesh(jax.eval_shape(init), mesh)
 
 
-def loss_and_grads(state: TrainState, x_BT, y_BT, key, mesh: Mesh | None = None):
+# --- The compiled training step ------------------------------------------------
+
+
+def loss_and_grads(apply_fn, params, x_BT, y_BT, key, mesh: Mesh | None = None):
     """Mean cross-entropy of the batch (with dropout from `key`) and its gradient.
 
     On a mesh, the model runs on whole parameters (FSDP gathers their shards)
@@ -125,7 +120,7 @@ def loss_and_grads(state: TrainState, x_BT, y_BT, key, mesh: Mesh | None = None)
     x_BT, y_BT = sharding.split_batch((x_BT, y_BT), mesh)
 
     def loss_fn(params):
-        logits_BTV = state.apply_fn(
+        logits_BTV = apply_fn(
             {"params": sharding.gather(params, mesh)},
             x_BT,
             deterministic=False,
@@ -133,121 +128,165 @@ def loss_and_grads(state: TrainState, x_BT, y_BT, key, mesh: Mesh | None = None)
         )
         return cross_entropy(logits_BTV, y_BT)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
     return loss, sharding.shard_like_params(grads, mesh)
 
 
 def accumulate(
-    state: TrainState, x_BT, y_BT, key, steps: int, mesh: Mesh | None = None
+    apply_fn, params, x_BT, y_BT, key, n_micro: int, mesh: Mesh | None = None
 ):
-    """loss_and_grads of the batch, computed on `steps` micro-batches in turn.
+    """loss_and_grads of the batch, computed on `n_micro` micro-batches in turn.
 
     Only one micro-batch's activations are alive at a time (a lax.scan). The
     mean of the micro-batch means is the mean over the batch, so the result
     equals one pass over the whole batch, dropout aside: micro-batch a holds
-    rows a, a + steps, a + 2 * steps, ... (so each device keeps its own rows)
-    and draws its dropout from fold_in(key, a).
+    rows a, a + n_micro, a + 2 * n_micro, ... (so each device keeps its own
+    rows) and draws its dropout from fold_in(key, a).
     """
-    if steps == 1:
-        return loss_and_grads(state, x_BT, y_BT, key, mesh)
+    if n_micro == 1:
+        return loss_and_grads(apply_fn, params, x_BT, y_BT, key, mesh)
     B, T = x_BT.shape
-    # [B, T] -> [steps, b, T] with b = B / steps: row i goes to micro-batch i % steps.
-    micro = lambda z_BT: z_BT.reshape(B // steps, steps, T).swapaxes(0, 1)
+    # [B, T] -> [n_micro, b, T], b = B / n_micro: row i goes to micro-batch i % n_micro.
+    micro = lambda z_BT: z_BT.reshape(B // n_micro, n_micro, T).swapaxes(0, 1)
 
     def add(total, xs):
         a, x_bT, y_bT = xs
         key_a = jax.random.fold_in(key, a)
-        loss_grads = loss_and_grads(state, x_bT, y_bT, key_a, mesh)
+        loss_grads = loss_and_grads(apply_fn, params, x_bT, y_bT, key_a, mesh)
         return jax.tree.map(jnp.add, total, loss_grads), None
 
-    zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0.0), state.params))
-    total, _ = jax.lax.scan(add, zeros, (jnp.arange(steps), micro(x_BT), micro(y_BT)))
-    return jax.tree.map(lambda t: t / steps, total)
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0.0), params))
+    xs = (jnp.arange(n_micro), micro(x_BT), micro(y_BT))
+    total, _ = jax.lax.scan(add, zeros, xs)
+    return jax.tree.map(lambda t: t / n_micro, total)
 
 
-def update(
-    state: TrainState,
-    x_BT,
-    y_BT,
-    key,
-    grad_accum_steps: int = 1,
-    mesh: Mesh | None = None,
-):
-    """One AdamW update on the batch (x_BT, y_BT); returns the new state and metrics."""
-    loss, grads = accumulate(state, x_BT, y_BT, key, grad_accum_steps, mesh)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.apply_gradients(grads=grads), metrics
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
+    """The compiled training step: step(state, x_BT, y_BT, root) -> (state, metrics).
 
+    One AdamW update on the batch; its dropout key is derived inside, from the
+    step number: streams.key(root, "dropout", state.step). The state is laid out
+    by sharding.state_shardings, the batch split by rows over the devices, the
+    root key and the metrics (loss, gradient norm) replicated;
+    the old state is donated: its buffers hold the new one.
+    """
+    sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
+    apply_fn, tx = make_model(model_cfg).apply, make_optimizer(train_cfg)
+    n_micro = train_cfg.grad_accum_steps
 
-# `update` compiled for wherever its inputs are (e.g. one device); the old state
-# is donated: its buffers hold the new one.
-train_step = jax.jit(update, donate_argnums=0, static_argnames="grad_accum_steps")
+    def step(state: TrainState, x_BT, y_BT, root):
+        key = streams.key(root, "dropout", state.step)
+        loss, grads = accumulate(apply_fn, state.params, x_BT, y_BT, key, n_micro, mesh)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, opt_state), metrics
 
-
-def make_train_step(mesh: Mesh, state_shardings, grad_accum_steps: int = 1):
-    """`update` compiled for the mesh: state laid out by `state_shardings`, the
-    batch split over the devices, key and metrics replicated; state donated."""
+    state_shardings = sharding.state_shardings(
+        abstract_state(model_cfg, train_cfg, mesh), mesh
+    )
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     return jax.jit(
-        partial(update, grad_accum_steps=grad_accum_steps, mesh=mesh),
+        step,
         in_shardings=(state_shardings, batch, batch, rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=0,
     )
 
 
-def make_get_batch(mesh: Mesh, batch_size: int, block_size: int):
-    """get_batch(key, tokens) whose x_BT, y_BT come out split over the devices."""
-    batch = sharding.batch_sharding(mesh)
-    return jax.jit(
-        partial(get_batch, batch_size=batch_size, block_size=block_size),
-        out_shardings=(batch, batch),
+# --- Batches and evaluation ----------------------------------------------------
+
+
+def make_batches(
+    tokens: np.ndarray, root: jax.Array, batch_size: int, block_size: int, mesh: Mesh
+) -> Callable[[int], tuple[jax.Array, jax.Array]]:
+    """batch(step) -> (x_BT, y_BT) of training step `step`, split over the mesh.
+
+    Drawn on the host from the batch stream (numpy: no JAX work per step); each
+    process reads only its own devices' rows.
+    """
+    stream = np.asarray(streams.stream(root, "batch"))
+    rows = sharding.process_rows(mesh, batch_size)
+    shape = (batch_size, block_size)
+
+    def batch(step: int):
+        rng = streams.host_rng(stream, step)
+        x_bT, y_bT = data.get_batch(tokens, rng, batch_size, block_size, rows)
+        return sharding.put_batch(x_bT, shape, mesh), sharding.put_batch(
+            y_bT, shape, mesh
+        )
+
+    return batch
+
+
+def eval_batches(
+    tokens: np.ndarray, root: jax.Array, n: int, b: int, T: int, mesh: Mesh
+) -> tuple[jax.Array, jax.Array]:
+    """x_NbT, y_NbT: the run's `n` fixed evaluation batches of `b` rows from
+    `tokens`, drawn from the eval stream, rows split over the mesh."""
+    stream, rows = (
+        np.asarray(streams.stream(root, "eval")),
+        sharding.process_rows(mesh, b),
+    )
+    pairs = [
+        data.get_batch(tokens, streams.host_rng(stream, i), b, T, rows)
+        for i in range(n)
+    ]
+    x_NbT, y_NbT = (np.stack(arrays) for arrays in zip(*pairs))
+    return tuple(
+        sharding.put_batch(z, (n, b, T), mesh, row_axis=1) for z in (x_NbT, y_NbT)
     )
 
 
-def make_eval_loss(mesh: Mesh, state_shardings, batch_size: int, block_size: int):
-    """eval_loss(state, tokens, keys): mean loss without dropout, one batch per key
-    (one compiled scan; batches split over the devices as in training)."""
-    rep = sharding.replicated(mesh)
+def make_evaluate(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    splits: dict[str, np.ndarray],
+    root: jax.Array,
+    mesh: Mesh,
+) -> Callable[[Any], dict[str, float]]:
+    """evaluate(params) -> {"<split>_loss": mean loss without dropout}.
 
-    def eval_loss(state: TrainState, tokens, keys):
-        params = sharding.gather(state.params, mesh)
+    Every evaluation of a run sees the same batches: eval_iters of them per
+    split, each as grad_accum_steps micro-batches as in training. One compiled
+    scan over them gives a split's mean.
+    """
+    n = train_cfg.eval_iters * train_cfg.grad_accum_steps
+    b, T = train_cfg.batch_size // train_cfg.grad_accum_steps, model_cfg.block_size
+    batches = {name: eval_batches(t, root, n, b, T, mesh) for name, t in splits.items()}
+    apply_fn = make_model(model_cfg).apply
 
-        def one(total, key):
-            x_BT, y_BT = get_batch(key, tokens, batch_size, block_size)
-            x_BT, y_BT = sharding.split_batch((x_BT, y_BT), mesh)
-            logits_BTV = state.apply_fn({"params": params}, x_BT, deterministic=True)
-            return total + cross_entropy(logits_BTV, y_BT), None
+    def mean_loss(params, x_NbT, y_NbT):
+        params = sharding.gather(params, mesh)
 
-        total, _ = jax.lax.scan(one, jnp.float32(0.0), keys)
-        return total / keys.shape[0]
+        def add(total, xy):
+            x_bT, y_bT = sharding.split_batch(xy, mesh)
+            logits_bTV = apply_fn({"params": params}, x_bT, deterministic=True)
+            return total + cross_entropy(logits_bTV, y_bT), None
 
-    return jax.jit(
-        eval_loss, in_shardings=(state_shardings, rep, rep), out_shardings=rep
+        total, _ = jax.lax.scan(add, jnp.float32(0.0), (x_NbT, y_NbT))
+        return total / n
+
+    params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
+    rows = sharding.batch_sharding(mesh, row_axis=1)
+    mean_loss = jax.jit(
+        mean_loss,
+        in_shardings=(params, rows, rows),
+        out_shardings=sharding.replicated(mesh),
     )
-
-
-def eval_keys(train_cfg: TrainConfig) -> jax.Array:
-    """The fixed keys of the evaluation batches: eval_iters * grad_accum_steps of
-    them, since each holds batch_size / grad_accum_steps rows (a micro-batch)."""
-    base = jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 3)
-    return jax.random.split(base, train_cfg.eval_iters * train_cfg.grad_accum_steps)
-
-
-def estimate_loss(eval_loss, state, splits: dict[str, jax.Array], train_cfg) -> dict:
-    """Average loss of the same fixed batches of each split (see `eval_keys`)."""
-    keys = eval_keys(train_cfg)
-    return {
-        f"{name}_loss": float(eval_loss(state, tokens, keys))
-        for name, tokens in splits.items()
+    return lambda params: {
+        f"{name}_loss": float(mean_loss(params, *xy)) for name, xy in batches.items()
     }
+
+
+# --- The loop --------------------------------------------------------------------
 
 
 class StopRequest:
     """Turns the first SIGINT/SIGTERM into a request to save and stop; a second one kills."""
 
     def __init__(self):
-        self.signum: int | None = None
+        self.signal_name: str | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -259,7 +298,7 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __exit__(self, *exc):
@@ -267,139 +306,58 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def check_finite(losses: dict[str, Any], step: int, workdir) -> None:
+    """Stops a diverged run with advice, before anything non-finite is saved."""
+    values = {name: float(value) for name, value in losses.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise FloatingPointError(
+            f"loss is not finite at step {step} ({values}); the last good"
+            f" checkpoint in {workdir} is kept. Lower --learning_rate or raise"
+            " --warmup_iters."
+        )
+
+
+def evaluate_and_save(step: int, state, evaluate, checkpointer, log) -> None:
+    """Evaluates, logs, and saves the latest checkpoint (and the best, if it is)."""
+    losses = evaluate(state.params)
+    check_finite(losses, step, checkpointer.workdir)
+    log.evaluation(step, losses)
+    checkpointer.save(step, state, val_loss=losses["val_loss"])
+
+
 def train(
     state: TrainState,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    train_tokens: np.ndarray,
-    val_tokens: np.ndarray,
-    checkpointer: ckpt.Checkpointer,
-    meta: dict[str, Any],
-    flops_per_token: float | None = None,
-    peak_flops: float | None = None,
-    on_step: Callable[[int, TrainState], None] | None = None,
-    mesh: Mesh | None = None,
-) -> tuple[TrainState, dict[str, Any]]:
-    """Trains from `state.step` to max_iters (or stop_at), evaluating and checkpointing.
-
-    Runs on `mesh` (default: all devices, data parallel); `state` is moved onto
-    it if it is not there yet. With `flops_per_token` the log shows the model's
-    FLOP/s, and with `peak_flops` (per device) its MFU too. Returns the final state and a history: per-step
-    `losses` and the `evals` written to <workdir>/metrics.jsonl, plus
-    `stopped_by` (None, "stop_at", or the signal's name).
+    cfg: TrainConfig,
+    step_fn: Callable,
+    next_batch: Callable[[int], tuple[jax.Array, jax.Array]],
+    evaluate: Callable[[Any], dict[str, float]],
+    checkpointer: Checkpointer,
+    log,
+) -> tuple[TrainState, str | None]:
+    """Trains from state.step to cfg.end_step, evaluating and checkpointing every
+    eval_interval steps. `step_fn(state, x_BT, y_BT)` is the compiled step with
+    its root key; `log` is a metrics.TrainLog. Returns the final state and what
+    stopped the run early: None, "stop_at", "SIGINT" or "SIGTERM".
     """
-    cfg = train_cfg
-    mesh = sharding.make_mesh() if mesh is None else mesh
-    sharding.check_batch(cfg.batch_size, cfg.grad_accum_steps, mesh)
-    state_shardings = sharding.state_shardings(state, mesh)
-    state = jax.device_put(state, state_shardings)
-    step_fn = make_train_step(mesh, state_shardings, cfg.grad_accum_steps)
-    next_batch = make_get_batch(mesh, cfg.batch_size, model_cfg.block_size)
-    micro_batch = cfg.batch_size // cfg.grad_accum_steps
-    eval_loss = make_eval_loss(mesh, state_shardings, micro_batch, model_cfg.block_size)
-    splits = {  # A whole copy of the tokens on every device.
-        name: jax.device_put(jnp.asarray(tokens), sharding.replicated(mesh))
-        for name, tokens in (("train", train_tokens), ("val", val_tokens))
-    }
-    is_main = sharding.is_main_process()
-
-    def say(text: str) -> None:
-        if is_main:
-            tqdm.write(text, file=sys.stderr)
-
-    schedule = lr_schedule(cfg)
-    metrics_path = Path(cfg.workdir) / "metrics.jsonl"
-    tokens_per_step = cfg.batch_size * model_cfg.block_size
-    start = int(state.step)
-    end = min(cfg.max_iters, cfg.stop_at or cfg.max_iters)
-    history = {"losses": [], "evals": [], "stopped_by": None}
-    best = meta.get("best_val_loss", math.inf)
-
-    def evaluate_and_save(step: int, state: TrainState) -> None:
-        nonlocal best
-        losses = estimate_loss(eval_loss, state, splits, cfg)
-        record = {"step": step, **losses, "lr": float(schedule(step))}
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise FloatingPointError(
-                f"loss is not finite at step {step} ({losses}); the last good"
-                f" checkpoint in {cfg.workdir} is kept. Lower --learning_rate or"
-                " raise --warmup_iters."
-            )
-        history["evals"].append(record)
-        if is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        say(
-            f"step {step}: train loss {losses['train_loss']:.4f},"
-            f" val loss {losses['val_loss']:.4f}"
-        )
-        improved = losses["val_loss"] < best
-        best = min(best, losses["val_loss"])
-        meta["best_val_loss"] = best
-        checkpointer.save(step, state, meta)  # All processes save together.
-        if improved:
-            checkpointer.save(step, state, meta, which=ckpt.BEST)
-
+    start, end = int(state.step), cfg.end_step
     if start == 0:
-        evaluate_and_save(0, state)
-    step_losses = []
-    t_last, step_last = time.perf_counter(), start
-    bar = tqdm(
-        total=end,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=None if is_main else True,
-        dynamic_ncols=True,
-    )
+        evaluate_and_save(0, state, evaluate, checkpointer, log)
+    stopped_by = None
     with StopRequest() as stop:
         for step in range(start, end):
-            x_BT, y_BT = next_batch(batch_key(cfg.seed, step), splits["train"])
-            state, metrics = step_fn(state, x_BT, y_BT, dropout_key(cfg.seed, step))
-            step_losses.append(metrics["loss"])
+            state, metrics = step_fn(state, *next_batch(step))
             done = step + 1
-            bar.update(1)
-            if done % cfg.log_interval == 0 or done == end:
-                loss = float(metrics["loss"])  # Waits for the step to finish.
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss is {loss} at step {done}; the last good"
-                        f" checkpoint in {cfg.workdir} is kept. Lower --learning_rate."
-                    )
-                dt = (time.perf_counter() - t_last) / (done - step_last)
-                t_last, step_last = time.perf_counter(), done
-                line = (
-                    f"step {done}: loss {loss:.4f}, lr {float(schedule(step)):.2e},"
-                    f" {1e3 * dt:.1f} ms/step, {tokens_per_step / dt:,.0f} tok/s"
-                )
-                if flops_per_token:
-                    flops = flops_per_token * tokens_per_step / dt  # All devices.
-                    line += f", {flops / 1e9:.1f} GFLOP/s"
-                    if peak_flops:
-                        line += f", MFU {100 * flops / (peak_flops * mesh.size):.1f}%"
-                bar.set_postfix(loss=f"{loss:.4f}")
-                say(line)
+            if done % cfg.log_interval == 0 or done == end:  # Waits for the step.
+                check_finite({"train": metrics["loss"]}, done, checkpointer.workdir)
+            log.step(done, metrics)
             if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-                evaluate_and_save(done, state)
-                t_last, step_last = time.perf_counter(), done  # Evals aren't steps.
-            if on_step is not None:
-                on_step(done, state)
-            if stop.signum is not None:
-                history["stopped_by"] = signal.Signals(stop.signum).name
+                evaluate_and_save(done, state, evaluate, checkpointer, log)
+            if stop.signal_name:
+                stopped_by = stop.signal_name
                 break
-    bar.close()
-    final = int(state.step)
-    if history["stopped_by"] is None and final < cfg.max_iters:
-        history["stopped_by"] = "stop_at"
-    checkpointer.save(final, state, meta)  # No-op if this step was just saved.
+    if stopped_by is None and int(state.step) < cfg.max_iters:
+        stopped_by = "stop_at"
+    checkpointer.save(int(state.step), state)  # No-op if this step was just saved.
     checkpointer.wait()
-    if history["stopped_by"] and is_main:
-        logging.info(
-            "stopped at step %d (%s); checkpoint saved in %s: run the same"
-            " command again to resume.",
-            final,
-            history["stopped_by"],
-            cfg.workdir,
-        )
-    history["losses"] = [float(x) for x in step_losses]
-    return state, history
+    log.close(int(state.step), stopped_by)
+    return state, stopped_by

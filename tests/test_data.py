@@ -3,8 +3,6 @@ import io
 import urllib.request
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,40 +13,57 @@ B, T = 8, 16
 
 @pytest.fixture
 def tokens():
-    return jnp.arange(1000, dtype=jnp.int32)  # token i sits at position i.
+    return np.arange(1000, dtype=np.int32)  # token i sits at position i.
 
 
 def test_batch_shapes_and_shift(tokens):
-    x, y = data.get_batch(jax.random.PRNGKey(0), tokens, B, T)
+    x, y = data.get_batch(tokens, np.random.default_rng(0), B, T)
     chex.assert_shape([x, y], (B, T))
-    assert x.dtype == jnp.int32
+    assert x.dtype == np.int32
     # With tokens = arange, each row is a run of consecutive ids; y is x + 1.
-    np.testing.assert_array_equal(np.diff(np.asarray(x), axis=1), 1)
+    np.testing.assert_array_equal(np.diff(x, axis=1), 1)
     np.testing.assert_array_equal(y, x + 1)
 
 
 def test_windows_stay_in_bounds_and_reach_the_end():
-    tokens = jnp.arange(T + 3, dtype=jnp.int32)  # Only 3 possible windows.
+    tokens = np.arange(T + 3, dtype=np.int32)  # Only 3 possible windows.
     starts = set()
     for i in range(50):
-        x, y = data.get_batch(jax.random.PRNGKey(i), tokens, B, T)
+        x, y = data.get_batch(tokens, np.random.default_rng(i), B, T)
         assert int(y.max()) <= T + 2 and int(x.min()) >= 0
-        starts.update(np.asarray(x[:, 0]).tolist())
+        starts.update(x[:, 0].tolist())
     assert starts == {0, 1, 2}
 
 
-def test_same_key_same_batch_different_key_different_batch(tokens):
-    a = data.get_batch(jax.random.PRNGKey(1), tokens, B, T)
-    b = data.get_batch(jax.random.PRNGKey(1), tokens, B, T)
-    c = data.get_batch(jax.random.PRNGKey(2), tokens, B, T)
+def test_same_generator_state_same_batch(tokens):
+    a = data.get_batch(tokens, np.random.default_rng(1), B, T)
+    b = data.get_batch(tokens, np.random.default_rng(1), B, T)
+    c = data.get_batch(tokens, np.random.default_rng(2), B, T)
     chex.assert_trees_all_equal(a, b)
     assert not np.array_equal(a[0], c[0])
 
 
-def test_batch_key_is_a_function_of_seed_and_step():
-    chex.assert_trees_all_equal(data.batch_key(3, 7), data.batch_key(3, 7))
-    assert not np.array_equal(data.batch_key(3, 7), data.batch_key(3, 8))
-    assert not np.array_equal(data.batch_key(3, 7), data.batch_key(4, 7))
+def test_rows_of_a_batch_are_rows_of_the_whole_batch(tokens):
+    """Each process reads its own rows; together they are the one-process batch."""
+    whole = data.get_batch(tokens, np.random.default_rng(3), B, T)
+    parts = [
+        data.get_batch(tokens, np.random.default_rng(3), B, T, rows=slice(i, i + 2))
+        for i in range(0, B, 2)
+    ]
+    for got, want in zip(zip(*parts), whole):
+        np.testing.assert_array_equal(np.concatenate(got), want)
+
+
+def test_windows_read_from_a_memory_mapped_file(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
+    tokens.tofile(tmp_path / "train.bin")
+    mapped = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
+    x, y = data.get_batch(mapped, np.random.default_rng(4), B, T)
+    starts = np.random.default_rng(4).integers(0, 5000 - T, size=B)
+    for row, i in enumerate(starts):
+        np.testing.assert_array_equal(x[row], tokens[i : i + T])
+        np.testing.assert_array_equal(y[row], tokens[i + 1 : i + T + 1])
+    assert x.dtype == np.int32
 
 
 def test_split_is_90_10():

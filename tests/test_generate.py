@@ -81,11 +81,12 @@ def test_temperature_sharpens_the_distribution():
 
 def test_sample_shapes_seed_and_single_compilation(params):
     apply = model.make_model(CFG).apply
-    cfg = SampleConfig(prompt="x", max_new_tokens=30, num_samples=4, seed=3)
+    cfg = SampleConfig(prompt="x", max_new_tokens=30, num_samples=4)
+    key = jax.random.PRNGKey(3)
     before = generate.generate._cache_size()
-    a = generate.sample(apply, params, CFG, [4, 5], cfg)
+    a = generate.sample(apply, params, CFG, [4, 5], cfg, key)
     assert generate.generate._cache_size() == before + 1  # One program for 30 tokens.
-    b = generate.sample(apply, params, CFG, [4, 5], cfg)
+    b = generate.sample(apply, params, CFG, [4, 5], cfg, key)
     assert generate.generate._cache_size() == before + 1  # Reused, not recompiled.
     chex.assert_shape(a, (4, 32))
     chex.assert_trees_all_equal(a, b)  # Same seed, same samples.

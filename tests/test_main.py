@@ -14,6 +14,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from jaxgpt import main
+from jaxgpt.config import ModelConfig
 
 TINY = """\
 --n_layer=2
@@ -222,12 +223,12 @@ def test_gpu_flagfile_is_the_baby_gpt_in_bfloat16(parsed_flags, monkeypatch):
     """shakespeare_gpu.cfg includes shakespeare.cfg (paths relative to the repo)."""
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     flags.FLAGS(["jaxgpt.main", "--flagfile=experiments/shakespeare_gpu.cfg"])
-    cfg = main.model_config(vocab_size=65)
+    cfg = main.from_flags(ModelConfig, vocab_size=65)
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.dropout) == (6, 384, 256, 0.2)
     assert cfg.dtype == "bfloat16" and flags.FLAGS.workdir == "out/shakespeare"
     flags.FLAGS.unparse_flags()  # Back to the defaults.
     flags.FLAGS(["jaxgpt.main", "--flagfile=experiments/shakespeare.cfg"])
-    assert main.model_config(vocab_size=65).dtype == "float32"
+    assert main.from_flags(ModelConfig, vocab_size=65).dtype == "float32"
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxgpt import data
 from jaxgpt.micrograd import bigram, gradcheck
 from jaxgpt.micrograd import tensor as T
 from jaxgpt.micrograd.optim import AdamW
@@ -199,10 +200,10 @@ def test_adamw_matches_optax(weight_decay):
 
 def test_encode_and_batches():
     vocab, tokens = bigram.encode("hello world")
-    assert vocab == sorted(set("hello world"))
+    assert list(vocab) == sorted(set("hello world"))
     assert "".join(vocab[t] for t in tokens) == "hello world"
     rng = np.random.default_rng(0)
-    x, y = bigram.get_batch(rng, np.arange(100), batch_size=5, block_size=7)
+    x, y = data.get_batch(np.arange(100), rng, batch_size=5, block_size=7)
     assert x.shape == y.shape == (5, 7)
     np.testing.assert_array_equal(y, x + 1)  # y is x shifted by one token.
     np.testing.assert_array_equal(np.diff(x, axis=1), 1)  # Contiguous windows.
@@ -237,7 +238,7 @@ def test_bigram_training_matches_jax_and_optax(corpus_text):
             return optax.softmax_cross_entropy_with_integer_labels(q[x], y).mean()
 
         for _ in range(25):
-            x, y = bigram.get_batch(rng, train_tokens, 8, 6)
+            x, y = data.get_batch(train_tokens, rng, 8, 6)
             updates, state = tx.update(jax.grad(loss_fn)(q, x, y), state, q)
             q = optax.apply_updates(q, updates)
         q = np.asarray(q)
@@ -267,7 +268,7 @@ def test_bigram_main_on_a_file(tmp_path, capsys, corpus_text):
 
 
 def test_bigram_reports_a_missing_corpus(tmp_path):
-    with pytest.raises(SystemExit, match="is not a file"):
+    with pytest.raises(SystemExit, match="is not a file"):  # jaxgpt.data's message.
         bigram.load_corpus(str(tmp_path / "missing.txt"))
     with pytest.raises(SystemExit):
         bigram.parse_args(["--steps=0"])

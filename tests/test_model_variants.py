@@ -15,7 +15,9 @@ from jaxgpt import checkpoint as ckpt
 from jaxgpt import model
 from jaxgpt.config import ConfigError, ModelConfig
 
-CFG = ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
+CFG = ModelConfig(
+    vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,15 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import sharding, train
+from jaxgpt import sharding, streams, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
-from jaxgpt.data import batch_key, get_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,7 +100,7 @@ def test_mesh_that_does_not_match_the_devices_is_refused(data, fsdp):
 def test_abstract_state_carries_the_shardings():
     mesh = sharding.make_mesh()
     abstract = train.abstract_state(MODEL, TRAIN, mesh)
-    real = train.create_state(MODEL, TRAIN, mesh)
+    real = train.create_state(MODEL, TRAIN, streams.root(0), mesh)
     for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
         assert (a.shape, a.dtype) == (r.shape, r.dtype)
         assert a.sharding == r.sharding == sharding.replicated(mesh)
@@ -111,32 +110,25 @@ def test_abstract_state_carries_the_shardings():
 
 
 def max_diff(a, b) -> float:
-    diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)
+    a, b = jax.device_get((a, b))  # Whole arrays, whichever devices held them.
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
     return max(jax.tree.leaves(diffs))
 
 
-def run_reference(model_cfg, train_cfg, tokens):
-    """STEPS single-device steps: the unsharded train_step on get_batch."""
-    state = train.create_state(model_cfg, train_cfg)
-    losses = []
-    for s in range(STEPS):
-        x_BT, y_BT = get_batch(batch_key(0, s), tokens, train_cfg.batch_size, T)
-        state, metrics = train.train_step(state, x_BT, y_BT, train.dropout_key(0, s))
-        losses.append(float(metrics["loss"]))
-    return state, losses
+def one_device_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), sharding.BATCH_AXES)
 
 
-def run_sharded(model_cfg, train_cfg, tokens, mesh):
-    """The same steps laid out on `mesh`, as train.train runs them."""
-    state = train.create_state(model_cfg, train_cfg, mesh)
-    shardings = sharding.state_shardings(state, mesh)
-    step = train.make_train_step(mesh, shardings, train_cfg.grad_accum_steps)
-    next_batch = train.make_get_batch(mesh, train_cfg.batch_size, T)
-    tokens = jax.device_put(tokens, sharding.replicated(mesh))
+def run_steps(model_cfg, train_cfg, tokens, mesh):
+    """STEPS steps of the loop's program (its step and batches) laid out on `mesh`."""
+    root = streams.root(0)
+    state = train.create_state(model_cfg, train_cfg, root, mesh)
+    step = train.make_train_step(model_cfg, train_cfg, mesh)
+    batches = train.make_batches(tokens, root, train_cfg.batch_size, T, mesh)
     losses = []
     for s in range(STEPS):
-        x_BT, y_BT = next_batch(batch_key(0, s), tokens)
-        state, metrics = step(state, x_BT, y_BT, train.dropout_key(0, s))
+        x_BT, y_BT = batches(s)
+        state, metrics = step(state, x_BT, y_BT, root)
         losses.append(float(metrics["loss"]))
     return state, losses, x_BT
 
@@ -159,9 +151,9 @@ def layout(state) -> dict:
 def eight_device_report() -> dict:
     """Runs in the subprocess: measurements of the sharded path against one device."""
     assert jax.device_count() == 8, jax.devices()
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (4096,), 0, 65)
+    tokens = np.random.default_rng(1).integers(0, 65, 4096).astype(np.int32)
     report = {}
-    ref_state, ref_losses = run_reference(MODEL, TRAIN, tokens)
+    ref_state, ref_losses, _ = run_steps(MODEL, TRAIN, tokens, one_device_mesh())
     cases = {  # name: (data, fsdp, grad_accum_steps)
         "8x1": (8, 1, 1),
         "2x4": (2, 4, 1),
@@ -170,7 +162,7 @@ def eight_device_report() -> dict:
     for name, (data, fsdp, accum) in cases.items():
         train_cfg = dataclasses.replace(TRAIN, grad_accum_steps=accum)
         mesh = sharding.make_mesh(data, fsdp)
-        state, losses, x_BT = run_sharded(MODEL, train_cfg, tokens, mesh)
+        state, losses, x_BT = run_steps(MODEL, train_cfg, tokens, mesh)
         report[name] = {
             "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
             "param_diff": max_diff(state.params, ref_state.params),
@@ -189,8 +181,8 @@ def restore_report(model_cfg, state) -> dict:
     """Saves a 2x4 state; restores it onto other meshes through abstract targets."""
     out = {}
     with tempfile.TemporaryDirectory() as workdir:
-        checkpointer = ckpt.Checkpointer(workdir)
-        checkpointer.save(STEPS, state, {})
+        checkpointer = ckpt.Checkpointer(workdir, {})
+        checkpointer.save(STEPS, state)
         checkpointer.wait()
         for data, fsdp in [(4, 2), (8, 1)]:
             mesh = sharding.make_mesh(data, fsdp)
@@ -212,22 +204,18 @@ def restore_report(model_cfg, state) -> dict:
 def error_report(tokens) -> dict:
     """The messages of a batch that does not split over the 8 devices."""
     out = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        for name, (batch, accum) in {"batch12": (12, 1), "accum4": (16, 4)}.items():
-            cfg = TrainConfig(workdir=workdir, batch_size=batch, grad_accum_steps=accum)
-            state = train.create_state(MODEL, cfg)
-            try:
-                train.train(
-                    state, MODEL, cfg, tokens, tokens, ckpt.Checkpointer(workdir), {}
-                )
-                out[name] = "no error"
-            except ConfigError as e:
-                out[name] = str(e)
+    mesh = sharding.make_mesh()
+    for name, (batch, accum) in {"batch12": (12, 1), "accum4": (16, 4)}.items():
         try:
-            sharding.make_mesh(3, 2)
-            out["mesh"] = "no error"
+            sharding.check_batch(batch, accum, mesh)
+            out[name] = "no error"
         except ConfigError as e:
-            out["mesh"] = str(e)
+            out[name] = str(e)
+    try:
+        sharding.make_mesh(3, 2)
+        out["mesh"] = "no error"
+    except ConfigError as e:
+        out["mesh"] = str(e)
     return out
 
 

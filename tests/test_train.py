@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -7,19 +8,23 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, sharding, tokenizer, train
+from jaxgpt import data, metrics, model, sharding, streams, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 
-MODEL = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)
+MODEL = ModelConfig(
+    vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True
+)
 SMALL = ModelConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16)
+ROOT = streams.root(0)
 
 
 def test_decay_mask_covers_matrices_only():
-    state = train.create_state(MODEL, TrainConfig())
-    mask = train.decay_mask(state.params)
+    state = train.create_state(MODEL, TrainConfig(), ROOT)
+    mask = model.decay_mask(state.params)
     flat = {
         "/".join(k.key for k in path): v
         for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
@@ -38,10 +43,11 @@ def test_weight_decay_skips_masked_leaves():
     cfg = TrainConfig(
         learning_rate=0.1, min_lr=0.1, warmup_iters=0, weight_decay=0.5, grad_clip=0.0
     )
-    state = train.create_state(MODEL, cfg)
+    state = train.create_state(MODEL, cfg, ROOT)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    new = state.apply_gradients(grads=zeros)
-    for old, upd in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+    updates, _ = train.make_optimizer(cfg).update(zeros, state.opt_state, state.params)
+    new = optax.apply_updates(state.params, updates)
+    for old, upd in zip(jax.tree.leaves(state.params), jax.tree.leaves(new)):
         factor = 1 - 0.1 * 0.5 if old.ndim == 2 else 1.0
         np.testing.assert_allclose(upd, old * factor, rtol=1e-6, atol=1e-7)
 
@@ -71,43 +77,71 @@ def test_gradients_are_clipped_to_global_norm(grad_clip, expected_norm):
     params = {"w": jnp.ones((2, 2))}
     grads = {"w": jnp.full((2, 2), 200.0)}  # Global norm 400.
     _, opt_state = tx.update(grads, tx.init(params), params)
-    mu = train.optax.tree_utils.tree_get(opt_state, "mu")
-    norm = float(train.optax.tree.norm(mu)) / (1 - 0.9)
+    mu = optax.tree_utils.tree_get(opt_state, "mu")
+    norm = float(optax.tree.norm(mu)) / (1 - 0.9)
     assert math.isclose(norm, expected_norm, rel_tol=1e-5)
+
+
+def batch_of(x_BT, mesh):
+    """x_BT and its next tokens, laid out as the step expects."""
+    return (
+        sharding.put_batch(np.asarray(x_BT), x_BT.shape, mesh),
+        sharding.put_batch(np.roll(np.asarray(x_BT), -1, axis=1), x_BT.shape, mesh),
+    )
 
 
 def test_train_step_overfits_one_batch():
     cfg = TrainConfig(learning_rate=3e-3, min_lr=3e-3, warmup_iters=0, weight_decay=0.0)
-    state = train.create_state(MODEL, cfg)
-    x = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, 65)
-    y = jnp.roll(x, -1, axis=1)
+    mesh = sharding.make_mesh()
+    step = train.make_train_step(MODEL, cfg, mesh)
+    state = train.create_state(MODEL, cfg, ROOT, mesh)
+    x, y = batch_of(jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, 65), mesh)
     first = None
-    for step in range(300):
-        state, metrics = train.train_step(state, x, y, jax.random.PRNGKey(step))
-        first = float(metrics["loss"]) if first is None else first
-    assert first > 3.5 and float(metrics["loss"]) < 0.05
+    for _ in range(300):
+        state, metrics_ = step(state, x, y, ROOT)
+        first = float(metrics_["loss"]) if first is None else first
+    assert first > 3.5 and float(metrics_["loss"]) < 0.05
     assert int(state.step) == 300
 
 
 def test_train_step_donates_its_state():
-    cfg = TrainConfig()
-    state = train.create_state(MODEL, cfg)
-    x = jnp.zeros((2, 16), jnp.int32)
+    cfg, mesh = TrainConfig(), sharding.make_mesh()
+    state = train.create_state(MODEL, cfg, ROOT, mesh)
+    x, y = batch_of(jnp.zeros((2, 16), jnp.int32), mesh)
     old_leaf = jax.tree.leaves(state.params)[0]
-    train.train_step(state, x, x, jax.random.PRNGKey(0))
+    train.make_train_step(MODEL, cfg, mesh)(state, x, y, ROOT)
     assert old_leaf.is_deleted()
+
+
+def test_train_step_draws_dropout_from_the_stream_at_its_step():
+    """The step's loss is loss_and_grads under streams.key(root, "dropout", step)."""
+    model_cfg = dataclasses.replace(SMALL, dropout=0.5)
+    cfg, mesh = TrainConfig(warmup_iters=0), sharding.make_mesh()
+    state = train.create_state(model_cfg, cfg, ROOT, mesh)
+    state = state.replace(step=jnp.array(7, jnp.int32))  # Any step; here 7.
+    params = jax.tree.map(jnp.copy, state.params)  # The step donates the state's.
+    x, y = batch_of(jax.random.randint(jax.random.PRNGKey(0), (4, 8), 0, 65), mesh)
+    _, got = train.make_train_step(model_cfg, cfg, mesh)(state, x, y, ROOT)
+    apply_fn = model.make_model(model_cfg).apply
+    loss_and_grads = jax.jit(train.loss_and_grads, static_argnums=0)
+    loss_at = lambda key: loss_and_grads(apply_fn, params, x, y, key)[0]
+    np.testing.assert_allclose(got["loss"], loss_at(streams.key(ROOT, "dropout", 7)))
+    assert abs(float(loss_at(streams.key(ROOT, "dropout", 8)) - got["loss"])) > 1e-4
 
 
 def test_grad_accumulation_equals_one_step_on_the_whole_batch():
     """4 micro-batches of 2 rows, scanned in one jitted step == 1 batch of 8."""
-    cfg = TrainConfig(warmup_iters=0)
-    x = jax.random.randint(jax.random.PRNGKey(0), (8, 8), 0, 65)
-    y = jnp.roll(x, -1, axis=1)
-    key = jax.random.PRNGKey(1)
-    whole, accum = train.create_state(SMALL, cfg), train.create_state(SMALL, cfg)
-    for _ in range(2):
-        whole, m_whole = train.train_step(whole, x, y, key)
-        accum, m_accum = train.train_step(accum, x, y, key, grad_accum_steps=4)
+    mesh = sharding.make_mesh()
+    x, y = batch_of(jax.random.randint(jax.random.PRNGKey(0), (8, 8), 0, 65), mesh)
+    results = []
+    for accum in (1, 4):
+        cfg = TrainConfig(warmup_iters=0, grad_accum_steps=accum)
+        step = train.make_train_step(SMALL, cfg, mesh)
+        state = train.create_state(SMALL, cfg, ROOT, mesh)
+        for _ in range(2):
+            state, metrics_ = step(state, x, y, ROOT)
+        results.append((state, metrics_))
+    (whole, m_whole), (accum, m_accum) = results
     np.testing.assert_allclose(m_accum["loss"], m_whole["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_accum["grad_norm"], m_whole["grad_norm"], rtol=1e-5)
     chex.assert_trees_all_close(accum.params, whole.params, atol=1e-5)
@@ -116,19 +150,37 @@ def test_grad_accumulation_equals_one_step_on_the_whole_batch():
 def test_micro_batches_are_strided_rows_with_folded_dropout_keys():
     """With dropout, micro-batch a is rows a, a + 2, ... under fold_in(key, a)."""
     model_cfg = dataclasses.replace(SMALL, dropout=0.5)
-    state = train.create_state(model_cfg, TrainConfig())
+    params = train.create_state(model_cfg, TrainConfig(), ROOT).params
+    apply_fn = model.make_model(model_cfg).apply
     x = jax.random.randint(jax.random.PRNGKey(0), (4, 8), 0, 65)
     y = jnp.roll(x, -1, axis=1)
     key = jax.random.PRNGKey(7)
-    loss, grads = jax.jit(train.accumulate, static_argnums=4)(state, x, y, key, 2)
-    one = jax.jit(train.loss_and_grads)
-    parts = [one(state, x[a::2], y[a::2], jax.random.fold_in(key, a)) for a in (0, 1)]
+    accumulate = jax.jit(train.accumulate, static_argnums=(0, 5))
+    loss, grads = accumulate(apply_fn, params, x, y, key, 2)
+    one = jax.jit(train.loss_and_grads, static_argnums=0)
+    parts = [
+        one(apply_fn, params, x[a::2], y[a::2], jax.random.fold_in(key, a))
+        for a in (0, 1)
+    ]
     expected_loss, expected_grads = jax.tree.map(lambda p, q: (p + q) / 2, *parts)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
     chex.assert_trees_all_close(grads, expected_grads, atol=1e-6)
     # The keys matter: micro-batches under the step's own key give another loss.
-    same_key = [one(state, x[a::2], y[a::2], key)[0] for a in (0, 1)]
+    same_key = [one(apply_fn, params, x[a::2], y[a::2], key)[0] for a in (0, 1)]
     assert abs(float(sum(same_key)) / 2 - float(loss)) > 1e-4
+
+
+def test_batches_come_from_the_batch_stream_at_each_step():
+    tokens = np.arange(1000, dtype=np.int32)
+    root, mesh = streams.root(5), sharding.make_mesh()
+    batches = train.make_batches(tokens, root, 4, 8, mesh)
+    stream = streams.stream(root, "batch")
+    for step in (0, 1, 99):
+        x, y = batches(step)
+        want = data.get_batch(tokens, streams.host_rng(stream, step), 4, 8)
+        np.testing.assert_array_equal(x, want[0])
+        np.testing.assert_array_equal(y, want[1])
+    assert not np.array_equal(batches(0)[0], batches(1)[0])
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +188,30 @@ def tokens(corpus_text):
     text = corpus_text[:200_000]
     vocab = tokenizer.build_vocab(text)
     train_tokens, val_tokens = data.split(tokenizer.encode(text, vocab))
-    return vocab, train_tokens, val_tokens
+    return vocab, {"train": train_tokens, "val": val_tokens}
+
+
+class RecordingLog(metrics.TrainLog):
+    """The real log, which also keeps every step's loss and evaluation."""
+
+    def __init__(self, *args, on_step=None):
+        super().__init__(*args)
+        self.losses, self.evals, self.on_step = [], [], on_step
+
+    def step(self, step, metrics_):
+        super().step(step, metrics_)
+        self.losses.append(float(metrics_["loss"]))
+        if self.on_step:
+            self.on_step(step)
+
+    def evaluation(self, step, losses):
+        super().evaluation(step, losses)
+        self.evals.append({"step": step, **losses})
 
 
 def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
-    vocab, train_tokens, val_tokens = tokens
+    """The training program of main.run_train on a tiny model, stopped at `stop_at`."""
+    vocab, splits = tokens
     model_cfg = ModelConfig(
         vocab_size=len(vocab),
         block_size=16,
@@ -150,7 +221,6 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
         dropout=0.1,
     )
     cfg = TrainConfig(
-        workdir=str(workdir),
         batch_size=4,
         max_iters=max_iters,
         stop_at=stop_at,
@@ -159,27 +229,28 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
         eval_iters=2,
         log_interval=3,
     )
-    checkpointer = ckpt.Checkpointer(workdir)
-    state = train.create_state(model_cfg, cfg)
-    if checkpointer.latest_step() is not None:
-        mesh = sharding.make_mesh()
-        state = checkpointer.restore(train.abstract_state(model_cfg, cfg, mesh))
-        assert jax.tree.leaves(state)[0].sharding == sharding.replicated(mesh)
-        meta = checkpointer.read_meta()
-    else:
-        meta = {"vocab": vocab}
-    state, history = train.train(
-        state,
-        model_cfg,
-        cfg,
-        train_tokens,
-        val_tokens,
-        checkpointer,
-        meta,
-        on_step=on_step,
-    )
-    checkpointer.close()
-    return state, history
+    root, mesh = streams.root(1337), sharding.make_mesh()
+    meta = {"vocab": vocab}
+    with ckpt.Checkpointer(workdir, meta) as checkpointer:
+        if checkpointer.latest_step() is not None:
+            state = checkpointer.restore(train.abstract_state(model_cfg, cfg, mesh))
+            assert jax.tree.leaves(state)[0].sharding == sharding.replicated(mesh)
+        else:
+            state = train.create_state(model_cfg, cfg, root, mesh)
+        schedule, start = train.lr_schedule(cfg), int(state.step)
+        log = RecordingLog(workdir, model_cfg, cfg, schedule, start, on_step=on_step)
+        step = train.make_train_step(model_cfg, cfg, mesh)
+        state, stopped_by = train.train(
+            state,
+            cfg,
+            lambda state, x, y: step(state, x, y, root),
+            train.make_batches(splits["train"], root, 4, 16, mesh),
+            train.make_evaluate(model_cfg, cfg, splits, root, mesh),
+            checkpointer,
+            log,
+        )
+    assert meta == {"vocab": vocab}  # The checkpointer keeps its own copy.
+    return state, {"losses": log.losses, "evals": log.evals, "stopped_by": stopped_by}
 
 
 def test_resume_is_bitwise_exact(tmp_path, tokens):
@@ -197,30 +268,43 @@ def test_resume_is_bitwise_exact(tmp_path, tokens):
 def test_sigterm_saves_and_resumes_exactly(tmp_path, tokens):
     _, full = run(tmp_path / "full", tokens, max_iters=10)
 
-    def send_sigterm(step, state):
+    def send_sigterm(step):
         if step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
 
     _, first = run(tmp_path / "sig", tokens, on_step=send_sigterm, max_iters=10)
     assert first["stopped_by"] == "SIGTERM" and len(first["losses"]) == 5
-    assert ckpt.Checkpointer(tmp_path / "sig").latest_step() == 5
+    with ckpt.Checkpointer(tmp_path / "sig") as checkpointer:
+        assert checkpointer.latest_step() == 5
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handler restored.
     _, second = run(tmp_path / "sig", tokens, max_iters=10)
     assert full["losses"] == first["losses"] + second["losses"]
 
 
 def test_metrics_jsonl_and_best_checkpoint(tmp_path, tokens):
-    import json
-
     run(tmp_path, tokens)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == [0, 4, 8, 12]
     assert all({"step", "train_loss", "val_loss", "lr"} <= r.keys() for r in records)
     best = min(records, key=lambda r: r["val_loss"])
-    checkpointer = ckpt.Checkpointer(tmp_path)
-    assert checkpointer.latest_step(ckpt.BEST) == best["step"]
-    assert checkpointer.latest_step() == 12
-    assert checkpointer.read_meta()["best_val_loss"] == best["val_loss"]
+    with ckpt.Checkpointer(tmp_path) as checkpointer:
+        assert checkpointer.latest_step(ckpt.BEST) == best["step"]
+        assert checkpointer.latest_step() == 12
+        assert checkpointer.read_meta()["best_val_loss"] == best["val_loss"]
+        assert checkpointer.best_val_loss == best["val_loss"]
+
+
+def test_evaluation_batches_are_fixed_per_run(tokens):
+    """Two evaluations of the same parameters agree; another seed draws other batches."""
+    vocab, splits = tokens
+    model_cfg = dataclasses.replace(SMALL, vocab_size=len(vocab))
+    cfg, mesh = TrainConfig(batch_size=4, eval_iters=3), sharding.make_mesh()
+    params = train.create_state(model_cfg, cfg, ROOT, mesh).params
+    evaluate = train.make_evaluate(model_cfg, cfg, splits, ROOT, mesh)
+    first = evaluate(params)
+    assert first == evaluate(params) and set(first) == {"train_loss", "val_loss"}
+    other = train.make_evaluate(model_cfg, cfg, splits, streams.root(1), mesh)(params)
+    assert other != first
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ tensor.py   Tensor: the same idea on numpy arrays (broadcasting, matmul, softmax
 optim.py    AdamW for Tensors
 gradcheck.py both engines against jax.grad in float64 (the only module using JAX)
 demo.py     an MLP learns two half moons:  python -m jaxgpt.micrograd.demo
-bigram.py   a bigram model of tiny shakespeare: python -m jaxgpt.micrograd.bigram
+bigram.py   a bigram model of tiny shakespeare, on jaxgpt's own corpus finder,
+            vocabulary and batches: python -m jaxgpt.micrograd.bigram
 """
 
 from jaxgpt.micrograd.engine import Value, no_grad

@@ -9,66 +9,37 @@ batches of random windows; mean cross-entropy; AdamW (b1=0.9, b2=0.99,
 eps=1e-8) at a constant learning rate. Only the gradients come from
 `jaxgpt.micrograd.tensor` instead of jax.grad.
 
-The corpus: --data_path, else `jaxgpt.data.load_text()` (the core's finder:
-$JAXGPT_DATA_DIR, its cache, a download), else
-$JAXGPT_DATA_DIR/tinyshakespeare/input.txt.
+The corpus, vocabulary, split and batches are jaxgpt's own (jaxgpt.data and
+jaxgpt.tokenizer, which need numpy only): --data_path, else $JAXGPT_DATA_DIR,
+the cache, or a download.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from jaxgpt import data, tokenizer
 from jaxgpt.micrograd.optim import AdamW
 from jaxgpt.micrograd.tensor import Tensor, cross_entropy, embedding, no_grad
 
 
 def load_corpus(data_path: str | None = None) -> str:
-    """The training text; see the module docstring for where it is looked for."""
-    if data_path:
-        path = Path(data_path).expanduser()
-        if not path.is_file():
-            raise SystemExit(f"--data_path={data_path} is not a file.")
-        return path.read_text(encoding="utf-8")
-    hint = (
-        "Pass --data_path=/path/to/input.txt or set JAXGPT_DATA_DIR to a folder"
-        " holding tinyshakespeare/input.txt."
-    )
+    """The training text: --data_path, else jaxgpt's own finder (see jaxgpt.data)."""
     try:
-        from jaxgpt.data import load_text  # The core's finder (it imports jax).
-    except ImportError as e:
-        reason = f"jaxgpt.data is not importable ({e}). {hint}"
-    else:
-        try:
-            return load_text()
-        except (OSError, RuntimeError) as e:  # jaxgpt.data.DataError is a RuntimeError.
-            reason = str(e)  # The core's message says what to do.
-    env = os.environ.get("JAXGPT_DATA_DIR")
-    path = Path(env).expanduser() / "tinyshakespeare" / "input.txt" if env else None
-    if path is not None and path.is_file():
-        return path.read_text(encoding="utf-8")
-    raise SystemExit(f"tiny shakespeare not found: {reason}")
+        return data.load_text(data_path)
+    except data.DataError as e:
+        raise SystemExit(str(e)) from e
 
 
-def encode(text: str) -> tuple[list[str], np.ndarray]:
-    """Character vocabulary (sorted distinct characters) and the text as token ids."""
-    vocab, tokens = np.unique(np.array(list(text)), return_inverse=True)
-    return [str(c) for c in vocab], tokens.astype(np.int64)
-
-
-def get_batch(
-    rng: np.random.Generator, tokens: np.ndarray, batch_size: int, block_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """`batch_size` random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
-    start_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
-    idx_BT = start_B[:, None] + np.arange(block_size)
-    return tokens[idx_BT], tokens[idx_BT + 1]
+def encode(text: str) -> tuple[str, np.ndarray]:
+    """jaxgpt's character vocabulary (sorted distinct characters) and the token ids."""
+    vocab = tokenizer.build_vocab(text)
+    return vocab, tokenizer.encode(text, vocab)
 
 
 def loss_fn(table: Tensor, x_BT: np.ndarray, y_BT: np.ndarray) -> Tensor:
@@ -86,7 +57,8 @@ def estimate_loss(
             rng = np.random.default_rng([args.seed, 1])
             losses = [
                 loss_fn(
-                    table, *get_batch(rng, tokens, args.batch_size, args.block_size)
+                    table,
+                    *data.get_batch(tokens, rng, args.batch_size, args.block_size),
                 ).item()
                 for _ in range(args.eval_iters)
             ]
@@ -99,14 +71,12 @@ def train(
 ) -> tuple[Tensor, dict[str, float]]:
     """Trains the bigram table on `text`; returns it and the final train/val losses."""
     vocab, tokens = encode(text)
-    n = int(0.9 * len(tokens))
-    splits = {"train": tokens[:n], "val": tokens[n:]}
+    splits = dict(zip(("train", "val"), data.split(tokens)))
     for name, part in splits.items():
-        if len(part) < args.block_size + 1:
-            raise SystemExit(
-                f"the {name} split has {len(part)} tokens, fewer than --block_size + 1"
-                f" = {args.block_size + 1}: use a smaller --block_size or more text."
-            )
+        try:
+            data.check_long_enough(len(part), args.block_size, f"{name} split")
+        except data.DataError as e:
+            raise SystemExit(str(e)) from e
     rng = np.random.default_rng(args.seed)
     V = len(vocab)
     table = Tensor(rng.normal(0.0, 0.02, size=(V, V)))
@@ -131,7 +101,9 @@ def train(
             )
         if step == args.steps:
             break
-        x_BT, y_BT = get_batch(rng, splits["train"], args.batch_size, args.block_size)
+        x_BT, y_BT = data.get_batch(
+            splits["train"], rng, args.batch_size, args.block_size
+        )
         loss = loss_fn(table, x_BT, y_BT)
         opt.zero_grad()
         loss.backward()

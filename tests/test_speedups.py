@@ -1,9 +1,11 @@
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import model, rng
+from jaxgpt import model, speedups
 from jaxgpt.config import ModelConfig
 
 KEYS = [
@@ -18,46 +20,48 @@ KEYS = [
 @pytest.mark.parametrize("key", KEYS, ids=["k0", "k_big", "folded", "typed"])
 def test_bits_equal_jax_random_bits(key, shape):
     """The unrolled Threefry hash is JAX's own generator, bit for bit."""
-    fast = jax.jit(rng.bits, static_argnums=1)(key, shape)
+    fast = jax.jit(speedups.bits, static_argnums=1)(key, shape)
     np.testing.assert_array_equal(fast, jax.random.bits(key, shape, jnp.uint32))
 
 
 def test_other_generators_fall_back_to_jax():
     key = jax.random.key(0, impl="rbg")
     np.testing.assert_array_equal(
-        rng.bits(key, (4, 5)), jax.random.bits(key, (4, 5), jnp.uint32)
+        speedups.bits(key, (4, 5)), jax.random.bits(key, (4, 5), jnp.uint32)
     )
 
 
 def test_unrolled_lowering_has_no_loop():
     """The point of the module: the hash compiles to straight-line code."""
-    hlo = jax.jit(rng.bits, static_argnums=1).lower(KEYS[0], (64, 64)).as_text()
+    hlo = jax.jit(speedups.bits, static_argnums=1).lower(KEYS[0], (64, 64)).as_text()
     assert "while" not in hlo
     if jax.default_backend() == "cpu":  # Elsewhere JAX unrolls it too.
         rolled = jax.jit(lambda k: jax.random.bits(k, (64, 64), jnp.uint32))
-        assert "while" in rolled.lower(KEYS[0]).as_text(), "rng.py may be moot now"
+        assert "while" in rolled.lower(KEYS[0]).as_text(), (
+            "speedups.bits may be moot now"
+        )
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.2, 0.5])
 def test_dropout_statistics(rate):
     x = jnp.full((200, 500), 3.0)
-    y = np.asarray(rng.dropout(jax.random.PRNGKey(1), x, rate))
+    y = np.asarray(speedups.dropout(jax.random.PRNGKey(1), x, rate))
     dropped = (y == 0).mean()
     n = y.size
     assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / n)  # 5 sigma.
     np.testing.assert_allclose(y[y != 0], 3.0 / (1 - rate), rtol=1e-6)
     # Different keys give different masks; the same key the same one.
-    z = np.asarray(rng.dropout(jax.random.PRNGKey(2), x, rate))
+    z = np.asarray(speedups.dropout(jax.random.PRNGKey(2), x, rate))
     assert (z != y).any()
-    np.testing.assert_array_equal(y, rng.dropout(jax.random.PRNGKey(1), x, rate))
+    np.testing.assert_array_equal(y, speedups.dropout(jax.random.PRNGKey(1), x, rate))
 
 
 def test_dropout_module_is_identity_when_deterministic_or_rate_zero():
     x = jnp.arange(12.0).reshape(3, 4)
-    drop = model.Dropout(0.5)
+    drop = speedups.Dropout(0.5)
     np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
     np.testing.assert_array_equal(
-        model.Dropout(0.0).apply(
+        speedups.Dropout(0.0).apply(
             {}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
         ),
         x,
@@ -67,7 +71,7 @@ def test_dropout_module_is_identity_when_deterministic_or_rate_zero():
 
 
 def test_dense_on_rows_equals_flax_dense():
-    """model.Dense flattens the leading axes: same parameters, same outputs."""
+    """speedups.Dense (via model.dense) flattens the leading axes: same parameters, same outputs."""
     import flax.linen as nn
 
     cfg = ModelConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, block_size=4)
@@ -76,3 +80,7 @@ def test_dense_on_rows_equals_flax_dense():
     params = layer.init(jax.random.PRNGKey(1), x_BTC)
     ref = nn.Dense(5, use_bias=cfg.bias).apply(params, x_BTC)
     np.testing.assert_allclose(layer.apply(params, x_BTC), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_allocator_settings_apply_on_linux():
+    assert speedups.keep_freed_memory() == sys.platform.startswith("linux")

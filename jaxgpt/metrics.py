@@ -1,0 +1,109 @@
+"""What a training run reports, and where.
+
+A progress bar; every --log_interval steps a line with the loss, learning
+rate, ms/step, tokens/s, model FLOP/s and MFU; and at every evaluation a line
+that is also appended to <workdir>/metrics.jsonl as one JSON record. In a
+multi-process run, process 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from absl import logging
+from tqdm import tqdm
+
+from jaxgpt import perf, sharding
+from jaxgpt.config import ModelConfig, TrainConfig
+from jaxgpt.model import flops_per_token
+
+
+class TrainLog:
+    """The log of one training run from `start_step` on.
+
+    ms/step counts training steps only: the time of evaluations is left out.
+    MFU is per device: model FLOP/s / (peak_flops of one device x devices).
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        schedule: Callable[[int], float],
+        start_step: int,
+        peak_flops: float | None = None,
+        devices: int = 1,
+    ):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.cfg, self.schedule = train_cfg, schedule
+        self.tokens_per_step = train_cfg.batch_size * model_cfg.block_size
+        self.flops_per_token = flops_per_token(model_cfg)
+        self.peak_flops, self.devices = peak_flops, devices
+        self.is_main = sharding.is_main_process()
+        self.bar = tqdm(
+            total=train_cfg.end_step,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=None if self.is_main else True,  # None: only on a terminal.
+            dynamic_ncols=True,
+        )
+        self._restart_clock(start_step)
+
+    def _restart_clock(self, step: int) -> None:
+        self.t_last, self.step_last = time.perf_counter(), step
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            tqdm.write(text, file=sys.stderr)
+
+    def step(self, step: int, metrics: dict) -> None:
+        """After training step `step`: every log_interval steps, a log line."""
+        self.bar.update(1)
+        if step % self.cfg.log_interval and step != self.cfg.end_step:
+            return
+        loss = float(metrics["loss"])  # Waits for the step to finish.
+        dt = (time.perf_counter() - self.t_last) / (step - self.step_last)
+        self._restart_clock(step)
+        tokens_per_s = self.tokens_per_step / dt
+        line = (
+            f"step {step}: loss {loss:.4f}, lr {self.schedule(step - 1):.2e},"
+            f" {1e3 * dt:.1f} ms/step, {tokens_per_s:,.0f} tok/s"
+        )
+        if self.flops_per_token:
+            line += f", {self.flops_per_token * tokens_per_s / 1e9:.1f} GFLOP/s"
+            if self.peak_flops:
+                mfu = perf.mfu(
+                    self.flops_per_token, tokens_per_s, self.peak_flops, self.devices
+                )
+                line += f", MFU {100 * mfu:.1f}%"
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        self.say(line)
+
+    def evaluation(self, step: int, losses: dict[str, float]) -> None:
+        """The losses of the evaluation at `step`: a log line and a metrics.jsonl record."""
+        record = {"step": step, **losses, "lr": float(self.schedule(step))}
+        if self.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.say(
+            f"step {step}: train loss {losses['train_loss']:.4f},"
+            f" val loss {losses['val_loss']:.4f}"
+        )
+        self._restart_clock(step)  # Evaluations are not training steps.
+
+    def close(self, step: int, stopped_by: str | None) -> None:
+        self.bar.close()
+        if stopped_by and self.is_main:
+            logging.info(
+                "stopped at step %d (%s); checkpoint saved in %s: run the same"
+                " command again to resume.",
+                step,
+                stopped_by,
+                self.path.parent,
+            )

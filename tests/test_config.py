@@ -1,0 +1,67 @@
+"""One definition per option: the flags are made from the config dataclasses."""
+
+import dataclasses
+import typing
+
+import pytest
+from absl import flags
+
+from jaxgpt import config, main
+from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, SampleConfig
+
+FLAG_FIELDS = {
+    f.name: (f, hint) for cls in config.ALL for f, hint in config.flag_fields(cls)
+}
+
+
+def test_every_option_is_a_flag_with_its_default_and_help():
+    """45 options, one flag each, whose default and help are the field's."""
+    assert len(FLAG_FIELDS) == sum(len(config.flag_fields(c)) for c in config.ALL) == 45
+    main_flags = {
+        name
+        for name, flag in flags.FLAGS._flags().items()
+        if flags.FLAGS.find_module_defining_flag(name) == main.__name__
+        and name == flag.name
+    }
+    assert main_flags == set(FLAG_FIELDS)  # No flag without a field, nor the reverse.
+    for name, (field, hint) in FLAG_FIELDS.items():
+        flag = flags.FLAGS[name]
+        assert flag.default == field.default, name
+        assert flag.help.endswith(field.metadata["help"]), name  # Enums add choices.
+        if typing.get_origin(hint) is typing.Literal:
+            assert flag.parser.enum_values == list(typing.get_args(hint)), name
+
+
+def test_fields_without_help_are_not_flags():
+    assert "vocab_size" not in FLAG_FIELDS  # Set by the tokenizer.
+    assert not hasattr(flags.FLAGS, "vocab_size")
+
+
+def test_bias_has_one_default():
+    """It once defaulted to True in ModelConfig and to False as a flag."""
+    assert ModelConfig(vocab_size=5).bias is flags.FLAGS["bias"].default is False
+
+
+@pytest.mark.parametrize(
+    "cls,kw,words",
+    [
+        (ModelConfig, {"vocab_size": 5, "model": "lstm"}, ["--model='lstm'", "'gpt'"]),
+        (ModelConfig, {"vocab_size": 5, "dtype": "fp8"}, ["--dtype='fp8'"]),
+        (RunConfig, {"mode": "serve"}, ["--mode='serve'", "'sample'"]),
+        (SampleConfig, {"checkpoint": "oldest"}, ["--checkpoint='oldest'"]),
+        (SampleConfig, {"top_k": -1}, ["--top_k=-1"]),
+        (RunConfig, {"peak_tflops": 0.0}, ["--peak_tflops=0.0"]),
+        (MeshConfig, {"mesh_fsdp": 0}, ["--mesh_fsdp=0"]),
+        (MeshConfig, {"num_processes": 2}, ["--coordinator_address"]),
+    ],
+)
+def test_configs_validate_and_name_the_flag(cls, kw, words):
+    with pytest.raises(ConfigError) as e:
+        cls(**kw)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SampleConfig().top_k = 3
