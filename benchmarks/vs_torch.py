@@ -1,0 +1,318 @@
+"""jaxgpt against PyTorch on one recipe, side by side on this machine.
+
+  python benchmarks/vs_torch.py --flagfile=experiments/shakespeare_cpu.cfg
+  python benchmarks/vs_torch.py --flagfile=experiments/shakespeare.cfg --bench_chunk=3
+  python benchmarks/vs_torch.py --flagfile=experiments/shakespeare_cpu.cfg --bench=run
+  python benchmarks/vs_torch.py --flagfile=experiments/shakespeare_cpu.cfg --bench=sample
+
+The PyTorch side is benchmarks/torch_twin.py: the same GPT, initialisation,
+batches, optimizer and schedule, float32, written as nanoGPT writes it.
+
+--bench=step (default): in this process, the training loop of each framework
+  on the recipe's model and batches, in alternating chunks of --bench_chunk
+  steps (A B A B ...): jaxgpt's is train.train itself (the compiled step, host
+  batches, the log's sync every --log_interval), the twin's is nanoGPT's loop.
+  A third chunk times jaxgpt's step as benchmarks/train.py does (blocking on
+  every step). Prints the medians over --bench_rounds, tokens/s and the ratio.
+  First, both take three steps from the same parameters on the same batches:
+  their losses must agree (float32 rounding aside).
+--bench=run: the whole command, `python -m jaxgpt.main --flagfile=...` and
+  `python benchmarks/torch_twin.py --flagfile=...` (training, evaluations, the
+  final 500-token sample; nanoGPT's generate() on the twin), alternating, each
+  timed from launch to exit and at every evaluation it prints, with the time
+  each first reaches --target_loss.
+--bench=sample: tokens/s at batch 1 of jaxgpt's sampling (KV cache, compiled
+  program, second call) and of nanoGPT's generate(), on the recipe's model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch_twin
+
+from jaxgpt import generate, metrics, model, sharding, streams, train
+from jaxgpt import main as jaxgpt_main
+from jaxgpt.config import ModelConfig, RunConfig, TrainConfig
+from jaxgpt.speedups import keep_freed_memory
+
+_BENCH = flags.DEFINE_enum("bench", "step", ["step", "run", "sample"], "What to time.")
+_CHUNK = flags.DEFINE_integer("bench_chunk", 100, "Steps per timed chunk.")
+_ROUNDS = flags.DEFINE_integer("bench_rounds", 5, "Chunks (or runs) per framework.")
+_TARGET = flags.DEFINE_float(
+    "target_loss", 1.8857, "--bench=run: report when val loss first reaches this."
+)
+_EXTRA = flags.DEFINE_list(
+    "jaxgpt_flags", [], "--bench=run: extra flags for jaxgpt's command only."
+)
+_TOKENS = flags.DEFINE_integer("bench_new_tokens", 500, "--bench=sample: tokens.")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    """The CPU's model name, family/model numbers, cores, and the thread counts used."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or "unknown CPU"
+    ids = f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{name} ({ids}), {os.cpu_count()} cores; torch {torch.__version__}"
+        f" ({torch.get_num_threads()} threads), jax {jax.__version__};"
+        f" load average {load:.2f}"
+    )
+
+
+def configs():
+    run = jaxgpt_main.from_flags(RunConfig)
+    train_cfg = jaxgpt_main.from_flags(TrainConfig)
+    return run, train_cfg, jaxgpt_main.from_flags(ModelConfig, vocab_size=65)
+
+
+# --- --bench=step ------------------------------------------------------------------
+
+
+class _NoCheckpoints:
+    """train.train's checkpointer, minus the disk: this benchmark times steps."""
+
+    workdir = "(not saved)"
+
+    def save(self, *args, **kwargs):
+        pass
+
+    def wait(self):
+        pass
+
+
+class _QuietLog(metrics.TrainLog):
+    """The training log, syncing on the loss every log_interval, printing nothing."""
+
+    def say(self, text: str) -> None:
+        pass
+
+
+def check_same_losses(model_cfg, train_cfg, batch, root) -> float:
+    """Three steps of both from jaxgpt's initial parameters on the same batches:
+    the largest difference of their losses."""
+    state = train.create_state(model_cfg, train_cfg, root)
+    step = train.make_train_step(model_cfg, train_cfg, sharding.make_mesh())
+    twin = torch_twin.GPT(model_cfg)
+    twin.load_flax(state.params)
+    twin_step = torch_twin.make_train_step(twin, train_cfg)
+    diffs = []
+    for s in range(3):
+        x, y = batch(s)
+        state, m = step(state, x, y, root)
+        tx, ty = (torch.from_numpy(np.array(z)).long() for z in (x, y))
+        loss = twin_step(tx, ty, torch_twin.lr_at(s, train_cfg)).item()
+        diffs.append(abs(float(m["loss"]) - loss))
+    return max(diffs)
+
+
+def bench_step():
+    run, train_cfg, model_cfg = configs()
+    B, T = train_cfg.batch_size, model_cfg.block_size
+    needed = _CHUNK.value * (3 * _ROUNDS.value + 2)
+    train_cfg = dataclasses.replace(
+        train_cfg, max_iters=max(train_cfg.max_iters, needed + 1), eval_interval=10**9
+    )
+    tokens = np.random.default_rng(0).integers(0, 65, 1_000_000).astype(np.int32)
+    root, mesh = streams.root(run.seed), sharding.make_mesh()
+    state = train.create_state(model_cfg, train_cfg, root, mesh)
+    batch = train.make_batches(tokens, root, B, T, mesh)
+    diff = check_same_losses(model_cfg, train_cfg, batch, root)
+
+    step = train.make_train_step(model_cfg, train_cfg, mesh)
+    step_fn = lambda state, x, y: step(state, x, y, root)
+    schedule = train.lr_schedule(train_cfg)
+    workdir = tempfile.mkdtemp(prefix="vs_torch_")
+
+    def jaxgpt_loop(state, n):  # train.train from state.step, n steps.
+        start = int(state.step)
+        cfg = dataclasses.replace(train_cfg, stop_at=start + n)
+        log = _QuietLog(workdir, model_cfg, train_cfg, schedule, start)
+        evaluate = lambda params: {"train_loss": 0.0, "val_loss": 0.0}
+        t0 = time.perf_counter()
+        state, _ = train.train(
+            state, cfg, step_fn, batch, evaluate, _NoCheckpoints(), log
+        )
+        return state, (time.perf_counter() - t0) / n
+
+    def jaxgpt_blocked(state, n):  # benchmarks/train.py: the median blocked step.
+        start, times = int(state.step), []
+        for s in range(start, start + n):
+            t0 = time.perf_counter()
+            state, m = step(state, *batch(s), root)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        return state, statistics.median(times)
+
+    twin = torch_twin.GPT(model_cfg)
+    twin.load_flax(state.params)
+    twin_step = torch_twin.make_train_step(twin, train_cfg)
+    twin_batch = torch_twin.batches(tokens, root, B, T)
+    twin_at = [0]
+
+    def twin_loop(n):  # nanoGPT's loop: .item() every log_interval.
+        t0 = time.perf_counter()
+        for s in range(twin_at[0], twin_at[0] + n):
+            loss = twin_step(*twin_batch(s), torch_twin.lr_at(s, train_cfg))
+            if (s + 1) % train_cfg.log_interval == 0:
+                loss.item()
+        loss.item()
+        twin_at[0] += n
+        return (time.perf_counter() - t0) / n
+
+    state, _ = jaxgpt_loop(state, _CHUNK.value)  # Compiles; warms both up.
+    twin_loop(_CHUNK.value)
+    times = {"jaxgpt loop": [], "torch loop": [], "jaxgpt blocked": []}
+    for _ in range(_ROUNDS.value):
+        state, dt = jaxgpt_loop(state, _CHUNK.value)
+        times["jaxgpt loop"].append(dt)
+        times["torch loop"].append(twin_loop(_CHUNK.value))
+        state, dt = jaxgpt_blocked(state, _CHUNK.value)
+        times["jaxgpt blocked"].append(dt)
+
+    print(f"machine: {machine()}")
+    print(
+        f"recipe: L={model_cfg.n_layer} H={model_cfg.n_head} C={model_cfg.n_embd}"
+        f" T={T} B={B} dropout={model_cfg.dropout} {model_cfg.dtype};"
+        f" {_ROUNDS.value} rounds of {_CHUNK.value} steps each, interleaved"
+    )
+    print(f"same start, same batches: losses of 3 steps differ by at most {diff:.2e}")
+    print("| loop | ms/step (median) | spread | tokens/s |")
+    print("|---|---:|---:|---:|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(
+            f"| {name} | {1e3 * med:.2f} | {1e3 * min(ts):.1f}-{1e3 * max(ts):.1f} |"
+            f" {B * T / med:,.0f} |"
+        )
+    jl, tl, jb = (statistics.median(times[k]) for k in times)
+    print(f"jaxgpt / torch tokens/s: {tl / jl:.2f}x (loop vs loop)")
+    print(f"jaxgpt loop / blocked step: {jl / jb:.3f}")
+
+
+# --- --bench=run -------------------------------------------------------------------
+
+
+def timed_command(cmd: list[str]) -> dict:
+    """Runs cmd; returns its wall time and (seconds since launch, step, val loss)
+    for every evaluation line it prints."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
+    evals, lines = [], []
+    pattern = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
+    for line in proc.stdout:
+        lines.append(line)
+        if m := pattern.search(line):
+            evals.append((time.perf_counter() - t0, int(m[1]), float(m[2])))
+    proc.wait()
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{''.join(lines[-20:])}")
+    return {"wall": time.perf_counter() - t0, "evals": evals}
+
+
+def bench_run():
+    flagfile = flags.FLAGS["flagfile"].value
+    workdir = tempfile.mkdtemp(prefix="vs_torch_run_")
+    commands = {
+        "jaxgpt": [sys.executable, "-m", "jaxgpt.main", f"--flagfile={flagfile}"]
+        + [f"--workdir={workdir}", "--overwrite"]
+        + [f"--{f}" for f in _EXTRA.value],
+        "torch twin": [sys.executable, "benchmarks/torch_twin.py"]
+        + [f"--flagfile={flagfile}", "--nanogpt_init"],
+    }
+    print(f"machine: {machine()}")
+    results = {name: [] for name in commands}
+    for r in range(_ROUNDS.value):
+        for name, cmd in commands.items():
+            res = timed_command(cmd)
+            results[name].append(res)
+            first = next((e for e in res["evals"] if e[2] <= _TARGET.value), None)
+            print(
+                f"round {r}: {name}: {res['wall']:.1f} s, final val loss"
+                f" {res['evals'][-1][2]:.4f}, val <= {_TARGET.value} at "
+                + (f"{first[0]:.1f} s (step {first[1]})" if first else "never"),
+                flush=True,
+            )
+            for t, s, v in res["evals"]:
+                print(f"    {t:6.1f} s  step {s:5d}  val {v:.4f}")
+    walls = {k: statistics.median(r["wall"] for r in v) for k, v in results.items()}
+    print(
+        f"median wall: jaxgpt {walls['jaxgpt']:.1f} s, torch twin"
+        f" {walls['torch twin']:.1f} s: ratio {walls['jaxgpt'] / walls['torch twin']:.2f}"
+    )
+
+
+# --- --bench=sample ----------------------------------------------------------------
+
+
+def bench_sample():
+    _run, _, model_cfg = configs()
+    params = model.init_params(model_cfg, jax.random.PRNGKey(0))
+    apply_fn, N = model.make_model(model_cfg).apply, _TOKENS.value
+    prompt = jnp.zeros((1, 1), jnp.int32)
+    kwargs = {
+        "block_size": model_cfg.block_size,
+        "max_new_tokens": N,
+        "temperature": 0.8,
+    }
+    times = {"jaxgpt (KV cache)": [], "torch generate()": []}
+    twin = torch_twin.GPT(model_cfg)
+    twin.load_flax(params)
+    key = jax.random.PRNGKey(0)
+    generate.generate(apply_fn, params, prompt, key, **kwargs).block_until_ready()
+    for r in range(_ROUNDS.value):
+        t0 = time.perf_counter()
+        generate.generate(apply_fn, params, prompt, key, **kwargs).block_until_ready()
+        times["jaxgpt (KV cache)"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_twin.generate(twin, torch.zeros((1, 1), dtype=torch.long), N, 0.8)
+        times["torch generate()"].append(time.perf_counter() - t0)
+    print(f"machine: {machine()}")
+    print(
+        f"model: L={model_cfg.n_layer} H={model_cfg.n_head} C={model_cfg.n_embd}"
+        f" T={model_cfg.block_size}; {N} tokens at batch 1, median of {_ROUNDS.value}"
+    )
+    print("| sampler | s | tokens/s |")
+    print("|---|---:|---:|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.3f} | {N / med:,.0f} |")
+    j, t = (statistics.median(v) for v in times.values())
+    print(f"jaxgpt / torch tokens/s: {t / j:.1f}x")
+
+
+def main(argv):
+    del argv
+    keep_freed_memory()
+    {"step": bench_step, "run": bench_run, "sample": bench_sample}[_BENCH.value]()
+
+
+if __name__ == "__main__":
+    app.run(main)
