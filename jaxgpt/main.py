@@ -26,8 +26,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jaxgpt import checkpoint as ckpt
 from jaxgpt import (
+    cache,
     config,
     data,
     generate,
@@ -39,6 +39,7 @@ from jaxgpt import (
     tokenizer,
     train,
 )
+from jaxgpt import checkpoint as ckpt
 from jaxgpt.config import (
     ConfigError,
     DataConfig,
@@ -178,7 +179,9 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
 
 def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
     """The run's TrainLog, with the peak FLOP/s its MFU divides by."""
-    peak, source = perf.peak_flops(model_cfg.dtype, run.peak_tflops)
+    peak, source = perf.peak_flops(
+        model_cfg.dtype, run.peak_tflops, store=cache.peak_file()
+    )
     logging.info("peak %.4g GFLOP/s per device (%s)", peak / 1e9, source)
     schedule = train.lr_schedule(train_cfg)
     return metrics.TrainLog(
@@ -286,6 +289,7 @@ class _OwnInfoOnly(pylogging.Filter):
 def main(argv: list[str]) -> int:
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     keep_freed_memory()  # Before XLA allocates: no page faults per step.
+    cache.enable_compilation_cache()  # A second run loads its compiled programs.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:

@@ -4,12 +4,19 @@ MFU = (model FLOPs per token x tokens/s) / (peak FLOP/s of the devices used).
 Model FLOPs per token come from `model.flops_per_token` (6N + 12LCT). The peak
 of a known accelerator is its data-sheet figure for the compute dtype; on a
 CPU (or anything unknown) it is measured: the best FLOP/s of a large jitted
-matmul in that dtype.
+matmul in that dtype. A single measurement moves with whatever else the
+machine runs, so a run's MFU divides by the median of several, measured once
+per machine and stored (`stored_peak`, in cache.peak_file()): the
+denominator is the same for every run on the machine.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,21 +58,72 @@ def measure_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> fl
     return 2 * n**3 / best
 
 
+def machine_key(dtype: str) -> str:
+    """What a stored peak belongs to: the processor, the cores this process may
+    use, the device, the dtype and the JAX version (a new XLA may be faster)."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count()
+    )
+    device = jax.devices()[0].device_kind
+    return f"{cpu} | {cores} cores | {device} | {dtype} | jax {jax.__version__}"
+
+
+def stored_peak(
+    dtype: str, path: Path, n: int = 2048, measurements: int = 5
+) -> tuple[float, bool]:
+    """This machine's peak for `dtype` from `path`, else the median of
+    `measurements` measure_peak()s, then stored there. Returns (peak, was stored)."""
+    path, key = Path(path), machine_key(dtype)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if isinstance(table.get(key), dict) and table[key].get("n") == n:
+        return float(table[key]["flops"]), True
+    runs = [measure_peak(dtype, n, repeats=3) for _ in range(measurements)]
+    table[key] = {"flops": statistics.median(runs), "n": n, "runs": runs}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)  # Atomic: a concurrent run reads old or new, whole.
+    except OSError:
+        pass  # Unwritable cache: measured again next time.
+    return table[key]["flops"], False
+
+
 def peak_flops(
     dtype: str = "float32",
     tflops: float | None = None,
     n: int = 2048,
     measure: bool = False,
+    store: Path | None = None,
 ) -> tuple[float, str]:
-    """Peak FLOP/s of one device and where it came from: given, data sheet, or
-    measured (always measured with `measure`)."""
+    """Peak FLOP/s of one device and where it came from: given, data sheet,
+    stored in `store` (measured there once, see stored_peak), or measured now
+    (always measured with `measure`)."""
     if tflops and not measure:
         return tflops * 1e12, "given"
     kind = jax.devices()[0].device_kind
     peak = None if measure else known_peak(kind, dtype)
     if peak is not None:
         return peak, f"{kind} data sheet, {dtype}"
-    return measure_peak(dtype, n), f"measured: {n}^3 {jnp.dtype(dtype).name} matmul"
+    what = f"{n}^3 {jnp.dtype(dtype).name} matmul"
+    if store is None or measure:
+        return measure_peak(dtype, n), f"measured: {what}"
+    peak, was_stored = stored_peak(dtype, store, n)
+    when = "stored in" if was_stored else "measured now, stored in"
+    return peak, f"measured once on this machine ({what}), {when} {store}"
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float, devices: int = 1):

@@ -32,3 +32,59 @@ def test_peak_is_given_or_measured_on_cpu():
 def test_mfu_divides_model_flops_by_the_peak_of_all_devices():
     # 1e6 FLOPs/token at 1e4 tokens/s = 1e10 FLOP/s, over 4 devices of 1e11.
     assert perf.mfu(1e6, 1e4, 1e11, devices=4) == pytest.approx(0.025)
+
+
+def test_stored_peak_is_measured_once_as_the_median(tmp_path, monkeypatch):
+    measured = iter([5e9, 1e9, 3e9, 2e9, 4e9, 9e9])
+    calls = []
+
+    def fake_measure(dtype, n, repeats):
+        calls.append((dtype, n))
+        return next(measured)
+
+    monkeypatch.setattr(perf, "measure_peak", fake_measure)
+    store = tmp_path / "peak.json"
+    assert perf.stored_peak("float32", store, n=64) == (3e9, False)  # Median of 5.
+    assert len(calls) == 5
+    assert perf.stored_peak("float32", store, n=64) == (3e9, True)  # Read back.
+    assert len(calls) == 5
+    peak, source = perf.peak_flops("float32", n=64, store=store)
+    assert peak == 3e9 and "stored in" in source and len(calls) == 5
+
+
+def test_stored_peak_is_per_machine_dtype_and_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(perf, "measure_peak", lambda dtype, n, repeats: float(n))
+    store = tmp_path / "peak.json"
+    perf.stored_peak("float32", store, n=64)
+    assert perf.stored_peak("bfloat16", store, n=64) == (64.0, False)  # Not fp32's.
+    assert perf.stored_peak("float32", store, n=32) == (32.0, False)  # Other size.
+    monkeypatch.setattr(perf, "machine_key", lambda dtype: f"another machine {dtype}")
+    assert perf.stored_peak("float32", store, n=32) == (32.0, False)
+
+
+def test_a_corrupt_or_unwritable_store_measures_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(perf, "measure_peak", lambda dtype, n, repeats: 7.0)
+    store = tmp_path / "peak.json"
+    store.write_text("{not json")
+    assert perf.stored_peak("float32", store, n=16) == (7.0, False)
+    assert perf.stored_peak("float32", store, n=16) == (7.0, True)  # Rewritten.
+    blocked = tmp_path / "file" / "peak.json"
+    (tmp_path / "file").write_text("a file where a folder should be")
+    assert perf.stored_peak("float32", blocked, n=16) == (7.0, False)
+
+
+def test_measured_peak_is_a_plausible_flop_rate():
+    """measure_peak against the time of the same matmul taken here."""
+    import time
+
+    import jax.numpy as jnp
+
+    n = 256
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        f(a).block_until_ready()
+    slowest_possible = 2 * n**3 / ((time.perf_counter() - t0) / 5) / 20
+    assert perf.measure_peak("float32", n=n) > slowest_possible
