@@ -39,6 +39,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import speedups
 from jaxgpt.config import ModelConfig, SampleConfig
 
 
@@ -79,7 +80,7 @@ def sample_logits(
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1)
     logits_BV = filter_logits(logits_BV, temperature, top_k, top_p)
-    return jax.random.categorical(key, logits_BV, axis=-1)
+    return speedups.categorical(key, logits_BV)  # jax.random.categorical's draw.
 
 
 @partial(
@@ -123,7 +124,7 @@ def generate(
     def draw(t, logits_BV, carry):  # Writes token t (and its logits).
         buf_BA, logits_BNV = carry
         next_B = sample_logits(
-            jax.random.fold_in(key, t), logits_BV, temperature, top_k, top_p
+            speedups.fold_in(key, t), logits_BV, temperature, top_k, top_p
         )
         buf_BA = buf_BA.at[:, t].set(next_B.astype(jnp.int32))
         if return_logits:

@@ -108,6 +108,31 @@ def bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return b1 ^ b2
 
 
+def fold_in(key: jax.Array, i) -> jax.Array:
+    """jax.random.fold_in(key, i) for a raw Threefry key (uint32[2]) and a 32-bit
+    `i`, hashed by the unrolled cipher: JAX's CPU lowering is a loop of 5 steps,
+    whose per-step overhead dominates a small sampling step."""
+    if not (_uses_threefry(key) and key.dtype == jnp.uint32):
+        return jax.random.fold_in(key, i)
+    i = jnp.asarray(i).astype(jnp.uint32)  # fold_in's seed: [i >> 32, i] = [0, i].
+    y1, y2 = threefry2x32(key[0], key[1], jnp.zeros_like(i), i)
+    return jnp.stack([y1, y2])
+
+
+def categorical(key: jax.Array, logits_BV: jax.Array) -> jax.Array:
+    """jax.random.categorical(key, logits_BV, axis=-1) for float32 logits:
+    the argmax of logits plus Gumbel noise, drawn from `bits` (fused)."""
+    if logits_BV.dtype != jnp.float32:
+        return jax.random.categorical(key, logits_BV, axis=-1)
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    mantissa = bits(key, logits_BV.shape) >> np.uint32(32 - 23)  # As jax.random.
+    one_to_two = jax.lax.bitcast_convert_type(
+        mantissa | np.float32(1.0).view(np.uint32), jnp.float32
+    )
+    u = jnp.maximum(tiny, (one_to_two - np.float32(1.0)) * (1 - tiny) + tiny)
+    return jnp.argmax(logits_BV - jnp.log(-jnp.log(u)), axis=-1)
+
+
 def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
     """Inverted dropout: zero each element with probability `rate`, scale the rest up."""
     threshold = np.uint32(round(rate * 2**32))  # P(bits < threshold) = rate.
