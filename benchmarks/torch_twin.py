@@ -12,13 +12,14 @@ nanoGPT writes them (nn.Linear, scaled_dot_product_attention, torch.optim.AdamW)
 Run as a script it does what `python -m jaxgpt.main` does for a recipe: train
 with evaluations, then print a sample with nanoGPT's generate() (no KV cache).
 
-The knobs `nanogpt_*` switch single details to nanoGPT's own choices (its
-warmup, fresh random evaluation batches, exact GELU, its own initial draw) to
-find which of them moves the final loss.
+The flags --nanogpt_warmup, _eval, _gelu, _init and _batches (Knobs) switch
+single details to nanoGPT's own choices, to find which of them moves the
+final loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -239,6 +240,89 @@ def generate(
     return idx_BP
 
 
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """Which details follow nanoGPT instead of jaxgpt (all False: jaxgpt's run)."""
+
+    warmup: bool = False  # lr (s+1)/(w+1) from the first step, not 0.
+    eval: bool = False  # Fresh random evaluation batches at every evaluation.
+    gelu: bool = False  # Exact GELU, not tanh's.
+    init: bool = False  # The initial draw from torch's generator, not jaxgpt's.
+    batches: bool = False  # Batches from torch.randint, not jaxgpt's batch stream.
+
+    @classmethod
+    def nanogpt(cls) -> Knobs:
+        return cls(True, True, True, True, True)
+
+
+def torch_batches(tokens: np.ndarray, seed: int, B: int, T: int) -> Callable:
+    """nanoGPT's get_batch: window starts from torch.randint."""
+    data, gen = torch.from_numpy(tokens.astype(np.int64)), torch.Generator()
+    gen.manual_seed(seed)
+
+    def batch(step: int):
+        ix = torch.randint(len(data) - T, (B,), generator=gen)
+        x = torch.stack([data[i : i + T] for i in ix])
+        return x, torch.stack([data[i + 1 : i + 1 + T] for i in ix])
+
+    return batch
+
+
+@torch.no_grad()
+def full_loss(model: GPT, tokens: np.ndarray, T: int, rows: int = 256) -> float:
+    """Mean loss over every whole window of T tokens of `tokens`, side by side:
+    an estimate free of the choice of evaluation batches."""
+    n = (len(tokens) - 1) // T
+    x = torch.from_numpy(tokens[: n * T].astype(np.int64)).view(n, T)
+    y = torch.from_numpy(tokens[1 : n * T + 1].astype(np.int64)).view(n, T)
+    model.eval()
+    total = sum(
+        loss_of(model, x[i : i + rows], y[i : i + rows]).item() * len(x[i : i + rows])
+        for i in range(0, n, rows)
+    )
+    model.train()
+    return total / n
+
+
+def train_recipe(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    splits: dict[str, np.ndarray],
+    seed: int,
+    knobs: Knobs = Knobs(),
+    on_eval: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
+) -> GPT:
+    """Trains the twin on the recipe, evaluating every eval_interval steps."""
+    root = streams.root(seed)
+    torch.manual_seed(seed)
+    model = GPT(model_cfg, exact_gelu=knobs.gelu)
+    if knobs.init:
+        model.init_weights(torch.Generator().manual_seed(seed))
+    else:  # jaxgpt's initial parameters, drawn from the params stream.
+        from jaxgpt import model as jax_model
+
+        model.load_flax(
+            jax_model.init_params(model_cfg, streams.stream(root, "params"))
+        )
+    T, B = model_cfg.block_size, train_cfg.batch_size
+    step_fn = make_train_step(model, train_cfg)
+    if knobs.batches:
+        next_batch = torch_batches(splits["train"], seed, B, T)
+    else:
+        next_batch = batches(splits["train"], root, B, T)
+    fresh = np.random.default_rng(seed) if knobs.eval else None
+    evaluate = make_evaluate(model, splits, root, train_cfg, T, fresh)
+    on_eval(0, evaluate())
+    for step in range(train_cfg.max_iters):
+        loss = step_fn(*next_batch(step), lr_at(step, train_cfg, knobs.warmup))
+        done = step + 1
+        if done % train_cfg.log_interval == 0:
+            print(f"step {done}: loss {loss.item():.4f}", flush=True)
+        if done % train_cfg.eval_interval == 0 or done == train_cfg.max_iters:
+            on_eval(done, evaluate())
+    return model
+
+
 def main(argv):
     """The twin of `python -m jaxgpt.main` for a recipe: train, evaluate, sample.
 
@@ -254,25 +338,9 @@ def main(argv):
         jaxgpt_main.from_flags(jaxgpt_main.DataConfig), FLAGS.block_size
     )
     model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=len(vocab))
-    root = streams.root(run_cfg.seed)
-    torch.manual_seed(run_cfg.seed)
-    model = GPT(model_cfg, exact_gelu=_EXACT_GELU.value)
-    if _OWN_INIT.value:
-        model.init_weights(torch.Generator().manual_seed(run_cfg.seed))
-    else:  # jaxgpt's initial parameters, drawn from the params stream.
-        from jaxgpt import model as jax_model
+    knobs = Knobs(**{k: FLAGS[f"nanogpt_{k}"].value for k in Knobs.__annotations__})
 
-        model.load_flax(
-            jax_model.init_params(model_cfg, streams.stream(root, "params"))
-        )
-    T = model_cfg.block_size
-    step_fn = make_train_step(model, train_cfg)
-    next_batch = batches(splits["train"], root, train_cfg.batch_size, T)
-    fresh = np.random.default_rng(run_cfg.seed) if _FRESH_EVAL.value else None
-    evaluate = make_evaluate(model, splits, root, train_cfg, T, fresh)
-
-    def log_eval(step):
-        losses = evaluate()
+    def log_eval(step, losses):
         print(
             f"step {step}: train loss {losses['train_loss']:.4f},"
             f" val loss {losses['val_loss']:.4f}",
@@ -280,15 +348,7 @@ def main(argv):
         )
 
     t0 = time.perf_counter()
-    log_eval(0)
-    for step in range(train_cfg.max_iters):
-        lr = lr_at(step, train_cfg, _NANOGPT_WARMUP.value)
-        loss = step_fn(*next_batch(step), lr)
-        done = step + 1
-        if done % train_cfg.log_interval == 0:
-            print(f"step {done}: loss {loss.item():.4f}", flush=True)
-        if done % train_cfg.eval_interval == 0 or done == train_cfg.max_iters:
-            log_eval(done)
+    model = train_recipe(model_cfg, train_cfg, splits, run_cfg.seed, knobs, log_eval)
     print(f"trained in {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter()
     prompt = torch.tensor(
@@ -306,15 +366,8 @@ def main(argv):
     print(f"sampled in {time.perf_counter() - t0:.2f}s", flush=True)
 
 
+for _knob in Knobs.__annotations__:
+    flags.DEFINE_bool(f"nanogpt_{_knob}", False, f"nanoGPT's {_knob} (see Knobs).")
+
 if __name__ == "__main__":
-    _NANOGPT_WARMUP = flags.DEFINE_bool(
-        "nanogpt_warmup", False, "nanoGPT's warmup: lr (s+1)/(w+1) from step 0."
-    )
-    _FRESH_EVAL = flags.DEFINE_bool(
-        "nanogpt_eval", False, "Fresh random evaluation batches each time (nanoGPT)."
-    )
-    _EXACT_GELU = flags.DEFINE_bool("nanogpt_gelu", False, "Exact GELU (nanoGPT).")
-    _OWN_INIT = flags.DEFINE_bool(
-        "nanogpt_init", False, "Draw the initial weights with torch (else jaxgpt's)."
-    )
     app.run(main)

@@ -23,6 +23,9 @@ batches, optimizer and schedule, float32, written as nanoGPT writes it.
   each first reaches --target_loss.
 --bench=sample: tokens/s at batch 1 of jaxgpt's sampling (KV cache, compiled
   program, second call) and of nanoGPT's generate(), on the recipe's model.
+--bench=seeds: the final val loss over --seeds of jaxgpt, the twin run as
+  jaxgpt and the twin run with nanoGPT's choices (torch_twin.Knobs), each twin
+  also evaluated on the whole val split: are the two the same within noise?
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ from jaxgpt import main as jaxgpt_main
 from jaxgpt.config import ModelConfig, RunConfig, TrainConfig
 from jaxgpt.speedups import keep_freed_memory
 
-_BENCH = flags.DEFINE_enum("bench", "step", ["step", "run", "sample"], "What to time.")
+_BENCH = flags.DEFINE_enum(
+    "bench", "step", ["step", "run", "sample", "seeds"], "What to measure."
+)
+_SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3", "4", "5"], "--bench=seeds.")
 _CHUNK = flags.DEFINE_integer("bench_chunk", 100, "Steps per timed chunk.")
 _ROUNDS = flags.DEFINE_integer("bench_rounds", 5, "Chunks (or runs) per framework.")
 _TARGET = flags.DEFINE_float(
@@ -83,6 +89,16 @@ def machine() -> str:
         f" ({torch.get_num_threads()} threads), jax {jax.__version__};"
         f" load average {load:.2f}"
     )
+
+
+OWN_FLAGS = ("bench", "seeds", "target_loss", "jaxgpt_flags")
+
+
+def recipe_args() -> list[str]:
+    """This command's arguments for the recipe (--flagfile and overrides), to
+    hand to jaxgpt's and the twin's commands."""
+    own = tuple(f"--{name}" for name in OWN_FLAGS)
+    return [a for a in sys.argv[1:] if not a.startswith(own)]
 
 
 def configs():
@@ -238,14 +254,13 @@ def timed_command(cmd: list[str]) -> dict:
 
 
 def bench_run():
-    flagfile = flags.FLAGS["flagfile"].value
     workdir = tempfile.mkdtemp(prefix="vs_torch_run_")
     commands = {
-        "jaxgpt": [sys.executable, "-m", "jaxgpt.main", f"--flagfile={flagfile}"]
+        "jaxgpt": [sys.executable, "-m", "jaxgpt.main", *recipe_args()]
         + [f"--workdir={workdir}", "--overwrite"]
         + [f"--{f}" for f in _EXTRA.value],
-        "torch twin": [sys.executable, "benchmarks/torch_twin.py"]
-        + [f"--flagfile={flagfile}", "--nanogpt_init"],
+        "torch twin": [sys.executable, "benchmarks/torch_twin.py", *recipe_args()]
+        + ["--nanogpt_init", "--nanogpt_batches"],
     }
     print(f"machine: {machine()}")
     results = {name: [] for name in commands}
@@ -308,10 +323,60 @@ def bench_sample():
     print(f"jaxgpt / torch tokens/s: {t / j:.1f}x")
 
 
+# --- --bench=seeds --------------------------------------------------------------------
+
+
+def bench_seeds():
+    """Final val loss over seeds: jaxgpt itself, the twin as jaxgpt (same init,
+    batches, schedule, evaluation batches) and the twin as nanoGPT (its init,
+    batches, warmup, GELU and fresh evaluation batches); each twin also on the
+    whole val split."""
+    _, train_cfg, _ = configs()
+    vocab, splits = jaxgpt_main.read_corpus(
+        jaxgpt_main.from_flags(jaxgpt_main.DataConfig), flags.FLAGS.block_size
+    )
+    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=len(vocab))
+    T = model_cfg.block_size
+    rows = {}
+    print(f"machine: {machine()}")
+    print(
+        "| seed | jaxgpt | twin as jaxgpt (whole val) | twin as nanoGPT (whole val) |"
+    )
+    print("|---:|---:|---:|---:|")
+    for seed in map(int, _SEEDS.value):
+        workdir = tempfile.mkdtemp(prefix="vs_torch_seed_")
+        cmd = [sys.executable, "-m", "jaxgpt.main", *recipe_args()]
+        cmd += [f"--seed={seed}", f"--workdir={workdir}", "--overwrite"]
+        cmd += ["--max_new_tokens=1"]
+        jax_val = timed_command(cmd)["evals"][-1][2]
+        row = [jax_val]
+        for knobs in (torch_twin.Knobs(), torch_twin.Knobs.nanogpt()):
+            evals = []
+            record = lambda step, losses, evals=evals: evals.append(losses["val_loss"])
+            twin = torch_twin.train_recipe(
+                model_cfg, train_cfg, splits, seed, knobs, record
+            )
+            row += [evals[-1], torch_twin.full_loss(twin, splits["val"], T)]
+        rows[seed] = row
+        print(
+            f"| {seed} | {row[0]:.4f} | {row[1]:.4f} ({row[2]:.4f}) |"
+            f" {row[3]:.4f} ({row[4]:.4f}) |",
+            flush=True,
+        )
+    cols = list(zip(*rows.values()))
+    stat = lambda c: f"{statistics.mean(c):.4f} +- {statistics.stdev(c):.4f}"
+    print(
+        f"| mean +- sd | {stat(cols[0])} | {stat(cols[1])} ({stat(cols[2])}) |"
+        f" {stat(cols[3])} ({stat(cols[4])}) |"
+    )
+
+
 def main(argv):
     del argv
     keep_freed_memory()
-    {"step": bench_step, "run": bench_run, "sample": bench_sample}[_BENCH.value]()
+    benches = {"step": bench_step, "run": bench_run, "sample": bench_sample}
+    benches["seeds"] = bench_seeds
+    benches[_BENCH.value]()
 
 
 if __name__ == "__main__":

@@ -185,6 +185,12 @@ class TrainConfig:
         "Stop (and checkpoint) at this step without changing the schedule; rerun"
         " to resume.",
     )
+    optimizer: Literal["adamw", "muon"] = option(
+        "adamw",
+        "adamw, or muon: Muon (optax.contrib.muon: orthogonalised momentum) on the"
+        " blocks' matrices and AdamW on the embeddings, gains and biases, one"
+        " schedule for both.",
+    )
     learning_rate: float = option(1e-3, "Peak learning rate.")
     min_lr: float = option(1e-4, "Learning rate at the end of the decay.")
     warmup_iters: int = option(100, "Linear warmup steps.")
@@ -200,6 +206,7 @@ class TrainConfig:
     log_interval: int = option(10, "Steps between log lines.")
 
     def __post_init__(self):
+        check_choices(self)
         require_positive(
             batch_size=self.batch_size,
             grad_accum_steps=self.grad_accum_steps,

@@ -45,7 +45,8 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with weight decay on the matrices only, after global-norm clipping."""
+    """After global-norm clipping: AdamW with weight decay on the matrices only,
+    or (--optimizer=muon) Muon on the blocks' matrices and that AdamW on the rest."""
     adamw = optax.adamw(
         lr_schedule(cfg),
         b1=cfg.beta1,
@@ -57,7 +58,40 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     clip = (
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
     )
+    if cfg.optimizer == "muon":
+        return optax.chain(
+            clip, optax.partition({"muon": make_muon(cfg), "adamw": adamw}, muon_labels)
+        )
     return optax.chain(clip, adamw)
+
+
+def muon_labels(params) -> Any:
+    """ "muon" for the blocks' Dense kernels, "adamw" for every other leaf: the
+    embeddings (the token one is also the output layer), LayerNorm scales, biases."""
+
+    def label(path, leaf):
+        names = [getattr(k, "key", "") for k in path]
+        in_block = names[0] == "h" or names[0].startswith("h_")
+        return "muon" if in_block and names[-1] == "kernel" else "adamw"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_muon(cfg: TrainConfig) -> optax.GradientTransformation:
+    """optax.contrib.muon for the blocks' kernels ([C_in, C_out], or stacked
+    [L, C_in, C_out] with scan_layers), momentum beta1, decoupled weight decay.
+    Its updates are scaled to AdamW's RMS (consistent_rms=0.2), so the one
+    learning-rate schedule serves both halves."""
+    dims = lambda params: jax.tree.map(
+        lambda p: optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1), params
+    )
+    return optax.contrib.muon(
+        lr_schedule(cfg),
+        beta=cfg.beta1,
+        weight_decay=cfg.weight_decay,
+        muon_weight_dimension_numbers=dims,
+        consistent_rms=0.2,
+    )
 
 
 @struct.dataclass
