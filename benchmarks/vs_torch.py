@@ -23,9 +23,9 @@ batches, optimizer and schedule, float32, written as nanoGPT writes it.
   each first reaches --target_loss.
 --bench=sample: tokens/s at batch 1 of jaxgpt's sampling (KV cache, compiled
   program, second call) and of nanoGPT's generate(), on the recipe's model.
---bench=seeds: the final val loss over --seeds of jaxgpt, the twin run as
-  jaxgpt and the twin run with nanoGPT's choices (torch_twin.Knobs), each twin
-  also evaluated on the whole val split: are the two the same within noise?
+--bench=seeds: the final val loss over --seeds of jaxgpt and of the twin run
+  with nanoGPT's choices (torch_twin.Knobs), each on its own evaluation batches
+  and on the whole val split: are the two the same within noise?
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_twin
 
+from jaxgpt import checkpoint as ckpt
 from jaxgpt import generate, metrics, model, sharding, streams, train
 from jaxgpt import main as jaxgpt_main
 from jaxgpt.config import ModelConfig, RunConfig, TrainConfig
@@ -327,48 +328,48 @@ def bench_sample():
 
 
 def bench_seeds():
-    """Final val loss over seeds: jaxgpt itself, the twin as jaxgpt (same init,
-    batches, schedule, evaluation batches) and the twin as nanoGPT (its init,
-    batches, warmup, GELU and fresh evaluation batches); each twin also on the
-    whole val split."""
+    """Final val loss over seeds, on the run's evaluation batches and on the
+    whole val split: jaxgpt itself, and the twin with nanoGPT's choices (its
+    init, batches, warmup, GELU and fresh evaluation batches). jaxgpt runs in a
+    subprocess while the twin trains on one thread beside it."""
     _, train_cfg, _ = configs()
     vocab, splits = jaxgpt_main.read_corpus(
         jaxgpt_main.from_flags(jaxgpt_main.DataConfig), flags.FLAGS.block_size
     )
     model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=len(vocab))
     T = model_cfg.block_size
+    torch.set_num_threads(1)
     rows = {}
     print(f"machine: {machine()}")
-    print(
-        "| seed | jaxgpt | twin as jaxgpt (whole val) | twin as nanoGPT (whole val) |"
-    )
-    print("|---:|---:|---:|---:|")
+    print("| seed | jaxgpt | jaxgpt, whole val | nanoGPT twin | twin, whole val |")
+    print("|---:|---:|---:|---:|---:|")
     for seed in map(int, _SEEDS.value):
         workdir = tempfile.mkdtemp(prefix="vs_torch_seed_")
         cmd = [sys.executable, "-m", "jaxgpt.main", *recipe_args()]
         cmd += [f"--seed={seed}", f"--workdir={workdir}", "--overwrite"]
         cmd += ["--max_new_tokens=1"]
-        jax_val = timed_command(cmd)["evals"][-1][2]
-        row = [jax_val]
-        for knobs in (torch_twin.Knobs(), torch_twin.Knobs.nanogpt()):
-            evals = []
-            record = lambda step, losses, evals=evals: evals.append(losses["val_loss"])
-            twin = torch_twin.train_recipe(
-                model_cfg, train_cfg, splits, seed, knobs, record
-            )
-            row += [evals[-1], torch_twin.full_loss(twin, splits["val"], T)]
-        rows[seed] = row
-        print(
-            f"| {seed} | {row[0]:.4f} | {row[1]:.4f} ({row[2]:.4f}) |"
-            f" {row[3]:.4f} ({row[4]:.4f}) |",
-            flush=True,
+        jaxgpt_run = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
         )
-    cols = list(zip(*rows.values()))
-    stat = lambda c: f"{statistics.mean(c):.4f} +- {statistics.stdev(c):.4f}"
-    print(
-        f"| mean +- sd | {stat(cols[0])} | {stat(cols[1])} ({stat(cols[2])}) |"
-        f" {stat(cols[3])} ({stat(cols[4])}) |"
-    )
+        evals = []
+        record = lambda step, losses, evals=evals: evals.append(losses["val_loss"])
+        twin = torch_twin.train_recipe(
+            model_cfg, train_cfg, splits, seed, torch_twin.Knobs.nanogpt(), record
+        )
+        out = jaxgpt_run.communicate()[0]
+        jax_val = float(re.findall(r"val loss ([\d.]+)", out)[-1])
+        twin_whole = torch_twin.full_loss(twin, splits["val"], T)
+        with ckpt.Checkpointer(workdir) as checkpointer:  # jaxgpt's final model.
+            target = train.abstract_params(model_cfg, sharding.make_mesh())
+            twin.load_flax(checkpointer.restore_params(target))
+        row = [jax_val, torch_twin.full_loss(twin, splits["val"], T)]
+        rows[seed] = row + [evals[-1], twin_whole]
+        print("| " + " | ".join([str(seed)] + [f"{v:.4f}" for v in rows[seed]]) + " |")
+        sys.stdout.flush()
+    if len(rows) > 1:
+        cols = list(zip(*rows.values()))
+        stat = lambda c: f"{statistics.mean(c):.4f} +- {statistics.stdev(c):.4f}"
+        print("| mean +- sd | " + " | ".join(stat(c) for c in cols) + " |")
 
 
 def main(argv):
