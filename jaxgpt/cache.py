@@ -7,11 +7,20 @@ $XDG_CACHE_HOME/jaxgpt (else ~/.cache/jaxgpt), beside the downloaded corpus:
                 compile options and the JAX/XLA version, so a second run of
                 the same recipe loads them instead of compiling (seconds on a
                 CPU), and a changed program compiles anew.
+    programs/   the traced and lowered programs (jax.export), so a second
+                run skips tracing the model too (StoredJit).
     peak.json   this machine's peak FLOP/s, measured once (perf.stored_peak).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -42,3 +51,139 @@ def enable_compilation_cache(directory: Path | None = None) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+# --- Traced programs -----------------------------------------------------------------
+
+PROGRAMS = "programs"  # Under cache_dir(): serialized jax.export modules.
+
+
+@functools.cache
+def source_hash() -> str:
+    """A hash of jaxgpt's own code and the library versions a program depends on:
+    any change to them makes every stored program stale."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    for name in ("jax", "jaxlib", "flax", "optax"):
+        h.update(f"{name} {importlib.metadata.version(name)}".encode())
+    return h.hexdigest()
+
+
+def _signature(args) -> str:
+    """The shapes, dtypes and shardings of a call's arguments."""
+    leaves, tree = jax.tree.flatten(args)
+    parts = [str(tree)]
+    for leaf in leaves:
+        shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", type(leaf))
+        parts.append(f"{shape} {dtype} {getattr(leaf, 'sharding', None)}")
+    return "\n".join(parts)
+
+
+class StoredJit:
+    """jax.jit(fn, **jit_kwargs), whose traced and lowered program is kept in
+    the cache directory (jax.export) and read back by later runs, which then
+    skip tracing: with the compilation cache, a second run neither traces nor
+    compiles. `key` names what fn's Python closes over (configs, static
+    options); the arguments' shapes, dtypes and shardings and source_hash()
+    complete it. Falls back to plain jit where export is unavailable (no
+    flatbuffers, several processes) or with the cache off."""
+
+    def __init__(self, fn: Callable, key: str, directory: Path | None = None, **kw):
+        self.jitted, self.key, self.kw = jax.jit(fn, **kw), key, kw
+        self.directory = directory
+        self.calls: dict[str, Callable] = {}
+
+    def _program(self, args) -> Callable:
+        signature = _signature(args)
+        if signature in self.calls:
+            return self.calls[signature]
+        directory = self.directory or (
+            Path(jax.config.jax_compilation_cache_dir).parent / PROGRAMS
+            if jax.config.jax_compilation_cache_dir
+            else None
+        )
+        if directory is None or jax.process_count() > 1 or not _can_export():
+            self.calls[signature] = self.jitted
+            return self.jitted
+        text = f"{source_hash()}\n{self.key}\n{signature}"
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        path = Path(directory) / f"{digest}.jaxexport"
+        types_path = path.with_suffix(".types")
+        try:  # The pytree node types first: deserialize needs them registered.
+            register_node_types(json.loads(types_path.read_text()))
+            exported = jax.export.deserialize(bytearray(path.read_bytes()))
+        except (OSError, ValueError, ImportError, AttributeError):
+            exported = jax.export.export(self.jitted)(*args)
+            types = node_types(exported.in_tree) | node_types(exported.out_tree)
+            register_node_types(sorted(types))
+            _write_atomically(path, exported.serialize())
+            _write_atomically(types_path, json.dumps(sorted(types)).encode())
+        kw = {k: v for k, v in self.kw.items() if k == "donate_argnums"}
+        self.calls[signature] = jax.jit(exported.call, **kw)
+        return self.calls[signature]
+
+    def __call__(self, *args):
+        return self._program(args)(*args)
+
+    def lower(self, *args):
+        return self._program(args).lower(*args)
+
+
+def node_types(treedef) -> set[str]:
+    """ "module:qualname" of every custom node type in a pytree structure."""
+    found, todo = set(), [treedef]
+    while todo:
+        node = todo.pop()
+        data = node.node_data()
+        if data is not None and data[0] not in (tuple, list, dict, type(None)):
+            found.add(f"{data[0].__module__}:{data[0].__qualname__}")
+        todo.extend(node.children())
+    return found
+
+
+_REGISTERED: set[str] = set()
+
+
+def register_node_types(names) -> None:
+    """Lets jax.export (de)serialize pytrees holding these types (named by
+    node_types): namedtuples by their fields, others with pickled aux data."""
+    for name in names:
+        if name in _REGISTERED:
+            continue
+        module, qualname = name.split(":")
+        cls = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        try:
+            if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+                jax.export.register_namedtuple_serialization(cls, serialized_name=name)
+            else:
+                jax.export.register_pytree_node_serialization(
+                    cls,
+                    serialized_name=name,
+                    serialize_auxdata=pickle.dumps,
+                    deserialize_auxdata=pickle.loads,
+                )
+        except ValueError:  # Registered already (by JAX or a library).
+            pass
+        _REGISTERED.add(name)
+
+
+@functools.cache
+def _can_export() -> bool:
+    try:
+        import flatbuffers  # noqa: F401  (jax.export's serialization needs it)
+    except ImportError:
+        return False
+    return True
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # An unwritable cache: traced again next time.

@@ -39,7 +39,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import speedups
+from jaxgpt import cache, speedups
 from jaxgpt.config import ModelConfig, SampleConfig
 
 
@@ -198,15 +198,16 @@ def sample(
     `key` is the run's sample stream (streams.stream(root, "sample")).
     """
     prompt_BP = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (cfg.num_samples, 1))
-    return generate(
-        apply_fn,
-        params,
-        prompt_BP,
-        key,
-        block_size=model_cfg.block_size,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=float(cfg.temperature),
-        top_k=cfg.top_k or None,
-        top_p=float(cfg.top_p) if cfg.top_p < 1.0 else None,
-        kv_cache=cfg.kv_cache,
+    options = {
+        "block_size": model_cfg.block_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": float(cfg.temperature),
+        "top_k": cfg.top_k or None,
+        "top_p": float(cfg.top_p) if cfg.top_p < 1.0 else None,
+        "kv_cache": cfg.kv_cache,
+    }
+    program = cache.StoredJit(  # Traced once per machine (see cache.py).
+        partial(generate, apply_fn, **options),
+        f"generate {model_cfg!r} {sorted(options.items())}",
     )
+    return program(params, prompt_BP, key)

@@ -13,6 +13,7 @@ all its devices. Every process of a multi-host run executes the loop; process
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from jaxgpt import data, sharding, streams
+from jaxgpt import cache, data, sharding, streams
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.model import cross_entropy, decay_mask, init_params, make_model
@@ -125,16 +126,22 @@ def create_state(
 
     if mesh is None:
         return create()
-    shardings = sharding.state_shardings(jax.eval_shape(create), mesh)
-    return jax.jit(create, out_shardings=shardings)()
+    shapes = abstract_state(model_cfg, train_cfg, mesh)  # Traced once per run.
+    key = f"create_state {model_cfg!r} {train_cfg!r} {mesh!r} {root.tolist()}"
+    shardings = sharding.state_shardings(shapes, mesh)
+    return cache.StoredJit(create, key, out_shardings=shardings)()
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
-    """The state's shapes, dtypes and shardings on `mesh`: a target to restore into."""
+    """The state's shapes, dtypes and shardings on `mesh`: a target to restore into.
+
+    Cached: tracing the model's init takes a noticeable part of start-up."""
     create = lambda: create_state(model_cfg, train_cfg, streams.root(0))
     return sharding.on_mesh(jax.eval_shape(create), mesh)
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(model_cfg: ModelConfig, mesh: Mesh):
     """The parameters' shapes, dtypes and shardings on `mesh` (for sampling)."""
     init = lambda: init_params(model_cfg, streams.root(0))
@@ -220,8 +227,9 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
         abstract_state(model_cfg, train_cfg, mesh), mesh
     )
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return jax.jit(
+    return cache.StoredJit(  # jax.jit, traced once per machine (see cache.py).
         step,
+        f"train_step {model_cfg!r} {train_cfg!r} {mesh!r}",
         in_shardings=(state_shardings, batch, batch, rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=0,
@@ -303,8 +311,9 @@ def make_evaluate(
 
     params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
     rows = sharding.batch_sharding(mesh, row_axis=1)
-    mean_loss = jax.jit(
+    mean_loss = cache.StoredJit(
         mean_loss,
+        f"evaluate {model_cfg!r} {n} {mesh!r}",
         in_shardings=(params, rows, rows),
         out_shardings=sharding.replicated(mesh),
     )

@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
 from jaxgpt import cache
 
 TINY = [
@@ -41,24 +46,73 @@ def run(tmp_path, corpus_path, name, *extra):
     return (workdir / "metrics.jsonl").read_text()
 
 
-def entries(tmp_path) -> set[str]:
-    return {p.name for p in (tmp_path / "cache" / "jaxgpt" / "xla").iterdir()}
+def entries(tmp_path, kind: str = "xla") -> set[str]:
+    return {p.name for p in (tmp_path / "cache" / "jaxgpt" / kind).iterdir()}
 
 
 def test_cached_runs_match_bit_for_bit_and_changed_programs_compile(
     tmp_path, corpus_path
 ):
     first = run(tmp_path, corpus_path, "a")
-    kept = entries(tmp_path)
+    kept, traced = entries(tmp_path), entries(tmp_path, "programs")
     assert len(kept) >= 3  # At least the train step, evaluation and sampling.
+    assert len([p for p in traced if p.endswith(".jaxexport")]) == 4  # And init.
     second = run(tmp_path, corpus_path, "b")
     assert entries(tmp_path) == kept  # Nothing compiled anew: all loaded.
+    assert entries(tmp_path, "programs") == traced  # Nor traced anew.
     assert second == first  # The same losses, every float's repr equal.
     run(tmp_path, corpus_path, "c", "--n_embd=32")  # Other shapes: other programs.
     assert len(entries(tmp_path) - kept) >= 3
+    assert len(entries(tmp_path, "programs") - traced) == 8
 
 
 def test_cache_directory_follows_xdg_cache_home(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache.compilation_cache_dir() == Path(tmp_path) / "jaxgpt" / "xla"
     assert cache.peak_file() == Path(tmp_path) / "jaxgpt" / "peak.json"
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """The functions jax.export.export is asked to trace, in order."""
+    calls, export = [], jax.export.export
+    monkeypatch.setattr(
+        jax.export, "export", lambda fn, **kw: calls.append(fn) or export(fn, **kw)
+    )
+    return calls
+
+
+def test_stored_jit_reads_back_what_it_traced(tmp_path, exports):
+    f = lambda x, y: {"sum": x + y, "scaled": 2 * x}
+    x, y = jnp.arange(6.0), jnp.ones(6)
+    first = cache.StoredJit(f, "f v1", directory=tmp_path)(x, y)
+    assert len(exports) == 1 and len(list(tmp_path.glob("*.jaxexport"))) == 1
+    again = cache.StoredJit(f, "f v1", directory=tmp_path)(x, y)  # A new run.
+    assert len(exports) == 1  # Read back, not traced.
+    np.testing.assert_array_equal(again["sum"], np.arange(6.0) + 1)
+    np.testing.assert_array_equal(again["scaled"], first["scaled"])
+
+
+def test_stored_jit_traces_anew_when_anything_changes(tmp_path, monkeypatch, exports):
+    f = lambda x: x * 3
+    x = jnp.arange(4.0)
+    cache.StoredJit(f, "k", directory=tmp_path)(x)
+    cache.StoredJit(f, "other key", directory=tmp_path)(x)  # Other closure.
+    cache.StoredJit(f, "k", directory=tmp_path)(jnp.arange(5.0))  # Other shape.
+    cache.StoredJit(f, "k", directory=tmp_path)(x.astype(jnp.int32))  # Dtype.
+    monkeypatch.setattr(cache, "source_hash", lambda: "edited code")
+    out = cache.StoredJit(f, "k", directory=tmp_path)(x)  # Changed source.
+    assert len(exports) == 5 and len(list(tmp_path.glob("*.jaxexport"))) == 5
+    np.testing.assert_array_equal(out, np.arange(4.0) * 3)
+
+
+def test_stored_jit_donates_like_jit(tmp_path):
+    step = lambda state, x: {"w": state["w"] + x}
+    state = {"w": jnp.zeros(3)}
+    for _ in range(2):  # Traced, then read back.
+        new = cache.StoredJit(step, "s", directory=tmp_path, donate_argnums=0)(
+            state, jnp.ones(3)
+        )
+        assert state["w"].is_deleted()
+        state = new
+    np.testing.assert_array_equal(state["w"], np.full(3, 2.0))
