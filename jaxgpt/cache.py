@@ -80,6 +80,18 @@ def _signature(args) -> str:
     return "\n".join(parts)
 
 
+def programs_dir() -> Path | None:
+    """Where StoredJit keeps programs: beside the compilation cache, when on."""
+    if not jax.config.jax_compilation_cache_dir:
+        return None
+    return Path(jax.config.jax_compilation_cache_dir).parent / PROGRAMS
+
+
+def storing_programs() -> bool:
+    """Whether StoredJit keeps programs in this process (else it is jax.jit)."""
+    return programs_dir() is not None and jax.process_count() == 1 and _can_export()
+
+
 class StoredJit:
     """jax.jit(fn, **jit_kwargs), whose traced and lowered program is kept in
     the cache directory (jax.export) and read back by later runs, which then
@@ -98,11 +110,7 @@ class StoredJit:
         signature = _signature(args)
         if signature in self.calls:
             return self.calls[signature]
-        directory = self.directory or (
-            Path(jax.config.jax_compilation_cache_dir).parent / PROGRAMS
-            if jax.config.jax_compilation_cache_dir
-            else None
-        )
+        directory = self.directory or programs_dir()
         if directory is None or jax.process_count() > 1 or not _can_export():
             self.calls[signature] = self.jitted
             return self.jitted
@@ -119,8 +127,8 @@ class StoredJit:
             register_node_types(sorted(types))
             _write_atomically(path, exported.serialize())
             _write_atomically(types_path, json.dumps(sorted(types)).encode())
-        kw = {k: v for k, v in self.kw.items() if k == "donate_argnums"}
-        self.calls[signature] = jax.jit(exported.call, **kw)
+        # The same shardings and donation as the plain jit.
+        self.calls[signature] = jax.jit(exported.call, **self.kw)
         return self.calls[signature]
 
     def __call__(self, *args):

@@ -33,6 +33,7 @@ and so, with the same key, the same tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import partial
 
@@ -206,8 +207,17 @@ def sample(
         "top_p": float(cfg.top_p) if cfg.top_p < 1.0 else None,
         "kv_cache": cfg.kv_cache,
     }
-    program = cache.StoredJit(  # Traced once per machine (see cache.py).
-        partial(generate, apply_fn, **options),
-        f"generate {model_cfg!r} {sorted(options.items())}",
-    )
+    if not cache.storing_programs():
+        return generate(apply_fn, params, prompt_BP, key, **options)
+    program = stored_program(apply_fn, model_cfg, tuple(sorted(options.items())))
     return program(params, prompt_BP, key)
+
+
+@functools.lru_cache(maxsize=16)
+def stored_program(apply_fn, model_cfg: ModelConfig, options: tuple):
+    """generate() for one model and its static options, traced once per machine
+    (cache.StoredJit) and compiled once per process."""
+    return cache.StoredJit(
+        partial(generate, apply_fn, **dict(options)),
+        f"generate {model_cfg!r} {options}",
+    )

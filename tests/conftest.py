@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -48,3 +49,16 @@ def corpus_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus_text(corpus_path) -> str:
     return corpus_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(autouse=True)
+def _compilation_cache_stays_off():
+    """A test that runs main.main in this process turns on the persistent
+    caches (cache.enable_compilation_cache); later tests get plain jit again."""
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    if jax.config.jax_compilation_cache_dir != before:
+        from jax._src import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
