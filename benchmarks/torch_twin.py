@@ -39,7 +39,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, exact_gelu: bool = False):
         super().__init__()
         C, bias = cfg.n_embd, cfg.bias
-        self.n_head = cfg.n_head
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.ln_1 = nn.LayerNorm(C, eps=1e-5, bias=bias)
         self.c_attn = nn.Linear(C, 3 * C, bias=bias)
         self.attn_proj = nn.Linear(C, C, bias=bias)
@@ -52,15 +52,17 @@ class Block(nn.Module):
         B, T, C = x_BTC.shape
         q, k, v = self.c_attn(self.ln_1(x_BTC)).split(C, dim=2)
         q, k, v = (z.view(B, T, self.n_head, -1).transpose(1, 2) for z in (q, k, v))
-        y_BHTD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        p = self.dropout if self.training else 0.0
+        y_BHTD = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         y_BTC = y_BHTD.transpose(1, 2).contiguous().view(B, T, C)
-        x_BTC = x_BTC + self.attn_proj(y_BTC)
-        return x_BTC + self.mlp_proj(self.gelu(self.c_fc(self.ln_2(x_BTC))))
+        x_BTC = x_BTC + F.dropout(self.attn_proj(y_BTC), p)
+        mlp_BTC = self.mlp_proj(self.gelu(self.c_fc(self.ln_2(x_BTC))))
+        return x_BTC + F.dropout(mlp_BTC, p)
 
 
 class GPT(nn.Module):
-    """jaxgpt's GPT (model.GPT) in PyTorch; dropout is not modelled (the CPU
-    recipe has none)."""
+    """jaxgpt's GPT (model.GPT) in PyTorch, dropout in the same places (its masks
+    from torch's generator)."""
 
     def __init__(self, cfg: ModelConfig, exact_gelu: bool = False):
         super().__init__()
@@ -105,6 +107,7 @@ class GPT(nn.Module):
     def forward(self, idx_BT: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         T = idx_BT.shape[1]
         x_BTC = self.wte(idx_BT) + self.wpe(torch.arange(T))
+        x_BTC = F.dropout(x_BTC, self.cfg.dropout if self.training else 0.0)
         for block in self.h:
             x_BTC = block(x_BTC)
         x_BTC = self.ln_f(x_BTC)
