@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -10,6 +11,11 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The tests' runs keep compiled programs and the measured peak in a cache of
+# their own, never the user's (a peak measured while tests load the machine
+# would stay in it).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxgpt_test_cache_")
 SHARED = REPO.parent / "shared" / "data"
 
 
