@@ -77,13 +77,40 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the corpus comes from."""
+    """The dataset: prepared token files, and where their text comes from."""
 
+    dataset: str = option(
+        "shakespeare_char",
+        "Dataset: shakespeare_char, shakespeare (GPT-2 BPE), openwebtext,"
+        " fineweb_edu, or any name for --data_path's text. Prepared on first use.",
+    )
+    data_dir: str = option(
+        "data", "Prepared datasets: <data_dir>/<dataset>/{train,val}.bin, meta.json."
+    )
     data_path: str | None = option(
         None,
-        "Corpus text file. Default: $JAXGPT_DATA_DIR/tinyshakespeare/input.txt,"
-        " the cache, or a download.",
+        "A text file or a folder of .txt/.jsonl files to prepare as --dataset."
+        " Default for the shakespeare datasets: tiny shakespeare from"
+        " $JAXGPT_DATA_DIR/tinyshakespeare/input.txt, the cache, or a download.",
     )
+    tokenizer: str | None = option(
+        None,
+        "How to tokenise a dataset being prepared: char, gpt2, bpe:<vocab size>"
+        " (learned from its text) or a tokenizer .json. Default: the dataset's own"
+        " (char for shakespeare_char and for --data_path text, else gpt2).",
+    )
+    max_documents: int | None = option(
+        None, "Prepare only the first this many documents of a streamed dataset."
+    )
+
+    def __post_init__(self):
+        if not self.dataset or "/" in self.dataset or self.dataset.startswith("."):
+            raise ConfigError(
+                f"--dataset={self.dataset!r} must be a plain folder name, e.g."
+                " --dataset=shakespeare_char."
+            )
+        if self.max_documents is not None:
+            require_positive(max_documents=self.max_documents)
 
 
 @dataclasses.dataclass(frozen=True)

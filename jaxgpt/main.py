@@ -1,4 +1,4 @@
-"""Train a character-level GPT, or sample from a trained one.
+"""Train a GPT, or sample from a trained one.
 
   python -m jaxgpt.main --flagfile=experiments/shakespeare_cpu.cfg
   python -m jaxgpt.main --flagfile=experiments/shakespeare_cpu.cfg --mode=sample
@@ -6,8 +6,8 @@
 The only module that reads flags. Every flag is a field of a config in
 config.py (`--n_layer` is ModelConfig.n_layer): the flags are made from those
 fields, and main builds the frozen configs from them, then calls the pure
-pieces in order: text -> tokens -> state -> step, batches, evaluation -> the
-training loop -> a sample.
+pieces in order: the dataset (token files) -> state -> step, batches,
+evaluation -> the training loop -> a sample.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from jaxgpt import (
     metrics,
     model,
     perf,
+    prepare,
     sharding,
     streams,
     tokenizer,
@@ -86,21 +87,23 @@ def from_flags(cls: type, **given: Any):
 # --- Training ------------------------------------------------------------------
 
 
-def read_corpus(data_cfg: DataConfig, block_size: int):
-    """The corpus as character ids: its vocabulary and its train/val splits."""
-    text = data.load_text(data_cfg.data_path)
-    vocab = tokenizer.build_vocab(text)
-    train_tokens, val_tokens = data.split(tokenizer.encode(text, vocab))
-    data.check_long_enough(len(train_tokens), block_size, "training split")
-    data.check_long_enough(
-        len(val_tokens), block_size, "validation split (the last 10% of the corpus)"
-    )
-    return vocab, {"train": train_tokens, "val": val_tokens}
+def read_dataset(data_cfg: DataConfig, block_size: int) -> prepare.Dataset:
+    """The dataset's tokenizer and memory-mapped splits (prepared first if need be,
+    by process 0 while the others wait)."""
+    if sharding.is_main_process():
+        dataset = prepare.ensure(data_cfg)
+    sharding.sync("jaxgpt.prepare")
+    if not sharding.is_main_process():
+        dataset = prepare.ensure(data_cfg)  # Prepared now: this only reads.
+    for split, tokens in dataset.splits.items():
+        what = f"{split} split of --dataset={data_cfg.dataset}"
+        data.check_long_enough(len(tokens), block_size, what)
+    return dataset
 
 
-def prepare_workdir(run: RunConfig, model_cfg: ModelConfig, vocab: str) -> bool:
+def prepare_workdir(run: RunConfig, model_cfg: ModelConfig, tok_json: dict) -> bool:
     """Makes --workdir (empty with --overwrite); True if it holds a checkpoint to
-    resume. One of another model or vocabulary is refused."""
+    resume. One of another model or tokenizer is refused."""
     workdir = Path(run.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if run.overwrite:
@@ -109,10 +112,10 @@ def prepare_workdir(run: RunConfig, model_cfg: ModelConfig, vocab: str) -> bool:
     if saved is None:
         return False
     ckpt.check_compatible(saved["model"], model_cfg, workdir)
-    if saved["vocab"] != vocab:
+    if saved.get("tokenizer") != tok_json:
         raise ConfigError(
-            f"--workdir={workdir} holds a checkpoint trained on a corpus with a"
-            " different vocabulary. Pass --overwrite to start afresh there, or"
+            f"--workdir={workdir} holds a checkpoint trained with another tokenizer"
+            " (a different vocabulary). Pass --overwrite to start afresh there, or"
             " choose another --workdir."
         )
     return True
@@ -137,14 +140,16 @@ def restore(checkpointer: ckpt.Checkpointer, target, params_only: bool, which: s
 def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Trains the run in --workdir from scratch or where it stopped, then samples."""
     train_cfg = from_flags(TrainConfig)
-    vocab, splits = read_corpus(from_flags(DataConfig), FLAGS.block_size)
-    model_cfg = from_flags(ModelConfig, vocab_size=len(vocab))
-    check_backend(model_cfg)
-    prompt_ids = encode_prompt(sample_cfg.prompt, vocab)  # Fails now, not later.
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
-    resuming = prepare_workdir(run, model_cfg, vocab)
+    data_cfg = from_flags(DataConfig)
+    dataset = read_dataset(data_cfg, FLAGS.block_size)
+    tok, splits = dataset.tokenizer, dataset.splits
+    model_cfg = from_flags(ModelConfig, vocab_size=tok.vocab_size)
+    check_backend(model_cfg)
+    prompt_ids = encode_prompt(sample_cfg.prompt, tok)  # Fails now, not later.
+    resuming = prepare_workdir(run, model_cfg, tok.to_json())
     meta = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}
-    meta |= {"seed": run.seed, "vocab": vocab}
+    meta |= {"seed": run.seed, "dataset": data_cfg.dataset, "tokenizer": tok.to_json()}
     root = streams.root(run.seed)
     with ckpt.Checkpointer(run.workdir, meta) as checkpointer:
         if resuming:
@@ -163,7 +168,9 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             train_cfg,
             lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
             train.make_batches(splits["train"], root, B, T, mesh),
-            train.make_evaluate(model_cfg, train_cfg, splits, root, mesh),
+            train.make_evaluate(
+                model_cfg, train_cfg, splits, root, mesh, tokenizer.token_bytes(tok)
+            ),
             checkpointer,
             log,
         )
@@ -172,7 +179,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     )
     if stopped_by in ("SIGINT", "SIGTERM"):
         return 128 + signal.Signals[stopped_by].value
-    print_samples(state.params, model_cfg, vocab, prompt_ids, sample_cfg, root, mesh)
+    print_samples(state.params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
     return 0
 
 
@@ -217,14 +224,14 @@ def log_start(model_cfg: ModelConfig, params, splits: dict[str, np.ndarray], mes
 # --- Sampling --------------------------------------------------------------------
 
 
-def encode_prompt(prompt: str, vocab: str) -> np.ndarray:
+def encode_prompt(prompt: str, tok) -> np.ndarray:
     try:
-        return tokenizer.encode(prompt, vocab)
+        return tok.encode(prompt)
     except ValueError as e:
         raise ConfigError(f"--prompt: {e}") from e
 
 
-def print_samples(params, model_cfg, vocab, prompt_ids, cfg: SampleConfig, root, mesh):
+def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):
     """Prints cfg.num_samples continuations of the prompt (process 0 prints)."""
     params = sharding.to_local(params, mesh)  # Every process takes part.
     if not sharding.is_main_process():
@@ -237,7 +244,7 @@ def print_samples(params, model_cfg, vocab, prompt_ids, cfg: SampleConfig, root,
     )
     dt = time.perf_counter() - t0
     for row in ids_BA:
-        print(tokenizer.decode(row, vocab))
+        print(tok.decode(row))
         print("-" * 40)
     logging.info(
         "sampled %d x %d tokens in %.2fs (compile included)",
@@ -257,7 +264,8 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             " (--mode=train) or point --workdir at a run."
         )
     model_cfg = ModelConfig(**meta["model"])
-    prompt_ids = encode_prompt(sample_cfg.prompt, meta["vocab"])
+    tok = tokenizer.from_json(meta["tokenizer"])
+    prompt_ids = encode_prompt(sample_cfg.prompt, tok)
     with ckpt.Checkpointer(workdir) as checkpointer:
         target = train.abstract_params(model_cfg, mesh)
         params = restore(checkpointer, target, True, which)
@@ -265,7 +273,7 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             "sampling from step %d of %s", checkpointer.latest_step(which), workdir
         )
     root = streams.root(run.seed)
-    print_samples(params, model_cfg, meta["vocab"], prompt_ids, sample_cfg, root, mesh)
+    print_samples(params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
     return 0
 
 

@@ -91,10 +91,13 @@ class TrainLog:
         if self.is_main:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.say(
+        line = (
             f"step {step}: train loss {losses['train_loss']:.4f},"
             f" val loss {losses['val_loss']:.4f}"
         )
+        if "val_bpb" in losses:
+            line += f", val {losses['val_bpb']:.4f} bits/byte"
+        self.say(line)
         self._restart_clock(step)  # Evaluations are not training steps.
 
     def close(self, step: int, stopped_by: str | None) -> None:

@@ -101,24 +101,6 @@ class CharTokenizer:
         return {"name": self.name, "vocab": self.vocab}
 
 
-# The module functions of the first, character-only version.
-
-
-def build_vocab(text: str) -> str:
-    """Returns the sorted distinct characters of `text`; id i is `vocab[i]`."""
-    return CharTokenizer.train(text).vocab
-
-
-def encode(text: str, vocab: str) -> np.ndarray:
-    """Character ids of `text`: int32 array of shape [len(text)]."""
-    return CharTokenizer(vocab).encode(text)
-
-
-def decode(ids, vocab: str) -> str:
-    """Maps character ids (any int sequence or array) back to text."""
-    return CharTokenizer(vocab).decode(ids)
-
-
 # ---------------------------------------------------------------------------
 # Byte-level BPE
 
@@ -285,3 +267,19 @@ def from_json(d: Mapping) -> Tokenizer:
     if name == GPT2Tokenizer.name:
         return load_gpt2()
     raise ValueError(f"unknown tokenizer {name!r}; expected 'char', 'bpe' or 'gpt2'.")
+
+
+def token_bytes(tok: Tokenizer) -> np.ndarray:
+    """int32 [vocab_size]: the UTF-8 bytes each id stands for (0 for special
+    tokens such as <|endoftext|>, which are not text); for bits per byte."""
+    if isinstance(tok, CharTokenizer):
+        return np.array([len(ch.encode("utf-8")) for ch in tok.vocab], np.int32)
+    enc = tok.encoding
+    specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    return np.array(
+        [
+            0 if i in specials else len(enc.decode_single_token_bytes(i))
+            for i in range(tok.vocab_size)
+        ],
+        np.int32,
+    )

@@ -244,12 +244,15 @@ def make_evaluate(
     splits: dict[str, np.ndarray],
     root: jax.Array,
     mesh: Mesh,
+    token_bytes: np.ndarray | None = None,
 ) -> Callable[[Any], dict[str, float]]:
-    """evaluate(params) -> {"<split>_loss": mean loss without dropout}.
+    """evaluate(params) -> {"<split>_loss": mean loss without dropout, and with
+    token_bytes (each token's length in UTF-8 bytes) "<split>_bpb": bits per byte}.
 
     Every evaluation of a run sees the same batches: eval_iters of them per
     split, each as grad_accum_steps micro-batches as in training. One compiled
-    scan over them gives a split's mean.
+    scan over them gives a split's mean. Bits per byte, loss x tokens / (bytes
+    x ln 2) over the same windows, compare models whatever their tokenizer.
     """
     n = train_cfg.eval_iters * train_cfg.grad_accum_steps
     b, T = train_cfg.batch_size // train_cfg.grad_accum_steps, model_cfg.block_size
@@ -274,9 +277,25 @@ def make_evaluate(
         in_shardings=(params, rows, rows),
         out_shardings=sharding.replicated(mesh),
     )
-    return lambda params: {
-        f"{name}_loss": float(mean_loss(params, *xy)) for name, xy in batches.items()
-    }
+    bytes_per_token = {}
+    if token_bytes is not None:
+        count = jax.jit(lambda y: jnp.sum(jnp.take(jnp.asarray(token_bytes), y)))
+        bytes_per_token = {
+            name: float(count(y_NbT)) / y_NbT.size
+            for name, (_, y_NbT) in batches.items()
+        }
+
+    def evaluate(params) -> dict[str, float]:
+        out = {}
+        for name, xy in batches.items():
+            out[f"{name}_loss"] = float(mean_loss(params, *xy))
+            if name in bytes_per_token:
+                out[f"{name}_bpb"] = out[f"{name}_loss"] / (
+                    bytes_per_token[name] * math.log(2)
+                )
+        return out
+
+    return evaluate
 
 
 # --- The loop --------------------------------------------------------------------

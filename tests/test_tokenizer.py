@@ -7,51 +7,48 @@ import pytest
 
 from jaxgpt import bpe, tokenizer
 
+Char = tokenizer.CharTokenizer
+
 
 def test_vocab_is_sorted_distinct_characters():
-    assert tokenizer.build_vocab("hello world") == " dehlorw"
+    assert Char.train("hello world").vocab == " dehlorw"
 
 
 def test_round_trip_on_corpus(corpus_text):
-    vocab = tokenizer.build_vocab(corpus_text)
-    ids = tokenizer.encode(corpus_text[:5000], vocab)
+    tok = Char.train(corpus_text)
+    assert tok.name == "char" and tok.vocab_size == len(set(corpus_text))
+    ids = tok.encode(corpus_text[:5000])
     assert ids.dtype == np.int32 and ids.shape == (5000,)
-    assert tokenizer.decode(ids, vocab) == corpus_text[:5000]
+    assert tok.decode(ids) == corpus_text[:5000]
 
 
 def test_ids_follow_sorted_order():
-    vocab = tokenizer.build_vocab("cab")
-    np.testing.assert_array_equal(tokenizer.encode("abcab", vocab), [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(Char.train("cab").encode("abcab"), [0, 1, 2, 0, 1])
 
 
 def test_unknown_characters_are_named():
-    vocab = tokenizer.build_vocab("abc")
     with pytest.raises(ValueError) as err:
-        tokenizer.encode("abxcy", vocab)
+        Char.train("abc").encode("abxcy")
     assert "'x'" in str(err.value) and "'y'" in str(err.value)
 
 
 def test_decode_rejects_out_of_range_ids():
     with pytest.raises(ValueError, match="token ids"):
-        tokenizer.decode([0, 3], "abc")
+        Char("abc").decode([0, 3])
 
 
 def test_empty_text_has_no_vocabulary():
     with pytest.raises(ValueError):
-        tokenizer.build_vocab("")
+        Char.train("")
 
 
-# ---------------------------------------------------------------------------
-# The common interface: char, bpe, gpt2
-
-
-def test_char_tokenizer_is_the_module_functions(corpus_text):
-    tok = tokenizer.CharTokenizer.train(corpus_text)
-    assert tok.vocab == tokenizer.build_vocab(corpus_text)
-    assert tok.name == "char" and tok.vocab_size == len(set(corpus_text))
-    ids = tok.encode(corpus_text[:1000])
-    np.testing.assert_array_equal(ids, tokenizer.encode(corpus_text[:1000], tok.vocab))
-    assert tok.decode(ids) == corpus_text[:1000]
+def test_token_bytes_count_utf8_and_skip_special_tokens():
+    np.testing.assert_array_equal(tokenizer.token_bytes(Char("aé€")), [1, 2, 3])
+    gpt2 = tokenizer.load_gpt2()
+    lengths = tokenizer.token_bytes(gpt2)
+    assert lengths.shape == (50257,) and lengths[50256] == 0  # <|endoftext|>
+    text = "Héllo, wörld! 日本語 text.\n"
+    assert lengths[gpt2.encode(text)].sum() == len(text.encode("utf-8"))
 
 
 @pytest.fixture(scope="module")
