@@ -1,22 +1,25 @@
 """Batches from memory-mapped token files: microseconds per batch, and memory.
 
-  python benchmarks/data.py                       # a 4 GB token file in /tmp
-  python benchmarks/data.py --gigabytes=8 --path=/data/big.bin
+  python benchmarks/data.py                        # a 4 GiB token file under /tmp
+  python benchmarks/data.py --gigabytes=8 --dir=/data/bench
 
-Writes a file of random uint16 token ids (once; reused when it exists), then
-times what the training loop does per step on the host: draw the batch's
-window starts from the batch stream at that step and read the windows
-(data.get_batch on an np.memmap), for B=64, T=256 and B=12, T=1024. Peak
-resident memory is read for a process that opens the file and draws 2,000
-batches, once for the whole file and once for its first 1%: it must not grow
-with the file's size (only the windows read are paged in).
+Writes a dataset folder of random uint16 token ids (once; reused when it
+exists) with a character tokenizer, then:
+- times what the training loop does per step on the host: draw the batch's
+  window starts from the batch stream at that step and read the windows
+  (data.get_batch on an np.memmap), for B=64, T=256 and B=12, T=1024;
+- runs the training program itself (`python -m jaxgpt.main`, a small model,
+  200 steps) on that dataset and on a copy holding its first 1%, and reports
+  each process's peak resident memory: it must not grow with the file's size.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,18 +31,31 @@ import numpy as np
 from jaxgpt import data, streams
 
 SHAPES = [(64, 256), (12, 1024)]
+VOCAB = "".join(chr(c) for c in range(33, 33 + 65))  # 65 printable characters.
 
 
-def make_file(path: Path, n_bytes: int) -> None:
-    if path.is_file() and path.stat().st_size == n_bytes:
+def make_dataset(folder: Path, n_tokens: int) -> None:
+    """<folder>/{train,val}.bin of random ids below 65, and its meta.json."""
+    meta_path = folder / "meta.json"
+    if (
+        meta_path.is_file()
+        and json.loads(meta_path.read_text())["train_tokens"] == n_tokens
+    ):
         return
-    rng = np.random.default_rng(0)
-    chunk = 2**26  # Tokens per write.
-    with open(path.with_suffix(".tmp"), "wb") as f:
-        for start in range(0, n_bytes // 2, chunk):
-            n = min(chunk, n_bytes // 2 - start)
-            rng.integers(0, 50257, n, dtype=np.uint16).tofile(f)
-    os.replace(path.with_suffix(".tmp"), path)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, chunk = np.random.default_rng(0), 2**26
+    with open(folder / "train.bin", "wb") as f:
+        for start in range(0, n_tokens, chunk):
+            rng.integers(0, 65, min(chunk, n_tokens - start), dtype=np.uint16).tofile(f)
+    rng.integers(0, 65, 2**20, dtype=np.uint16).tofile(folder / "val.bin")
+    meta = {
+        "dataset": folder.name,
+        "tokenizer": {"name": "char", "vocab": VOCAB},
+        "dtype": "uint16",
+        "train_tokens": n_tokens,
+        "val_tokens": 2**20,
+    }
+    meta_path.write_text(json.dumps(meta))
 
 
 def time_batches(tokens: np.ndarray, B: int, T: int, n: int = 2000) -> list[float]:
@@ -52,49 +68,49 @@ def time_batches(tokens: np.ndarray, B: int, T: int, n: int = 2000) -> list[floa
     return times
 
 
-def peak_rss_mb(path: Path, fraction: float) -> float:
-    """Peak RSS of a fresh process that draws 2,000 batches of 64 x 256 from
-    the first `fraction` of the file."""
-    code = (
-        "import resource, numpy as np, sys\n"
-        "from jaxgpt import data, streams\n"
-        f"t = np.memmap({str(path)!r}, dtype=np.uint16, mode='r')\n"
-        f"t = t[: int(len(t) * {fraction})]\n"
-        "s = np.asarray(streams.stream(streams.root(0), 'batch'))\n"
-        "for i in range(2000): data.get_batch(t, streams.host_rng(s, i), 64, 256)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    return float(out.stdout.strip().splitlines()[-1])
+def train_peak_rss_mb(data_dir: Path, dataset: str, workdir: Path) -> tuple[float, str]:
+    """Peak RSS (MB) of `python -m jaxgpt.main` training 200 steps on `dataset`."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    flags = [
+        f"--data_dir={data_dir}", f"--dataset={dataset}", f"--workdir={workdir}",
+        "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=256",
+        "--batch_size=16", "--max_iters=200", "--eval_interval=200", "--eval_iters=5",
+        "--log_interval=100", "--max_new_tokens=10",
+    ]  # fmt: skip
+    done = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-m", "jaxgpt.main", *flags],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    speed = re.findall(r"step 200: loss [\d.]+, .*?([\d.]+ ms/step)", done.stderr)
+    return int(rss.group(1)) / 1024, speed[-1] if speed else "?"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gigabytes", type=float, default=4.0)
-    p.add_argument("--path", default="/tmp/jaxgpt_bench_tokens.bin")
+    p.add_argument("--gigabytes", type=float, default=4.0, help="Size of train.bin.")
+    p.add_argument("--dir", default="/tmp/jaxgpt_bench_data", help="Its data_dir.")
     args = p.parse_args()
-    path = Path(args.path)
+    data_dir, n = Path(args.dir), int(args.gigabytes * 2**30) // 2
     t0 = time.perf_counter()
-    make_file(path, int(args.gigabytes * 2**30))
-    print(
-        f"{path}: {path.stat().st_size / 2**30:.1f} GiB ({time.perf_counter() - t0:.0f} s to write)"
-    )
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    make_dataset(data_dir / "big", n)
+    make_dataset(data_dir / "small", n // 100)
+    big = data_dir / "big" / "train.bin"
+    print(f"{big}: {big.stat().st_size / 2**30:.2f} GiB, {n:,} tokens")
+    print(f"(written in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} cores)")
+    tokens = np.memmap(big, dtype=np.uint16, mode="r")
     for B, T in SHAPES:
         times = time_batches(tokens, B, T)
         print(
-            f"B={B:3d} T={T:4d}: median {1e6 * statistics.median(times):7.1f} us/batch,"
-            f" p99 {1e6 * np.percentile(times, 99):7.1f} us (2,000 batches)"
+            f"B={B:3d} T={T:4d}: median {1e6 * statistics.median(times):6.1f} us/batch,"
+            f" p99 {1e6 * np.percentile(times, 99):6.1f} us (2,000 batches)"
         )
-    for fraction in (1.0, 0.01):
+    for name in ("big", "small"):
+        rss, speed = train_peak_rss_mb(data_dir, name, data_dir / f"run_{name}")
+        size = (data_dir / name / "train.bin").stat().st_size / 2**20
         print(
-            f"peak RSS, {fraction:.0%} of the file: {peak_rss_mb(path, fraction):.0f} MB"
+            f"training on {size:8,.0f} MiB of tokens: peak RSS {rss:5.0f} MB ({speed})"
         )
-    print(
-        f"this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB peak RSS"
-    )
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@
   python benchmarks/gpt2_step.py            # B=1, T=1024, float32
   python benchmarks/gpt2_step.py --remat    # each block recomputed in backward
 
-One configuration per process, since peak RSS only grows. Calls
-train.create_state (params + AdamW state, no mesh) and train.train_step (the
-jitted update, state donated), as main.py's single-device path does, with
-runtime.keep_freed_memory applied first as main.py does. Random tokens, random
-initial weights: the numbers do not depend on them.
+One configuration per process, since peak RSS only grows. Runs the training
+loop's own program: train.create_state (params + AdamW state) and
+train.make_train_step (the compiled update, state donated) on the default
+mesh, with speedups.keep_freed_memory applied first as main.py does. Random
+tokens, random initial weights: the numbers do not depend on them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import time
 
 import jax
 
-from jaxgpt import model, runtime, train
+from jaxgpt import model, sharding, streams, train
 from jaxgpt.config import ModelConfig, TrainConfig
+from jaxgpt.speedups import keep_freed_memory
 
 
 def peak_rss_gib() -> float:
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="Timed steps.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed steps.")
     args = parser.parse_args()
-    runtime.keep_freed_memory()
+    keep_freed_memory()
 
     cfg = ModelConfig(
         vocab_size=50257,
@@ -48,7 +49,9 @@ def main() -> None:
         scan_layers=False,
         remat=args.remat,
     )
-    state = train.create_state(cfg, TrainConfig(batch_size=args.batch_size))
+    train_cfg, mesh = TrainConfig(batch_size=args.batch_size), sharding.make_mesh()
+    root = streams.root(0)
+    state = train.create_state(cfg, train_cfg, root, mesh)
     B, T = args.batch_size, cfg.block_size
     key = jax.random.PRNGKey(0)
     x_BT = jax.random.randint(jax.random.fold_in(key, 1), (B, T), 0, cfg.vocab_size)
@@ -56,15 +59,16 @@ def main() -> None:
     rss_state = peak_rss_gib()
 
     t0 = time.perf_counter()
-    step = train.train_step.lower(state, x_BT, y_BT, key).compile()
+    compiled = train.make_train_step(cfg, train_cfg, mesh)
+    step = compiled.lower(state, x_BT, y_BT, root).compile()
     compile_s = time.perf_counter() - t0
-    for i in range(args.warmup):
-        state, metrics = step(state, x_BT, y_BT, jax.random.fold_in(key, i))
+    for _ in range(args.warmup):
+        state, metrics = step(state, x_BT, y_BT, root)
     jax.block_until_ready(metrics)
     times = []
-    for i in range(args.steps):
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = step(state, x_BT, y_BT, jax.random.fold_in(key, 100 + i))
+        state, metrics = step(state, x_BT, y_BT, root)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
 

@@ -399,9 +399,11 @@ def source_of(cfg: DataConfig, recipe: Recipe) -> dict[str, Any]:
     if recipe.hf is not None:
         return {"hf_path": recipe.hf[0], "hf_config": recipe.hf[1]}
     files = local_files(cfg.data_path) if cfg.data_path else [data.find_corpus()]
-    digest = hashlib.sha256()
+    if len(files) == 1:
+        return {"paths": [str(files[0])], "sha256": data.sha256_of(files[0])}
+    digest = hashlib.sha256()  # Of the files' own digests and names, in order.
     for path in files:
-        digest.update(data.sha256_of(path).encode())
+        digest.update(f"{data.sha256_of(path)}  {path}\n".encode())
     return {"paths": [str(p) for p in files[:20]], "sha256": digest.hexdigest()}
 
 
