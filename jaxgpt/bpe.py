@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import heapq
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -462,3 +463,45 @@ def to_tiktoken(bpe: BPE, name: str = "bpe"):
         mergeable_ranks=ranks,
         special_tokens=dict(bpe.special_tokens),
     )
+
+
+def from_tiktoken(encoding) -> BPE:
+    """The BPE behind a `tiktoken.Encoding` (which keeps only token ranks).
+
+    Each merged token's two parts are found by merging its bytes under the
+    ranks below its own until two parts are left: the merge that made it.
+    """
+    ranks = encoding._mergeable_ranks  # bytes -> rank (= id)
+    byte_ids = tuple(ranks[bytes([v])] for v in range(256))
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1])[256:]:
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [
+                (ranks.get(a + b, _NEVER), i)
+                for i, (a, b) in enumerate(itertools.pairwise(parts))
+            ]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2 or rank != 256 + len(merges):
+            raise ValueError(f"token {token!r} (rank {rank}) is not one merge of two.")
+        merges.append((ranks[parts[0]], ranks[parts[1]]))
+    specials = dict(encoding._special_tokens)
+    return BPE(tuple(merges), encoding._pat_str, specials, byte_ids)
+
+
+def to_hf_files(bpe: BPE) -> dict[str, str]:
+    """GPT-2's two files, under Hugging Face's names: vocab.json (token, spelled
+    with `bytes_to_unicode`, -> id) and merges.txt (the merges in order)."""
+    spell = bytes_to_unicode()
+    name = {i: "".join(spell[b] for b in data) for i, data in bpe.vocab.items()}
+    for text, i in bpe.special_tokens.items():
+        name[i] = text
+    merges = [f"{name[a]} {name[b]}" for a, b in bpe.merges]
+    vocab = {name[i]: i for i in sorted(name)}
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "\n".join(["#version: 0.2", *merges]) + "\n",
+    }

@@ -51,10 +51,17 @@ def require_positive(**values: float) -> None:
 class RunConfig:
     """What to do, where, and from which seed."""
 
-    mode: Literal["train", "sample"] = option(
+    mode: Literal["train", "sample", "eval"] = option(
         "train",
-        "train (resumes from --workdir if it holds a checkpoint),"
-        " or sample from the checkpoint in --workdir.",
+        "train (resumes from --workdir if it holds a checkpoint), sample from the"
+        " checkpoint in --workdir (or --init_from's weights), or eval: its loss and"
+        " bits per byte on --dataset.",
+    )
+    init_from: str | None = option(
+        None,
+        "Start from GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (from"
+        " the Hugging Face Hub) or a folder in Hugging Face's layout. Training"
+        " finetunes them (a workdir's checkpoint, once there, is resumed instead).",
     )
     workdir: str = option("out", "Checkpoints, metrics.jsonl and the run's meta.")
     overwrite: bool = option(
@@ -357,4 +364,21 @@ class MeshConfig:
         return self.coordinator_address is not None
 
 
-ALL = (RunConfig, DataConfig, ModelConfig, TrainConfig, SampleConfig, MeshConfig)
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Writing a trained model in Hugging Face's layout (python -m jaxgpt.export)."""
+
+    out: str | None = option(
+        None, "Folder to write (config.json, model.safetensors, the tokenizer)."
+    )
+
+
+ALL = (
+    RunConfig,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    SampleConfig,
+    MeshConfig,
+    ExportConfig,
+)

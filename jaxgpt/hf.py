@@ -34,6 +34,7 @@ import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import huggingface_hub
@@ -41,7 +42,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from jaxgpt import model
+from jaxgpt import bpe, model, tokenizer
 from jaxgpt.config import ModelConfig
 
 # The released GPT-2 sizes and the Hub repositories that hold them.
@@ -424,3 +425,52 @@ def save_gpt2(
         mode = "wb" if isinstance(contents, bytes) else "w"
         with open(os.path.join(out_dir, name), mode) as f:
             f.write(contents)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+TOKENIZER_JSON = "jaxgpt_tokenizer.json"  # jaxgpt's own tokenizers, in an export.
+
+
+def load_tokenizer(name_or_path: str, vocab_size: int) -> tokenizer.Tokenizer:
+    """The tokenizer of a GPT-2 that load_gpt2 reads (its vocab_size given).
+
+    GPT-2's own for the released sizes; in a folder, jaxgpt's JSON if an export
+    wrote one, else vocab.json + merges.txt (named "gpt2" when they are
+    GPT-2's), else GPT-2's own if the vocabulary has its size.
+    """
+    folder = Path(name_or_path)
+    if folder.is_dir() and (folder / TOKENIZER_JSON).is_file():
+        return tokenizer.from_json(json.loads((folder / TOKENIZER_JSON).read_text()))
+    if folder.is_dir() and (folder / "vocab.json").is_file():
+        files = (folder / "vocab.json", folder / "merges.txt")
+        found = bpe.load_gpt2_files(*files)
+        gpt2 = tokenizer.load_gpt2()
+        if found == gpt2.as_bpe():
+            return gpt2
+        return tokenizer.BPETokenizer(found)
+    if vocab_size in GPT2_VOCAB_SIZES:
+        return tokenizer.load_gpt2()
+    raise HuggingFaceError(
+        f"{name_or_path} has no tokenizer (vocab.json + merges.txt, or"
+        f" {TOKENIZER_JSON}) and its vocabulary of {vocab_size} is not GPT-2's."
+    )
+
+
+def tokenizer_files(tok: tokenizer.Tokenizer) -> tuple[dict[str, str], str]:
+    """The files that store `tok` in an export folder, and one line saying how."""
+    if tok.name == "gpt2":
+        files = bpe.to_hf_files(tok.as_bpe())
+        files["tokenizer_config.json"] = json.dumps(
+            {"tokenizer_class": "GPT2Tokenizer", **dict.fromkeys(
+                ("bos_token", "eos_token", "unk_token"), bpe.ENDOFTEXT)}
+        )  # fmt: skip
+        return (
+            files,
+            "GPT-2's tokenizer: vocab.json and merges.txt (transformers reads them)",
+        )
+    files = {TOKENIZER_JSON: json.dumps(tok.to_json())}
+    return files, (
+        f"jaxgpt's own {tok.name} tokenizer: {TOKENIZER_JSON} (transformers cannot"
+        " read it; jaxgpt.tokenizer.from_json does)"
+    )

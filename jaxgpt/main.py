@@ -31,6 +31,7 @@ from jaxgpt import (
     config,
     data,
     generate,
+    hf,
     metrics,
     model,
     perf,
@@ -87,7 +88,7 @@ def from_flags(cls: type, **given: Any):
 # --- Training ------------------------------------------------------------------
 
 
-def read_dataset(data_cfg: DataConfig, block_size: int) -> prepare.Dataset:
+def read_dataset(data_cfg: DataConfig) -> prepare.Dataset:
     """The dataset's tokenizer and memory-mapped splits (prepared first if need be,
     by process 0 while the others wait)."""
     if sharding.is_main_process():
@@ -95,30 +96,72 @@ def read_dataset(data_cfg: DataConfig, block_size: int) -> prepare.Dataset:
     sharding.sync("jaxgpt.prepare")
     if not sharding.is_main_process():
         dataset = prepare.ensure(data_cfg)  # Prepared now: this only reads.
-    for split, tokens in dataset.splits.items():
-        what = f"{split} split of --dataset={data_cfg.dataset}"
-        data.check_long_enough(len(tokens), block_size, what)
     return dataset
 
 
-def prepare_workdir(run: RunConfig, model_cfg: ModelConfig, tok_json: dict) -> bool:
-    """Makes --workdir (empty with --overwrite); True if it holds a checkpoint to
-    resume. One of another model or tokenizer is refused."""
+def check_fits(dataset: prepare.Dataset, model_cfg: ModelConfig, tok) -> None:
+    """The model reads the dataset's tokens, and each split holds a window."""
+    if tok.to_json() != dataset.tokenizer.to_json():
+        raise ConfigError(
+            f"the model's {tok.name} tokenizer is not --dataset={dataset.meta['dataset']}'s"
+            f" {dataset.tokenizer.name} tokenizer: prepare a dataset with the model's"
+            " (e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2."
+        )
+    for split, tokens in dataset.splits.items():
+        what = f"{split} split of --dataset={dataset.meta['dataset']}"
+        data.check_long_enough(len(tokens), model_cfg.block_size, what)
+
+
+def runtime_options() -> dict[str, Any]:
+    """The ModelConfig fields that change how, not what, the model computes."""
+    return {name: FLAGS[name].value for name in hf.RUNTIME_FIELDS}
+
+
+def import_gpt2(init_from: str):
+    """(model config, parameters, tokenizer) of --init_from's GPT-2."""
+    try:
+        model_cfg, params = hf.load_gpt2(init_from, **runtime_options())
+        tok = hf.load_tokenizer(init_from, model_cfg.vocab_size)
+    except ValueError as e:  # hf.HuggingFaceError, or no GPT-2 tokenizer offline.
+        raise ConfigError(f"--init_from={init_from}: {e}") from e
+    logging.info(
+        "model from %s: %d layers, %d heads, %d wide, context %d, vocabulary %d",
+        init_from, model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd,
+        model_cfg.block_size, model_cfg.vocab_size,
+    )  # fmt: skip
+    return model_cfg, params, tok
+
+
+def open_workdir(run: RunConfig) -> dict[str, Any] | None:
+    """Makes --workdir (empty with --overwrite); the meta of its checkpoint, if any."""
     workdir = Path(run.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if run.overwrite:
         ckpt.clear(workdir)
-    saved = ckpt.read_meta(workdir)
-    if saved is None:
-        return False
+    return ckpt.read_meta(workdir)
+
+
+def choose_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
+    """The model to train and its parameters when they are imported: a finetune's
+    own (resuming it), --init_from's GPT-2, or the flags' new model."""
+    if saved is not None and saved.get("init_from"):
+        model_cfg = ModelConfig(**{**saved["model"], **runtime_options()})
+        return model_cfg, None, dataset.tokenizer
+    if saved is None and run.init_from:
+        return import_gpt2(run.init_from)
+    tok = dataset.tokenizer
+    return from_flags(ModelConfig, vocab_size=tok.vocab_size), None, tok
+
+
+def check_resumable(saved: dict, model_cfg: ModelConfig, tok, workdir) -> None:
+    """Refuses to resume a checkpoint of another model or tokenizer."""
     ckpt.check_compatible(saved["model"], model_cfg, workdir)
-    if saved.get("tokenizer") != tok_json:
+    if saved.get("tokenizer") != tok.to_json():
         raise ConfigError(
             f"--workdir={workdir} holds a checkpoint trained with another tokenizer"
             " (a different vocabulary). Pass --overwrite to start afresh there, or"
             " choose another --workdir."
         )
-    return True
 
 
 def restore(checkpointer: ckpt.Checkpointer, target, params_only: bool, which: str):
@@ -138,26 +181,30 @@ def restore(checkpointer: ckpt.Checkpointer, target, params_only: bool, which: s
 
 
 def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
-    """Trains the run in --workdir from scratch or where it stopped, then samples."""
+    """Trains the run in --workdir from scratch, from --init_from's weights, or
+    where it stopped; then samples."""
     train_cfg = from_flags(TrainConfig)
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     data_cfg = from_flags(DataConfig)
-    dataset = read_dataset(data_cfg, FLAGS.block_size)
-    tok, splits = dataset.tokenizer, dataset.splits
-    model_cfg = from_flags(ModelConfig, vocab_size=tok.vocab_size)
+    dataset = read_dataset(data_cfg)
+    saved = open_workdir(run)
+    model_cfg, params, tok = choose_model(run, saved, dataset)
+    check_fits(dataset, model_cfg, tok)
     check_backend(model_cfg)
     prompt_ids = encode_prompt(sample_cfg.prompt, tok)  # Fails now, not later.
-    resuming = prepare_workdir(run, model_cfg, tok.to_json())
+    if saved is not None:
+        check_resumable(saved, model_cfg, tok, run.workdir)
     meta = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}
     meta |= {"seed": run.seed, "dataset": data_cfg.dataset, "tokenizer": tok.to_json()}
-    root = streams.root(run.seed)
+    meta["init_from"] = saved.get("init_from") if saved else run.init_from
+    root, splits = streams.root(run.seed), dataset.splits
     with ckpt.Checkpointer(run.workdir, meta) as checkpointer:
-        if resuming:
+        if saved is not None:
             target = train.abstract_state(model_cfg, train_cfg, mesh)
             state = restore(checkpointer, target, False, ckpt.LATEST)
             logging.info("resuming from step %d in %s", int(state.step), run.workdir)
-        else:
-            state = train.create_state(model_cfg, train_cfg, root, mesh)
+        else:  # New weights, or --init_from's with a fresh optimizer.
+            state = train.create_state(model_cfg, train_cfg, root, mesh, params)
         log_start(model_cfg, state.params, splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
         train_step = train.make_train_step(model_cfg, train_cfg, mesh)
@@ -168,9 +215,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             train_cfg,
             lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
             train.make_batches(splits["train"], root, B, T, mesh),
-            train.make_evaluate(
-                model_cfg, train_cfg, splits, root, mesh, tokenizer.token_bytes(tok)
-            ),
+            make_evaluate(model_cfg, train_cfg, dataset, root, mesh),
             checkpointer,
             log,
         )
@@ -181,6 +226,13 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         return 128 + signal.Signals[stopped_by].value
     print_samples(state.params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
     return 0
+
+
+def make_evaluate(model_cfg, train_cfg, dataset: prepare.Dataset, root, mesh):
+    """The run's evaluation: loss and bits per byte of each split."""
+    token_bytes = tokenizer.token_bytes(dataset.tokenizer)
+    splits = dataset.splits
+    return train.make_evaluate(model_cfg, train_cfg, splits, root, mesh, token_bytes)
 
 
 def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
@@ -254,26 +306,52 @@ def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, m
     )
 
 
-def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
-    """Samples from the workdir's checkpoint: its parameters and meta, nothing else."""
-    workdir, which = Path(run.workdir), sample_cfg.checkpoint
+def load_model(run: RunConfig, which: str, mesh):
+    """(model config, parameters, tokenizer) to sample or evaluate: --init_from's
+    GPT-2, else the checkpoint in --workdir (its parameters and meta only)."""
+    if run.init_from:
+        return import_gpt2(run.init_from)
+    workdir = Path(run.workdir)
     meta = ckpt.read_meta(workdir, which)
     if meta is None:
         raise ConfigError(
             f"no {which} checkpoint in --workdir={workdir}: train first"
-            " (--mode=train) or point --workdir at a run."
+            " (--mode=train), point --workdir at a run, or pass --init_from."
         )
     model_cfg = ModelConfig(**meta["model"])
-    tok = tokenizer.from_json(meta["tokenizer"])
-    prompt_ids = encode_prompt(sample_cfg.prompt, tok)
     with ckpt.Checkpointer(workdir) as checkpointer:
         target = train.abstract_params(model_cfg, mesh)
         params = restore(checkpointer, target, True, which)
-        logging.info(
-            "sampling from step %d of %s", checkpointer.latest_step(which), workdir
-        )
+        step = checkpointer.latest_step(which)
+    logging.info("the %s checkpoint of %s, step %d", which, workdir, step)
+    return model_cfg, params, tokenizer.from_json(meta["tokenizer"])
+
+
+def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
+    """Samples from the workdir's checkpoint, or from --init_from's weights."""
+    model_cfg, params, tok = load_model(run, sample_cfg.checkpoint, mesh)
+    prompt_ids = encode_prompt(sample_cfg.prompt, tok)
     root = streams.root(run.seed)
     print_samples(params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
+    return 0
+
+
+def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
+    """Loss and bits per byte of a checkpoint (or --init_from's weights) on
+    --dataset's splits: --eval_iters batches of --batch_size windows each."""
+    model_cfg, params, tok = load_model(run, sample_cfg.checkpoint, mesh)
+    dataset = read_dataset(from_flags(DataConfig))
+    check_fits(dataset, model_cfg, tok)
+    train_cfg = from_flags(TrainConfig)
+    sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
+    root = streams.root(run.seed)
+    losses = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)(params)
+    if sharding.is_main_process():
+        for split in dataset.splits:
+            print(
+                f"{split}: loss {losses[f'{split}_loss']:.4f},"
+                f" {losses[f'{split}_bpb']:.4f} bits per byte"
+            )
     return 0
 
 
@@ -303,9 +381,8 @@ def main(argv: list[str]) -> int:
         if not sharding.is_main_process():
             logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
         mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
-        if run.mode == "sample":
-            return run_sample(run, sample_cfg, mesh)
-        return run_train(run, sample_cfg, mesh)
+        modes = {"train": run_train, "sample": run_sample, "eval": run_eval}
+        return modes[run.mode](run, sample_cfg, mesh)
     except (ConfigError, data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 

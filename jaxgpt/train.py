@@ -76,23 +76,25 @@ def create_state(
     train_cfg: TrainConfig,
     root: jax.Array,
     mesh: Mesh | None = None,
+    params: Any = None,
 ) -> TrainState:
-    """A fresh TrainState; parameters from the params stream, AdamW's moments at 0.
+    """A fresh TrainState: parameters from the params stream (or `params`, e.g.
+    imported GPT-2 weights), AdamW's moments at 0, step 0.
 
-    With a mesh, each device creates only its shards of the state.
+    With a mesh, each device creates (or receives) only its shards of the state.
     """
 
-    def create():
-        params = init_params(model_cfg, streams.stream(root, "params"))
+    def create(params):
+        if params is None:
+            params = init_params(model_cfg, streams.stream(root, "params"))
         opt_state = make_optimizer(train_cfg).init(params)
-        return TrainState(
-            step=jnp.array(0, jnp.int32), params=params, opt_state=opt_state
-        )
+        step = jnp.array(0, jnp.int32)
+        return TrainState(step=step, params=params, opt_state=opt_state)
 
     if mesh is None:
-        return create()
-    shardings = sharding.state_shardings(jax.eval_shape(create), mesh)
-    return jax.jit(create, out_shardings=shardings)()
+        return create(params)
+    shardings = sharding.state_shardings(jax.eval_shape(create, params), mesh)
+    return jax.jit(create, out_shardings=shardings)(params)
 
 
 def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):

@@ -101,7 +101,7 @@ def test_special_tokens_only_when_allowed(gpt2_bpe, tiktoken_gpt2, parts):
     text = EOT.join(parts)
     allowed = bpe.encode(text, gpt2_bpe, allowed_special="all")
     assert allowed == tiktoken_gpt2.encode(text, allowed_special="all")
-    assert allowed.count(50256) == len(parts) - 1
+    assert allowed.count(50256) == text.count(EOT) >= len(parts) - 1
     ordinary = bpe.encode(text, gpt2_bpe)
     assert ordinary == tiktoken_gpt2.encode(text, disallowed_special=())
     assert 50256 not in ordinary

