@@ -22,7 +22,6 @@ from absl.testing import flagsaver
 
 from jaxgpt import checkpoint as ckpt
 from jaxgpt import hf, main, model, sharding, streams, tokenizer, train
-from jaxgpt.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,6 +61,14 @@ def parsed_flags():
     flags.FLAGS.mark_as_parsed()
     with flagsaver.flagsaver():
         yield
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    """`python -m jaxgpt.export` with `args`, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "jaxgpt.export", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
 
 
 def run_main(capsys, **settings) -> str:
@@ -144,10 +151,7 @@ def test_finetune_resume_and_export_to_transformers(
 
     # Export: transformers loads the folder and computes the same logits.
     out = tmp_path / "exported"
-    done = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.export", f"--workdir={workdir}", f"--out={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    done = export(f"--workdir={workdir}", f"--out={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "vocab.json and merges.txt" in done.stdout
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
@@ -174,10 +178,7 @@ def test_a_char_run_exports_its_tokenizer_and_imports_back(
         batch_size=4, max_iters=2, warmup_iters=0, eval_iters=1, max_new_tokens=2,
     )  # fmt: skip
     out = tmp_path / "exported"
-    done = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.export", f"--workdir={workdir}", f"--out={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    done = export(f"--workdir={workdir}", f"--out={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "jaxgpt_tokenizer.json" in done.stdout and "char" in done.stdout
     assert transformers.GPT2LMHeadModel.from_pretrained(out).config.n_layer == 1
@@ -197,10 +198,6 @@ def test_init_from_errors_are_one_line(tmp_path, capsys, parsed_flags):
         main.main(["jaxgpt.main"])
     message = str(e.value.code)
     assert message.startswith("error: --init_from=") and "\n" not in message
-    no_out = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.export", f"--workdir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    no_out = export(f"--workdir={tmp_path}")
     assert no_out.returncode == 1 and "error: --out" in no_out.stderr
     assert "Traceback" not in no_out.stderr
-    assert TrainConfig()  # The configs build from defaults.
