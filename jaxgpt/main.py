@@ -13,6 +13,7 @@ training loop -> a sample.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging as pylogging
 import signal
 import sys
@@ -156,6 +157,13 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         log_start(model_cfg, state.params, splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
         train_step = train.make_train_step(model_cfg, train_cfg, mesh)
+        evaluate = train.make_evaluate(model_cfg, train_cfg, splits, root, mesh)
+        if run.tensorboard:  # A sample of text beside each evaluation's losses.
+            one = dataclasses.replace(sample_cfg, num_samples=1)
+            draw = lambda p: draw_samples(
+                p, model_cfg, vocab, prompt_ids, one, root, mesh
+            )
+            evaluate = with_samples(evaluate, log, draw)
         B, T = train_cfg.batch_size, model_cfg.block_size
         t0 = time.perf_counter()
         state, stopped_by = train.train(
@@ -163,7 +171,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             train_cfg,
             lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
             train.make_batches(splits["train"], root, B, T, mesh),
-            train.make_evaluate(model_cfg, train_cfg, splits, root, mesh),
+            evaluate,
             checkpointer,
             log,
         )
@@ -182,8 +190,28 @@ def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
     logging.info("peak %.4g GFLOP/s per device (%s)", peak / 1e9, source)
     schedule = train.lr_schedule(train_cfg)
     return metrics.TrainLog(
-        run.workdir, model_cfg, train_cfg, schedule, start_step, peak, mesh.size
+        run.workdir,
+        model_cfg,
+        train_cfg,
+        schedule,
+        start_step,
+        peak,
+        mesh.size,
+        tensorboard=run.tensorboard,
     )
+
+
+def with_samples(evaluate, log: metrics.TrainLog, draw):
+    """`evaluate`, which also hands `log` the text `draw(params)` returns (a list
+    of samples, empty off process 0) at each evaluation."""
+
+    def evaluate_and_sample(params):
+        losses = evaluate(params)
+        texts = draw(params)
+        log.add_sample(texts[0] if texts else None)
+        return losses
+
+    return evaluate_and_sample
 
 
 def check_backend(model_cfg: ModelConfig) -> None:
@@ -197,7 +225,7 @@ def check_backend(model_cfg: ModelConfig) -> None:
 def log_start(model_cfg: ModelConfig, params, splits: dict[str, np.ndarray], mesh):
     n_params = model.count_params(params)
     n_positions = (
-        model_cfg.block_size * model_cfg.n_embd if model_cfg.model == "gpt" else 0
+        model_cfg.block_size * model_cfg.n_embd if model_cfg.model != "bigram" else 0
     )
     logging.info(
         "%s: %s parameters (%s without position embeddings); vocab %d,"
@@ -224,20 +252,34 @@ def encode_prompt(prompt: str, vocab: str) -> np.ndarray:
         raise ConfigError(f"--prompt: {e}") from e
 
 
-def print_samples(params, model_cfg, vocab, prompt_ids, cfg: SampleConfig, root, mesh):
-    """Prints cfg.num_samples continuations of the prompt (process 0 prints)."""
+def draw_samples(params, model_cfg, vocab, prompt_ids, cfg: SampleConfig, root, mesh):
+    """cfg.num_samples continuations of the prompt, as text, on process 0 (the
+    others take part in gathering the parameters and get [])."""
     params = sharding.to_local(params, mesh)  # Every process takes part.
     if not sharding.is_main_process():
-        return
-    t0 = time.perf_counter()
-    apply_fn = model.make_model(model_cfg).apply
+        return []
     key = streams.stream(root, "sample")
     ids_BA = jax.device_get(
-        generate.sample(apply_fn, params, model_cfg, prompt_ids, cfg, key)
+        generate.sample(apply_of(model_cfg), params, model_cfg, prompt_ids, cfg, key)
     )
+    return [tokenizer.decode(row, vocab) for row in ids_BA]
+
+
+@functools.lru_cache
+def apply_of(model_cfg: ModelConfig):
+    """The model's apply, one per config: compiled sampling is cached by it."""
+    return model.make_model(model_cfg).apply
+
+
+def print_samples(params, model_cfg, vocab, prompt_ids, cfg: SampleConfig, root, mesh):
+    """Prints cfg.num_samples continuations of the prompt (process 0 prints)."""
+    t0 = time.perf_counter()
+    texts = draw_samples(params, model_cfg, vocab, prompt_ids, cfg, root, mesh)
+    if not sharding.is_main_process():
+        return
     dt = time.perf_counter() - t0
-    for row in ids_BA:
-        print(tokenizer.decode(row, vocab))
+    for text in texts:
+        print(text)
         print("-" * 40)
     logging.info(
         "sampled %d x %d tokens in %.2fs (compile included)",
