@@ -160,10 +160,12 @@ def table(results: Sequence[Result], device: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        reduced = r.run.name == r.step.cpu_name  # Not the lecture's model: no match.
+        difference = "reduced" if reduced else f"{r.val_loss - r.step.lecture:+.3f}"
         lines.append(
             f"| {r.step.what} | `{Path(r.flagfile).name}` | {r.parameters:,}"
             f" | {r.steps:,} | {r.val_loss:.3f} | {r.step.lecture:.2f}"
-            f" | {r.val_loss - r.step.lecture:+.3f} | {r.wall_s:.0f} s |"
+            f" | {difference} | {r.wall_s:.0f} s |"
         )
     return "\n".join(lines) + "\n"
 
@@ -197,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = table(results, device)
     (out / "ladder.md").write_text(text)
     labels = [f"{r.run.name} ({r.val_loss:.2f})" for r in results]
-    plot.plot([r.run for r in results], out / "ladder.png", labels, "The ladder")
+    runs = [r.run for r in results]
+    plot.plot(runs, out / "ladder.png", labels, "The lecture's ladder", logx=True)
     print(text)
     print(f"wrote {out / 'ladder.md'} and {out / 'ladder.png'}")
     return 0

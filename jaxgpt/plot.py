@@ -60,14 +60,22 @@ def label(run: str | Path) -> str:
     return f"{name}: {describe(meta['model'])}" if meta else name
 
 
-def draw(ax, runs: Sequence[str | Path], labels: Sequence[str] | None = None):
-    """Draws the runs' train (dashed) and val (solid) losses on `ax`."""
+def draw(
+    ax,
+    runs: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    logx: bool = False,
+):
+    """Draws the runs' train (dashed) and val (solid) losses on `ax`; with
+    `logx`, steps on a log scale (for runs of very different lengths)."""
     labels = list(labels) if labels else [label(run) for run in runs]
     for i, (run, name) in enumerate(zip(runs, labels)):
         records, color = read_metrics(run), f"C{i % 10}"
         steps = [r["step"] for r in records]
         ax.plot(steps, [r["val_loss"] for r in records], color=color, label=name)
         ax.plot(steps, [r["train_loss"] for r in records], color=color, ls="--")
+    if logx:
+        ax.set_xscale("symlog", linthresh=100)  # Linear up to step 100 (and 0).
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
@@ -80,10 +88,11 @@ def plot(
     out: str | Path,
     labels: Sequence[str] | None = None,
     title: str | None = None,
+    logx: bool = False,
 ) -> Path:
     """Writes the runs' loss curves to the image `out` (its suffix: png, svg, pdf)."""
     fig = Figure(figsize=(8, 5))
-    draw(fig.subplots(), runs, labels)
+    draw(fig.subplots(), runs, labels, logx)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -100,9 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="Workdirs of runs (--workdir).")
     parser.add_argument("--out", default="loss.png", help="The image to write.")
     parser.add_argument("--title", default=None, help="A title above the plot.")
+    parser.add_argument("--logx", action="store_true", help="Steps on a log scale.")
     args = parser.parse_args(argv)
     try:
-        out = plot(args.runs, args.out, title=args.title)
+        out = plot(args.runs, args.out, title=args.title, logx=args.logx)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     print(out)
