@@ -164,7 +164,12 @@ def test_the_ladder_trains_its_steps_and_writes_a_table_and_a_plot(
     tmp_path, corpus_path
 ):
     out = tmp_path / "ladder"
-    quick = ["--max_iters=30", "--eval_interval=15", "--eval_iters=2"]
+    quick = [
+        "--max_iters=30",
+        "--eval_interval=15",
+        "--eval_iters=2",
+        "--peak_tflops=1",
+    ]
     done = subprocess.run(
         [
             sys.executable,

@@ -30,6 +30,7 @@ TINY = [
     "--log_interval=10",
     "--warmup_iters=5",
     "--max_new_tokens=30",
+    "--peak_tflops=1",  # For MFU: no peak measured first.
 ]
 
 
