@@ -93,7 +93,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The network: nanoGPT's GPT, or the bigram baseline."""
+    """The network: nanoGPT's GPT, the bigram baseline, or a step of the lecture."""
 
     vocab_size: int  # V: set by the tokenizer, not a flag.
     model: Literal[
