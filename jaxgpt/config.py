@@ -75,6 +75,11 @@ class RunConfig:
         "Peak TFLOP/s of one device, for the MFU in the log. Default: the data"
         " sheet's for a known GPU/TPU (jaxgpt/perf.py), else measured with a matmul.",
     )
+    tensorboard: bool = option(
+        True,
+        "Write TensorBoard event files (losses, learning rate, gradient norm,"
+        " tokens/s, MFU, a sample per evaluation) to --workdir.",
+    )
 
     def __post_init__(self):
         check_choices(self)
@@ -122,10 +127,20 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The network: nanoGPT's GPT, or the bigram baseline."""
+    """The network: nanoGPT's GPT, the bigram baseline, or a step of the lecture."""
 
     vocab_size: int  # V: set by the tokenizer, not a flag.
-    model: Literal["gpt", "bigram"] = option("gpt", "Architecture.")
+    model: Literal[
+        "gpt",
+        "bigram",
+        "lecture_head",
+        "lecture_heads",
+        "lecture_ffwd",
+        "lecture_residual",
+        "lecture_layernorm",
+    ] = option(
+        "gpt", "Architecture: nanoGPT's GPT, the bigram, or a step of the lecture."
+    )
     block_size: int = option(256, "T: context length in tokens.")
     n_layer: int = option(6, "L: transformer blocks.")
     n_head: int = option(6, "H: attention heads per block.")

@@ -13,6 +13,7 @@ evaluation -> the training loop -> a sample.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging as pylogging
 import signal
 import sys
@@ -208,6 +209,17 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         log_start(model_cfg, state.params, splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
         train_step = train.make_train_step(model_cfg, train_cfg, mesh)
+        evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)
+        if run.tensorboard:  # A short sample of text beside each evaluation's losses.
+            one = dataclasses.replace(
+                sample_cfg,
+                num_samples=1,
+                max_new_tokens=min(sample_cfg.max_new_tokens, 200),
+            )
+            draw = lambda p: draw_samples(
+                p, model_cfg, tok, prompt_ids, one, root, mesh
+            )
+            evaluate = with_samples(evaluate, log, draw)
         B, T = train_cfg.batch_size, model_cfg.block_size
         t0 = time.perf_counter()
         state, stopped_by = train.train(
@@ -215,7 +227,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             train_cfg,
             lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
             train.make_batches(splits["train"], root, B, T, mesh),
-            make_evaluate(model_cfg, train_cfg, dataset, root, mesh),
+            evaluate,
             checkpointer,
             log,
         )
@@ -241,8 +253,28 @@ def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
     logging.info("peak %.4g GFLOP/s per device (%s)", peak / 1e9, source)
     schedule = train.lr_schedule(train_cfg)
     return metrics.TrainLog(
-        run.workdir, model_cfg, train_cfg, schedule, start_step, peak, mesh.size
+        run.workdir,
+        model_cfg,
+        train_cfg,
+        schedule,
+        start_step,
+        peak,
+        mesh.size,
+        tensorboard=run.tensorboard,
     )
+
+
+def with_samples(evaluate, log: metrics.TrainLog, draw):
+    """`evaluate`, which also hands `log` the text `draw(params)` returns (a list
+    of samples, empty off process 0) at each evaluation."""
+
+    def evaluate_and_sample(params):
+        losses = evaluate(params)
+        texts = draw(params)
+        log.add_sample(texts[0] if texts else None)
+        return losses
+
+    return evaluate_and_sample
 
 
 def check_backend(model_cfg: ModelConfig) -> None:
@@ -256,7 +288,7 @@ def check_backend(model_cfg: ModelConfig) -> None:
 def log_start(model_cfg: ModelConfig, params, splits: dict[str, np.ndarray], mesh):
     n_params = model.count_params(params)
     n_positions = (
-        model_cfg.block_size * model_cfg.n_embd if model_cfg.model == "gpt" else 0
+        model_cfg.block_size * model_cfg.n_embd if model_cfg.model != "bigram" else 0
     )
     logging.info(
         "%s: %s parameters (%s without position embeddings); vocab %d,"
@@ -283,20 +315,34 @@ def encode_prompt(prompt: str, tok) -> np.ndarray:
         raise ConfigError(f"--prompt: {e}") from e
 
 
-def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):
-    """Prints cfg.num_samples continuations of the prompt (process 0 prints)."""
+def draw_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):
+    """cfg.num_samples continuations of the prompt, as text, on process 0 (the
+    others take part in gathering the parameters and get [])."""
     params = sharding.to_local(params, mesh)  # Every process takes part.
     if not sharding.is_main_process():
-        return
-    t0 = time.perf_counter()
-    apply_fn = model.make_model(model_cfg).apply
+        return []
     key = streams.stream(root, "sample")
     ids_BA = jax.device_get(
-        generate.sample(apply_fn, params, model_cfg, prompt_ids, cfg, key)
+        generate.sample(apply_of(model_cfg), params, model_cfg, prompt_ids, cfg, key)
     )
+    return [tok.decode(row) for row in ids_BA]
+
+
+@functools.lru_cache
+def apply_of(model_cfg: ModelConfig):
+    """The model's apply, one per config: compiled sampling is cached by it."""
+    return model.make_model(model_cfg).apply
+
+
+def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):
+    """Prints cfg.num_samples continuations of the prompt (process 0 prints)."""
+    t0 = time.perf_counter()
+    texts = draw_samples(params, model_cfg, tok, prompt_ids, cfg, root, mesh)
+    if not sharding.is_main_process():
+        return
     dt = time.perf_counter() - t0
-    for row in ids_BA:
-        print(tok.decode(row))
+    for text in texts:
+        print(text)
         print("-" * 40)
     logging.info(
         "sampled %d x %d tokens in %.2fs (compile included)",
