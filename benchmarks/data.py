@@ -7,7 +7,8 @@ Writes a dataset folder of random uint16 token ids (once; reused when it
 exists) with a character tokenizer, then:
 - times what the training loop does per step on the host: draw the batch's
   window starts from the batch stream at that step and read the windows
-  (data.get_batch on an np.memmap), for B=64, T=256 and B=12, T=1024;
+  (data.get_batch on a data.TokenFile, and for comparison on an np.memmap),
+  for B=64, T=256 and B=12, T=1024;
 - runs the training program itself (`python -m jaxgpt.main`, a small model,
   200 steps) on that dataset and on a copy holding its first 1%, and reports
   each process's peak resident memory: it must not grow with the file's size.
@@ -58,6 +59,13 @@ def make_dataset(folder: Path, n_tokens: int) -> None:
     meta_path.write_text(json.dumps(meta))
 
 
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return (
+            next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        )
+
+
 def time_batches(tokens: np.ndarray, B: int, T: int, n: int = 2000) -> list[float]:
     stream = np.asarray(streams.stream(streams.root(0), "batch"))
     times = []
@@ -75,7 +83,7 @@ def train_peak_rss_mb(data_dir: Path, dataset: str, workdir: Path) -> tuple[floa
         f"--data_dir={data_dir}", f"--dataset={dataset}", f"--workdir={workdir}",
         "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=256",
         "--batch_size=16", "--max_iters=200", "--eval_interval=200", "--eval_iters=5",
-        "--log_interval=100", "--max_new_tokens=10",
+        "--log_interval=100", "--max_new_tokens=10", "--prompt=A",
     ]  # fmt: skip
     done = subprocess.run(
         ["/usr/bin/time", "-v", sys.executable, "-m", "jaxgpt.main", *flags],
@@ -98,13 +106,19 @@ def main() -> None:
     big = data_dir / "big" / "train.bin"
     print(f"{big}: {big.stat().st_size / 2**30:.2f} GiB, {n:,} tokens")
     print(f"(written in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} cores)")
-    tokens = np.memmap(big, dtype=np.uint16, mode="r")
+    readers = {
+        "TokenFile": data.TokenFile(big, np.uint16),
+        "np.memmap": np.memmap(big, dtype=np.uint16, mode="r"),
+    }
     for B, T in SHAPES:
-        times = time_batches(tokens, B, T)
-        print(
-            f"B={B:3d} T={T:4d}: median {1e6 * statistics.median(times):6.1f} us/batch,"
-            f" p99 {1e6 * np.percentile(times, 99):6.1f} us (2,000 batches)"
-        )
+        for name, tokens in readers.items():
+            times = time_batches(tokens, B, T)
+            print(
+                f"B={B:3d} T={T:4d} {name:>9}: median"
+                f" {1e6 * statistics.median(times):6.1f} us/batch,"
+                f" p99 {1e6 * np.percentile(times, 99):7.1f} us (2,000 batches)"
+            )
+    print(f"this process's RSS after them: {rss_mb():.0f} MB (the memmap's pages)")
     for name in ("big", "small"):
         rss, speed = train_peak_rss_mb(data_dir, name, data_dir / f"run_{name}")
         size = (data_dir / name / "train.bin").stat().st_size / 2**20

@@ -10,8 +10,8 @@ nanoGPT's layout: train.bin and val.bin hold the token ids back to back,
 uint16 when the vocabulary fits in 16 bits, else uint32, so nanoGPT's own
 prepared files work too; meta.json names the tokenizer (its JSON, so sampling
 needs nothing else), the dtype, the token and byte counts of each split, and
-the source with its sha256. Training reads the files through np.memmap, so a
-corpus never has to fit in memory.
+the source with its sha256. Training reads only the windows of each batch from
+the files (data.TokenFile), so a corpus never has to fit in memory.
 
 Documents end with <|endoftext|> under a BPE tokenizer. A single text (tiny
 shakespeare, one file) is split 90/10 by characters; a collection of
@@ -80,12 +80,13 @@ class Dataset:
     """A prepared dataset: its tokenizer, memory-mapped splits and meta."""
 
     tokenizer: Any
-    splits: dict[str, np.ndarray]  # "train", "val": np.memmap of token ids.
+    splits: dict[str, data.TokenFile]  # "train", "val": their token files.
     meta: dict[str, Any]
 
 
 def load(folder: Path) -> Dataset:
-    """Opens <folder>/{train,val}.bin as memory maps; checks them against meta.json."""
+    """Opens <folder>/{train,val}.bin (read a window at a time); checks them
+    against meta.json."""
     meta = json.loads((folder / "meta.json").read_text())
     splits = {}
     for split in ("train", "val"):
@@ -97,7 +98,7 @@ def load(folder: Path) -> Dataset:
                 " says: prepare the dataset again (python -m jaxgpt.prepare"
                 f" --dataset={folder.name}) or delete {folder}."
             )
-        splits[split] = np.memmap(path, dtype=meta["dtype"], mode="r")
+        splits[split] = data.TokenFile(path, meta["dtype"])
     return Dataset(tokenizer.from_json(meta["tokenizer"]), splits, meta)
 
 
@@ -118,7 +119,7 @@ def load_nanogpt(folder: Path) -> Dataset:
     else:
         tok = tokenizer.load_gpt2()
     splits = {
-        split: np.memmap(folder / f"{split}.bin", dtype=np.uint16, mode="r")
+        split: data.TokenFile(folder / f"{split}.bin", np.uint16)
         for split in ("train", "val")
     }
     meta = {"dataset": folder.name, "tokenizer": tok.to_json(), "dtype": "uint16"}

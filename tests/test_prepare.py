@@ -23,7 +23,7 @@ def test_shakespeare_char_is_the_corpus_split_90_10(tmp_path, corpus_path, corpu
     assert tok.decode(dataset.splits["train"]) == train_text
     assert tok.decode(dataset.splits["val"]) == val_text
     assert dataset.splits["train"].dtype == np.uint16
-    assert isinstance(dataset.splits["train"], np.memmap)
+    assert isinstance(dataset.splits["train"], data.TokenFile)
     meta = dataset.meta
     assert meta["train_tokens"] == len(train_text) and meta["val_tokens"] == len(
         val_text
