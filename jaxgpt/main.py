@@ -12,7 +12,13 @@ training loop -> a sample.
 
 from __future__ import annotations
 
+from jaxgpt import stops
+
+if __name__ == "__main__":  # Ctrl-C while JAX is imported ends quietly too.
+    stops.quit_at_once()
+
 import dataclasses
+import errno
 import logging as pylogging
 import signal
 import sys
@@ -38,6 +44,7 @@ from jaxgpt import (
     streams,
     tokenizer,
     train,
+    workdir,
 )
 from jaxgpt.config import (
     ConfigError,
@@ -89,6 +96,9 @@ def from_flags(cls: type, **given: Any):
 def read_corpus(data_cfg: DataConfig, block_size: int):
     """The corpus as character ids: its vocabulary and its train/val splits."""
     text = data.load_text(data_cfg.data_path)
+    if not text:
+        where = f"--data_path={data_cfg.data_path}" if data_cfg.data_path else "corpus"
+        raise data.DataError(f"the {where} is empty: pass a text file.")
     vocab = tokenizer.build_vocab(text)
     train_tokens, val_tokens = data.split(tokenizer.encode(text, vocab))
     data.check_long_enough(len(train_tokens), block_size, "training split")
@@ -98,60 +108,111 @@ def read_corpus(data_cfg: DataConfig, block_size: int):
     return vocab, {"train": train_tokens, "val": val_tokens}
 
 
-def prepare_workdir(run: RunConfig, model_cfg: ModelConfig, vocab: str) -> bool:
-    """Makes --workdir (empty with --overwrite); True if it holds a checkpoint to
-    resume. One of another model or vocabulary is refused."""
-    workdir = Path(run.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def read_text_corpus(data_cfg: DataConfig, block_size: int):
+    """read_corpus, with one line for a corpus that is not text."""
+    try:
+        return read_corpus(data_cfg, block_size)
+    except UnicodeDecodeError as e:
+        where = f"--data_path={data_cfg.data_path}" if data_cfg.data_path else "corpus"
+        raise data.DataError(
+            f"the {where} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset"
+            f" {e.start}): pass a UTF-8 text file."
+        ) from e
+
+
+def lock_workdir(run: RunConfig) -> workdir.Lock:
+    """Makes --workdir and takes its lock (process 0 holds it; all processes
+    fail together if it cannot)."""
+    lock, error = workdir.Lock(run.workdir, hold=sharding.is_main_process()), None
+    try:
+        workdir.make(run.workdir)
+        if lock.hold:
+            lock.acquire()
+    except ConfigError as e:
+        error = e
+    if sharding.process_max(np.array([error is not None]))[0]:
+        raise error or ConfigError(
+            f"process 0 cannot use --workdir={run.workdir}: see its log."
+        )
+    return lock
+
+
+def prepare_workdir(
+    run: RunConfig, model_cfg: ModelConfig, vocab: str, meta: dict
+) -> ckpt.Checkpointer:
+    """The workdir's Checkpointer, emptied first with --overwrite. A workdir holding
+    another model or vocabulary (by its newest readable meta) is refused."""
     if run.overwrite:
-        ckpt.clear(workdir)
-    saved = ckpt.read_meta(workdir)
+        ckpt.clear(run.workdir)
+    checkpointer = ckpt.Checkpointer(run.workdir, meta)
+    saved = checkpointer.newest_meta()
     if saved is None:
-        return False
-    ckpt.check_compatible(saved["model"], model_cfg, workdir)
-    if saved["vocab"] != vocab:
-        raise ConfigError(
-            f"--workdir={workdir} holds a checkpoint trained on a corpus with a"
+        return checkpointer
+    problem = None
+    try:
+        ckpt.check_compatible(saved["model"], model_cfg, run.workdir)
+    except ConfigError as e:
+        problem = e
+    if problem is None and saved["vocab"] != vocab:
+        problem = ConfigError(
+            f"--workdir={run.workdir} holds a checkpoint trained on a corpus with a"
             " different vocabulary. Pass --overwrite to start afresh there, or"
             " choose another --workdir."
         )
-    return True
+    if problem:
+        checkpointer.close()
+        raise problem
+    return checkpointer
 
 
-def restore(checkpointer: ckpt.Checkpointer, target, params_only: bool, which: str):
-    """The checkpoint's state (or parameters alone), or one line if it doesn't fit."""
-    try:
-        if params_only:
-            return checkpointer.restore_params(target, which)
-        return checkpointer.restore(target, which)
-    except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(
-            f"the checkpoint in {checkpointer.workdir} does not match this model"
-            f" or optimizer ({str(e).splitlines()[0][:200]}). Pass --overwrite to"
-            " start afresh, or choose another --workdir."
-        ) from e
+def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg, mesh):
+    """The newest intact checkpoint's state (None for a fresh run), with the
+    training settings checked against it and best/ and metrics.jsonl made to
+    agree with it."""
+    target = train.abstract_state(model_cfg, train_cfg, mesh)
+    resumed = checkpointer.resume(target, say=say)
+    current = train.trained_settings(train_cfg, run.seed)
+    step = -1
+    if resumed is None:
+        history = [{"from_step": 0, **current}]
+        state = None
+    else:
+        state, saved = resumed
+        step = int(state.step)
+        history = train.settings_history(saved, current, step, run.allow_changes)
+        logging.info("resuming from step %d in %s", step, run.workdir)
+    checkpointer.update_meta(settings=history)
+    if sharding.is_main_process():  # Rows of steps the run will evaluate again.
+        path = Path(run.workdir) / workdir.METRICS_NAME
+        dropped = workdir.trim_metrics(path, step if step > 0 else -1)
+        if dropped:
+            logging.info("dropped %d rows past step %d from %s", dropped, step, path)
+    return state
+
+
+def say(line: str) -> None:
+    """A warning line from process 0."""
+    if sharding.is_main_process():
+        logging.warning(line)
 
 
 def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Trains the run in --workdir from scratch or where it stopped, then samples."""
     train_cfg = from_flags(TrainConfig)
-    vocab, splits = read_corpus(from_flags(DataConfig), FLAGS.block_size)
+    vocab, splits = read_text_corpus(from_flags(DataConfig), FLAGS.block_size)
     model_cfg = from_flags(ModelConfig, vocab_size=len(vocab))
     check_backend(model_cfg)
     prompt_ids = encode_prompt(sample_cfg.prompt, vocab)  # Fails now, not later.
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
-    resuming = prepare_workdir(run, model_cfg, vocab)
     meta = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}
     meta |= {"seed": run.seed, "vocab": vocab}
     root = streams.root(run.seed)
-    with ckpt.Checkpointer(run.workdir, meta) as checkpointer:
-        if resuming:
-            target = train.abstract_state(model_cfg, train_cfg, mesh)
-            state = restore(checkpointer, target, False, ckpt.LATEST)
-            logging.info("resuming from step %d in %s", int(state.step), run.workdir)
-        else:
+    with (
+        lock_workdir(run),
+        prepare_workdir(run, model_cfg, vocab, meta) as checkpointer,
+    ):
+        state = resume(checkpointer, run, model_cfg, train_cfg, mesh)
+        if state is None:
             state = train.create_state(model_cfg, train_cfg, root, mesh)
         log_start(model_cfg, state.params, splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
@@ -248,22 +309,30 @@ def print_samples(params, model_cfg, vocab, prompt_ids, cfg: SampleConfig, root,
 
 
 def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
-    """Samples from the workdir's checkpoint: its parameters and meta, nothing else."""
-    workdir, which = Path(run.workdir), sample_cfg.checkpoint
-    meta = ckpt.read_meta(workdir, which)
-    if meta is None:
-        raise ConfigError(
-            f"no {which} checkpoint in --workdir={workdir}: train first"
-            " (--mode=train) or point --workdir at a run."
-        )
-    model_cfg = ModelConfig(**meta["model"])
-    prompt_ids = encode_prompt(sample_cfg.prompt, meta["vocab"])
-    with ckpt.Checkpointer(workdir) as checkpointer:
+    """Samples from the workdir's checkpoint: its parameters and meta, nothing else.
+
+    Reads only (a training run may be writing the workdir); a damaged checkpoint
+    is named and the next older one of the same kind used.
+    """
+    workdir_, which = Path(run.workdir), sample_cfg.checkpoint
+    with ckpt.Checkpointer(workdir_, read_only=True) as checkpointer:
+        meta = checkpointer.newest_meta((which,))
+        if meta is None:
+            found = [
+                str(checkpointer.folder(which, s)) for s in checkpointer.steps(which)
+            ]
+            raise ConfigError(
+                f"no {which} checkpoint in --workdir={workdir_}"
+                + (f" has a readable meta ({', '.join(found)})" if found else "")
+                + ": train first (--mode=train) or point --workdir at a run."
+            )
+        model_cfg = ModelConfig(**meta["model"])
+        prompt_ids = encode_prompt(sample_cfg.prompt, meta["vocab"])
         target = train.abstract_params(model_cfg, mesh)
-        params = restore(checkpointer, target, True, which)
-        logging.info(
-            "sampling from step %d of %s", checkpointer.latest_step(which), workdir
+        (params, _), _, step = checkpointer.newest_intact(
+            lambda w, s: checkpointer.load_params(target, w, s), (which,), say=say
         )
+        logging.info("sampling from step %d of %s", step, workdir_)
     root = streams.root(run.seed)
     print_samples(params, model_cfg, meta["vocab"], prompt_ids, sample_cfg, root, mesh)
     return 0
@@ -272,34 +341,75 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
 # --- The program ---------------------------------------------------------------------
 
 
-class _OwnInfoOnly(pylogging.Filter):
-    """Keeps jaxgpt's INFO lines and every library's warnings, not their INFO chatter."""
+class _QuietLibraries(pylogging.Filter):
+    """jaxgpt's log lines; other libraries' warnings and errors as one line each
+    without their tracebacks, and none of orbax's errors (a failed save or
+    restore is reported by jaxgpt, in one line). With --verbosity=1, everything."""
 
     package_dir = str(Path(__file__).resolve().parent)
 
     def filter(self, record) -> bool:
-        return record.levelno >= pylogging.WARNING or str(
-            Path(record.pathname).resolve()
-        ).startswith(self.package_dir)
+        path = str(Path(record.pathname).resolve())
+        if path.startswith(self.package_dir) or logging.get_verbosity() >= 1:
+            return True
+        if record.levelno < pylogging.WARNING:
+            return False
+        if record.levelno >= pylogging.ERROR and "/orbax/" in path:
+            return False
+        lines = record.getMessage().splitlines()
+        record.msg, record.args = (lines[0] if lines else ""), ()
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+_QUIET_LIBRARIES = _QuietLibraries()
+
+
+def one_line(error: BaseException) -> str:
+    """`error: <message>` on one line."""
+    return "error: " + " ".join(str(error).split("\n"))
+
+
+def os_error_line(e: OSError, workdir_: str) -> str:
+    """One line for an OSError reading or writing files (a full disk names the
+    workdir and its free space)."""
+    where = e.filename or workdir_
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    space = f"; {workdir.free_space(workdir_)} in {workdir_}" if full else ""
+    advice = (
+        " Free space (or choose another --workdir) and run the same command again"
+        " to resume."
+        if full
+        else ""
+    )
+    return f"error: cannot use {where} ({e.strerror or e}{space}).{advice}"
 
 
 def main(argv: list[str]) -> int:
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
     keep_freed_memory()  # Before XLA allocates: no page faults per step.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run, sample_cfg = from_flags(RunConfig), from_flags(SampleConfig)
-        mesh_cfg = from_flags(MeshConfig)
-        sharding.initialize_distributed(mesh_cfg)  # Before any other use of JAX.
-        if not sharding.is_main_process():
-            logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
-        mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
-        if run.mode == "sample":
-            return run_sample(run, sample_cfg, mesh)
-        return run_train(run, sample_cfg, mesh)
-    except (ConfigError, data.DataError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    with stops.QuitAtOnce():  # Outside the training loop: a signal ends at once.
+        try:
+            run, sample_cfg = from_flags(RunConfig), from_flags(SampleConfig)
+            mesh_cfg = from_flags(MeshConfig)
+            sharding.initialize_distributed(mesh_cfg)  # Before any other use of JAX.
+            if not sharding.is_main_process():
+                logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
+            mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
+            if run.mode == "sample":
+                return run_sample(run, sample_cfg, mesh)
+            return run_train(run, sample_cfg, mesh)
+        except (
+            ConfigError,
+            data.DataError,
+            FloatingPointError,
+            ckpt.CheckpointError,
+        ) as e:
+            sys.exit(one_line(e))
+        except OSError as e:
+            sys.exit(os_error_line(e, FLAGS.workdir))
 
 
 if __name__ == "__main__":
