@@ -31,9 +31,11 @@ its own shards, and orbax has process 0 write the metadata and commit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -150,13 +152,21 @@ def _opt_item(state) -> dict:
     return {"step": state.step, "opt_state": state.opt_state}
 
 
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file size limit)",
+}
+
+
 def describe(error: BaseException) -> str:
     """One short line for an exception raised by orbax or tensorstore: its
-    innermost cause, which says what was wrong with which file."""
-    if workdir_lib.is_disk_full(error):
-        return "no space left on the device"
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
+    root cause, which says what was wrong with which file."""
+    for number, words in WRITE_ERRORS.items():
+        if workdir_lib.is_disk_full(error, errnos=(number,)):
+            return words
+    while error.__cause__ is not None:  # What it was raised from.
+        error = error.__cause__
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= 240 else text[:237] + "..."
@@ -185,6 +195,7 @@ class Checkpointer:
             for which in (LATEST, BEST)
         }
         self._pending: dict[str, int] = {}  # Saves started and not yet confirmed.
+        self._failed_saves = False
         self.best_val_loss, self.best_step = math.inf, None
         meta = self.newest_meta((LATEST,)) if self.latest_step() is not None else None
         if meta:  # (A damaged one is named by `resume`.)
@@ -277,13 +288,16 @@ class Checkpointer:
                 other.wait_until_finished()
         self._pending.clear()
         self.delete_unfinished()
+        self._failed_saves = True  # `close` deletes what late writes left.
         kept = self.latest_step()
         folder = self.folder(which, step)
+        full = workdir_lib.is_disk_full(error, (errno.ENOSPC, errno.EDQUOT))
+        fix = "free space" if full else "fix that"
         then = (
-            f" Checkpoints up to step {kept} are kept: free space (or choose another"
+            f" Checkpoints up to step {kept} are kept: {fix} (or choose another"
             f" --workdir) and run the same command again to resume from step {kept}."
             if kept is not None
-            else " Free space (or choose another --workdir) and run again."
+            else f" {fix.capitalize()} (or choose another --workdir) and run again."
         )
         return SaveError(
             f"could not save the checkpoint of step {step} in {folder}"
@@ -291,18 +305,35 @@ class Checkpointer:
             f" {self.workdir}); its unfinished files are deleted.{then}"
         )
 
-    def delete_unfinished(self) -> list[Path]:
-        """Deletes the temporary folders of saves that did not finish (process 0)."""
+    def delete_unfinished(self, settle_s: float = 0.0) -> list[Path]:
+        """Deletes the temporary folders of saves that did not finish (process 0).
+
+        After a failed save, tensorstore's writes still in flight may create
+        files again for a moment: `settle_s` keeps deleting until none appear.
+        """
         found = []
-        for which in (LATEST, BEST):
-            folder = self.folder(which)
-            if folder.is_dir():
-                found += [p for p in folder.iterdir() if TMP_MARK in p.name]
         if sharding.is_main_process():
-            for path in found:
-                shutil.rmtree(path, ignore_errors=True)
+            deadline = time.monotonic() + settle_s
+            while True:
+                now = self._unfinished()
+                for path in now:
+                    shutil.rmtree(path, ignore_errors=True)
+                found += now
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
         sharding.sync("jaxgpt.checkpoint.delete_unfinished")
         return found
+
+    def _unfinished(self) -> list[Path]:
+        folders = [self.folder(which) for which in (LATEST, BEST)]
+        return [
+            path
+            for folder in folders
+            if folder.is_dir()
+            for path in folder.iterdir()
+            if TMP_MARK in path.name
+        ]
 
     # --- Reading
 
@@ -385,7 +416,11 @@ class Checkpointer:
         return self.load_params(target_params, which, self.latest_step(which))[0]
 
     def newest_intact(
-        self, load: Callable[[str, int], Any], kinds=(LATEST, BEST), say=logging.warning
+        self,
+        load: Callable[[str, int], Any],
+        kinds=(LATEST, BEST),
+        say=logging.warning,
+        advice: str = "Choose another --workdir to start afresh.",
     ):
         """(load(which, step), which, step) of the newest checkpoint that loads.
 
@@ -409,7 +444,7 @@ class Checkpointer:
         listed = "; ".join(f"{self.folder(w, s)}: {why}" for w, s, why in damaged)
         raise CheckpointError(
             f"no checkpoint in --workdir={self.workdir} can be read ({listed});"
-            " they are left as they are. Choose another --workdir to start afresh."
+            f" they are left as they are. {advice}"
         )
 
     def _move_aside(self, which: str, step: int, say) -> None:
@@ -434,8 +469,8 @@ class Checkpointer:
 
         First deletes the temporary folders of saves a killed run left. Then,
         for the checkpoint restored at step S, makes best/ agree: it holds the
-        best evaluated step up to S (resaving S if its best save was cut short;
-        deleting saves past S).
+        best evaluated step up to S (S is saved again if its best save was cut
+        short).
         """
         for path in self.delete_unfinished():
             logging.info("deleted %s (a save that did not finish)", path)
@@ -455,10 +490,9 @@ class Checkpointer:
         return state, meta
 
     def _agree_best(self, step: int, state, meta: dict, say) -> None:
-        best = self._managers[BEST]
-        for ahead in [s for s in best.all_steps() if s > step]:
-            best.delete(ahead)  # The resumed run evaluates these steps again.
-        if self.best_step is None or self.best_step in best.all_steps():
+        # (No best step is past `step`: the newest intact checkpoint, latest or
+        # best, is the one restored.)
+        if self.best_step is None or self.best_step in self._managers[BEST].all_steps():
             return
         if self.best_step == step:  # Killed between the latest and the best save.
             meta = {k: v for k, v in meta.items() if k != "checksums"}
@@ -490,6 +524,8 @@ class Checkpointer:
                 except Exception:
                     if not quiet:
                         raise
+            if self._failed_saves:
+                self.delete_unfinished(settle_s=1.0)
 
 
 def manager(folder: Path, which: str, read_only: bool = False) -> ocp.CheckpointManager:

@@ -18,7 +18,6 @@ if __name__ == "__main__":  # Ctrl-C while JAX is imported ends quietly too.
     stops.quit_at_once()
 
 import dataclasses
-import errno
 import logging as pylogging
 import signal
 import sys
@@ -329,8 +328,12 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         model_cfg = ModelConfig(**meta["model"])
         prompt_ids = encode_prompt(sample_cfg.prompt, meta["vocab"])
         target = train.abstract_params(model_cfg, mesh)
+        other = ckpt.LATEST if which == ckpt.BEST else ckpt.BEST
         (params, _), _, step = checkpointer.newest_intact(
-            lambda w, s: checkpointer.load_params(target, w, s), (which,), say=say
+            lambda w, s: checkpointer.load_params(target, w, s),
+            (which,),
+            say=say,
+            advice=f"Sample from --checkpoint={other}, or train again.",
         )
         logging.info("sampling from step %d of %s", step, workdir_)
     root = streams.root(run.seed)
@@ -343,8 +346,8 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
 
 class _QuietLibraries(pylogging.Filter):
     """jaxgpt's log lines; other libraries' warnings and errors as one line each
-    without their tracebacks, and none of orbax's errors (a failed save or
-    restore is reported by jaxgpt, in one line). With --verbosity=1, everything."""
+    without their tracebacks; nothing of orbax's (jaxgpt reports what a save or
+    a restore did, and a failure in one line). With --verbosity=1, everything."""
 
     package_dir = str(Path(__file__).resolve().parent)
 
@@ -352,10 +355,10 @@ class _QuietLibraries(pylogging.Filter):
         path = str(Path(record.pathname).resolve())
         if path.startswith(self.package_dir) or logging.get_verbosity() >= 1:
             return True
-        if record.levelno < pylogging.WARNING:
-            return False
-        if record.levelno >= pylogging.ERROR and "/orbax/" in path:
-            return False
+        if record.levelno < pylogging.WARNING or "/orbax/" in path:
+            return False  # Orbax's: jaxgpt says what a save or restore did.
+        if record.levelno >= pylogging.ERROR and "/asyncio/" in path:
+            return False  # Orbax's event loop's.
         lines = record.getMessage().splitlines()
         record.msg, record.args = (lines[0] if lines else ""), ()
         record.exc_info = record.exc_text = record.stack_info = None
@@ -363,6 +366,16 @@ class _QuietLibraries(pylogging.Filter):
 
 
 _QUIET_LIBRARIES = _QuietLibraries()
+
+
+def _quiet_unraisable(args) -> None:
+    """Drops tensorstore's late callbacks into orbax's closed event loop after a
+    failed write (reported by jaxgpt in one line); passes anything else on."""
+    closed_loop = isinstance(args.exc_value, RuntimeError) and "loop is closed" in str(
+        args.exc_value
+    )
+    if not closed_loop or logging.get_verbosity() >= 1:
+        sys.__unraisablehook__(args)
 
 
 def one_line(error: BaseException) -> str:
@@ -374,7 +387,7 @@ def os_error_line(e: OSError, workdir_: str) -> str:
     """One line for an OSError reading or writing files (a full disk names the
     workdir and its free space)."""
     where = e.filename or workdir_
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    full = e.errno in workdir.FULL
     space = f"; {workdir.free_space(workdir_)} in {workdir_}" if full else ""
     advice = (
         " Free space (or choose another --workdir) and run the same command again"
@@ -387,6 +400,7 @@ def os_error_line(e: OSError, workdir_: str) -> str:
 
 def main(argv: list[str]) -> int:
     logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
+    sys.unraisablehook = _quiet_unraisable
     keep_freed_memory()  # Before XLA allocates: no page faults per step.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -430,11 +430,13 @@ def run_steps(
             check_loss({"train_loss": metrics["loss"]}, done, cfg, checkpointer)
             checkpointer.check()
         log.step(done, metrics)
-        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+        evaluated = done % cfg.eval_interval == 0 or done == cfg.max_iters
+        if evaluated:
             evaluate_and_save(done, state, evaluate, checkpointer, log, cfg)
             saved_at = clock()
         minutes = (clock() - saved_at) / 60
-        due = bool(cfg.save_every_minutes) and minutes >= cfg.save_every_minutes
+        every = cfg.save_every_minutes
+        due = not evaluated and bool(every) and minutes >= every
         signum, due = agreed_requests(stop, due, at_sync)
         if due:
             check_loss({"train_loss": metrics["loss"]}, done, cfg, checkpointer)

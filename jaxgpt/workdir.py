@@ -68,17 +68,16 @@ def free_space(path: str | Path) -> str:
     return f"{free:.1f} TB free"
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` (or what caused it) says the disk or a quota is full."""
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # Out of space, quota, file size.
+
+
+def is_disk_full(error: BaseException, errnos: tuple[int, ...] = FULL) -> bool:
+    """Whether `error` (or what caused it) says the disk (or a quota) is full."""
+    words = [os.strerror(n) for n in errnos]
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (
-            errno.ENOSPC,
-            errno.EDQUOT,
-            errno.EFBIG,
-        ):
+        if isinstance(error, OSError) and error.errno in errnos:
             return True
-        text = str(error)
-        if "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+        if any(word in str(error) for word in words):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -106,6 +105,19 @@ def _read_owner(fd: int) -> dict | None:
         return json.loads(text) if text.strip() else None
     except (OSError, ValueError):
         return None
+
+
+def _flock_works(folder: Path) -> bool:
+    """Whether the filesystem of `folder` supports flock (tried on the folder)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    except OSError as e:  # EWOULDBLOCK (held by someone) means it works.
+        return e.errno not in _NO_FLOCK
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -143,6 +155,8 @@ class Lock:
         """Takes the lock, or raises WorkdirBusy naming its live owner."""
         if self._fd is not None:
             return
+        if not _flock_works(self.workdir):
+            return self._acquire_by_creating()
         for _ in range(5):  # Retried only if the file was replaced meanwhile.
             fd = self._open(os.O_RDWR | os.O_CREAT)
             try:
@@ -151,11 +165,6 @@ class Lock:
                 owner = _read_owner(fd)
                 os.close(fd)
                 raise self._busy(owner) from None
-            except OSError as e:
-                os.close(fd)
-                if e.errno in _NO_FLOCK:
-                    return self._acquire_by_creating()
-                raise
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:  # Released (unlinked) while we waited.
@@ -164,7 +173,7 @@ class Lock:
                 os.close(fd)
                 continue
             self._take(fd, _read_owner(fd))
-            return
+            return None
         raise self._busy(None)
 
     def _acquire_by_creating(self) -> None:
