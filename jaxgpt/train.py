@@ -29,7 +29,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxgpt import data, sharding, streams
-from jaxgpt.checkpoint import Checkpointer
+from jaxgpt.checkpoint import Checkpointer, on_host
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.model import cross_entropy, decay_mask, init_params, make_model
 from jaxgpt.stops import StopRequest
@@ -325,11 +325,19 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def all_finite(tree) -> bool:
+    """Whether every element of `tree` is finite (in numpy for CPU arrays)."""
+    leaves = jax.tree.leaves(tree)
+    if on_host(leaves):
+        return all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    return bool(_all_finite(tree))
+
+
 def save_checked(
     step: int, state: TrainState, checkpointer: Checkpointer, val_loss=None
 ) -> None:
     """Saves `state` unless a parameter or optimizer moment is not finite."""
-    if not bool(_all_finite((state.params, state.opt_state))):
+    if not all_finite((state.params, state.opt_state)):
         raise diverged("parameters not finite", step, checkpointer)
     checkpointer.save(step, state, val_loss=val_loss)
 

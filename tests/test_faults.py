@@ -323,6 +323,26 @@ def test_checksums_catch_any_changed_element():
     assert ckpt.checksums(swapped)["w"] != sums["w"]
 
 
+def test_checksums_on_the_host_equal_those_on_the_devices():
+    """numpy (CPU, one process) and jit (sharded over processes) must agree: a
+    checkpoint saved by one is verified by the other."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    tree = {
+        "f32": jnp.asarray(rng.normal(size=(7, 5, 3)), jnp.float32),
+        "bf16": jnp.asarray(rng.normal(size=(9,)), jnp.bfloat16),
+        "i32": jnp.asarray(rng.integers(-9, 9, size=(4, 4)), jnp.int32),
+        "bool": jnp.asarray(rng.integers(0, 2, size=(6,)), jnp.bool_),
+        "scalar": jnp.float32(-0.0),
+    }
+    on_devices = jax.device_get(ckpt._checksum_fn(None)(tree))
+    on_host = jax.tree.map(lambda x: ckpt._leaf_checksum_np(np.asarray(x)), tree)
+    for name in tree:
+        np.testing.assert_array_equal(on_devices[name], on_host[name], err_msg=name)
+
+
 # --- Kills ---------------------------------------------------------------------------
 
 
