@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import chex
+import jax
 import numpy as np
 import pytest
 import test_multihost as multihost  # The two-process helpers (tests/ is on sys.path).
@@ -63,12 +64,20 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def jaxgpt(env, corpus_path):
+def corpus(tmp_path_factory, corpus_text) -> Path:
+    """The corpus's first 200,000 characters: every run reads and encodes it."""
+    path = tmp_path_factory.mktemp("corpus") / "input.txt"
+    path.write_text(corpus_text[:200_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def jaxgpt(env, corpus):
     """jaxgpt(workdir, *flags) runs the tiny model to completion: CompletedProcess."""
 
     def run(wd, *args, timeout=180, **kw):
         return subprocess.run(
-            command(corpus_path, wd, *args),
+            command(corpus, wd, *args),
             env=env,
             capture_output=True,
             text=True,
@@ -81,12 +90,12 @@ def jaxgpt(env, corpus_path):
 
 
 @pytest.fixture(scope="module")
-def start(env, corpus_path):
+def start(env, corpus):
     """start(workdir, *flags): the tiny model's run as a Popen (stderr piped)."""
 
     def popen(wd, *args):
         return subprocess.Popen(
-            command(corpus_path, wd, *args),
+            command(corpus, wd, *args),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -404,7 +413,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, pristine, start, jaxgp
     """kill -9 during saves of latest and of best, and at random moments; then
     the final state, metrics.jsonl and best equal the uninterrupted run's."""
     wd, rng, caught = tmp_path / "wd", random.Random(13), []
-    for target in ["checkpoints", "best", "random", "checkpoints", "best"]:
+    for target in ["checkpoints", "best", "random", "random"]:
         proc = start(wd, *RUN)
         if target == "random":
             wait_for(proc, "peak")
@@ -432,8 +441,7 @@ def test_signals_at_any_moment_of_start_up(tmp_path, start, jaxgpt, pristine):
     moments = [
         (signal.SIGINT, None, 0.6),  # Importing JAX.
         (signal.SIGTERM, "parameters", 0.0),  # Set up; compiling next.
-        (signal.SIGINT, "peak", 0.0),  # Entering the loop: the first evaluation.
-        (signal.SIGTERM, "step 0:", 0.0),  # Compiling the first step.
+        (signal.SIGTERM, "step 0:", 0.0),  # After the first evaluation, compiling.
     ]
     for sig, line, delay in moments:
         proc = start(wd, *RUN)
@@ -470,14 +478,12 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, start, jaxgpt):
     assert not (wd / workdir.LOCK_NAME).exists()
 
 
-def test_a_stop_reaching_one_process_stops_all_at_the_same_step(
-    tmp_path, corpus_path, env
-):
+def test_a_stop_reaching_one_process_stops_all_at_the_same_step(tmp_path, corpus):
     """Two processes (tests/test_multihost.py's setup); SIGTERM to process 1 only:
     both save the same step and exit 143. Process 0 holds the lock meanwhile."""
     port, wd = multihost.free_port(), tmp_path / "multi"
     args = [
-        *multihost.flags(corpus_path, wd),
+        *multihost.flags(corpus, wd),
         "--max_iters=100000",
         "--eval_interval=100000",
         "--mesh_fsdp=4",
@@ -515,19 +521,35 @@ def test_a_stop_reaching_one_process_stops_all_at_the_same_step(
 
 
 def test_only_finite_undiverged_states_are_saved(tmp_path, jaxgpt):
-    """A stop after divergence (NaN, then finite but huge) saves nothing: the
-    good checkpoint of step 0 survives both."""
+    """Stopped after diverging (a huge but finite loss) twice: nothing is saved,
+    the good checkpoint of step 0 survives both stops."""
     wd = tmp_path / "wd"
-    stop = ["--stop_at=4", "--log_interval=100", "--eval_interval=100", *RUN[:1]]
-    nan = jaxgpt(wd, *stop, "--stop_at=6", "--learning_rate=1e4")
-    assert_error(nan, "diverged by step 6", "nan", "step 0", "is the last good one")
-    step0, _ = saved(wd)
-    huge = jaxgpt(wd, *stop, "--learning_rate=10", "--allow_changes")
-    assert_error(huge, "diverged by step 4", "> 3 x the best val loss")
-    assert steps(wd) == [0] and steps(wd, ckpt.BEST) == [0]
-    again, _ = saved(wd)
-    chex.assert_trees_all_equal(again.params, step0.params)
+    diverging = ["--stop_at=4", "--log_interval=100", "--learning_rate=10", *RUN]
+    step0 = None
+    for _ in range(2):
+        done = jaxgpt(wd, *diverging)
+        assert_error(done, "diverged by step 4", "> 3 x the best val loss", "step 0")
+        assert steps(wd) == [0] and steps(wd, ckpt.BEST) == [0]
+        state, _ = saved(wd)
+        if step0 is not None:
+            chex.assert_trees_all_equal(state.params, step0.params)
+        step0 = state
     assert [r["step"] for r in rows(wd)] == [0]
+
+
+def test_a_state_that_is_not_finite_is_never_saved(copy):
+    """What a stop with NaN parameters does (--learning_rate=1e4): no save."""
+    import jax.numpy as jnp
+
+    state, _ = saved(copy, ckpt.LATEST, 15)
+    nan = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params),
+    )
+    refused = pytest.raises(train.Diverged, match="parameters not finite.*step 20")
+    with ckpt.Checkpointer(copy, {}) as checkpointer, refused:
+        train.save_checked(16, nan, checkpointer)
+    assert steps(copy) == [10, 15, 20]
 
 
 # --- The disk --------------------------------------------------------------------------
@@ -593,14 +615,14 @@ FLAGS = dict(arg[2:].split("=") for arg in TINY + RUN)
 
 
 @pytest.fixture
-def main_error(corpus_path):
+def main_error(corpus):
     """main_error(workdir, flag=value, ...): main() in this process exits with one
     `error:` line, which it returns."""
     flags.FLAGS.mark_as_parsed()
 
     def run(wd, **overrides):
         given = {k: flags.FLAGS[k].parser.parse(v) for k, v in FLAGS.items()}
-        given |= {"data_path": str(corpus_path), "workdir": str(wd), **overrides}
+        given |= {"data_path": str(corpus), "workdir": str(wd), **overrides}
         with flagsaver.flagsaver(**given), pytest.raises(SystemExit) as exit_:
             main.main(["jaxgpt.main"])
         message = str(exit_.value.code)
@@ -661,27 +683,29 @@ def test_changed_settings_are_refused_or_recorded(copy, jaxgpt, main_error):
         message = main_error(copy, **{flag: value})
         assert f"--{flag}=" in message and f"(now {value})" in message, message
         assert "step 20" in message and "--allow_changes" in message
-    more = ["--max_iters=25", "--learning_rate=0.002", "--allow_changes"]
-    done = jaxgpt(copy, "--eval_interval=5", *more)
+    for folder in ("checkpoints/20", "best/20"):  # Step 15 is the newest now.
+        shutil.rmtree(copy / folder)
+    done = jaxgpt(copy, *RUN, "--seed=7", "--allow_changes")
     assert_clean(done)
-    assert "resuming from step 20 with changed settings" in done.stderr
+    assert "resuming from step 15 with changed settings: --seed=1337 (now 7)" in (
+        done.stderr
+    )
     _, meta = saved(copy)
-    ranges = meta["settings"]
-    assert [r["from_step"] for r in ranges] == [0, 20]
-    assert (ranges[0]["learning_rate"], ranges[1]["learning_rate"]) == (1e-3, 2e-3)
-    assert (ranges[0]["max_iters"], ranges[1]["max_iters"]) == (20, 25)
-    assert [r["step"] for r in rows(copy)] == [*EVALUATED, 25]
+    assert [(r["from_step"], r["seed"]) for r in meta["settings"]] == [
+        (0, 1337),
+        (15, 7),
+    ]
+    assert [r["step"] for r in rows(copy)] == EVALUATED
 
 
 def test_time_based_saves_between_evaluations(tmp_path, jaxgpt):
     wd = tmp_path / "wd"
-    done = jaxgpt(
-        wd, "--max_iters=12", "--eval_interval=100", "--save_every_minutes=1e-9"
-    )
+    every_step = ["--eval_interval=100", "--save_every_minutes=1e-9"]
+    done = jaxgpt(wd, *every_step, *RUN[:1], "--stop_at=7")
     assert_clean(done)
-    assert done.stderr.count("minutes since the last save") == 11  # Steps 1 to 11.
-    assert steps(wd) == [10, 11, 12]  # The last three of them kept.
-    assert [r["step"] for r in rows(wd)] == [0, 12]
+    assert done.stderr.count("minutes since the last save") == 7  # Steps 1 to 7.
+    assert steps(wd) == [5, 6, 7]  # The last three of the saves kept.
+    assert [r["step"] for r in rows(wd)] == [0]
 
 
 # --- The lock and metrics.jsonl, in this process ------------------------------------------
