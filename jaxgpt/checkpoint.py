@@ -264,7 +264,7 @@ class Checkpointer:
         improved = val_loss is not None and val_loss < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_step = val_loss, step
-        kinds = [w for w in ((LATEST, BEST) if improved else (LATEST,))]
+        kinds = (LATEST, BEST) if improved else (LATEST,)
         kinds = [w for w in kinds if step not in self._managers[w].all_steps()]
         if not kinds:
             return  # Already saved (e.g. an evaluation step that is also the last).

@@ -9,6 +9,10 @@ The same program runs on one device or a mesh of many (see sharding.py): the
 state and the batch are laid out on the mesh, and jit compiles one program for
 all its devices. Every process of a multi-host run executes the loop; process
 0 alone writes the log and metrics, and all of them write the checkpoint together.
+
+The loop saves only states that are finite and whose losses have not diverged,
+stops at a step boundary on SIGINT/SIGTERM (all processes at the same step),
+and also saves every --save_every_minutes.
 """
 
 from __future__ import annotations
@@ -300,14 +304,12 @@ def check_loss(
     best = checkpointer.best_val_loss
     bound = cfg.max_loss_ratio * best if cfg.max_loss_ratio else math.inf
     bad = {k: v for k, v in values.items() if not math.isfinite(v) or v > bound}
-    if bad:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in bad.items())
-        why = (
-            ""
-            if all(not math.isfinite(v) for v in bad.values())
-            else (f" > {cfg.max_loss_ratio:g} x the best val loss {best:.4f}")
-        )
-        raise diverged(f"{shown}{why}", step, checkpointer)
+    if not bad:
+        return
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in bad.items())
+    if any(math.isfinite(v) for v in bad.values()):
+        shown += f" > {cfg.max_loss_ratio:g} x the best val loss {best:.4f}"
+    raise diverged(shown, step, checkpointer)
 
 
 def diverged(what: str, step: int, checkpointer: Checkpointer) -> Diverged:
