@@ -89,20 +89,29 @@ def jaxgpt(env, corpus):
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def start(env, corpus):
-    """start(workdir, *flags): the tiny model's run as a Popen (stderr piped)."""
+    """start(workdir, *flags): the tiny model's run as a Popen (stderr piped);
+    any still running when the test ends is killed."""
+    started = []
 
     def popen(wd, *args):
-        return subprocess.Popen(
-            command(corpus, wd, *args),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        started.append(
+            subprocess.Popen(
+                command(corpus, wd, *args),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
+        return started[-1]
 
-    return popen
+    yield popen
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def command(corpus_path, wd, *args) -> list[str]:
