@@ -111,7 +111,9 @@ def start(env, corpus):
     for proc in started:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate()
+            proc.wait()
+        if proc.stderr and not proc.stderr.closed:
+            proc.stderr.close()
 
 
 def command(corpus_path, wd, *args) -> list[str]:
