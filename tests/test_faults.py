@@ -497,13 +497,14 @@ def test_a_stop_reaching_one_process_stops_all_at_the_same_step(tmp_path, corpus
         *multihost.flags(corpus, wd),
         "--max_iters=100000",
         "--eval_interval=100000",
-        "--mesh_fsdp=4",
+        "--peak_tflops=1",
+        "--mesh_fsdp=2",
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
     ]
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = [
-        multihost.start([*args, f"--process_id={i}"], devices=2, log=logs[i])
+        multihost.start([*args, f"--process_id={i}"], devices=1, log=logs[i])
         for i in range(2)
     ]
     try:
