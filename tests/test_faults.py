@@ -49,6 +49,12 @@ RUN = ["--max_iters=20", "--eval_interval=5"]  # Evaluations and saves at 0, 5, 
 EVALUATED = [0, 5, 10, 15, 20]
 TMP = ckpt.TMP_MARK  # In the names of unfinished saves.
 
+# Reading a damaged checkpoint in this process leaves tensorstore callbacks to
+# orbax's closed event loop (main.py silences them): not a failure.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -143,13 +149,6 @@ def copy(pristine, tmp_path):
     wd = tmp_path / "wd"
     shutil.copytree(pristine, wd)
     return wd
-
-
-# Reading a damaged checkpoint in this process leaves tensorstore callbacks to
-# orbax's closed event loop (main.py silences them): not a failure.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::pytest.PytestUnraisableExceptionWarning"
-)
 
 
 # --- What the tests check ----------------------------------------------------------
