@@ -369,8 +369,10 @@ def test_best_agrees_after_a_kill_between_the_saves_of_a_step(copy, pristine, tm
     """Killed after latest/20 was committed while best/20 was being written;
     and the other way round."""
     (copy / "best" / "20").rename(copy / "best" / f"20{TMP}")
+    shutil.copytree(copy / "checkpoints" / "15", copy / "best" / "15")  # The old best.
     state, _, _ = resume(copy)
     assert int(state.step) == 20 and unfinished(copy) == []
+    assert steps(copy, ckpt.BEST) == [20]
     assert_same_checkpoint(copy, pristine, ckpt.BEST)
 
     other = tmp_path / "other"
