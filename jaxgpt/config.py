@@ -67,6 +67,12 @@ class RunConfig:
     overwrite: bool = option(
         False, "Delete the checkpoints in --workdir and start afresh."
     )
+    allow_changes: bool = option(
+        False,
+        "Resume even though training settings (optimizer, schedule, batch, seed)"
+        " differ from the checkpoint's; the change and its step are recorded in"
+        " the checkpoint's meta.",
+    )
     seed: int = option(
         1337, "Root of every random stream: init, batches, dropout, evals, sampling."
     )
@@ -247,6 +253,16 @@ class TrainConfig:
     eval_interval: int = option(250, "Steps between evaluations and checkpoints.")
     eval_iters: int = option(200, "Batches per evaluation estimate.")
     log_interval: int = option(10, "Steps between log lines.")
+    save_every_minutes: float = option(
+        15.0,
+        "Also save the latest checkpoint when this many minutes have passed since"
+        " the last save, so a preempted run loses at most that much (0: off).",
+    )
+    max_loss_ratio: float = option(
+        3.0,
+        "Stop as diverged when a loss exceeds this multiple of the best val loss"
+        " so far (0: only a non-finite loss stops); nothing diverged is saved.",
+    )
 
     def __post_init__(self):
         require_positive(
@@ -277,6 +293,22 @@ class TrainConfig:
             raise ConfigError(
                 f"--lr_decay_iters={self.lr_decay_iters} must exceed --warmup_iters="
                 f"{self.warmup_iters} (it defaults to --max_iters)."
+            )
+        if self.warmup_iters > self.max_iters:
+            raise ConfigError(
+                f"--warmup_iters={self.warmup_iters} exceeds --max_iters="
+                f"{self.max_iters}: the learning rate would never reach its peak."
+                " Lower --warmup_iters or raise --max_iters."
+            )
+        if self.save_every_minutes < 0 or self.max_loss_ratio < 0:
+            raise ConfigError(
+                f"--save_every_minutes={self.save_every_minutes} and --max_loss_ratio"
+                f"={self.max_loss_ratio} must be >= 0 (0 turns them off)."
+            )
+        if 0 < self.max_loss_ratio <= 1:
+            raise ConfigError(
+                f"--max_loss_ratio={self.max_loss_ratio} must exceed 1 (or be 0:"
+                " off): a loss a little above the best is normal noise."
             )
         if self.stop_at is not None and not 0 < self.stop_at <= self.max_iters:
             raise ConfigError(

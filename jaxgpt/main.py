@@ -12,6 +12,11 @@ evaluation -> the training loop -> a sample.
 
 from __future__ import annotations
 
+from jaxgpt import stops
+
+if __name__ == "__main__":  # Ctrl-C while JAX is imported ends quietly too.
+    stops.quit_at_once()
+
 import dataclasses
 import functools
 import logging as pylogging
@@ -41,6 +46,7 @@ from jaxgpt import (
     streams,
     tokenizer,
     train,
+    workdir,
 )
 from jaxgpt.config import (
     ConfigError,
@@ -133,13 +139,52 @@ def import_gpt2(init_from: str):
     return model_cfg, params, tok
 
 
-def open_workdir(run: RunConfig) -> dict[str, Any] | None:
-    """Makes --workdir (empty with --overwrite); the meta of its checkpoint, if any."""
-    workdir = Path(run.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if run.overwrite:
-        ckpt.clear(workdir)
-    return ckpt.read_meta(workdir)
+def lock_workdir(run: RunConfig) -> workdir.Lock:
+    """Makes --workdir and takes its lock (process 0 holds it; all processes
+    fail together if it cannot)."""
+    lock, error = workdir.Lock(run.workdir, hold=sharding.is_main_process()), None
+    try:
+        workdir.make(run.workdir)
+        if lock.hold:
+            lock.acquire()
+    except ConfigError as e:
+        error = e
+    if sharding.process_max(np.array([error is not None]))[0]:
+        raise error or ConfigError(
+            f"process 0 cannot use --workdir={run.workdir}: see its log."
+        )
+    return lock
+
+
+def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg, mesh):
+    """The newest intact checkpoint's state (None for a fresh run), with the
+    training settings checked against it and best/ and metrics.jsonl made to
+    agree with it."""
+    target = train.abstract_state(model_cfg, train_cfg, mesh)
+    resumed = checkpointer.resume(target, say=say)
+    current = train.trained_settings(train_cfg, run.seed)
+    step = -1
+    if resumed is None:
+        history = [{"from_step": 0, **current}]
+        state = None
+    else:
+        state, saved = resumed
+        step = int(state.step)
+        history = train.settings_history(saved, current, step, run.allow_changes)
+        logging.info("resuming from step %d in %s", step, run.workdir)
+    checkpointer.update_meta(settings=history)
+    if sharding.is_main_process():  # Rows of steps the run will evaluate again.
+        path = Path(run.workdir) / workdir.METRICS_NAME
+        dropped = workdir.trim_metrics(path, step if step > 0 else -1)
+        if dropped:
+            logging.info("dropped %d rows past step %d from %s", dropped, step, path)
+    return state
+
+
+def say(line: str) -> None:
+    """A warning line from process 0."""
+    if sharding.is_main_process():
+        logging.warning(line)
 
 
 def choose_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
@@ -165,22 +210,6 @@ def check_resumable(saved: dict, model_cfg: ModelConfig, tok, workdir) -> None:
         )
 
 
-def restore(checkpointer: ckpt.Checkpointer, target, params_only: bool, which: str):
-    """The checkpoint's state (or parameters alone), or one line if it doesn't fit."""
-    try:
-        if params_only:
-            return checkpointer.restore_params(target, which)
-        return checkpointer.restore(target, which)
-    except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(
-            f"the checkpoint in {checkpointer.workdir} does not match this model"
-            f" or optimizer ({str(e).splitlines()[0][:200]}). Pass --overwrite to"
-            " start afresh, or choose another --workdir."
-        ) from e
-
-
 def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Trains the run in --workdir from scratch, from --init_from's weights, or
     where it stopped; then samples."""
@@ -188,25 +217,29 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     data_cfg = from_flags(DataConfig)
     dataset = read_dataset(data_cfg)
-    saved = open_workdir(run)
-    model_cfg, params, tok = choose_model(run, saved, dataset)
-    check_fits(dataset, model_cfg, tok)
-    check_backend(model_cfg)
-    prompt_ids = encode_prompt(sample_cfg.prompt, tok)  # Fails now, not later.
-    if saved is not None:
-        check_resumable(saved, model_cfg, tok, run.workdir)
-    meta = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}
-    meta |= {"seed": run.seed, "dataset": data_cfg.dataset, "tokenizer": tok.to_json()}
-    meta["init_from"] = saved.get("init_from") if saved else run.init_from
-    root, splits = streams.root(run.seed), dataset.splits
-    with ckpt.Checkpointer(run.workdir, meta) as checkpointer:
+    # Every model trains on the dataset's tokenizer (check_fits): the prompt
+    # fails now, not after training.
+    prompt_ids = encode_prompt(sample_cfg.prompt, dataset.tokenizer)
+    root = streams.root(run.seed)
+    with lock_workdir(run), open_run(run) as checkpointer:
+        saved = checkpointer.newest_meta()
+        model_cfg, params, tok = choose_model(run, saved, dataset)
+        check_fits(dataset, model_cfg, tok)
+        check_backend(model_cfg)
         if saved is not None:
-            target = train.abstract_state(model_cfg, train_cfg, mesh)
-            state = restore(checkpointer, target, False, ckpt.LATEST)
-            logging.info("resuming from step %d in %s", int(state.step), run.workdir)
-        else:  # New weights, or --init_from's with a fresh optimizer.
+            check_resumable(saved, model_cfg, tok, run.workdir)
+        checkpointer.update_meta(
+            model=model_cfg.to_dict(),
+            train=dataclasses.asdict(train_cfg),
+            seed=run.seed,
+            dataset=data_cfg.dataset,
+            tokenizer=tok.to_json(),
+            init_from=saved.get("init_from") if saved else run.init_from,
+        )
+        state = resume(checkpointer, run, model_cfg, train_cfg, mesh)
+        if state is None:  # New weights, or --init_from's with a fresh optimizer.
             state = train.create_state(model_cfg, train_cfg, root, mesh, params)
-        log_start(model_cfg, state.params, splits, mesh)
+        log_start(model_cfg, state.params, dataset.splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
         train_step = train.make_train_step(model_cfg, train_cfg, mesh)
         evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)
@@ -226,7 +259,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             state,
             train_cfg,
             lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
-            train.make_batches(splits["train"], root, B, T, mesh),
+            train.make_batches(dataset.splits["train"], root, B, T, mesh),
             evaluate,
             checkpointer,
             log,
@@ -238,6 +271,13 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         return 128 + signal.Signals[stopped_by].value
     print_samples(state.params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
     return 0
+
+
+def open_run(run: RunConfig) -> ckpt.Checkpointer:
+    """The workdir's Checkpointer, its checkpoints deleted first with --overwrite."""
+    if run.overwrite:
+        ckpt.clear(run.workdir)
+    return ckpt.Checkpointer(run.workdir, {})
 
 
 def make_evaluate(model_cfg, train_cfg, dataset: prepare.Dataset, root, mesh):
@@ -354,22 +394,33 @@ def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, m
 
 def load_model(run: RunConfig, which: str, mesh):
     """(model config, parameters, tokenizer) to sample or evaluate: --init_from's
-    GPT-2, else the checkpoint in --workdir (its parameters and meta only)."""
+    GPT-2, else the newest intact `which` checkpoint in --workdir (its parameters
+    and meta only). Reads only: a training run may be writing the workdir; a
+    damaged checkpoint is named and the next older one of the same kind used."""
     if run.init_from:
         return import_gpt2(run.init_from)
-    workdir = Path(run.workdir)
-    meta = ckpt.read_meta(workdir, which)
-    if meta is None:
-        raise ConfigError(
-            f"no {which} checkpoint in --workdir={workdir}: train first"
-            " (--mode=train), point --workdir at a run, or pass --init_from."
-        )
-    model_cfg = ModelConfig(**meta["model"])
-    with ckpt.Checkpointer(workdir) as checkpointer:
+    with ckpt.Checkpointer(run.workdir, read_only=True) as checkpointer:
+        meta = checkpointer.newest_meta((which,))
+        if meta is None:
+            found = [
+                str(checkpointer.folder(which, s)) for s in checkpointer.steps(which)
+            ]
+            raise ConfigError(
+                f"no {which} checkpoint in --workdir={run.workdir}"
+                + (f" has a readable meta ({', '.join(found)})" if found else "")
+                + ": train first (--mode=train), point --workdir at a run, or pass"
+                " --init_from."
+            )
+        model_cfg = ModelConfig(**meta["model"])
         target = train.abstract_params(model_cfg, mesh)
-        params = restore(checkpointer, target, True, which)
-        step = checkpointer.latest_step(which)
-    logging.info("the %s checkpoint of %s, step %d", which, workdir, step)
+        other = ckpt.LATEST if which == ckpt.BEST else ckpt.BEST
+        (params, _), _, step = checkpointer.newest_intact(
+            lambda w, s: checkpointer.load_params(target, w, s),
+            (which,),
+            say=say,
+            advice=f"Use --checkpoint={other}, or train again.",
+        )
+    logging.info("the %s checkpoint of %s, step %d", which, run.workdir, step)
     return model_cfg, params, tokenizer.from_json(meta["tokenizer"])
 
 
@@ -404,33 +455,85 @@ def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
 # --- The program ---------------------------------------------------------------------
 
 
-class _OwnInfoOnly(pylogging.Filter):
-    """Keeps jaxgpt's INFO lines and every library's warnings, not their INFO chatter."""
+class _QuietLibraries(pylogging.Filter):
+    """jaxgpt's log lines; other libraries' warnings and errors as one line each
+    without their tracebacks; nothing of orbax's (jaxgpt reports what a save or
+    a restore did, and a failure in one line). With --verbosity=1, everything."""
 
     package_dir = str(Path(__file__).resolve().parent)
 
     def filter(self, record) -> bool:
-        return record.levelno >= pylogging.WARNING or str(
-            Path(record.pathname).resolve()
-        ).startswith(self.package_dir)
+        path = str(Path(record.pathname).resolve())
+        if path.startswith(self.package_dir) or logging.get_verbosity() >= 1:
+            return True
+        if record.levelno < pylogging.WARNING or "/orbax/" in path:
+            return False  # Orbax's: jaxgpt says what a save or restore did.
+        if record.levelno >= pylogging.ERROR and "/asyncio/" in path:
+            return False  # Orbax's event loop's.
+        lines = record.getMessage().splitlines()
+        record.msg, record.args = (lines[0] if lines else ""), ()
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+_QUIET_LIBRARIES = _QuietLibraries()
+
+
+def _quiet_unraisable(args) -> None:
+    """Drops tensorstore's late callbacks into orbax's closed event loop after a
+    failed write (reported by jaxgpt in one line); passes anything else on."""
+    closed_loop = isinstance(args.exc_value, RuntimeError) and "loop is closed" in str(
+        args.exc_value
+    )
+    if not closed_loop or logging.get_verbosity() >= 1:
+        sys.__unraisablehook__(args)
+
+
+def one_line(error: BaseException) -> str:
+    """`error: <message>` on one line."""
+    return "error: " + " ".join(str(error).split("\n"))
+
+
+def os_error_line(e: OSError, workdir_: str) -> str:
+    """One line for an OSError reading or writing files (a full disk names the
+    workdir and its free space)."""
+    where = e.filename or workdir_
+    full = e.errno in workdir.FULL
+    space = f"; {workdir.free_space(workdir_)} in {workdir_}" if full else ""
+    advice = (
+        " Free space (or choose another --workdir) and run the same command again"
+        " to resume."
+        if full
+        else ""
+    )
+    return f"error: cannot use {where} ({e.strerror or e}{space}).{advice}"
 
 
 def main(argv: list[str]) -> int:
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
+    sys.unraisablehook = _quiet_unraisable
     keep_freed_memory()  # Before XLA allocates: no page faults per step.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run, sample_cfg = from_flags(RunConfig), from_flags(SampleConfig)
-        mesh_cfg = from_flags(MeshConfig)
-        sharding.initialize_distributed(mesh_cfg)  # Before any other use of JAX.
-        if not sharding.is_main_process():
-            logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
-        mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
-        modes = {"train": run_train, "sample": run_sample, "eval": run_eval}
-        return modes[run.mode](run, sample_cfg, mesh)
-    except (ConfigError, data.DataError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    with stops.QuitAtOnce():  # Outside the training loop: a signal ends at once.
+        try:
+            run, sample_cfg = from_flags(RunConfig), from_flags(SampleConfig)
+            mesh_cfg = from_flags(MeshConfig)
+            sharding.initialize_distributed(mesh_cfg)  # Before any other use of JAX.
+            if not sharding.is_main_process():
+                logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
+            mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
+            modes = {"train": run_train, "sample": run_sample, "eval": run_eval}
+            return modes[run.mode](run, sample_cfg, mesh)
+        except (
+            ConfigError,
+            data.DataError,
+            FloatingPointError,
+            ckpt.CheckpointError,
+        ) as e:
+            sys.exit(one_line(e))
+        except OSError as e:
+            sys.exit(os_error_line(e, FLAGS.workdir))
 
 
 if __name__ == "__main__":

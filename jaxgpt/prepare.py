@@ -190,25 +190,28 @@ def documents(cfg: DataConfig, recipe: Recipe) -> Iterator[str]:
         yield read_text(data.find_corpus())
         return
     for path in local_files(cfg.data_path):
+        name = f"--data_path={path}" if str(path) == cfg.data_path else str(path)
         if path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as f:
                 for line in f:
                     if line.strip():
                         yield json.loads(line)["text"]
         else:
-            yield read_text(path)
+            yield read_text(path, name)
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, name: str | None = None) -> str:
+    """The UTF-8 text of `path` (called `name` in errors), which may not be empty."""
+    name = name or str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise data.DataError(
-            f"{path} is not UTF-8 text (byte {e.start}): convert it to UTF-8 or"
-            " choose another file."
+            f"{name} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset"
+            f" {e.start}): convert it to UTF-8 or choose another file."
         ) from e
     if not text:
-        raise data.DataError(f"{path} is empty: a corpus needs some text.")
+        raise data.DataError(f"{name} is empty: a corpus needs some text.")
     return text
 
 
