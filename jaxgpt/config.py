@@ -51,14 +51,27 @@ def require_positive(**values: float) -> None:
 class RunConfig:
     """What to do, where, and from which seed."""
 
-    mode: Literal["train", "sample"] = option(
+    mode: Literal["train", "sample", "eval"] = option(
         "train",
-        "train (resumes from --workdir if it holds a checkpoint),"
-        " or sample from the checkpoint in --workdir.",
+        "train (resumes from --workdir if it holds a checkpoint), sample from the"
+        " checkpoint in --workdir (or --init_from's weights), or eval: its loss and"
+        " bits per byte on --dataset.",
+    )
+    init_from: str | None = option(
+        None,
+        "Start from GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (from"
+        " the Hugging Face Hub) or a folder in Hugging Face's layout. Training"
+        " finetunes them (a workdir's checkpoint, once there, is resumed instead).",
     )
     workdir: str = option("out", "Checkpoints, metrics.jsonl and the run's meta.")
     overwrite: bool = option(
         False, "Delete the checkpoints in --workdir and start afresh."
+    )
+    allow_changes: bool = option(
+        False,
+        "Resume even though training settings (optimizer, schedule, batch, seed)"
+        " differ from the checkpoint's; the change and its step are recorded in"
+        " the checkpoint's meta.",
     )
     seed: int = option(
         1337, "Root of every random stream: init, batches, dropout, evals, sampling."
@@ -67,6 +80,11 @@ class RunConfig:
         None,
         "Peak TFLOP/s of one device, for the MFU in the log. Default: the data"
         " sheet's for a known GPU/TPU (jaxgpt/perf.py), else measured with a matmul.",
+    )
+    tensorboard: bool = option(
+        True,
+        "Write TensorBoard event files (losses, learning rate, gradient norm,"
+        " tokens/s, MFU, a sample per evaluation) to --workdir.",
     )
 
     def __post_init__(self):
@@ -77,21 +95,58 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the corpus comes from."""
+    """The dataset: prepared token files, and where their text comes from."""
 
+    dataset: str = option(
+        "shakespeare_char",
+        "Dataset: shakespeare_char, shakespeare (GPT-2 BPE), openwebtext,"
+        " fineweb_edu, or any name for --data_path's text. Prepared on first use.",
+    )
+    data_dir: str = option(
+        "data", "Prepared datasets: <data_dir>/<dataset>/{train,val}.bin, meta.json."
+    )
     data_path: str | None = option(
         None,
-        "Corpus text file. Default: $JAXGPT_DATA_DIR/tinyshakespeare/input.txt,"
-        " the cache, or a download.",
+        "A text file or a folder of .txt/.jsonl files to prepare as --dataset."
+        " Default for the shakespeare datasets: tiny shakespeare from"
+        " $JAXGPT_DATA_DIR/tinyshakespeare/input.txt, the cache, or a download.",
     )
+    tokenizer: str | None = option(
+        None,
+        "How to tokenise a dataset being prepared: char, gpt2, bpe:<vocab size>"
+        " (learned from its text) or a tokenizer .json. Default: the dataset's own"
+        " (char for shakespeare_char and for --data_path text, else gpt2).",
+    )
+    max_documents: int | None = option(
+        None, "Prepare only the first this many documents of a streamed dataset."
+    )
+
+    def __post_init__(self):
+        if not self.dataset or "/" in self.dataset or self.dataset.startswith("."):
+            raise ConfigError(
+                f"--dataset={self.dataset!r} must be a plain folder name, e.g."
+                " --dataset=shakespeare_char."
+            )
+        if self.max_documents is not None:
+            require_positive(max_documents=self.max_documents)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The network: nanoGPT's GPT, or the bigram baseline."""
+    """The network: nanoGPT's GPT, the bigram baseline, or a step of the lecture."""
 
     vocab_size: int  # V: set by the tokenizer, not a flag.
-    model: Literal["gpt", "bigram"] = option("gpt", "Architecture.")
+    model: Literal[
+        "gpt",
+        "bigram",
+        "lecture_head",
+        "lecture_heads",
+        "lecture_ffwd",
+        "lecture_residual",
+        "lecture_layernorm",
+    ] = option(
+        "gpt", "Architecture: nanoGPT's GPT, the bigram, or a step of the lecture."
+    )
     block_size: int = option(256, "T: context length in tokens.")
     n_layer: int = option(6, "L: transformer blocks.")
     n_head: int = option(6, "H: attention heads per block.")
@@ -204,6 +259,16 @@ class TrainConfig:
     eval_interval: int = option(250, "Steps between evaluations and checkpoints.")
     eval_iters: int = option(200, "Batches per evaluation estimate.")
     log_interval: int = option(10, "Steps between log lines.")
+    save_every_minutes: float = option(
+        15.0,
+        "Also save the latest checkpoint when this many minutes have passed since"
+        " the last save, so a preempted run loses at most that much (0: off).",
+    )
+    max_loss_ratio: float = option(
+        3.0,
+        "Stop as diverged when a loss exceeds this multiple of the best val loss"
+        " so far (0: only a non-finite loss stops); nothing diverged is saved.",
+    )
 
     def __post_init__(self):
         check_choices(self)
@@ -235,6 +300,22 @@ class TrainConfig:
             raise ConfigError(
                 f"--lr_decay_iters={self.lr_decay_iters} must exceed --warmup_iters="
                 f"{self.warmup_iters} (it defaults to --max_iters)."
+            )
+        if self.warmup_iters > self.max_iters:
+            raise ConfigError(
+                f"--warmup_iters={self.warmup_iters} exceeds --max_iters="
+                f"{self.max_iters}: the learning rate would never reach its peak."
+                " Lower --warmup_iters or raise --max_iters."
+            )
+        if self.save_every_minutes < 0 or self.max_loss_ratio < 0:
+            raise ConfigError(
+                f"--save_every_minutes={self.save_every_minutes} and --max_loss_ratio"
+                f"={self.max_loss_ratio} must be >= 0 (0 turns them off)."
+            )
+        if 0 < self.max_loss_ratio <= 1:
+            raise ConfigError(
+                f"--max_loss_ratio={self.max_loss_ratio} must exceed 1 (or be 0:"
+                " off): a loss a little above the best is normal noise."
             )
         if self.stop_at is not None and not 0 < self.stop_at <= self.max_iters:
             raise ConfigError(
@@ -337,4 +418,21 @@ class MeshConfig:
         return self.coordinator_address is not None
 
 
-ALL = (RunConfig, DataConfig, ModelConfig, TrainConfig, SampleConfig, MeshConfig)
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Writing a trained model in Hugging Face's layout (python -m jaxgpt.export)."""
+
+    out: str | None = option(
+        None, "Folder to write (config.json, model.safetensors, the tokenizer)."
+    )
+
+
+ALL = (
+    RunConfig,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    SampleConfig,
+    MeshConfig,
+    ExportConfig,
+)

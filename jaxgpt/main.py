@@ -1,4 +1,4 @@
-"""Train a character-level GPT, or sample from a trained one.
+"""Train a GPT, or sample from a trained one.
 
   python -m jaxgpt.main --flagfile=experiments/shakespeare_cpu.cfg
   python -m jaxgpt.main --flagfile=experiments/shakespeare_cpu.cfg --mode=sample
@@ -6,13 +6,19 @@
 The only module that reads flags. Every flag is a field of a config in
 config.py (`--n_layer` is ModelConfig.n_layer): the flags are made from those
 fields, and main builds the frozen configs from them, then calls the pure
-pieces in order: text -> tokens -> state -> step, batches, evaluation -> the
-training loop -> a sample.
+pieces in order: the dataset (token files) -> state -> step, batches,
+evaluation -> the training loop -> a sample.
 """
 
 from __future__ import annotations
 
+from jaxgpt import stops
+
+if __name__ == "__main__":  # Ctrl-C while JAX is imported ends quietly too.
+    stops.quit_at_once()
+
 import dataclasses
+import functools
 import logging as pylogging
 import signal
 import sys
@@ -31,13 +37,16 @@ from jaxgpt import (
     config,
     data,
     generate,
+    hf,
     metrics,
     model,
     perf,
+    prepare,
     sharding,
     streams,
     tokenizer,
     train,
+    workdir,
 )
 from jaxgpt import checkpoint as ckpt
 from jaxgpt.config import (
@@ -87,84 +96,172 @@ def from_flags(cls: type, **given: Any):
 # --- Training ------------------------------------------------------------------
 
 
-def read_corpus(data_cfg: DataConfig, block_size: int):
-    """The corpus as character ids: its vocabulary and its train/val splits."""
-    text = data.load_text(data_cfg.data_path)
-    vocab = tokenizer.build_vocab(text)
-    train_tokens, val_tokens = data.split(tokenizer.encode(text, vocab))
-    data.check_long_enough(len(train_tokens), block_size, "training split")
-    data.check_long_enough(
-        len(val_tokens), block_size, "validation split (the last 10% of the corpus)"
-    )
-    return vocab, {"train": train_tokens, "val": val_tokens}
+def read_dataset(data_cfg: DataConfig) -> prepare.Dataset:
+    """The dataset's tokenizer and memory-mapped splits (prepared first if need be,
+    by process 0 while the others wait)."""
+    if sharding.is_main_process():
+        dataset = prepare.ensure(data_cfg)
+    sharding.sync("jaxgpt.prepare")
+    if not sharding.is_main_process():
+        dataset = prepare.ensure(data_cfg)  # Prepared now: this only reads.
+    return dataset
 
 
-def prepare_workdir(run: RunConfig, model_cfg: ModelConfig, vocab: str) -> bool:
-    """Makes --workdir (empty with --overwrite); True if it holds a checkpoint to
-    resume. One of another model or vocabulary is refused."""
-    workdir = Path(run.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if run.overwrite:
-        ckpt.clear(workdir)
-    saved = ckpt.read_meta(workdir)
-    if saved is None:
-        return False
-    ckpt.check_compatible(saved["model"], model_cfg, workdir)
-    if saved["vocab"] != vocab:
+def check_fits(dataset: prepare.Dataset, model_cfg: ModelConfig, tok) -> None:
+    """The model reads the dataset's tokens, and each split holds a window."""
+    if tok.to_json() != dataset.tokenizer.to_json():
         raise ConfigError(
-            f"--workdir={workdir} holds a checkpoint trained on a corpus with a"
-            " different vocabulary. Pass --overwrite to start afresh there, or"
+            f"the model's {tok.name} tokenizer is not --dataset={dataset.meta['dataset']}'s"
+            f" {dataset.tokenizer.name} tokenizer: prepare a dataset with the model's"
+            " (e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2."
+        )
+    for split, tokens in dataset.splits.items():
+        what = f"{split} split of --dataset={dataset.meta['dataset']}"
+        data.check_long_enough(len(tokens), model_cfg.block_size, what)
+
+
+def runtime_options() -> dict[str, Any]:
+    """The ModelConfig fields that change how, not what, the model computes."""
+    return {name: FLAGS[name].value for name in hf.RUNTIME_FIELDS}
+
+
+def import_gpt2(init_from: str):
+    """(model config, parameters, tokenizer) of --init_from's GPT-2."""
+    try:
+        model_cfg, params = hf.load_gpt2(init_from, **runtime_options())
+        tok = hf.load_tokenizer(init_from, model_cfg.vocab_size)
+    except ValueError as e:  # hf.HuggingFaceError, or no GPT-2 tokenizer offline.
+        raise ConfigError(f"--init_from={init_from}: {e}") from e
+    logging.info(
+        "model from %s: %d layers, %d heads, %d wide, context %d, vocabulary %d",
+        init_from, model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd,
+        model_cfg.block_size, model_cfg.vocab_size,
+    )  # fmt: skip
+    return model_cfg, params, tok
+
+
+def lock_workdir(run: RunConfig) -> workdir.Lock:
+    """Makes --workdir and takes its lock (process 0 holds it; all processes
+    fail together if it cannot)."""
+    lock, error = workdir.Lock(run.workdir, hold=sharding.is_main_process()), None
+    try:
+        workdir.make(run.workdir)
+        if lock.hold:
+            lock.acquire()
+    except ConfigError as e:
+        error = e
+    if sharding.process_max(np.array([error is not None]))[0]:
+        raise error or ConfigError(
+            f"process 0 cannot use --workdir={run.workdir}: see its log."
+        )
+    return lock
+
+
+def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg, mesh):
+    """The newest intact checkpoint's state (None for a fresh run), with the
+    training settings checked against it and best/ and metrics.jsonl made to
+    agree with it."""
+    target = train.abstract_state(model_cfg, train_cfg, mesh)
+    resumed = checkpointer.resume(target, say=say)
+    current = train.trained_settings(train_cfg, run.seed)
+    step = -1
+    if resumed is None:
+        history = [{"from_step": 0, **current}]
+        state = None
+    else:
+        state, saved = resumed
+        step = int(state.step)
+        history = train.settings_history(saved, current, step, run.allow_changes)
+        logging.info("resuming from step %d in %s", step, run.workdir)
+    checkpointer.update_meta(settings=history)
+    if sharding.is_main_process():  # Rows of steps the run will evaluate again.
+        path = Path(run.workdir) / workdir.METRICS_NAME
+        dropped = workdir.trim_metrics(path, step if step > 0 else -1)
+        if dropped:
+            logging.info("dropped %d rows past step %d from %s", dropped, step, path)
+    return state
+
+
+def say(line: str) -> None:
+    """A warning line from process 0."""
+    if sharding.is_main_process():
+        logging.warning(line)
+
+
+def choose_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
+    """The model to train and its parameters when they are imported: a finetune's
+    own (resuming it), --init_from's GPT-2, or the flags' new model."""
+    if saved is not None and saved.get("init_from"):
+        model_cfg = ModelConfig(**{**saved["model"], **runtime_options()})
+        return model_cfg, None, dataset.tokenizer
+    if saved is None and run.init_from:
+        return import_gpt2(run.init_from)
+    tok = dataset.tokenizer
+    return from_flags(ModelConfig, vocab_size=tok.vocab_size), None, tok
+
+
+def check_resumable(saved: dict, model_cfg: ModelConfig, tok, workdir) -> None:
+    """Refuses to resume a checkpoint of another model or tokenizer."""
+    ckpt.check_compatible(saved["model"], model_cfg, workdir)
+    if saved.get("tokenizer") != tok.to_json():
+        raise ConfigError(
+            f"--workdir={workdir} holds a checkpoint trained with another tokenizer"
+            " (a different vocabulary). Pass --overwrite to start afresh there, or"
             " choose another --workdir."
         )
-    return True
-
-
-def restore(checkpointer: ckpt.Checkpointer, target, params_only: bool, which: str):
-    """The checkpoint's state (or parameters alone), or one line if it doesn't fit."""
-    try:
-        if params_only:
-            return checkpointer.restore_params(target, which)
-        return checkpointer.restore(target, which)
-    except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(
-            f"the checkpoint in {checkpointer.workdir} does not match this model"
-            f" or optimizer ({str(e).splitlines()[0][:200]}). Pass --overwrite to"
-            " start afresh, or choose another --workdir."
-        ) from e
 
 
 def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
-    """Trains the run in --workdir from scratch or where it stopped, then samples."""
+    """Trains the run in --workdir from scratch, from --init_from's weights, or
+    where it stopped; then samples."""
     train_cfg = from_flags(TrainConfig)
-    vocab, splits = read_corpus(from_flags(DataConfig), FLAGS.block_size)
-    model_cfg = from_flags(ModelConfig, vocab_size=len(vocab))
-    check_backend(model_cfg)
-    prompt_ids = encode_prompt(sample_cfg.prompt, vocab)  # Fails now, not later.
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
-    resuming = prepare_workdir(run, model_cfg, vocab)
-    meta = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}
-    meta |= {"seed": run.seed, "vocab": vocab}
+    data_cfg = from_flags(DataConfig)
+    dataset = read_dataset(data_cfg)
+    # Every model trains on the dataset's tokenizer (check_fits): the prompt
+    # fails now, not after training.
+    prompt_ids = encode_prompt(sample_cfg.prompt, dataset.tokenizer)
     root = streams.root(run.seed)
-    with ckpt.Checkpointer(run.workdir, meta) as checkpointer:
-        if resuming:
-            target = train.abstract_state(model_cfg, train_cfg, mesh)
-            state = restore(checkpointer, target, False, ckpt.LATEST)
-            logging.info("resuming from step %d in %s", int(state.step), run.workdir)
-        else:
-            state = train.create_state(model_cfg, train_cfg, root, mesh)
-        log_start(model_cfg, state.params, splits, mesh)
+    with lock_workdir(run), open_run(run) as checkpointer:
+        saved = checkpointer.newest_meta()
+        model_cfg, params, tok = choose_model(run, saved, dataset)
+        check_fits(dataset, model_cfg, tok)
+        check_backend(model_cfg)
+        if saved is not None:
+            check_resumable(saved, model_cfg, tok, run.workdir)
+        checkpointer.update_meta(
+            model=model_cfg.to_dict(),
+            train=dataclasses.asdict(train_cfg),
+            seed=run.seed,
+            dataset=data_cfg.dataset,
+            tokenizer=tok.to_json(),
+            init_from=saved.get("init_from") if saved else run.init_from,
+        )
+        state = resume(checkpointer, run, model_cfg, train_cfg, mesh)
+        if state is None:  # New weights, or --init_from's with a fresh optimizer.
+            state = train.create_state(model_cfg, train_cfg, root, mesh, params)
+        log_start(model_cfg, state.params, dataset.splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
         train_step = train.make_train_step(model_cfg, train_cfg, mesh)
+        evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)
+        if run.tensorboard:  # A short sample of text beside each evaluation's losses.
+            one = dataclasses.replace(
+                sample_cfg,
+                num_samples=1,
+                max_new_tokens=min(sample_cfg.max_new_tokens, 200),
+            )
+            draw = lambda p: draw_samples(
+                p, model_cfg, tok, prompt_ids, one, root, mesh
+            )
+            evaluate = with_samples(evaluate, log, draw)
         B, T = train_cfg.batch_size, model_cfg.block_size
         t0 = time.perf_counter()
         state, stopped_by = train.train(
             state,
             train_cfg,
             lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
-            train.make_batches(splits["train"], root, B, T, mesh),
-            train.make_evaluate(model_cfg, train_cfg, splits, root, mesh),
+            train.make_batches(dataset.splits["train"], root, B, T, mesh),
+            evaluate,
             checkpointer,
             log,
         )
@@ -173,8 +270,22 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     )
     if stopped_by in ("SIGINT", "SIGTERM"):
         return 128 + signal.Signals[stopped_by].value
-    print_samples(state.params, model_cfg, vocab, prompt_ids, sample_cfg, root, mesh)
+    print_samples(state.params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
     return 0
+
+
+def open_run(run: RunConfig) -> ckpt.Checkpointer:
+    """The workdir's Checkpointer, its checkpoints deleted first with --overwrite."""
+    if run.overwrite:
+        ckpt.clear(run.workdir)
+    return ckpt.Checkpointer(run.workdir, {})
+
+
+def make_evaluate(model_cfg, train_cfg, dataset: prepare.Dataset, root, mesh):
+    """The run's evaluation: loss and bits per byte of each split."""
+    token_bytes = tokenizer.token_bytes(dataset.tokenizer)
+    splits = dataset.splits
+    return train.make_evaluate(model_cfg, train_cfg, splits, root, mesh, token_bytes)
 
 
 def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
@@ -185,8 +296,28 @@ def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
     logging.info("peak %.4g GFLOP/s per device (%s)", peak / 1e9, source)
     schedule = train.lr_schedule(train_cfg)
     return metrics.TrainLog(
-        run.workdir, model_cfg, train_cfg, schedule, start_step, peak, mesh.size
+        run.workdir,
+        model_cfg,
+        train_cfg,
+        schedule,
+        start_step,
+        peak,
+        mesh.size,
+        tensorboard=run.tensorboard,
     )
+
+
+def with_samples(evaluate, log: metrics.TrainLog, draw):
+    """`evaluate`, which also hands `log` the text `draw(params)` returns (a list
+    of samples, empty off process 0) at each evaluation."""
+
+    def evaluate_and_sample(params):
+        losses = evaluate(params)
+        texts = draw(params)
+        log.add_sample(texts[0] if texts else None)
+        return losses
+
+    return evaluate_and_sample
 
 
 def check_backend(model_cfg: ModelConfig) -> None:
@@ -200,7 +331,7 @@ def check_backend(model_cfg: ModelConfig) -> None:
 def log_start(model_cfg: ModelConfig, params, splits: dict[str, np.ndarray], mesh):
     n_params = model.count_params(params)
     n_positions = (
-        model_cfg.block_size * model_cfg.n_embd if model_cfg.model == "gpt" else 0
+        model_cfg.block_size * model_cfg.n_embd if model_cfg.model != "bigram" else 0
     )
     logging.info(
         "%s: %s parameters (%s without position embeddings); vocab %d,"
@@ -220,27 +351,41 @@ def log_start(model_cfg: ModelConfig, params, splits: dict[str, np.ndarray], mes
 # --- Sampling --------------------------------------------------------------------
 
 
-def encode_prompt(prompt: str, vocab: str) -> np.ndarray:
+def encode_prompt(prompt: str, tok) -> np.ndarray:
     try:
-        return tokenizer.encode(prompt, vocab)
+        return tok.encode(prompt)
     except ValueError as e:
         raise ConfigError(f"--prompt: {e}") from e
 
 
-def print_samples(params, model_cfg, vocab, prompt_ids, cfg: SampleConfig, root, mesh):
-    """Prints cfg.num_samples continuations of the prompt (process 0 prints)."""
+def draw_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):
+    """cfg.num_samples continuations of the prompt, as text, on process 0 (the
+    others take part in gathering the parameters and get [])."""
     params = sharding.to_local(params, mesh)  # Every process takes part.
     if not sharding.is_main_process():
-        return
-    t0 = time.perf_counter()
-    apply_fn = model.make_model(model_cfg).apply
+        return []
     key = streams.stream(root, "sample")
     ids_BA = jax.device_get(
-        generate.sample(apply_fn, params, model_cfg, prompt_ids, cfg, key)
+        generate.sample(apply_of(model_cfg), params, model_cfg, prompt_ids, cfg, key)
     )
+    return [tok.decode(row) for row in ids_BA]
+
+
+@functools.lru_cache
+def apply_of(model_cfg: ModelConfig):
+    """The model's apply, one per config: compiled sampling is cached by it."""
+    return model.make_model(model_cfg).apply
+
+
+def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):
+    """Prints cfg.num_samples continuations of the prompt (process 0 prints)."""
+    t0 = time.perf_counter()
+    texts = draw_samples(params, model_cfg, tok, prompt_ids, cfg, root, mesh)
+    if not sharding.is_main_process():
+        return
     dt = time.perf_counter() - t0
-    for row in ids_BA:
-        print(tokenizer.decode(row, vocab))
+    for text in texts:
+        print(text)
         print("-" * 40)
     logging.info(
         "sampled %d x %d tokens in %.2fs (compile included)",
@@ -250,60 +395,149 @@ def print_samples(params, model_cfg, vocab, prompt_ids, cfg: SampleConfig, root,
     )
 
 
-def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
-    """Samples from the workdir's checkpoint: its parameters and meta, nothing else."""
-    workdir, which = Path(run.workdir), sample_cfg.checkpoint
-    meta = ckpt.read_meta(workdir, which)
-    if meta is None:
-        raise ConfigError(
-            f"no {which} checkpoint in --workdir={workdir}: train first"
-            " (--mode=train) or point --workdir at a run."
-        )
-    model_cfg = ModelConfig(**meta["model"])
-    prompt_ids = encode_prompt(sample_cfg.prompt, meta["vocab"])
-    with ckpt.Checkpointer(workdir) as checkpointer:
+def load_model(run: RunConfig, which: str, mesh):
+    """(model config, parameters, tokenizer) to sample or evaluate: --init_from's
+    GPT-2, else the newest intact `which` checkpoint in --workdir (its parameters
+    and meta only). Reads only: a training run may be writing the workdir; a
+    damaged checkpoint is named and the next older one of the same kind used."""
+    if run.init_from:
+        return import_gpt2(run.init_from)
+    with ckpt.Checkpointer(run.workdir, read_only=True) as checkpointer:
+        meta = checkpointer.newest_meta((which,))
+        if meta is None:
+            found = [
+                str(checkpointer.folder(which, s)) for s in checkpointer.steps(which)
+            ]
+            raise ConfigError(
+                f"no {which} checkpoint in --workdir={run.workdir}"
+                + (f" has a readable meta ({', '.join(found)})" if found else "")
+                + ": train first (--mode=train), point --workdir at a run, or pass"
+                " --init_from."
+            )
+        model_cfg = ModelConfig(**meta["model"])
         target = train.abstract_params(model_cfg, mesh)
-        params = restore(checkpointer, target, True, which)
-        logging.info(
-            "sampling from step %d of %s", checkpointer.latest_step(which), workdir
+        other = ckpt.LATEST if which == ckpt.BEST else ckpt.BEST
+        (params, _), _, step = checkpointer.newest_intact(
+            lambda w, s: checkpointer.load_params(target, w, s),
+            (which,),
+            say=say,
+            advice=f"Use --checkpoint={other}, or train again.",
         )
+    logging.info("the %s checkpoint of %s, step %d", which, run.workdir, step)
+    return model_cfg, params, tokenizer.from_json(meta["tokenizer"])
+
+
+def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
+    """Samples from the workdir's checkpoint, or from --init_from's weights."""
+    model_cfg, params, tok = load_model(run, sample_cfg.checkpoint, mesh)
+    prompt_ids = encode_prompt(sample_cfg.prompt, tok)
     root = streams.root(run.seed)
-    print_samples(params, model_cfg, meta["vocab"], prompt_ids, sample_cfg, root, mesh)
+    print_samples(params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
+    return 0
+
+
+def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
+    """Loss and bits per byte of a checkpoint (or --init_from's weights) on
+    --dataset's splits: --eval_iters batches of --batch_size windows each."""
+    model_cfg, params, tok = load_model(run, sample_cfg.checkpoint, mesh)
+    dataset = read_dataset(from_flags(DataConfig))
+    check_fits(dataset, model_cfg, tok)
+    train_cfg = from_flags(TrainConfig)
+    sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
+    root = streams.root(run.seed)
+    losses = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)(params)
+    if sharding.is_main_process():
+        for split in dataset.splits:
+            print(
+                f"{split}: loss {losses[f'{split}_loss']:.4f},"
+                f" {losses[f'{split}_bpb']:.4f} bits per byte"
+            )
     return 0
 
 
 # --- The program ---------------------------------------------------------------------
 
 
-class _OwnInfoOnly(pylogging.Filter):
-    """Keeps jaxgpt's INFO lines and every library's warnings, not their INFO chatter."""
+class _QuietLibraries(pylogging.Filter):
+    """jaxgpt's log lines; other libraries' warnings and errors as one line each
+    without their tracebacks; nothing of orbax's (jaxgpt reports what a save or
+    a restore did, and a failure in one line). With --verbosity=1, everything."""
 
     package_dir = str(Path(__file__).resolve().parent)
 
     def filter(self, record) -> bool:
-        return record.levelno >= pylogging.WARNING or str(
-            Path(record.pathname).resolve()
-        ).startswith(self.package_dir)
+        path = str(Path(record.pathname).resolve())
+        if path.startswith(self.package_dir) or logging.get_verbosity() >= 1:
+            return True
+        if record.levelno < pylogging.WARNING or "/orbax/" in path:
+            return False  # Orbax's: jaxgpt says what a save or restore did.
+        if record.levelno >= pylogging.ERROR and "/asyncio/" in path:
+            return False  # Orbax's event loop's.
+        lines = record.getMessage().splitlines()
+        record.msg, record.args = (lines[0] if lines else ""), ()
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+_QUIET_LIBRARIES = _QuietLibraries()
+
+
+def _quiet_unraisable(args) -> None:
+    """Drops tensorstore's late callbacks into orbax's closed event loop after a
+    failed write (reported by jaxgpt in one line); passes anything else on."""
+    closed_loop = isinstance(args.exc_value, RuntimeError) and "loop is closed" in str(
+        args.exc_value
+    )
+    if not closed_loop or logging.get_verbosity() >= 1:
+        sys.__unraisablehook__(args)
+
+
+def one_line(error: BaseException) -> str:
+    """`error: <message>` on one line."""
+    return "error: " + " ".join(str(error).split("\n"))
+
+
+def os_error_line(e: OSError, workdir_: str) -> str:
+    """One line for an OSError reading or writing files (a full disk names the
+    workdir and its free space)."""
+    where = e.filename or workdir_
+    full = e.errno in workdir.FULL
+    space = f"; {workdir.free_space(workdir_)} in {workdir_}" if full else ""
+    advice = (
+        " Free space (or choose another --workdir) and run the same command again"
+        " to resume."
+        if full
+        else ""
+    )
+    return f"error: cannot use {where} ({e.strerror or e}{space}).{advice}"
 
 
 def main(argv: list[str]) -> int:
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
+    sys.unraisablehook = _quiet_unraisable
     keep_freed_memory()  # Before XLA allocates: no page faults per step.
     cache.enable_compilation_cache()  # A second run loads its compiled programs.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run, sample_cfg = from_flags(RunConfig), from_flags(SampleConfig)
-        mesh_cfg = from_flags(MeshConfig)
-        sharding.initialize_distributed(mesh_cfg)  # Before any other use of JAX.
-        if not sharding.is_main_process():
-            logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
-        mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
-        if run.mode == "sample":
-            return run_sample(run, sample_cfg, mesh)
-        return run_train(run, sample_cfg, mesh)
-    except (ConfigError, data.DataError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    with stops.QuitAtOnce():  # Outside the training loop: a signal ends at once.
+        try:
+            run, sample_cfg = from_flags(RunConfig), from_flags(SampleConfig)
+            mesh_cfg = from_flags(MeshConfig)
+            sharding.initialize_distributed(mesh_cfg)  # Before any other use of JAX.
+            if not sharding.is_main_process():
+                logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
+            mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
+            modes = {"train": run_train, "sample": run_sample, "eval": run_eval}
+            return modes[run.mode](run, sample_cfg, mesh)
+        except (
+            ConfigError,
+            data.DataError,
+            FloatingPointError,
+            ckpt.CheckpointError,
+        ) as e:
+            sys.exit(one_line(e))
+        except OSError as e:
+            sys.exit(os_error_line(e, FLAGS.workdir))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 A progress bar; every --log_interval steps a line with the loss, learning
 rate, ms/step, tokens/s, model FLOP/s and MFU; and at every evaluation a line
-that is also appended to <workdir>/metrics.jsonl as one JSON record. In a
-multi-process run, process 0 alone writes.
+that is also appended to <workdir>/metrics.jsonl as one JSON record. With
+--tensorboard, the same figures (and the gradient norm, and a sample of text
+at each evaluation) also go to TensorBoard event files in the workdir:
+`tensorboard --logdir out` shows every run under out/. In a multi-process
+run, process 0 alone writes.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class TrainLog:
         start_step: int,
         peak_flops: float | None = None,
         devices: int = 1,
+        tensorboard: bool = False,
     ):
         self.path = Path(workdir) / "metrics.jsonl"
         self.cfg, self.schedule = train_cfg, schedule
@@ -54,6 +58,12 @@ class TrainLog:
             dynamic_ncols=True,
         )
         self._restart_clock(start_step)
+        self.board = (
+            open_board(self.path.parent, start_step)
+            if tensorboard and self.is_main
+            else None
+        )
+        self._sample: str | None = None
 
     def _restart_clock(self, step: int) -> None:
         self.t_last, self.step_last = time.perf_counter(), step
@@ -71,10 +81,15 @@ class TrainLog:
         dt = (time.perf_counter() - self.t_last) / (step - self.step_last)
         self._restart_clock(step)
         tokens_per_s = self.tokens_per_step / dt
+        lr = float(self.schedule(step - 1))
         line = (
-            f"step {step}: loss {loss:.4f}, lr {self.schedule(step - 1):.2e},"
+            f"step {step}: loss {loss:.4f}, lr {lr:.2e},"
             f" {1e3 * dt:.1f} ms/step, {tokens_per_s:,.0f} tok/s"
         )
+        scalars = {"train/loss": loss, "train/lr": lr}
+        if "grad_norm" in metrics:
+            scalars["train/grad_norm"] = float(metrics["grad_norm"])
+        scalars |= {"perf/ms_per_step": 1e3 * dt, "perf/tokens_per_s": tokens_per_s}
         if self.flops_per_token:
             line += f", {self.flops_per_token * tokens_per_s / 1e9:.1f} GFLOP/s"
             if self.peak_flops:
@@ -82,8 +97,10 @@ class TrainLog:
                     self.flops_per_token, tokens_per_s, self.peak_flops, self.devices
                 )
                 line += f", MFU {100 * mfu:.1f}%"
+                scalars["perf/mfu"] = mfu
         self.bar.set_postfix(loss=f"{loss:.4f}")
         self.say(line)
+        self._write_scalars(step, scalars)
 
     def evaluation(self, step: int, losses: dict[str, float]) -> None:
         """The losses of the evaluation at `step`: a log line and a metrics.jsonl record."""
@@ -91,14 +108,34 @@ class TrainLog:
         if self.is_main:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.say(
+        line = (
             f"step {step}: train loss {losses['train_loss']:.4f},"
             f" val loss {losses['val_loss']:.4f}"
         )
+        if "val_bpb" in losses:
+            line += f", val {losses['val_bpb']:.4f} bits/byte"
+        self.say(line)
+        self._write_scalars(step, {f"eval/{k}": v for k, v in losses.items()})
+        if self.board is not None:
+            if self._sample is not None:  # Fenced: TensorBoard renders markdown.
+                self.board.add_text("sample", f"```\n{self._sample}\n```", step)
+            self.board.flush()
+        self._sample = None
         self._restart_clock(step)  # Evaluations are not training steps.
+
+    def add_sample(self, text: str | None) -> None:
+        """A sample of the model's text, shown with the coming evaluation."""
+        self._sample = text
+
+    def _write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self.board is not None:
+            for tag, value in scalars.items():
+                self.board.add_scalar(tag, float(value), step)
 
     def close(self, step: int, stopped_by: str | None) -> None:
         self.bar.close()
+        if self.board is not None:
+            self.board.close()
         if stopped_by and self.is_main:
             logging.info(
                 "stopped at step %d (%s); checkpoint saved in %s: run the same"
@@ -107,3 +144,12 @@ class TrainLog:
                 stopped_by,
                 self.path.parent,
             )
+
+
+def open_board(workdir: Path, start_step: int):
+    """A TensorBoard writer (tensorboardX: no TensorFlow) for event files in
+    `workdir`. Events an earlier, interrupted run wrote at steps from
+    `start_step` on are hidden: the resumed run writes those steps again."""
+    from tensorboardX import SummaryWriter  # Imported only when used.
+
+    return SummaryWriter(str(workdir), purge_step=start_step, flush_secs=30)

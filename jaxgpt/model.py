@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxgpt import lecture
 from jaxgpt.config import ModelConfig
 from jaxgpt.speedups import Dense, Dropout
 
@@ -211,7 +212,8 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def make_model(config: ModelConfig) -> nn.Module:
-    return {"gpt": GPT, "bigram": Bigram}[config.model](config)
+    """The network --model names: GPT, the bigram, or a step of the lecture."""
+    return {"gpt": GPT, "bigram": Bigram, **lecture.MODELS}[config.model](config)
 
 
 def init_params(config: ModelConfig, key: jax.Array):
@@ -309,7 +311,7 @@ def flops_per_token(config: ModelConfig) -> float:
     6N: forward (2N) and backward (4N) matmuls; 12LCT: attention scores and
     values. The tied output projection (2VC per token forward) is not in N.
     """
-    if config.model == "bigram":
+    if config.model != "gpt":  # The bigram, and the lecture's steps: not counted.
         return 0.0
     C, L, T = config.n_embd, config.n_layer, config.block_size
     n = expected_param_count(config) - config.vocab_size * C - T * C

@@ -32,6 +32,8 @@ KNOWN_PEAKS = {
     "tpu v5 lite": {"bfloat16": 197.0},  # v5e's device_kind.
     "tpu v5e": {"bfloat16": 197.0},
     "tpu v5p": {"bfloat16": 459.0},
+    "tpu v6 lite": {"bfloat16": 918.0},  # v6e (Trillium)'s device_kind.
+    "tpu v6e": {"bfloat16": 918.0},
 }
 
 

@@ -191,3 +191,16 @@ def sync(name: str) -> None:
     """Waits until every process reaches this point (no-op with one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def process_max(values: np.ndarray) -> np.ndarray:
+    """The elementwise maximum of `values` over all processes (itself with one).
+
+    Every process must call it at the same point: it is how they agree on a
+    decision one of them made (a stop signal, a failed read).
+    """
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    gathered = multihost_utils.process_allgather(values.astype(np.int32))
+    return np.asarray(gathered).max(axis=0).astype(values.dtype)

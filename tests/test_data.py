@@ -1,6 +1,7 @@
 import hashlib
 import io
 import urllib.request
+from pathlib import Path
 
 import chex
 import numpy as np
@@ -54,16 +55,23 @@ def test_rows_of_a_batch_are_rows_of_the_whole_batch(tokens):
         np.testing.assert_array_equal(np.concatenate(got), want)
 
 
-def test_windows_read_from_a_memory_mapped_file(tmp_path):
-    tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_windows_read_from_a_token_file_are_its_bytes(tmp_path, dtype):
+    high = min(70_000, np.iinfo(dtype).max)  # uint32 ids above 16 bits too.
+    tokens = np.random.default_rng(0).integers(0, high, 5000).astype(dtype)
     tokens.tofile(tmp_path / "train.bin")
-    mapped = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
-    x, y = data.get_batch(mapped, np.random.default_rng(4), B, T)
+    file = data.TokenFile(tmp_path / "train.bin", dtype)
+    assert len(file) == 5000
+    x, y = data.get_batch(file, np.random.default_rng(4), B, T)
     starts = np.random.default_rng(4).integers(0, 5000 - T, size=B)
     for row, i in enumerate(starts):
         np.testing.assert_array_equal(x[row], tokens[i : i + T])
         np.testing.assert_array_equal(y[row], tokens[i + 1 : i + T + 1])
     assert x.dtype == np.int32
+    maps = Path("/proc/self/maps")
+    assert str(tmp_path / "train.bin") not in (
+        maps.read_text() if maps.exists() else ""
+    )
 
 
 def test_split_is_90_10():
@@ -133,3 +141,15 @@ def test_offline_error_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(data.DataError, match="--data_path.*JAXGPT_DATA_DIR"):
         data.find_corpus()
+
+
+def test_the_last_window_of_a_token_file_is_reachable(tmp_path):
+    np.arange(T + 3, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    file = data.TokenFile(tmp_path / "t.bin", np.uint16)
+    lasts = set()
+    for i in range(50):
+        _, y = data.get_batch(file, np.random.default_rng(i), B, T)
+        assert y.shape == (B, T) and int(y.max()) <= T + 2
+        lasts.update(y[:, -1].tolist())
+    assert max(lasts) == T + 2  # The file's last token is a target; none beyond.
+    np.testing.assert_array_equal(np.asarray(file), np.arange(T + 3))

@@ -33,7 +33,11 @@ TINY = """\
 @pytest.fixture
 def flagfile(tmp_path, corpus_path):
     path = tmp_path / "tiny.cfg"
-    path.write_text(TINY + f"--data_path={corpus_path}\n--workdir={tmp_path / 'wd'}\n")
+    path.write_text(
+        TINY
+        + f"--data_path={corpus_path}\n--data_dir={tmp_path / 'data'}\n"
+        + f"--workdir={tmp_path / 'wd'}\n"
+    )
     return path
 
 
@@ -59,6 +63,7 @@ def assert_one_clear_message(overrides, words, tmp_path, corpus_path):
     """main() on a tiny model with `overrides` exits with one line holding `words`."""
     settings = {
         "data_path": str(corpus_path),
+        "data_dir": str(tmp_path / "data"),
         "workdir": str(tmp_path / "new"),
         "max_iters": 2,
         "warmup_iters": 0,

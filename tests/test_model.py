@@ -118,12 +118,13 @@ def test_gpt2_initialisation():
 def test_initial_loss_near_log_vocab(kind, corpus_text):
     from jaxgpt import data, tokenizer
 
-    vocab = tokenizer.build_vocab(corpus_text)
+    tok = tokenizer.CharTokenizer.train(corpus_text)
+    vocab = tok.vocab
     cfg = ModelConfig(
         vocab_size=len(vocab), block_size=32, n_layer=2, n_head=2, n_embd=32, model=kind
     )
     params = model.init_params(cfg, jax.random.PRNGKey(0))
-    tokens = tokenizer.encode(corpus_text[:20000], vocab)
+    tokens = tok.encode(corpus_text[:20000])
     x, y = data.get_batch(tokens, np.random.default_rng(0), 16, 32)
     loss = float(model.cross_entropy(apply(cfg, params, x), y))
     assert abs(loss - math.log(len(vocab))) < 0.05

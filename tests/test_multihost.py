@@ -30,6 +30,7 @@ SEPARATOR = "\n" + "-" * 40 + "\n"
 def flags(corpus_path, workdir) -> list[str]:
     return [
         f"--data_path={corpus_path}",
+        f"--data_dir={workdir}_data",
         f"--workdir={workdir}",
         "--n_layer=1",
         "--n_head=2",

@@ -307,6 +307,7 @@ def test_cli_batch_that_does_not_split_is_one_line_without_traceback(corpus_path
             "-m",
             "jaxgpt.main",
             f"--data_path={corpus_path}",
+            "--data_dir=/nonexistent/never/written",
             "--batch_size=6",
             "--mesh_fsdp=2",
         ],

@@ -186,8 +186,8 @@ def test_batches_come_from_the_batch_stream_at_each_step():
 @pytest.fixture(scope="module")
 def tokens(corpus_text):
     text = corpus_text[:200_000]
-    vocab = tokenizer.build_vocab(text)
-    train_tokens, val_tokens = data.split(tokenizer.encode(text, vocab))
+    vocab = tokenizer.CharTokenizer.train(text).vocab
+    train_tokens, val_tokens = data.split(tokenizer.CharTokenizer(vocab).encode(text))
     return vocab, {"train": train_tokens, "val": val_tokens}
 
 

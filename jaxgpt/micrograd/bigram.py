@@ -38,8 +38,8 @@ def load_corpus(data_path: str | None = None) -> str:
 
 def encode(text: str) -> tuple[str, np.ndarray]:
     """jaxgpt's character vocabulary (sorted distinct characters) and the token ids."""
-    vocab = tokenizer.build_vocab(text)
-    return vocab, tokenizer.encode(text, vocab)
+    tok = tokenizer.CharTokenizer.train(text)
+    return tok.vocab, tok.encode(text)
 
 
 def loss_fn(table: Tensor, x_BT: np.ndarray, y_BT: np.ndarray) -> Tensor:

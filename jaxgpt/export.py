@@ -1,0 +1,59 @@
+"""Write a trained run in Hugging Face's layout, for transformers to load.
+
+  python -m jaxgpt.export --workdir=out/shakespeare --out=hf/shakespeare
+  python -m jaxgpt.export --workdir=out/shakespeare --checkpoint=best --out=...
+
+then, in Python: transformers.GPT2LMHeadModel.from_pretrained("hf/shakespeare").
+The folder holds config.json and model.safetensors (jaxgpt/hf.py maps the
+parameters), and the run's tokenizer: GPT-2's as vocab.json and merges.txt,
+which transformers reads too; jaxgpt's own char or BPE tokenizer as
+jaxgpt_tokenizer.json, which `--init_from=FOLDER` reads back. Only the
+checkpoint's parameters and meta are read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import app, logging
+
+from jaxgpt import hf, sharding
+from jaxgpt import main as jaxgpt_main  # Defines and reads the flags.
+from jaxgpt.config import ConfigError, ExportConfig, RunConfig, SampleConfig
+
+
+def export(run: RunConfig, which: str, out: str) -> str:
+    """Writes the workdir's `which` checkpoint to `out`; returns how its tokenizer
+    is stored."""
+    if run.init_from:
+        raise ConfigError("--init_from has nothing to export: pass --workdir of a run.")
+    mesh = sharding.make_mesh()
+    model_cfg, params, tok = jaxgpt_main.load_model(run, which, mesh)
+    params = sharding.to_local(params, mesh)
+    files, how = hf.tokenizer_files(tok)
+    try:
+        hf.save_gpt2(params, model_cfg, out, files)
+    except hf.HuggingFaceError as e:
+        raise ConfigError(f"--workdir={run.workdir}: {e}") from e
+    return how
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    out = jaxgpt_main.from_flags(ExportConfig).out
+    try:
+        if not out:
+            raise ConfigError("--out is missing: name the folder to write.")
+        run = jaxgpt_main.from_flags(RunConfig)
+        which = jaxgpt_main.from_flags(SampleConfig).checkpoint
+        how = export(run, which, out)
+    except (ConfigError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    logging.info("wrote %s: config.json, model.safetensors; %s", Path(out), how)
+    print(f"tokenizer: {how}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,476 @@
+"""GPT-2 weights in from and out to Hugging Face's layout (no torch needed).
+
+Hugging Face keeps a GPT-2 as a folder: `config.json` (a GPT2Config) and
+`model.safetensors` (older ones: `pytorch_model.bin`). The tensors map one to
+one onto jaxgpt's parameters (L layers, C = n_embd):
+
+    HF tensor (optional "transformer." prefix)  jaxgpt parameter      shape
+    wte.weight                                  wte/embedding         [V, C]
+    wpe.weight                                  wpe/embedding         [T, C]
+    h.{i}.ln_1.weight / .bias                   h_{i}/ln_1/scale|bias [C]
+    h.{i}.attn.c_attn.weight / .bias            h_{i}/attn/c_attn/... [C, 3C] / [3C]
+    h.{i}.attn.c_proj.weight / .bias            h_{i}/attn/c_proj/... [C, C] / [C]
+    h.{i}.ln_2.weight / .bias                   h_{i}/ln_2/scale|bias [C]
+    h.{i}.mlp.c_fc.weight / .bias               h_{i}/mlp/c_fc/...    [C, 4C] / [4C]
+    h.{i}.mlp.c_proj.weight / .bias             h_{i}/mlp/c_proj/...  [4C, C] / [C]
+    ln_f.weight / .bias                         ln_f/scale|bias       [C]
+
+- GPT-2's projections are `Conv1D` layers whose weight is [in, out], the
+  orientation of a Flax Dense kernel, so no matrix is transposed (a torch
+  `nn.Linear` would be [out, in]). c_attn's 3C outputs are q, k, v in turn,
+  each H heads of D columns: the split CausalSelfAttention does.
+- `h.{i}.attn.bias` and `h.{i}.attn.masked_bias` are the causal-mask buffers
+  some checkpoints carry; they are not parameters and are skipped.
+- The output layer is tied to wte (jaxgpt's logits are wte.attend), so a
+  `lm_head.weight` is not stored; if a file has one it must equal wte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import jax
+import numpy as np
+import safetensors.numpy
+
+from jaxgpt import bpe, model, tokenizer
+from jaxgpt.config import ModelConfig
+
+# The released GPT-2 sizes and the Hub repositories that hold them.
+HUB_REPOS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+GPT2_VOCAB_SIZES = (50257, 50304)  # GPT-2's BPE, and nanoGPT's padding of it.
+GPT2_EOS = 50256  # <|endoftext|>, GPT-2's bos and eos token.
+PREFIX = "transformer."  # GPT2LMHeadModel's name for its GPT2Model.
+MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# ModelConfig fields config.json does not fix: load_gpt2's overrides may set them.
+RUNTIME_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention")
+
+
+class HuggingFaceError(ValueError):
+    """A GPT-2 folder, file or config jaxgpt cannot read (the message says why)."""
+
+
+# ---------------------------------------------------------------- config.json
+
+
+def config_from_hf(config_json: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a Hugging Face GPT2Config (as read from config.json).
+
+    Refuses the GPT2Config options jaxgpt's GPT cannot compute. dropout is 0
+    (inference); pass another with dataclasses.replace to fine-tune.
+    """
+    c = config_json
+    n_embd = c.get("n_embd", 768)
+    # (option, value jaxgpt computes, value in this config); absent = HF default.
+    checks = [
+        ("model_type", "gpt2", c.get("model_type", "gpt2")),
+        ("layer_norm_epsilon", 1e-5, c.get("layer_norm_epsilon", 1e-5)),
+        ("tie_word_embeddings", True, c.get("tie_word_embeddings", True)),
+        ("n_inner", 4 * n_embd, c.get("n_inner") or 4 * n_embd),
+        ("scale_attn_weights", True, c.get("scale_attn_weights", True)),
+        (
+            "scale_attn_by_inverse_layer_idx",
+            False,
+            c.get("scale_attn_by_inverse_layer_idx", False),
+        ),
+        ("reorder_and_upcast_attn", False, c.get("reorder_and_upcast_attn", False)),
+        ("add_cross_attention", False, c.get("add_cross_attention", False)),
+    ]
+    for option, supported, value in checks:
+        if value != supported:
+            raise HuggingFaceError(
+                f"config.json has {option}={value!r}, which jaxgpt's GPT cannot"
+                f" compute (it needs {option}={supported!r})."
+            )
+    activation = c.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):  # Both: tanh GELU.
+        raise HuggingFaceError(
+            f"config.json has activation_function={activation!r}; jaxgpt's GPT"
+            " computes GPT-2's tanh GELU ('gelu_new' or 'gelu_pytorch_tanh') only."
+        )
+    return ModelConfig(
+        vocab_size=c.get("vocab_size", 50257),
+        block_size=c.get("n_positions", 1024),
+        n_layer=c.get("n_layer", 12),
+        n_head=c.get("n_head", 12),
+        n_embd=n_embd,
+        dropout=0.0,
+        bias=True,  # GPT-2 has biases in every Dense and LayerNorm.
+        model="gpt",
+        scan_layers=False,
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json for `cfg`: a GPT2Config that transformers loads."""
+    gpt2_vocab = cfg.vocab_size in GPT2_VOCAB_SIZES  # Else no token id is known.
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # 4 * n_embd.
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": GPT2_EOS if gpt2_vocab else None,
+        "eos_token_id": GPT2_EOS if gpt2_vocab else None,
+    }
+
+
+# ------------------------------------------------------------------- tensors
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a GPT-2 with `cfg`'s shapes, by HF name (no prefix)."""
+    V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
+    shapes = {"wte.weight": (V, C), "wpe.weight": (T, C)}
+    for i in range(cfg.n_layer):
+        for name, n_in, n_out in (
+            ("attn.c_attn", C, 3 * C),
+            ("attn.c_proj", C, C),
+            ("mlp.c_fc", C, 4 * C),
+            ("mlp.c_proj", 4 * C, C),
+        ):
+            shapes[f"h.{i}.{name}.weight"] = (n_in, n_out)  # Conv1D: [in, out].
+            shapes[f"h.{i}.{name}.bias"] = (n_out,)
+        for ln in ("ln_1", "ln_2"):
+            shapes[f"h.{i}.{ln}.weight"] = shapes[f"h.{i}.{ln}.bias"] = (C,)
+    shapes["ln_f.weight"] = shapes["ln_f.bias"] = (C,)
+    return shapes
+
+
+def _jax_path(hf_name: str) -> tuple[str, ...]:
+    """'h.3.mlp.c_fc.weight' -> ('h_3', 'mlp', 'c_fc', 'kernel'), and so on."""
+    *module, leaf = hf_name.split(".")
+    if module[0] == "h":  # h.{i}.rest -> h_{i}/rest
+        module = [f"h_{module[1]}", *module[2:]]
+    if module[-1] in ("wte", "wpe"):
+        leaf = "embedding"
+    elif module[-1].startswith("ln_"):
+        leaf = {"weight": "scale", "bias": "bias"}[leaf]
+    else:
+        leaf = {"weight": "kernel", "bias": "bias"}[leaf]
+    return (*module, leaf)
+
+
+def _strip_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drops the 'transformer.' prefix and the attention-mask buffers."""
+    out = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(PREFIX)
+        if MASK_BUFFER.fullmatch(name):
+            continue  # A causal-mask buffer, not a parameter.
+        if name in out:
+            raise HuggingFaceError(
+                f"tensor {name!r} appears both with and without the"
+                f" {PREFIX!r} prefix: the file holds two models."
+            )
+        out[name] = value
+    return out
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
+    """jaxgpt parameters (float32; stacked if cfg.scan_layers) from HF tensors.
+
+    Checks that every tensor of a GPT-2 with `cfg` is there with its shape and
+    that nothing else is. With cfg.bias=False every bias must be zero (as
+    save_gpt2 writes them for such a model).
+    """
+    tensors = _strip_names(tensors)
+    shapes = hf_shapes(cfg)
+    lm_head = tensors.pop("lm_head.weight", None)
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise HuggingFaceError(
+                f"tensor {name!r} {list(shape)} is missing: not the GPT-2 that"
+                f" the config describes (n_layer={cfg.n_layer}, n_embd={cfg.n_embd},"
+                f" vocab_size={cfg.vocab_size}, n_positions={cfg.block_size})."
+            )
+        if tuple(tensors[name].shape) != shape:
+            raise HuggingFaceError(
+                f"tensor {name!r} has shape {list(tensors[name].shape)}, but"
+                f" the config (n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size},"
+                f" n_positions={cfg.block_size}) gives {list(shape)}."
+            )
+    unexpected = sorted(set(tensors) - set(shapes))
+    if unexpected:
+        raise HuggingFaceError(
+            f"unexpected tensor {unexpected[0]!r} (and {len(unexpected) - 1} more):"
+            " not a GPT2Model / GPT2LMHeadModel checkpoint."
+        )
+    if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
+        raise HuggingFaceError(
+            "tensor 'lm_head.weight' differs from 'wte.weight': jaxgpt's output"
+            " layer is tied to the token embedding and cannot hold another."
+        )
+    params: dict[str, Any] = {}
+    for name in shapes:
+        path = _jax_path(name)
+        value = np.asarray(tensors[name], dtype=np.float32)
+        if path[-1] == "bias" and not cfg.bias:
+            if np.any(value):
+                raise HuggingFaceError(
+                    f"tensor {name!r} is not zero, but the model has bias=False:"
+                    " load it with bias=True."
+                )
+            continue
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = jax.numpy.asarray(value)
+    return model.stack_blocks(params) if cfg.scan_layers else params
+
+
+def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """HF tensors (GPT2LMHeadModel's names, float32) from jaxgpt parameters.
+
+    A bias=False model's biases are written as zeros, since HF's GPT-2 always
+    has them (so it computes the same function); scan_layers params are
+    unstacked first.
+    """
+    if cfg.scan_layers:
+        params = model.unstack_blocks(params)
+    tensors = {}
+    for name, shape in hf_shapes(cfg).items():
+        node = params
+        for part in _jax_path(name):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None and name.endswith(".bias") and not cfg.bias:
+            node = np.zeros(shape, np.float32)
+        if node is None or tuple(node.shape) != shape:
+            raise HuggingFaceError(
+                f"parameter {'/'.join(_jax_path(name))} is missing or not"
+                f" {list(shape)}: the parameters are not those of this ModelConfig."
+            )
+        tensors[PREFIX + name] = np.ascontiguousarray(node, dtype=np.float32)
+    return tensors
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a `torch.save`d state dict (zip format), without torch.
+
+    Unpickles only what a state dict holds (an OrderedDict of tensors over
+    storages); any other object is refused, so a file cannot run code.
+    """
+    if not zipfile.is_zipfile(path):
+        raise HuggingFaceError(
+            f"{path} is in torch's legacy (pre-1.6) format, which jaxgpt reads"
+            " only with torch: convert it to model.safetensors, e.g. with"
+            " transformers: GPT2LMHeadModel.from_pretrained(folder)"
+            ".save_pretrained(folder)."
+        )
+    with zipfile.ZipFile(path) as archive:
+        pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        root = pkl[: -len("data.pkl")]
+        return _TorchUnpickler(archive, root).load()
+
+
+# torch storage classes -> numpy dtypes (those a float checkpoint may use).
+TORCH_STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": jax.numpy.bfloat16,
+    "DoubleStorage": np.float64,
+}
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    """Rebuilds torch tensors as numpy arrays from a torch.save zip archive."""
+
+    def __init__(self, archive: zipfile.ZipFile, root: str):
+        super().__init__(archive.open(root + "data.pkl"))
+        self.archive, self.root = archive, root
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in TORCH_STORAGE_DTYPES:
+            return np.dtype(TORCH_STORAGE_DTYPES[name])
+        raise HuggingFaceError(
+            f"the checkpoint holds a {module}.{name}, not only tensors: convert it"
+            " to model.safetensors."
+        )
+
+    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
+        _, dtype, key, _, _ = pid
+        return np.frombuffer(self.archive.read(f"{self.root}data/{key}"), dtype)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    strides = [s * storage.itemsize for s in stride]
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size, strides)
+    return np.array(view)  # A copy: the storage buffer is read-only.
+
+
+def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """config.json and the tensors of a GPT-2 folder in Hugging Face's layout."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise HuggingFaceError(f"{folder} has no config.json: not a HF model folder.")
+    with open(config_path) as f:
+        config_json = json.load(f)
+    st_path = os.path.join(folder, "model.safetensors")
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(st_path):
+        tensors = safetensors.numpy.load_file(st_path)
+    elif os.path.isfile(bin_path):
+        tensors = read_torch_state_dict(bin_path)
+    else:
+        raise HuggingFaceError(
+            f"{folder} has neither model.safetensors nor pytorch_model.bin"
+            " (sharded checkpoints are not read)."
+        )
+    return config_json, tensors
+
+
+def download_gpt2(name: str) -> str:
+    """The local folder of a released GPT-2 (the Hub's cache, filled if online)."""
+    try:
+        return huggingface_hub.snapshot_download(
+            HUB_REPOS[name], allow_patterns=["config.json", "model.safetensors"]
+        )
+    except (OSError, huggingface_hub.errors.HfHubHTTPError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HuggingFaceError(
+            f"could not download {name!r} from the Hugging Face Hub ({reason}):"
+            " offline, pass a local folder with config.json and model.safetensors"
+            f" instead (e.g. `hf download {HUB_REPOS[name]}` on a machine online)."
+        ) from e
+
+
+def load_gpt2(name_or_path: str, **overrides: Any) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of a GPT-2: a released size or a local HF folder.
+
+    name_or_path: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" (downloaded
+    once into the Hub's cache), or a folder with config.json and
+    model.safetensors (or a zip-format pytorch_model.bin). overrides set the
+    ModelConfig fields config.json leaves open (dropout, dtype, remat,
+    scan_layers, attention).
+    """
+    bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
+    if bad:
+        raise HuggingFaceError(
+            f"load_gpt2 cannot override {bad[0]!r}: config.json fixes it"
+            f" (only {', '.join(RUNTIME_FIELDS)} may be set)."
+        )
+    if os.path.isdir(name_or_path):
+        folder = name_or_path
+    elif name_or_path in HUB_REPOS:
+        folder = download_gpt2(name_or_path)
+    else:
+        raise HuggingFaceError(
+            f"{name_or_path!r} is neither a folder nor one of {', '.join(HUB_REPOS)}."
+        )
+    config_json, tensors = read_hf_folder(folder)
+    cfg = config_from_hf(config_json)
+    cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
+    return cfg, params_from_hf(tensors, cfg)
+
+
+def save_gpt2(
+    params: dict[str, Any],
+    cfg: ModelConfig,
+    out_dir: str,
+    tokenizer_files: dict[str, bytes | str] | None = None,
+) -> None:
+    """Writes a folder that transformers' GPT2LMHeadModel.from_pretrained loads.
+
+    config.json and model.safetensors, plus `tokenizer_files` (file name ->
+    contents) as given. HF's GPT-2 always has biases: a bias=False model's are
+    written as zeros, which computes the same function. bos/eos are GPT-2's
+    <|endoftext|> when the vocabulary has GPT-2's size, else unset.
+    """
+    if cfg.model != "gpt":
+        raise HuggingFaceError(f"only a GPT exports to GPT-2, not a {cfg.model!r}.")
+    tensors = params_to_hf(params, cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg), f, indent=2)
+    safetensors.numpy.save_file(
+        tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"}
+    )
+    for name, contents in (tokenizer_files or {}).items():
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise HuggingFaceError(f"tokenizer file name {name!r} must be a bare name.")
+        mode = "wb" if isinstance(contents, bytes) else "w"
+        with open(os.path.join(out_dir, name), mode) as f:
+            f.write(contents)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+TOKENIZER_JSON = "jaxgpt_tokenizer.json"  # jaxgpt's own tokenizers, in an export.
+
+
+def load_tokenizer(name_or_path: str, vocab_size: int) -> tokenizer.Tokenizer:
+    """The tokenizer of a GPT-2 that load_gpt2 reads (its vocab_size given).
+
+    GPT-2's own for the released sizes; in a folder, jaxgpt's JSON if an export
+    wrote one, else vocab.json + merges.txt (named "gpt2" when they are
+    GPT-2's), else GPT-2's own if the vocabulary has its size.
+    """
+    folder = Path(name_or_path)
+    if folder.is_dir() and (folder / TOKENIZER_JSON).is_file():
+        return tokenizer.from_json(json.loads((folder / TOKENIZER_JSON).read_text()))
+    if folder.is_dir() and (folder / "vocab.json").is_file():
+        files = (folder / "vocab.json", folder / "merges.txt")
+        found = bpe.load_gpt2_files(*files)
+        gpt2 = tokenizer.load_gpt2()
+        if found == gpt2.as_bpe():
+            return gpt2
+        return tokenizer.BPETokenizer(found)
+    if vocab_size in GPT2_VOCAB_SIZES:
+        return tokenizer.load_gpt2()
+    raise HuggingFaceError(
+        f"{name_or_path} has no tokenizer (vocab.json + merges.txt, or"
+        f" {TOKENIZER_JSON}) and its vocabulary of {vocab_size} is not GPT-2's."
+    )
+
+
+def tokenizer_files(tok: tokenizer.Tokenizer) -> tuple[dict[str, str], str]:
+    """The files that store `tok` in an export folder, and one line saying how."""
+    if tok.name == "gpt2":
+        files = bpe.to_hf_files(tok.as_bpe())
+        files["tokenizer_config.json"] = json.dumps(
+            {"tokenizer_class": "GPT2Tokenizer", **dict.fromkeys(
+                ("bos_token", "eos_token", "unk_token"), bpe.ENDOFTEXT)}
+        )  # fmt: skip
+        return (
+            files,
+            "GPT-2's tokenizer: vocab.json and merges.txt (transformers reads them)",
+        )
+    files = {TOKENIZER_JSON: json.dumps(tok.to_json())}
+    return files, (
+        f"jaxgpt's own {tok.name} tokenizer: {TOKENIZER_JSON} (transformers cannot"
+        " read it; jaxgpt.tokenizer.from_json does)"
+    )

@@ -1,0 +1,273 @@
+"""The models of Karpathy's "Let's build GPT", one per step, as the lecture builds them.
+
+Each step adds one idea to the one before (val losses on tiny shakespeare are
+the lecture's; `python -m jaxgpt.ladder` reproduces them):
+
+  bigram              model.Bigram: the next token from the current one   2.49
+  lecture_head        one self-attention head as wide as the embedding    2.37
+  lecture_heads       n_head heads of n_embd / n_head, concatenated       2.28
+  lecture_ffwd        + a feed-forward layer: Linear(C, C), ReLU          2.24
+  lecture_residual    n_layer blocks with residual connections, the
+                      attention's projection, a 4C-wide feed-forward      2.08
+  lecture_layernorm   + pre-LayerNorm in each block and a final one       2.06
+                      (scaled up: 6 layers, 6 heads, 384 wide, T 256,
+                      dropout 0.2 -- the lecture's gpt.py)                1.48
+
+They differ from model.GPT on purpose: separate heads concatenated, ReLU
+without the 4x until the residual step, no LayerNorm until its step, biases,
+an untied output layer (lm_head), and PyTorch's default initialisation
+(embeddings N(0, 1); Linear weights and biases U(+-1/sqrt(fan_in))). They
+compute in float32 and have no --dtype, --remat, --scan_layers or
+--attention variants. `--model=lecture_...` selects them (model.make_model);
+the data, batches, training loop, checkpoints and sampling are jaxgpt's own.
+
+Sampling (generate.py) calls a model with decode=True on the next tokens of a
+sequence: these models keep the sequence so far in the "cache" collection (a
+block_size buffer of token ids) and re-run the window, as the lecture's
+generate() does, instead of caching keys and values.
+
+Shapes are suffixes: B batch, T time, C n_embd, D head size, V vocabulary,
+S block_size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.speedups import Dense, Dropout
+
+
+def torch_uniform(fan_in: int):
+    """PyTorch's default for nn.Linear's weight and bias: U(-1/sqrt(fan_in), +)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def linear(features: int, fan_in: int, name: str, bias: bool = True) -> Dense:
+    """nn.Linear(fan_in, features) with PyTorch's default initialisation."""
+    init = torch_uniform(fan_in)
+    return Dense(features, use_bias=bias, kernel_init=init, bias_init=init, name=name)
+
+
+class Head(nn.Module):
+    """One head of causal self-attention: x_BTC -> out_BTD."""
+
+    head_size: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
+        T, C, D = x_BTC.shape[1], x_BTC.shape[2], self.head_size
+        k_BTD = linear(D, C, "key", bias=False)(x_BTC)
+        q_BTD = linear(D, C, "query", bias=False)(x_BTC)
+        wei_BTT = q_BTD @ k_BTD.swapaxes(-2, -1) * D**-0.5  # "Affinities".
+        tril_TT = jnp.tril(jnp.ones((T, T), bool))
+        wei_BTT = jax.nn.softmax(jnp.where(tril_TT, wei_BTT, -jnp.inf), axis=-1)
+        wei_BTT = Dropout(self.dropout)(wei_BTT, deterministic=deterministic)
+        v_BTD = linear(D, C, "value", bias=False)(x_BTC)
+        return wei_BTT @ v_BTD
+
+
+class MultiHeadAttention(nn.Module):
+    """n_head heads side by side, their outputs concatenated: x_BTC -> y_BTC.
+
+    `residual`: as built for the residual blocks, with a projection back into
+    the residual stream (and dropout after it).
+    """
+
+    n_head: int
+    head_size: int
+    dropout: float
+    residual: bool
+
+    @nn.compact
+    def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
+        y_BTC = jnp.concatenate(
+            [
+                Head(self.head_size, self.dropout, name=f"heads_{i}")(
+                    x_BTC, deterministic
+                )
+                for i in range(self.n_head)
+            ],
+            axis=-1,
+        )
+        if not self.residual:
+            return y_BTC
+        C = y_BTC.shape[-1]
+        y_BTC = linear(C, C, "proj")(y_BTC)
+        return Dropout(self.dropout)(y_BTC, deterministic=deterministic)
+
+
+class FeedForward(nn.Module):
+    """Per-position computation: Linear(C, C) and ReLU.
+
+    `residual`: as built for the residual blocks: Linear(C, 4C), ReLU,
+    Linear(4C, C) back into the residual stream, dropout.
+    """
+
+    dropout: float
+    residual: bool
+
+    @nn.compact
+    def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
+        C = x_BTC.shape[-1]
+        if not self.residual:
+            return jax.nn.relu(linear(C, C, "net_0")(x_BTC))
+        h_BTF = jax.nn.relu(linear(4 * C, C, "net_0")(x_BTC))
+        y_BTC = linear(C, 4 * C, "net_2")(h_BTF)
+        return Dropout(self.dropout)(y_BTC, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Communication then computation, each added to the residual stream:
+    x + sa(x), then x + ffwd(x); with `layernorm`, on LayerNorm'ed inputs."""
+
+    config: ModelConfig
+    layernorm: bool
+
+    @nn.compact
+    def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        norm = lambda name: (
+            nn.LayerNorm(epsilon=1e-5, name=name) if self.layernorm else (lambda x: x)
+        )
+        sa = MultiHeadAttention(cfg.n_head, cfg.head_dim, cfg.dropout, True, name="sa")
+        x_BTC = x_BTC + sa(norm("ln1")(x_BTC), deterministic)
+        ffwd = FeedForward(cfg.dropout, residual=True, name="ffwd")
+        return x_BTC + ffwd(norm("ln2")(x_BTC), deterministic)
+
+
+class LectureModel(nn.Module):
+    """Token and position embeddings, the step's `body`, an untied lm_head.
+
+    Subclasses are the lecture's steps: each defines `body` (x_BTC -> x_BTC).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, idx_BT: jax.Array, deterministic: bool = True, decode: bool = False
+    ) -> jax.Array:
+        cfg = self.config
+        check_supported(cfg)
+        T = idx_BT.shape[1]
+        if T > cfg.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds block_size {cfg.block_size}."
+            )
+        start, tokens_BS = 0, idx_BT
+        if decode:  # These tokens continue the sequence kept in the cache.
+            start, tokens_BS = self.window(idx_BT)
+        S = tokens_BS.shape[1]
+        embed = lambda n, name: nn.Embed(
+            n, cfg.n_embd, embedding_init=nn.initializers.normal(1.0), name=name
+        )
+        tok_emb_BSC = embed(cfg.vocab_size, "token_embedding_table")(tokens_BS)
+        pos_emb_SC = embed(cfg.block_size, "position_embedding_table")(jnp.arange(S))
+        x_BSC = self.body(tok_emb_BSC + pos_emb_SC, deterministic)
+        logits_BSV = linear(cfg.vocab_size, cfg.n_embd, "lm_head")(x_BSC)
+        return jax.lax.dynamic_slice_in_dim(logits_BSV, start, T, axis=1)
+
+    def body(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
+        raise NotImplementedError
+
+    def window(self, idx_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Writes idx_BT after the tokens so far; returns where it starts and the
+        block_size buffer (slots past the end are masked by causality)."""
+        B, T = idx_BT.shape
+        shape_BS = (B, self.config.block_size)
+        tokens = self.variable("cache", "tokens", jnp.zeros, shape_BS, jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        start = index.value
+        tokens.value = jax.lax.dynamic_update_slice(
+            tokens.value, idx_BT.astype(jnp.int32), (0, start)
+        )
+        index.value = start + T
+        return start, tokens.value
+
+
+class OneHead(LectureModel):
+    """One self-attention head of size n_embd (n_head is not used)."""
+
+    def body(self, x_BTC, deterministic):
+        cfg = self.config
+        return Head(cfg.n_embd, cfg.dropout, name="sa_head")(x_BTC, deterministic)
+
+
+class MultiHead(LectureModel):
+    """n_head heads of size n_embd / n_head, concatenated."""
+
+    def body(self, x_BTC, deterministic):
+        cfg = self.config
+        sa = MultiHeadAttention(
+            cfg.n_head, cfg.head_dim, cfg.dropout, False, name="sa_heads"
+        )
+        return sa(x_BTC, deterministic)
+
+
+class WithFeedForward(MultiHead):
+    """The heads, then a feed-forward layer: attention gathers, ffwd thinks."""
+
+    def body(self, x_BTC, deterministic):
+        x_BTC = super().body(x_BTC, deterministic)
+        return FeedForward(self.config.dropout, False, name="ffwd")(
+            x_BTC, deterministic
+        )
+
+
+class Residual(LectureModel):
+    """n_layer blocks with residual connections (and no LayerNorm)."""
+
+    layernorm = False
+
+    def body(self, x_BTC, deterministic):
+        for i in range(self.config.n_layer):
+            x_BTC = Block(self.config, self.layernorm, name=f"blocks_{i}")(
+                x_BTC, deterministic
+            )
+        return x_BTC
+
+
+class WithLayerNorm(Residual):
+    """The residual blocks with pre-LayerNorm, and a final LayerNorm (gpt.py)."""
+
+    layernorm = True
+
+    def body(self, x_BTC, deterministic):
+        x_BTC = super().body(x_BTC, deterministic)
+        return nn.LayerNorm(epsilon=1e-5, name="ln_f")(x_BTC)
+
+
+MODELS = {
+    "lecture_head": OneHead,
+    "lecture_heads": MultiHead,
+    "lecture_ffwd": WithFeedForward,
+    "lecture_residual": Residual,
+    "lecture_layernorm": WithLayerNorm,
+}
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """The lecture's models have none of model.GPT's ways to compute differently."""
+    options = {
+        "dtype=bfloat16": cfg.dtype != "float32",
+        "remat": cfg.remat,
+        "scan_layers": cfg.scan_layers,
+        f"attention={cfg.attention}": cfg.attention != "einsum",
+    }
+    for option, given in options.items():
+        if given:
+            raise ConfigError(
+                f"--model={cfg.model} (a step of the lecture) has no --{option}:"
+                f" drop it, or use --model=gpt."
+            )

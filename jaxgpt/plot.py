@@ -1,0 +1,123 @@
+"""Loss curves of one or several runs, from their metrics.jsonl.
+
+  python -m jaxgpt.plot out/shakespeare_cpu [out/other ...] --out=loss.png
+
+One color per run: val loss solid, train loss dashed, at each evaluation.
+Each run is labelled with its folder's name and its model (from the config
+saved beside its checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure  # No pyplot: no backend, no display needed.
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """The evaluations of a run, by step (a step evaluated twice keeps its last)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run} a run's --workdir?")
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["step"]] = record
+    return [records[step] for step in sorted(records)]
+
+
+# The sizes each --model uses (it ignores the others); every other model: all four.
+SIZES = {
+    "bigram": (),
+    "lecture_head": ("n_embd", "block_size"),
+    "lecture_heads": ("n_head", "n_embd", "block_size"),
+    "lecture_ffwd": ("n_head", "n_embd", "block_size"),
+}
+UNITS = {"n_layer": "L", "n_head": "H", "n_embd": "C", "block_size": "T"}
+
+
+def describe(model: dict[str, Any]) -> str:
+    """A model config in a few words: 'gpt 4L 4H 128C 64T'."""
+    sizes = SIZES.get(model["model"], tuple(UNITS))
+    return " ".join([model["model"], *(f"{model[k]}{UNITS[k]}" for k in sizes)])
+
+
+def label(run: str | Path) -> str:
+    """The run's folder name and its model, read from its checkpoint's meta."""
+    from jaxgpt import checkpoint  # Orbax: imported only to read a label.
+
+    name = Path(run).resolve().name
+    try:
+        meta = checkpoint.read_meta(run)
+    except (OSError, ValueError, KeyError):
+        meta = None
+    return f"{name}: {describe(meta['model'])}" if meta else name
+
+
+def draw(
+    ax,
+    runs: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    logx: bool = False,
+):
+    """Draws the runs' train (dashed) and val (solid) losses on `ax`; with
+    `logx`, steps on a log scale (for runs of very different lengths)."""
+    labels = list(labels) if labels else [label(run) for run in runs]
+    for i, (run, name) in enumerate(zip(runs, labels)):
+        records, color = read_metrics(run), f"C{i % 10}"
+        steps = [r["step"] for r in records]
+        ax.plot(steps, [r["val_loss"] for r in records], color=color, label=name)
+        ax.plot(steps, [r["train_loss"] for r in records], color=color, ls="--")
+    if logx:
+        ax.set_xscale("symlog", linthresh=100)  # Linear up to step 100 (and 0).
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="val loss (dashed: train)", fontsize="small")
+    return ax
+
+
+def plot(
+    runs: Sequence[str | Path],
+    out: str | Path,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    logx: bool = False,
+) -> Path:
+    """Writes the runs' loss curves to the image `out` (its suffix: png, svg, pdf)."""
+    fig = Figure(figsize=(8, 5))
+    draw(fig.subplots(), runs, labels, logx)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxgpt.plot", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("runs", nargs="+", help="Workdirs of runs (--workdir).")
+    parser.add_argument("--out", default="loss.png", help="The image to write.")
+    parser.add_argument("--title", default=None, help="A title above the plot.")
+    parser.add_argument("--logx", action="store_true", help="Steps on a log scale.")
+    args = parser.parse_args(argv)
+    try:
+        out = plot(args.runs, args.out, title=args.title, logx=args.logx)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

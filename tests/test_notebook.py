@@ -1,0 +1,109 @@
+"""experiments/colab_tpu.ipynb, executed headless (nbclient) on a tiny model, twice:
+it trains, plots, samples, and a second execution resumes where the first stopped."""
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "experiments" / "colab_tpu.ipynb"
+TINY = [
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=32",
+    "--batch_size=8",
+    "--eval_interval=20",
+    "--eval_iters=2",
+    "--log_interval=10",
+    "--warmup_iters=5",
+    "--peak_tflops=1",  # For MFU: no peak measured first.
+]
+
+
+def execute(parameters: dict, cwd) -> nbformat.NotebookNode:
+    """The notebook run with `parameters` set after its parameter cell (as
+    papermill does), in a fresh kernel."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    (at,) = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if "parameters" in cell.metadata.get("tags", [])
+    ]
+    given = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
+    nb.cells.insert(at + 1, new_code_cell(given))
+    client = NotebookClient(
+        nb,
+        timeout=240,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute()
+    return nb
+
+
+def text_of(cell) -> str:
+    """Everything a cell printed or displayed as text."""
+    parts = []
+    for out in cell.get("outputs", []):
+        parts.append(out.get("text", ""))
+        parts.append(out.get("data", {}).get("text/markdown", ""))
+        parts.append(out.get("data", {}).get("text/plain", ""))
+    return "".join(parts)
+
+
+def cell_with(nb, source: str):
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and source in c.source]
+    return cell
+
+
+def val_losses(workdir) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["val_loss"] for r in map(json.loads, lines)}
+
+
+@pytest.fixture
+def kernel_env(monkeypatch):
+    """The kernel and its children import jaxgpt from this checkout."""
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), path])))
+
+
+def test_notebook_trains_plots_samples_and_resumes(tmp_path, corpus_path, kernel_env):
+    workdir = tmp_path / "run"
+    parameters = {
+        "REPO": str(REPO),  # The local checkout: nothing is cloned.
+        "INSTALL": False,  # This checkout's jaxgpt is already importable.
+        "CONFIG": "experiments/shakespeare_cpu.cfg",
+        "MAX_ITERS": 40,
+        "STOP_AT": 20,
+        "USE_DRIVE": False,
+        "WORKDIR": str(workdir),
+        "SAMPLE_TOKENS": 40,
+        "EXTRA_FLAGS": [*TINY, f"--data_path={corpus_path}"],
+    }
+    first = execute(parameters, tmp_path)
+
+    losses = val_losses(workdir)
+    assert sorted(losses) == [0, 20]  # Stopped at STOP_AT.
+    assert losses[20] < losses[0] - 0.2
+    assert (workdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    training = cell_with(first, "log = train(FLAGS)")
+    assert any("image/png" in out.get("data", {}) for out in training.outputs)
+    sample = text_of(cell_with(first, "--mode=sample"))
+    assert sample.startswith("ROMEO:") and len(sample.strip()) > len("ROMEO:") + 20
+    speed = text_of(cell_with(first, "statistics.median"))
+    assert "ms/step" in speed and "tokens/s" in speed
+    assert list(workdir.glob("events.out.tfevents.*"))  # TensorBoard is on.
+
+    second = execute({**parameters, "STOP_AT": None}, tmp_path)
+    assert "resuming from step 20" in text_of(cell_with(second, "log = train(FLAGS)"))
+    resumed = val_losses(workdir)
+    assert sorted(resumed) == [0, 20, 40]
+    assert resumed[0] == losses[0] and resumed[20] == losses[20]  # Not retrained.
+    assert resumed[40] < resumed[20]

@@ -1,0 +1,151 @@
+"""Looking at a run: loss plots (python -m jaxgpt.plot) and TensorBoard event files,
+from a real short run of python -m jaxgpt.main."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from tensorboardX.proto import event_pb2
+
+from jaxgpt import metrics, plot, train
+from jaxgpt.config import ModelConfig, RunConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=32",
+    "--batch_size=8",
+    "--max_iters=40",
+    "--eval_interval=20",
+    "--eval_iters=2",
+    "--log_interval=10",
+    "--warmup_iters=5",
+    "--max_new_tokens=30",
+    "--peak_tflops=1",  # For MFU: no peak measured first.
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus_path) -> Path:
+    """The workdir of a 40-step run (evaluations at 0, 20, 40), TensorBoard on."""
+    workdir = tmp_path_factory.mktemp("runs") / "tiny"
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxgpt.main", *TINY]
+        + [f"--data_path={corpus_path}", f"--workdir={workdir}"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return workdir
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
+
+
+def test_plot_writes_an_image_of_the_runs(run, tmp_path, capsys):
+    out = tmp_path / "plots" / "loss.png"
+    assert plot.main([str(run), str(run), f"--out={out}", "--title=tiny"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    image = matplotlib.image.imread(out)
+    assert image.shape == (600, 960, 4)  # 8 x 5 inches at 120 dpi.
+    assert image[..., :3].std() > 0.05  # Not a blank canvas.
+
+
+def test_curves_are_the_runs_metrics_labelled_from_its_config(run):
+    ax = plot.draw(Figure().subplots(), [run])
+    want = records(run)
+    val, train_ = ax.lines
+    np.testing.assert_array_equal(val.get_xdata(), [0, 20, 40])
+    np.testing.assert_array_equal(val.get_ydata(), [r["val_loss"] for r in want])
+    np.testing.assert_array_equal(train_.get_ydata(), [r["train_loss"] for r in want])
+    assert train_.get_linestyle() == "--" and val.get_color() == train_.get_color()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["tiny: gpt 1L 2H 32C 32T"]
+
+
+def test_a_step_evaluated_twice_keeps_its_last_record(tmp_path):
+    lines = [
+        {"step": 0, "train_loss": 4.0, "val_loss": 4.1},
+        {"step": 20, "train_loss": 3.0, "val_loss": 3.5},
+        {"step": 20, "train_loss": 2.9, "val_loss": 3.4},  # A resumed run's.
+    ]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in lines)
+    )
+    assert [r["val_loss"] for r in plot.read_metrics(tmp_path)] == [4.1, 3.4]
+    assert plot.label(tmp_path) == tmp_path.name  # No checkpoint: its name alone.
+
+
+def test_a_folder_without_metrics_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        plot.main([str(tmp_path / "nothing"), f"--out={tmp_path / 'x.png'}"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "metrics.jsonl" in message
+    assert "\n" not in message
+
+
+def events(workdir: Path):
+    """Every event in the workdir's TensorBoard files (TFRecord: a length, its
+    CRC, the serialized Event, its CRC)."""
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            yield event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+
+
+def scalars_and_texts(workdir: Path):
+    scalars, texts = {}, {}
+    for event in events(workdir):
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+            else:
+                texts[event.step] = value.tensor.string_val[0].decode()
+    return scalars, texts
+
+
+def test_tensorboard_holds_the_runs_figures_and_samples(run):
+    assert RunConfig().tensorboard  # On by default.
+    scalars, texts = scalars_and_texts(run)
+    want = records(run)
+    for name in ("val_loss", "train_loss"):
+        got = scalars[f"eval/{name}"]
+        assert got == {r["step"]: pytest.approx(r[name], rel=1e-6) for r in want}
+    logged = [10, 20, 30, 40]
+    for tag in ("train/loss", "train/grad_norm", "perf/tokens_per_s", "perf/mfu"):
+        assert sorted(scalars[tag]) == logged, tag
+        assert all(v > 0 for v in scalars[tag].values()), tag
+    schedule = train.lr_schedule(TrainConfig(max_iters=40, warmup_iters=5))
+    for step, lr in scalars["train/lr"].items():
+        assert lr == pytest.approx(float(schedule(step - 1)), rel=1e-6)
+    assert sorted(texts) == [0, 20, 40]  # A sample at each evaluation.
+    assert all(t.startswith("```\n") and len(t) > 30 for t in texts.values())
+
+
+def test_tensorboard_switched_off_writes_no_events(tmp_path):
+    model_cfg = ModelConfig(vocab_size=65, n_layer=1, n_head=2, n_embd=32)
+    train_cfg = TrainConfig(max_iters=10, warmup_iters=2)
+    schedule = train.lr_schedule(train_cfg)
+    for on, folder in ((False, tmp_path / "off"), (True, tmp_path / "on")):
+        folder.mkdir()
+        log = metrics.TrainLog(folder, model_cfg, train_cfg, schedule, 0, None, 1, on)
+        log.evaluation(0, {"train_loss": 4.0, "val_loss": 4.1, "val_bpb": 5.9})
+        log.close(0, None)
+    assert not list((tmp_path / "off").glob("events.*"))
+    scalars, _ = scalars_and_texts(tmp_path / "on")
+    assert scalars["eval/val_bpb"] == {0: pytest.approx(5.9)}  # Bits per byte too.
