@@ -126,10 +126,8 @@ def main() -> None:
     train_peak_rss_mb(data_dir, "small", data_dir / "run_warm")  # Fills the caches.
     runs = {"big": [], "small": []}
     for _ in range(3):  # Alternating: XLA's own memory varies from run to run.
-        for name in runs:
-            runs[name].append(
-                train_peak_rss_mb(data_dir, name, data_dir / f"run_{name}")
-            )
+        for name, results in runs.items():
+            results.append(train_peak_rss_mb(data_dir, name, data_dir / f"run_{name}"))
     for name, results in runs.items():
         size = (data_dir / name / "train.bin").stat().st_size / 2**20
         rss = sorted(r for r, _ in results)
