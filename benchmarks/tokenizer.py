@@ -34,7 +34,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jaxgpt import bpe, data
+from jaxgpt import bpe, data, perf
 from jaxgpt.tokenizer import load_gpt2
 
 _TEXT = flags.DEFINE_string("text", None, "Base corpus (default: tiny shakespeare).")
@@ -47,18 +47,6 @@ _ENCODE_MB = flags.DEFINE_float("encode_mb", 20, "MB of the large text to encode
 _PATTERN = flags.DEFINE_enum("pattern", "gpt2", ["gpt2", "gpt4"], "Pre-tokeniser.")
 _WORKERS = flags.DEFINE_integer("num_workers", None, "Counting processes (all cores).")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Leave HF tokenizers out.")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform's guess)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def varied_text(base: str, n_chars: int, seed: int = 0) -> str:
@@ -208,7 +196,7 @@ def main(argv):
     base_path = data.find_corpus(_TEXT.value)
     base = base_path.read_text(encoding="utf-8")
     print(
-        f"{datetime.date.today()}, {cpu_model()}, {os.cpu_count()} cores,"
+        f"{datetime.date.today()}, {perf.cpu_name()}, {os.cpu_count()} cores,"
         f" Python {platform.python_version()}; pattern {_PATTERN.value};"
         f" base text {base_path} ({len(base) / 1e6:.1f} MB)"
     )

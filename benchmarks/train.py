@@ -14,7 +14,6 @@ accelerator, or --peak_tflops.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 
@@ -33,17 +32,6 @@ _MEASURE = flags.DEFINE_bool(
     "measure_peak", False, "Measure the peak even on a device in the data-sheet table."
 )
 _MATMUL_N = flags.DEFINE_integer("peak_matmul_n", 2048, "Size of the peak matmul.")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv):
@@ -92,7 +80,7 @@ def main(argv):
     rows = [
         (
             "machine",
-            f"{cpu_name()}, {jax.local_device_count()} x {jax.devices()[0].device_kind}",
+            f"{perf.cpu_name()}, {jax.local_device_count()} x {jax.devices()[0].device_kind}",
         ),
         ("mesh", str(dict(mesh.shape))),
         ("model", shape),

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import jax
 
-from jaxgpt import checkpoint, model, plot
+from jaxgpt import checkpoint, model, perf, plot
 from jaxgpt.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent  # Flagfiles name paths from here.
@@ -138,17 +137,6 @@ def run_ladder(
     return results
 
 
-def machine() -> str:
-    """The CPU's model name (as lscpu prints it), else the platform's word."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(results: Sequence[Result], device: str) -> str:
     """The ladder as a markdown table, headed by where and when it ran."""
     date = datetime.date.today().isoformat()
@@ -195,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     on_cpu = kind == "cpu"
     steps = [by_name[n] for n in args.steps.split(",")]
     results = run_ladder(steps, out, extra, on_cpu)
-    device = f"a CPU ({machine()})" if on_cpu else f"{kind} ({machine()} host)"
+    device = (
+        f"a CPU ({perf.cpu_name()})" if on_cpu else f"{kind} ({perf.cpu_name()} host)"
+    )
     text = table(results, device)
     (out / "ladder.md").write_text(text)
     labels = [f"{r.run.name} ({r.val_loss:.2f})" for r in results]

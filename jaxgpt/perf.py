@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -60,17 +61,21 @@ def measure_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> fl
     return 2 * n**3 / best
 
 
-def machine_key(dtype: str) -> str:
-    """What a stored peak belongs to: the processor, the cores this process may
-    use, the device, the dtype and the JAX version (a new XLA may be faster)."""
-    cpu = "unknown CPU"
+def cpu_name() -> str:
+    """The CPU's model name (as lscpu prints it), else the platform's word."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_key(dtype: str) -> str:
+    """What a stored peak belongs to: the processor, the cores this process may
+    use, the device, the dtype and the JAX version (a new XLA may be faster)."""
+    cpu = cpu_name()
     cores = (
         len(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")

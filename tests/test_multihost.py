@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -86,10 +87,22 @@ def wait_all(procs: list[subprocess.Popen], logs: list[Path]) -> None:
         assert proc.returncode == 0, f"{log}:\n{log.read_text()[-4000:]}"
 
 
+GLOO = re.compile(
+    r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. "
+    r"Expected number of connected peer ranks is : \d+"
+)
+
+
 def printed(log: Path) -> str:
-    """A process's stdout without gloo's connection notices."""
-    lines = log.with_suffix(".out").read_text().splitlines(keepends=True)
-    return "".join(line for line in lines if not line.startswith("[Gloo]"))
+    """A process's stdout without gloo's connection notices. Gloo's threads
+    print them at start-up, text and newline apart, so two may interleave
+    ("A B\n\n"): each notice's text goes, and with it one of the first
+    newlines."""
+    text = log.with_suffix(".out").read_text()
+    text, n = GLOO.subn("", text)
+    for _ in range(n):
+        text = text.replace("\n", "", 1)
+    return text
 
 
 def evals(workdir: Path) -> list[dict]:
