@@ -35,7 +35,6 @@ import errno
 import functools
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -70,30 +69,6 @@ class SaveError(CheckpointError):
 
 class Damaged(CheckpointError):
     """A checkpoint cannot be read, or its arrays differ from their checksums."""
-
-
-# --- Reading damaged files quietly -------------------------------------------------
-
-_READ_ERROR = "Encountered error while reading array index"
-
-
-def _drop_orbax_read_noise(unraisable) -> None:
-    """An `unraisablehook` that drops orbax's leftover read errors.
-
-    When one array of a damaged checkpoint fails to read, orbax abandons the
-    other reads; their coroutines, closed later by the garbage collector, turn
-    the close into a fresh `Exception` that Python would print as "Exception
-    ignored in ..." with a traceback. `_read` has already reported the damage
-    in one line, so these are dropped; anything else goes to the usual hook.
-    """
-    if not str(unraisable.exc_value).startswith(_READ_ERROR):
-        _drop_orbax_read_noise.previous(unraisable)
-
-
-def _quiet_abandoned_reads() -> None:
-    if sys.unraisablehook is not _drop_orbax_read_noise:
-        _drop_orbax_read_noise.previous = sys.unraisablehook
-        sys.unraisablehook = _drop_orbax_read_noise
 
 
 # --- Checksums ------------------------------------------------------------------
@@ -460,7 +435,6 @@ class Checkpointer:
                 )
         except Exception as e:  # noqa: BLE001 Any failure to read is damage.
             error = e
-            _quiet_abandoned_reads()
         failed = sharding.process_max(np.array([error is not None]))[0]
         if failed:
             reason = describe(error) if error else "another process could not read it"

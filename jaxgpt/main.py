@@ -483,12 +483,19 @@ _QUIET_LIBRARIES = _QuietLibraries()
 
 
 def _quiet_unraisable(args) -> None:
-    """Drops tensorstore's late callbacks into orbax's closed event loop after a
-    failed write (reported by jaxgpt in one line); passes anything else on."""
-    closed_loop = isinstance(args.exc_value, RuntimeError) and "loop is closed" in str(
-        args.exc_value
+    """Drops two kinds of orbax leftovers, each already reported by jaxgpt in
+    one line; passes anything else on (everything with --verbosity=1):
+    - tensorstore's late callbacks into orbax's closed event loop after a
+      failed write;
+    - after one array of a damaged checkpoint fails to read, orbax's abandoned
+      reads of the others: closed later by the garbage collector, each turns
+      the close into a fresh Exception ("Exception ignored in ...")."""
+    message = str(args.exc_value)
+    closed_loop = (
+        isinstance(args.exc_value, RuntimeError) and "loop is closed" in message
     )
-    if not closed_loop or logging.get_verbosity() >= 1:
+    abandoned_read = message.startswith("Encountered error while reading array")
+    if not (closed_loop or abandoned_read) or logging.get_verbosity() >= 1:
         sys.__unraisablehook__(args)
 
 
