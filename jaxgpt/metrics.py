@@ -146,10 +146,31 @@ class TrainLog:
             )
 
 
+# tensorboardX imports these, when installed, for features jaxgpt does not use
+# (torch tensors, event files on S3 or GCS): torch alone adds a second to every
+# start-up. jaxgpt writes numbers and text to a local workdir.
+_NOT_FOR_TENSORBOARD = ("torch", "boto3", "botocore", "google.cloud")
+
+
+def import_summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch, boto3 or GCS."""
+    if "tensorboardX" in sys.modules:
+        return sys.modules["tensorboardX"].SummaryWriter
+    blocked = [name for name in _NOT_FOR_TENSORBOARD if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # `import name` raises ImportError.
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return SummaryWriter
+
+
 def open_board(workdir: Path, start_step: int):
     """A TensorBoard writer (tensorboardX: no TensorFlow) for event files in
     `workdir`. Events an earlier, interrupted run wrote at steps from
     `start_step` on are hidden: the resumed run writes those steps again."""
-    from tensorboardX import SummaryWriter  # Imported only when used.
-
+    SummaryWriter = import_summary_writer()
     return SummaryWriter(str(workdir), purge_step=start_step, flush_secs=30)

@@ -149,3 +149,28 @@ def test_tensorboard_switched_off_writes_no_events(tmp_path):
     assert not list((tmp_path / "off").glob("events.*"))
     scalars, _ = scalars_and_texts(tmp_path / "on")
     assert scalars["eval/val_bpb"] == {0: pytest.approx(5.9)}  # Bits per byte too.
+
+
+def test_tensorboard_writer_leaves_torch_unimported_and_importable(tmp_path):
+    """tensorboardX would import torch (a second of start-up) when installed;
+    the writer is opened without it, and torch still imports afterwards."""
+    code = (
+        "import importlib.util, sys\n"
+        "from jaxgpt import metrics\n"
+        f"writer = metrics.open_board({str(tmp_path)!r}, 0)\n"
+        "writer.add_scalar('loss', 1.5, 1); writer.close()\n"
+        "assert 'torch' not in sys.modules and 'boto3' not in sys.modules\n"
+        "if importlib.util.find_spec('torch'):\n"
+        "    import torch\n"
+        "    assert torch.ones(2).sum().item() == 2\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
