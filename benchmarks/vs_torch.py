@@ -31,8 +31,8 @@ batches, optimizer and schedule, float32, written as nanoGPT writes it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from absl import app, flags
@@ -51,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_twin
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import generate, metrics, model, sharding, streams, train
+from jaxgpt import generate, metrics, model, perf, sharding, streams, train
 from jaxgpt import main as jaxgpt_main
-from jaxgpt.config import ModelConfig, RunConfig, TrainConfig
+from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
 from jaxgpt.speedups import keep_freed_memory
 
 _BENCH = flags.DEFINE_enum(
@@ -82,7 +81,7 @@ def machine() -> str:
             info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    name = info.get("model name") or platform.processor() or "unknown CPU"
+    name = perf.cpu_name()
     ids = f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
@@ -112,9 +111,17 @@ def configs():
 
 
 class _NoCheckpoints:
-    """train.train's checkpointer, minus the disk: this benchmark times steps."""
+    """What train.train asks of its checkpointer, minus the disk: this
+    benchmark times steps."""
 
     workdir = "(not saved)"
+    best_val_loss = math.inf
+
+    def latest_step(self):
+        return None
+
+    def check(self):
+        pass
 
     def save(self, *args, **kwargs):
         pass
@@ -130,12 +137,12 @@ class _QuietLog(metrics.TrainLog):
         pass
 
 
-def check_same_losses(model_cfg, train_cfg, batch, root) -> float:
+def check_same_losses(model_cfg, train_cfg, batch, root, mesh) -> float:
     """Three steps of both from jaxgpt's initial parameters on the same batches:
     the largest difference of their losses."""
     model_cfg = dataclasses.replace(model_cfg, dropout=0.0)  # Same masks: none.
-    state = train.create_state(model_cfg, train_cfg, root)
-    step = train.make_train_step(model_cfg, train_cfg, sharding.make_mesh())
+    state = train.create_state(model_cfg, train_cfg, root, mesh)
+    step = train.make_train_step(model_cfg, train_cfg, mesh)
     twin = torch_twin.GPT(model_cfg)
     twin.load_flax(state.params)
     twin_step = torch_twin.make_train_step(twin, train_cfg)
@@ -160,7 +167,7 @@ def bench_step():
     root, mesh = streams.root(run.seed), sharding.make_mesh()
     state = train.create_state(model_cfg, train_cfg, root, mesh)
     batch = train.make_batches(tokens, root, B, T, mesh)
-    diff = check_same_losses(model_cfg, train_cfg, batch, root)
+    diff = check_same_losses(model_cfg, train_cfg, batch, root, mesh)
 
     step = train.make_train_step(model_cfg, train_cfg, mesh)
     step_fn = lambda state, x, y: step(state, x, y, root)
@@ -293,26 +300,31 @@ def bench_run():
 
 
 def bench_sample():
-    _run, _, model_cfg = configs()
+    _, _, model_cfg = configs()
+    N = _TOKENS.value
+    cfg = dataclasses.replace(
+        jaxgpt_main.from_flags(SampleConfig), num_samples=1, max_new_tokens=N
+    )
     params = model.init_params(model_cfg, jax.random.PRNGKey(0))
-    apply_fn, N = model.make_model(model_cfg).apply, _TOKENS.value
-    prompt = jnp.zeros((1, 1), jnp.int32)
-    kwargs = {
-        "block_size": model_cfg.block_size,
-        "max_new_tokens": N,
-        "temperature": 0.8,
-    }
+    apply_fn = model.make_model(model_cfg).apply
     times = {"jaxgpt (KV cache)": [], "torch generate()": []}
     twin = torch_twin.GPT(model_cfg)
     twin.load_flax(params)
     key = jax.random.PRNGKey(0)
-    generate.generate(apply_fn, params, prompt, key, **kwargs).block_until_ready()
+    draw = lambda: generate.sample(apply_fn, params, model_cfg, [0], cfg, key)
+    draw().block_until_ready()  # What --mode=sample runs, compiled first.
     for r in range(_ROUNDS.value):
         t0 = time.perf_counter()
-        generate.generate(apply_fn, params, prompt, key, **kwargs).block_until_ready()
+        draw().block_until_ready()
         times["jaxgpt (KV cache)"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        torch_twin.generate(twin, torch.zeros((1, 1), dtype=torch.long), N, 0.8)
+        torch_twin.generate(
+            twin,
+            torch.zeros((1, 1), dtype=torch.long),
+            N,
+            cfg.temperature,
+            cfg.top_k or None,
+        )
         times["torch generate()"].append(time.perf_counter() - t0)
     print(f"machine: {machine()}")
     print(

@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import heapq
 import importlib.util
-import itertools
 import json
 import multiprocessing
 import os
@@ -154,13 +153,13 @@ PARALLEL_MIN_CHARS = 4_000_000
 # patterns above (no alternative runs from a newline into a letter), and the
 # newline forms the same chunk whether or not the text ends after it. So text
 # cut there has exactly the chunks of the whole.
-_SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\p{L})")
+SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\p{L})")
 
 
 def split_at_safe_points(text: str, num_pieces: int) -> list[str]:
     """Cuts `text` into about `num_pieces` pieces at chunk boundaries."""
     cuts, step = [0], max(1, len(text) // num_pieces)
-    while (m := _SAFE_CUT.search(text, cuts[-1] + step)) is not None:
+    while (m := SAFE_CUT.search(text, cuts[-1] + step)) is not None:
         cuts.append(m.start())
     cuts.append(len(text))
     return [text[a:b] for a, b in pairwise(cuts) if b > a]
@@ -479,7 +478,7 @@ def from_tiktoken(encoding) -> BPE:
         while len(parts) > 2:
             pairs = [
                 (ranks.get(a + b, _NEVER), i)
-                for i, (a, b) in enumerate(itertools.pairwise(parts))
+                for i, (a, b) in enumerate(pairwise(parts))
             ]
             best, i = min(pairs)
             if best >= rank:

@@ -18,13 +18,13 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 
+from jaxgpt import workdir
 from jaxgpt.data import cache_dir
 
 
@@ -36,17 +36,17 @@ def peak_file() -> Path:
     return cache_dir() / "peak.json"
 
 
-def enable_compilation_cache(directory: Path | None = None) -> Path:
-    """Keeps every compiled program in `directory` (default: compilation_cache_dir)
-    and loads it from there when the same program is compiled again.
+def enable_compilation_cache() -> Path:
+    """Keeps every compiled program in compilation_cache_dir() and loads it from
+    there when the same program is compiled again.
 
     Call before the first compilation. Programs of any size or compile time
     are kept: on a CPU even the small ones take a noticeable part of start-up.
     A directory already set (JAX_COMPILATION_CACHE_DIR) is kept.
     """
-    if directory is None and jax.config.jax_compilation_cache_dir:
+    if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
-    directory = Path(directory or compilation_cache_dir())
+    directory = compilation_cache_dir()
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -70,14 +70,25 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
-def _signature(args) -> str:
-    """The shapes, dtypes and shardings of a call's arguments."""
+def _call_key(args) -> tuple:
+    """What a call's program depends on: the arguments' tree and each leaf's
+    shape, dtype and sharding (hashable and cheap: looked up at every call)."""
     leaves, tree = jax.tree.flatten(args)
-    parts = [str(tree)]
-    for leaf in leaves:
-        shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", type(leaf))
-        parts.append(f"{shape} {dtype} {getattr(leaf, 'sharding', None)}")
-    return "\n".join(parts)
+    specs = tuple(
+        (
+            getattr(leaf, "shape", ()),
+            getattr(leaf, "dtype", type(leaf)),
+            getattr(leaf, "sharding", None),
+        )
+        for leaf in leaves
+    )
+    return tree, specs
+
+
+def _signature(call_key: tuple) -> str:
+    """_call_key as text, to name a stored program."""
+    tree, specs = call_key
+    return "\n".join([str(tree), *(f"{s} {d} {sh}" for s, d, sh in specs)])
 
 
 def programs_dir() -> Path | None:
@@ -87,9 +98,14 @@ def programs_dir() -> Path | None:
     return Path(jax.config.jax_compilation_cache_dir).parent / PROGRAMS
 
 
+def can_store_programs() -> bool:
+    """Whether this process can keep programs (one process, jax.export works)."""
+    return jax.process_count() == 1 and _can_export()
+
+
 def storing_programs() -> bool:
     """Whether StoredJit keeps programs in this process (else it is jax.jit)."""
-    return programs_dir() is not None and jax.process_count() == 1 and _can_export()
+    return programs_dir() is not None and can_store_programs()
 
 
 class StoredJit:
@@ -104,17 +120,17 @@ class StoredJit:
     def __init__(self, fn: Callable, key: str, directory: Path | None = None, **kw):
         self.jitted, self.key, self.kw = jax.jit(fn, **kw), key, kw
         self.directory = directory
-        self.calls: dict[str, Callable] = {}
+        self.calls: dict[tuple, Callable] = {}
 
     def _program(self, args) -> Callable:
-        signature = _signature(args)
-        if signature in self.calls:
-            return self.calls[signature]
+        call_key = _call_key(args)
+        if call_key in self.calls:
+            return self.calls[call_key]
         directory = self.directory or programs_dir()
-        if directory is None or jax.process_count() > 1 or not _can_export():
-            self.calls[signature] = self.jitted
+        if directory is None or not can_store_programs():
+            self.calls[call_key] = self.jitted
             return self.jitted
-        text = f"{source_hash()}\n{self.key}\n{signature}"
+        text = f"{source_hash()}\n{self.key}\n{_signature(call_key)}"
         digest = hashlib.sha256(text.encode()).hexdigest()
         path = Path(directory) / f"{digest}.jaxexport"
         types_path = path.with_suffix(".types")
@@ -125,11 +141,14 @@ class StoredJit:
             exported = jax.export.export(self.jitted)(*args)
             types = node_types(exported.in_tree) | node_types(exported.out_tree)
             register_node_types(sorted(types))
-            _write_atomically(path, exported.serialize())
-            _write_atomically(types_path, json.dumps(sorted(types)).encode())
+            try:
+                workdir.write_atomically(path, exported.serialize())
+                workdir.write_atomically(types_path, json.dumps(sorted(types)))
+            except OSError:
+                pass  # An unwritable cache: traced again next time.
         # The same shardings and donation as the plain jit.
-        self.calls[signature] = jax.jit(exported.call, **self.kw)
-        return self.calls[signature]
+        self.calls[call_key] = jax.jit(exported.call, **self.kw)
+        return self.calls[call_key]
 
     def __call__(self, *args):
         return self._program(args)(*args)
@@ -185,13 +204,3 @@ def _can_export() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # An unwritable cache: traced again next time.

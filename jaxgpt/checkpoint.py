@@ -186,17 +186,22 @@ def _opt_item(state) -> dict:
     return {"step": state.step, "opt_state": state.opt_state}
 
 
-WRITE_ERRORS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large (a file size limit)",
-}
+def _state_sums(state) -> dict[str, dict[str, str]]:
+    """The checksums of a state's two items, as the meta keeps them (one pass
+    over both, so one program where the arrays are on devices)."""
+    both = checksums({"params": state.params, "opt_state": _opt_item(state)})
+    return {
+        item: {
+            k.split("/", 1)[1]: v for k, v in both.items() if k.split("/")[0] == item
+        }
+        for item in ("params", "opt_state")
+    }
 
 
 def describe(error: BaseException) -> str:
     """One short line for an exception raised by orbax or tensorstore: its
     root cause, which says what was wrong with which file."""
-    for number, words in WRITE_ERRORS.items():
+    for number, words in workdir_lib.WRITE_ERRORS.items():
         if workdir_lib.is_disk_full(error, errnos=(number,)):
             return words
     while error.__cause__ is not None:  # What it was raised from.
@@ -268,15 +273,11 @@ class Checkpointer:
         kinds = [w for w in kinds if step not in self._managers[w].all_steps()]
         if not kinds:
             return  # Already saved (e.g. an evaluation step that is also the last).
-        sums = {
-            "params": checksums(state.params),
-            "opt_state": checksums(_opt_item(state)),
-        }
         meta = {
             **self._meta,
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
-            "checksums": sums,
+            "checksums": _state_sums(state),
         }
         for which in kinds:
             self._save(which, step, state, meta)
@@ -529,12 +530,9 @@ class Checkpointer:
         if self.best_step is None or self.best_step in self._managers[BEST].all_steps():
             return
         if self.best_step == step:  # Killed between the latest and the best save.
-            meta = {k: v for k, v in meta.items() if k != "checksums"}
-            sums = {
-                "params": checksums(state.params),
-                "opt_state": checksums(_opt_item(state)),
-            }
-            self._save(BEST, step, state, {**meta, "checksums": sums})
+            if meta.get("checksums") is None:  # Saved before checksums were.
+                meta = {**meta, "checksums": _state_sums(state)}
+            self._save(BEST, step, state, meta)
             self._wait(BEST)
             logging.info(
                 "saved step %d as the best checkpoint (its save was cut short)", step

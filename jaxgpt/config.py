@@ -206,6 +206,19 @@ class ModelConfig:
                 f" pass --dtype=bfloat16 (not {self.dtype}), or use"
                 " --attention=dot_product."
             )
+        if self.model.startswith("lecture_"):  # None of GPT's ways to compute.
+            gpt_only = {
+                "dtype=bfloat16": self.dtype != "float32",
+                "remat": self.remat,
+                "scan_layers": self.scan_layers,
+                f"attention={self.attention}": self.attention != "einsum",
+            }
+            for option, given in gpt_only.items():
+                if given:
+                    raise ConfigError(
+                        f"--model={self.model} (a step of the lecture) has no"
+                        f" --{option}: drop it, or use --model=gpt."
+                    )
 
     @property
     def head_dim(self) -> int:

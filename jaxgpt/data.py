@@ -37,7 +37,12 @@ def cache_dir() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The file's sha256, read in 1 MiB blocks (a corpus need not fit in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.config import ModelConfig
 from jaxgpt.speedups import Dense, Dropout
 
 
@@ -159,7 +159,6 @@ class LectureModel(nn.Module):
         self, idx_BT: jax.Array, deterministic: bool = True, decode: bool = False
     ) -> jax.Array:
         cfg = self.config
-        check_supported(cfg)
         T = idx_BT.shape[1]
         if T > cfg.block_size:
             raise ValueError(
@@ -255,19 +254,3 @@ MODELS = {
     "lecture_residual": Residual,
     "lecture_layernorm": WithLayerNorm,
 }
-
-
-def check_supported(cfg: ModelConfig) -> None:
-    """The lecture's models have none of model.GPT's ways to compute differently."""
-    options = {
-        "dtype=bfloat16": cfg.dtype != "float32",
-        "remat": cfg.remat,
-        "scan_layers": cfg.scan_layers,
-        f"attention={cfg.attention}": cfg.attention != "einsum",
-    }
-    for option, given in options.items():
-        if given:
-            raise ConfigError(
-                f"--model={cfg.model} (a step of the lecture) has no --{option}:"
-                f" drop it, or use --model=gpt."
-            )

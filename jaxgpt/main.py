@@ -97,8 +97,8 @@ def from_flags(cls: type, **given: Any):
 
 
 def read_dataset(data_cfg: DataConfig) -> prepare.Dataset:
-    """The dataset's tokenizer and memory-mapped splits (prepared first if need be,
-    by process 0 while the others wait)."""
+    """The dataset's tokenizer and splits, token files read by window (prepared
+    first if need be, by process 0 while the others wait)."""
     if sharding.is_main_process():
         dataset = prepare.ensure(data_cfg)
     sharding.sync("jaxgpt.prepare")
@@ -465,8 +465,14 @@ class _QuietLibraries(pylogging.Filter):
 
     package_dir = str(Path(__file__).resolve().parent)
 
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def resolved(pathname: str) -> str:
+        """A record's source file, resolved once (orbax logs hundreds a run)."""
+        return str(Path(pathname).resolve())
+
     def filter(self, record) -> bool:
-        path = str(Path(record.pathname).resolve())
+        path = self.resolved(record.pathname)
         if path.startswith(self.package_dir) or logging.get_verbosity() >= 1:
             return True
         if record.levelno < pylogging.WARNING or "/orbax/" in path:

@@ -21,6 +21,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxgpt import perf, sharding
+from jaxgpt import workdir as workdir_lib
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.model import flops_per_token
 
@@ -43,7 +44,7 @@ class TrainLog:
         devices: int = 1,
         tensorboard: bool = False,
     ):
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = Path(workdir) / workdir_lib.METRICS_NAME
         self.cfg, self.schedule = train_cfg, schedule
         self.tokens_per_step = train_cfg.batch_size * model_cfg.block_size
         self.flops_per_token = flops_per_token(model_cfg)

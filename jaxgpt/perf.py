@@ -22,6 +22,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import workdir
+
 # Dense peak TFLOP/s per chip from the vendors' data sheets, by compute dtype.
 KNOWN_PEAKS = {
     "a100": {"bfloat16": 312.0, "float32": 19.5},
@@ -99,11 +101,8 @@ def stored_peak(
         return float(table[key]["flops"]), True
     runs = [measure_peak(dtype, n, repeats=3) for _ in range(measurements)]
     table[key] = {"flops": statistics.median(runs), "n": n, "runs": runs}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)  # Atomic: a concurrent run reads old or new, whole.
+    try:  # Atomic: a concurrent run reads old or new, whole.
+        workdir.write_atomically(path, json.dumps(table, indent=1))
     except OSError:
         pass  # Unwritable cache: measured again next time.
     return table[key]["flops"], False

@@ -10,7 +10,6 @@ saved beside its checkpoints).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,17 +17,15 @@ from typing import Any
 
 from matplotlib.figure import Figure  # No pyplot: no backend, no display needed.
 
+from jaxgpt import workdir
+
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     """The evaluations of a run, by step (a step evaluated twice keeps its last)."""
-    path = Path(run) / "metrics.jsonl"
+    path = Path(run) / workdir.METRICS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run} a run's --workdir?")
-    records = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[record["step"]] = record
+    records = {record["step"]: record for record in workdir.read_metrics(path)}
     return [records[step] for step in sorted(records)]
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxgpt import data, tokenizer
+from jaxgpt import bpe, data, tokenizer, workdir
 from jaxgpt.config import ConfigError, DataConfig
 
 
@@ -51,6 +51,7 @@ class Recipe:
     hf: tuple[str, str | None] | None = None  # (path, config) on the Hub; None: local.
     val_every: int = 10  # Every val_every-th document goes to validation.
     about: str = ""
+    files: tuple[Path, ...] = ()  # The local text's files (set by recipe_of).
 
 
 DATASETS = {
@@ -77,7 +78,7 @@ BPE_TRAIN_CHARS = 100_000_000  # Our BPE learns its merges from this much text.
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A prepared dataset: its tokenizer, memory-mapped splits and meta."""
+    """A prepared dataset: its tokenizer, splits (data.TokenFile) and meta."""
 
     tokenizer: Any
     splits: dict[str, data.TokenFile]  # "train", "val": their token files.
@@ -139,7 +140,8 @@ def ensure(cfg: DataConfig) -> Dataset:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         stale = []
-        if cfg.data_path and meta.get("fingerprint") != fingerprint(cfg.data_path):
+        files = local_files(cfg.data_path) if cfg.data_path else ()
+        if files and meta.get("fingerprint") != fingerprint(files):
             stale.append(f"--data_path={cfg.data_path} differs from its source")
         if cfg.tokenizer and meta.get("tokenizer_spec") != cfg.tokenizer:
             stale.append(f"--tokenizer={cfg.tokenizer} differs from its tokenizer")
@@ -166,6 +168,9 @@ def recipe_of(cfg: DataConfig) -> Recipe:
         recipe = dataclasses.replace(recipe, hf=None)  # The local text instead.
     if cfg.tokenizer:
         recipe = dataclasses.replace(recipe, tokenizer=cfg.tokenizer)
+    if recipe.hf is None:  # Tiny shakespeare is found, or downloaded once.
+        files = local_files(cfg.data_path) if cfg.data_path else [data.find_corpus()]
+        recipe = dataclasses.replace(recipe, files=tuple(files))
     return recipe
 
 
@@ -186,10 +191,7 @@ def documents(cfg: DataConfig, recipe: Recipe) -> Iterator[str]:
     if recipe.hf is not None:
         yield from hf_documents(*recipe.hf, cfg.max_documents)
         return
-    if cfg.data_path is None:  # Tiny shakespeare: found, or downloaded once.
-        yield read_text(data.find_corpus())
-        return
-    for path in local_files(cfg.data_path):
+    for path in recipe.files:
         name = f"--data_path={path}" if str(path) == cfg.data_path else str(path)
         if path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as f:
@@ -274,9 +276,11 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
     if spec.startswith("bpe:") and spec[4:].isdigit():
         sample, size = [], 0
         for split, doc, _ in split_documents(documents(cfg, recipe), recipe):
-            if split == "train" and size < BPE_TRAIN_CHARS:
+            if split == "train":
                 sample.append(doc[: BPE_TRAIN_CHARS - size])
                 size += len(sample[-1])
+                if size >= BPE_TRAIN_CHARS:
+                    break
         return tokenizer.BPETokenizer.train("\n".join(sample), int(spec[4:]))
     raise ConfigError(
         f"--tokenizer={spec} is unknown: use char, gpt2, bpe:<vocab size> (e.g."
@@ -289,12 +293,10 @@ _worker = {}  # The tokenizer and end-of-text ids of a pool worker.
 
 def end_of_text(tok) -> np.ndarray:
     """The ids that end a document: <|endoftext|> if the tokenizer has it."""
-    if tok.name == "char":
+    enc = getattr(tok, "encoding", None)  # Char tokenizers have no specials.
+    if enc is None or bpe.ENDOFTEXT not in enc.special_tokens_set:
         return np.zeros(0, np.int32)
-    try:
-        return tok.encode("<|endoftext|>", allowed_special="all")
-    except (KeyError, ValueError):
-        return np.zeros(0, np.int32)
+    return np.array([enc.encode_single_token(bpe.ENDOFTEXT)], np.int32)
 
 
 def _init_worker(tokenizer_json: dict) -> None:
@@ -328,7 +330,7 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
     try:
         with contextlib.ExitStack() as stack:
             if workers is None:  # A pool pays off on large text only.
-                workers = 1 if source_bytes(cfg, recipe) < 2**24 else os.cpu_count()
+                workers = 1 if source_bytes(recipe) < 2**24 else os.cpu_count()
             if workers > 1:
                 pool = stack.enter_context(
                     multiprocessing.get_context("spawn").Pool(
@@ -363,10 +365,10 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
         "tokenizer": tok.to_json(),
         "dtype": np.dtype(dtype).name,
         **counts,
-        "source": source_of(cfg, recipe),
-        "fingerprint": fingerprint(cfg.data_path) if cfg.data_path else None,
+        "source": source_of(recipe),
+        "fingerprint": fingerprint(recipe.files) if cfg.data_path else None,
     }
-    write_atomically(folder / "meta.json", json.dumps(meta, indent=1))
+    workdir.write_atomically(folder / "meta.json", json.dumps(meta, indent=1))
     print(
         f"{folder}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val"
         f" tokens ({tok.name}, vocabulary {tok.vocab_size:,}, {np.dtype(dtype).name})",
@@ -377,32 +379,30 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
 
 def pieces_of(jobs, max_chars: int = 1_000_000) -> Iterator[tuple]:
     """(split, piece, is the last, is a document): long texts cut where the
-    pre-tokenisers always cut (a newline before a letter), so that workers share
-    them and the ids are those of the whole text."""
+    pre-tokenisers always cut (bpe.SAFE_CUT), so that workers share them and
+    the ids are those of the whole text."""
     for split, text, document in jobs:
-        while len(text) > max_chars:
-            cut = text.find("\n", max_chars)
-            while cut != -1 and not text[cut + 1 : cut + 2].isalpha():
-                cut = text.find("\n", cut + 1)
-            if cut == -1:
+        start = 0
+        while len(text) - start > max_chars:
+            cut = bpe.SAFE_CUT.search(text, start + max_chars)
+            if cut is None:
                 break
-            yield split, text[: cut + 1], False, document
-            text = text[cut + 1 :]
-        yield split, text, True, document
+            yield split, text[start : cut.start()], False, document
+            start = cut.start()
+        yield split, text[start:], True, document
 
 
-def source_bytes(cfg: DataConfig, recipe: Recipe) -> float:
+def source_bytes(recipe: Recipe) -> float:
     """The size of a local source (infinite for a streamed one)."""
     if recipe.hf is not None:
         return float("inf")
-    files = local_files(cfg.data_path) if cfg.data_path else [data.find_corpus()]
-    return sum(p.stat().st_size for p in files)
+    return sum(p.stat().st_size for p in recipe.files)
 
 
-def source_of(cfg: DataConfig, recipe: Recipe) -> dict[str, Any]:
+def source_of(recipe: Recipe) -> dict[str, Any]:
     if recipe.hf is not None:
         return {"hf_path": recipe.hf[0], "hf_config": recipe.hf[1]}
-    files = local_files(cfg.data_path) if cfg.data_path else [data.find_corpus()]
+    files = recipe.files
     if len(files) == 1:
         return {"paths": [str(files[0])], "sha256": data.sha256_of(files[0])}
     digest = hashlib.sha256()  # Of the files' own digests and names, in order.
@@ -411,17 +411,9 @@ def source_of(cfg: DataConfig, recipe: Recipe) -> dict[str, Any]:
     return {"paths": [str(p) for p in files[:20]], "sha256": digest.hexdigest()}
 
 
-def fingerprint(data_path: str) -> list:
+def fingerprint(files) -> list:
     """Cheap identity of local text: each file's path, size and modification time."""
-    return [
-        [str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in local_files(data_path)
-    ]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def main(argv: list[str]) -> None:

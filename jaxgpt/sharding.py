@@ -23,6 +23,8 @@ of them and the mesh spans them all.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -183,8 +185,14 @@ def to_local(tree, mesh: Mesh):
 
     Gathers FSDP shards from every host, so all processes must call it.
     """
-    whole = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    whole = _replicate(mesh)(tree)
     return jax.tree.map(lambda x: x.addressable_data(0), whole)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicate(mesh: Mesh):
+    """One jitted identity per mesh: called at every evaluation, traced once."""
+    return jax.jit(lambda t: t, out_shardings=replicated(mesh))
 
 
 def sync(name: str) -> None:

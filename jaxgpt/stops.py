@@ -48,16 +48,22 @@ def _quit(signum: int, frame) -> None:
     os._exit(128 + signum)
 
 
-def quit_at_once() -> dict:
-    """Makes SIGINT and SIGTERM end the process at once with one line; returns
-    the handlers it replaced (for `restore`)."""
+def install(handler) -> dict:
+    """Makes `handler` handle SIGINT and SIGTERM; returns the handlers it
+    replaced (for `restore`)."""
     previous = {}
     for sig in SIGNALS:
         try:
-            previous[sig] = signal.signal(sig, _quit)
+            previous[sig] = signal.signal(sig, handler)
         except ValueError:  # Not the main thread: signals stay as they are.
             pass
     return previous
+
+
+def quit_at_once() -> dict:
+    """Makes SIGINT and SIGTERM end the process at once with one line; returns
+    the handlers it replaced (for `restore`)."""
+    return install(_quit)
 
 
 def restore(previous: dict) -> None:
@@ -90,11 +96,7 @@ class StopRequest:
         return signal.Signals[self.signal_name].value if self.signal_name else 0
 
     def __enter__(self):
-        for sig in SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # Not the main thread: signals stay as they are.
-                pass
+        self._previous = install(self._handle)
         return self
 
     def _handle(self, signum, frame):

@@ -68,7 +68,12 @@ def free_space(path: str | Path) -> str:
     return f"{free:.1f} TB free"
 
 
-FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # Out of space, quota, file size.
+WRITE_ERRORS = {  # A full disk, in its three forms: errno -> what it means.
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file size limit)",
+}
+FULL = tuple(WRITE_ERRORS)
 
 
 def is_disk_full(error: BaseException, errnos: tuple[int, ...] = FULL) -> bool:
@@ -276,10 +281,19 @@ def trim_metrics(path: str | Path, last_step: int) -> int:
             seen.add(row["step"])
     if len(kept) == total:
         return 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in kept)
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return total - len(kept)
+
+
+def write_atomically(path: str | Path, content: str | bytes | bytearray) -> None:
+    """Writes `content` to a temporary file beside `path`, flushed to disk, then
+    renames it over `path`: readers, and a crash, see the old file or the new
+    one whole. Makes the folder if need be."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w" if isinstance(content, str) else "wb") as f:
+        f.write(content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return total - len(kept)

@@ -572,24 +572,33 @@ def test_a_state_that_is_not_finite_is_never_saved(copy):
 
 
 @contextlib.contextmanager
-def small_disk(tmp_path: Path):
-    """A 2 MB tmpfs when root can mount one; else None (an injected write error)."""
-    mount = tmp_path / "small"
+def tmpfs(mount: Path, options: str):
+    """A tmpfs mounted at `mount` (made first) with `options`, if root can mount
+    one here: yields whether it is mounted."""
     mount.mkdir()
-    mounted = os.geteuid() == 0 and not os.environ.get("JAXGPT_TEST_NO_TMPFS")
-    mounted = mounted and (
+    mounted = os.geteuid() == 0 and (
         subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
             capture_output=True,
             check=False,
         ).returncode
         == 0
     )
     try:
-        yield mount if mounted else None
+        yield mounted
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path):
+    """A 2 MB tmpfs when root can mount one; else None (an injected write error)."""
+    if os.environ.get("JAXGPT_TEST_NO_TMPFS"):
+        yield None
+        return
+    with tmpfs(tmp_path / "small", "size=2m") as mounted:
+        yield tmp_path / "small" if mounted else None
 
 
 def limit_file_size():
@@ -674,25 +683,13 @@ def test_bad_inputs_are_one_line_before_training(tmp_path, main_error):
 
 def test_unwritable_workdir_is_one_line(tmp_path, main_error):
     ro = tmp_path / "ro"
-    ro.mkdir()
-    mounted = os.geteuid() == 0 and (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-            capture_output=True,
-            check=False,
-        ).returncode
-        == 0
-    )
-    if not mounted:
-        if os.geteuid() == 0:
-            pytest.skip("root, and no read-only filesystem can be mounted here")
-        ro.chmod(0o500)
-    try:
+    with tmpfs(ro, "ro,size=1m") as mounted:
+        if not mounted:
+            if os.geteuid() == 0:
+                pytest.skip("root, and no read-only filesystem can be mounted here")
+            ro.chmod(0o500)
         assert f"--workdir={ro / 'wd'} cannot be created" in main_error(ro / "wd")
         assert f"--workdir={ro} is not writable" in main_error(ro)
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 def test_changed_settings_are_refused_or_recorded(copy, jaxgpt, main_error):
