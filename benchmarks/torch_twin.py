@@ -23,6 +23,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from absl import app, flags
 from torch import nn
 
-from jaxgpt import data, streams, tokenizer
+from jaxgpt import data, streams
 from jaxgpt import main as jaxgpt_main  # Defines the recipe's flags.
 from jaxgpt.config import ModelConfig, TrainConfig
 
@@ -326,6 +327,13 @@ def train_recipe(
     return model
 
 
+def recipe_data() -> tuple[Any, dict[str, np.ndarray]]:
+    """The recipe's tokenizer and its splits as arrays, read (and prepared if
+    need be) as `python -m jaxgpt.main` reads them."""
+    dataset = jaxgpt_main.read_dataset(jaxgpt_main.from_flags(jaxgpt_main.DataConfig))
+    return dataset.tokenizer, {k: np.asarray(v) for k, v in dataset.splits.items()}
+
+
 def main(argv):
     """The twin of `python -m jaxgpt.main` for a recipe: train, evaluate, sample.
 
@@ -337,10 +345,8 @@ def main(argv):
     run_cfg = jaxgpt_main.from_flags(jaxgpt_main.RunConfig)
     train_cfg = jaxgpt_main.from_flags(TrainConfig)
     sample_cfg = jaxgpt_main.from_flags(jaxgpt_main.SampleConfig)
-    vocab, splits = jaxgpt_main.read_corpus(
-        jaxgpt_main.from_flags(jaxgpt_main.DataConfig), FLAGS.block_size
-    )
-    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=len(vocab))
+    tok, splits = recipe_data()
+    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=tok.vocab_size)
     knobs = Knobs(**{k: FLAGS[f"nanogpt_{k}"].value for k in Knobs.__annotations__})
 
     def log_eval(step, losses):
@@ -354,9 +360,7 @@ def main(argv):
     model = train_recipe(model_cfg, train_cfg, splits, run_cfg.seed, knobs, log_eval)
     print(f"trained in {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter()
-    prompt = torch.tensor(
-        [tokenizer.encode(sample_cfg.prompt, vocab)], dtype=torch.long
-    )
+    prompt = torch.from_numpy(np.asarray(tok.encode(sample_cfg.prompt), np.int64))[None]
     out = generate(
         model,
         prompt,
@@ -365,7 +369,7 @@ def main(argv):
         sample_cfg.top_k or None,
         torch.Generator().manual_seed(run_cfg.seed),
     )
-    print(tokenizer.decode(out[0].tolist(), vocab))
+    print(tok.decode(out[0].tolist()))
     print(f"sampled in {time.perf_counter() - t0:.2f}s", flush=True)
 
 

@@ -349,10 +349,8 @@ def bench_seeds():
     init, batches, warmup, GELU and fresh evaluation batches). jaxgpt runs in a
     subprocess while the twin trains on one thread beside it."""
     _, train_cfg, _ = configs()
-    vocab, splits = jaxgpt_main.read_corpus(
-        jaxgpt_main.from_flags(jaxgpt_main.DataConfig), flags.FLAGS.block_size
-    )
-    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=len(vocab))
+    tok, splits = torch_twin.recipe_data()
+    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=tok.vocab_size)
     T = model_cfg.block_size
     torch.set_num_threads(1)
     rows = {}

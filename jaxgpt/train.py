@@ -33,7 +33,7 @@ from absl import logging
 from flax import struct
 from jax.sharding import Mesh
 
-from jaxgpt import cache, data, sharding, streams
+from jaxgpt import cache, data, muon, sharding, streams
 from jaxgpt.checkpoint import Checkpointer, on_host
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.model import cross_entropy, decay_mask, init_params, make_model
@@ -87,20 +87,11 @@ def muon_labels(params) -> Any:
 
 
 def make_muon(cfg: TrainConfig) -> optax.GradientTransformation:
-    """optax.contrib.muon for the blocks' kernels ([C_in, C_out], or stacked
-    [L, C_in, C_out] with scan_layers), momentum beta1, decoupled weight decay.
-    Its updates are scaled to AdamW's RMS (consistent_rms=0.2), so the one
-    learning-rate schedule serves both halves."""
-    dims = lambda params: jax.tree.map(
-        lambda p: optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1), params
-    )
-    return optax.contrib.muon(
-        lr_schedule(cfg),
-        beta=cfg.beta1,
-        weight_decay=cfg.weight_decay,
-        muon_weight_dimension_numbers=dims,
-        consistent_rms=0.2,
-    )
+    """Muon (muon.py: optax.contrib.muon's update, batched) for the blocks'
+    kernels ([C_in, C_out], or stacked [L, C_in, C_out] with scan_layers),
+    momentum beta1, decoupled weight decay. Its updates are scaled to AdamW's
+    RMS (0.2), so the one learning-rate schedule serves both halves."""
+    return muon.muon(lr_schedule(cfg), beta=cfg.beta1, weight_decay=cfg.weight_decay)
 
 
 @struct.dataclass

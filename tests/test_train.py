@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, metrics, model, sharding, streams, tokenizer, train
+from jaxgpt import data, metrics, model, muon, sharding, streams, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(
@@ -364,6 +364,47 @@ def test_muon_orthogonalises_block_matrices_and_adamw_takes_the_rest():
             assert g.max() / g.min() > 2.5  # What it started from.
         else:
             np.testing.assert_array_equal(update, updates["adamw"][name])
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["per_layer", "scan_layers"])
+def test_muon_updates_are_optax_contrib_muons(stacked):
+    """muon.py orthogonalises same-shaped matrices in one batch with constant
+    coefficients; over four steps its updates are optax.contrib.muon's (with
+    consistent_rms) up to float rounding, for per-layer and stacked [L, ...] kernels."""
+    params = model.init_params(MODEL, ROOT)
+    kernels = {  # Every block's kernels, by layer ...
+        f"h_{i}": {
+            part: {k: v["kernel"] for k, v in params[f"h_{i}"][part].items()}
+            for part in ("attn", "mlp")
+        }
+        for i in range(MODEL.n_layer)
+    }
+    if stacked:  # ... or stacked over the layers, as --scan_layers keeps them.
+        kernels = jax.tree.map(lambda *layers: jnp.stack(layers), *kernels.values())
+    dims = lambda ps: jax.tree.map(
+        lambda p: optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1), ps
+    )
+    schedule = optax.linear_schedule(1e-2, 1e-3, 4)
+    ref = optax.contrib.muon(
+        schedule,
+        beta=0.9,
+        weight_decay=0.1,
+        consistent_rms=0.2,
+        muon_weight_dimension_numbers=dims,
+    )
+    ours = muon.muon(schedule, beta=0.9, weight_decay=0.1)
+    state_ref, state_ours = ref.init(kernels), ours.init(kernels)
+    leaves, treedef = jax.tree.flatten(kernels)
+    for s in range(4):
+        keys = jax.random.split(jax.random.PRNGKey(s), len(leaves))
+        grads = treedef.unflatten(
+            [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)]
+        )
+        u_ref, state_ref = ref.update(grads, state_ref, kernels)
+        u_ours, state_ours = ours.update(grads, state_ours, kernels)
+        chex.assert_trees_all_close(u_ours, u_ref, atol=1e-6, rtol=1e-4)
+        assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(u_ref)) > 1e-4
+        kernels = optax.apply_updates(kernels, u_ref)
 
 
 def test_muon_trains(tokens):
