@@ -299,6 +299,13 @@ def bench_run():
 # --- --bench=sample ----------------------------------------------------------------
 
 
+def settle(seconds: float = 0.5) -> None:
+    """Lets the other framework's threads go idle before a timing: PyTorch's
+    OpenMP workers spin for a while after each parallel region, taking a core
+    from whatever runs next in the process."""
+    time.sleep(seconds)
+
+
 def bench_sample():
     _, _, model_cfg = configs()
     N = _TOKENS.value
@@ -314,9 +321,11 @@ def bench_sample():
     draw = lambda: generate.sample(apply_fn, params, model_cfg, [0], cfg, key)
     draw().block_until_ready()  # What --mode=sample runs, compiled first.
     for r in range(_ROUNDS.value):
+        settle()
         t0 = time.perf_counter()
         draw().block_until_ready()
         times["jaxgpt (KV cache)"].append(time.perf_counter() - t0)
+        settle()
         t0 = time.perf_counter()
         torch_twin.generate(
             twin,

@@ -1,0 +1,123 @@
+"""The scripts in benchmarks/ run, on a tiny model: their figures are only
+meaningful on a quiet machine at full size, but a script that no longer runs
+against the package is caught here. (gpt2_step.py, GPT-2 124M, and data.py,
+a 4 GiB file, are left to be run by hand: they are the size they measure.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytest.importorskip("torch")
+
+MODEL = [
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=16",
+    "--block_size=16",
+    "--batch_size=4",
+    "--eval_iters=2",
+]
+TINY = ["--flagfile=experiments/shakespeare_cpu.cfg", *MODEL]  # Its workdir is unused.
+SHORT = ["--max_iters=12", "--lr_decay_iters=12", "--warmup_iters=2"]
+
+
+@pytest.fixture
+def data_flags(tmp_path, corpus_path) -> list[str]:
+    return [f"--data_path={corpus_path}", f"--data_dir={tmp_path / 'data'}"]
+
+
+def bench(script: str, *args: str, timeout: int = 240) -> str:
+    """Runs benchmarks/<script> from the repository root; returns its output."""
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        check=False,  # The output goes into the failure message.
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    return out
+
+
+def test_train_reports_step_time_and_mfu():
+    out = bench("train.py", *TINY, "--bench_steps=3", "--bench_warmup=1")
+    assert re.search(r"ms/step \(median\): [\d.]+", out)
+    assert re.search(r"MFU: [\d.]+%", out)
+
+
+def test_vs_torch_step_compares_the_two_loops(data_flags):
+    out = bench(
+        "vs_torch.py", *TINY, *data_flags, "--bench_chunk=3", "--bench_rounds=1"
+    )
+    assert re.search(r"jaxgpt / torch tokens/s: [\d.]+x", out), out[-2000:]
+
+
+def test_vs_torch_run_times_both_commands(data_flags, tmp_path):
+    out = bench(
+        "vs_torch.py",
+        *TINY,
+        *SHORT,
+        *data_flags,
+        "--eval_interval=6",
+        "--max_new_tokens=8",
+        "--bench=run",
+        "--bench_rounds=1",
+        "--target_loss=10",
+    )
+    for name in ("jaxgpt", "torch twin"):  # Each reached the (easy) target loss.
+        assert re.search(rf"round 0: {name}: [\d.]+ s, .* at [\d.]+ s \(step 0\)", out)
+    assert "median wall" in out
+
+
+def test_vs_torch_sample_times_both_samplers(data_flags):
+    out = bench(
+        "vs_torch.py", *TINY, *data_flags, "--bench=sample", "--bench_rounds=1",
+        "--bench_new_tokens=8",
+    )  # fmt: skip
+    assert re.search(r"\| torch generate\(\) \| [\d.]+ \|", out)
+
+
+def test_vs_torch_seeds_evaluates_both_on_the_whole_split(data_flags):
+    out = bench("vs_torch.py", *TINY, *SHORT, *data_flags, "--bench=seeds", "--seeds=1")
+    assert re.search(
+        r"^\| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE
+    )
+
+
+def test_torch_twin_trains_and_samples(data_flags):
+    out = bench(
+        "torch_twin.py", *TINY, *SHORT, *data_flags, "--eval_interval=6",
+        "--max_new_tokens=8",
+    )  # fmt: skip
+    losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", out)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "sampled in" in out
+
+
+def test_generate_and_compile():
+    out = bench("generate.py", *MODEL, "--bench_batch_sizes=1", "--bench_new_tokens=8")
+    assert re.search(
+        r"^\| 1 \| yes \| [\d.]+ \| [\d.]+ \| [\d,]+ \|", out, re.MULTILINE
+    )
+    out = bench("compile.py", *MODEL, "--bench_layers=1", "--bench_batch=1")
+    assert re.search(
+        r"^\| 1 \| yes \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.MULTILINE
+    )
+
+
+def test_tokenizer_trains_and_encodes(corpus_path):
+    out = bench(
+        "tokenizer.py", f"--text={corpus_path}", "--mb=0.2", "--vocab_size=300",
+        "--small_vocab_size=280", "--encode_mb=0.05", "--skip_hf", "--num_workers=1",
+    )  # fmt: skip
+    assert "MB/s" in out
