@@ -139,9 +139,11 @@ def create_state(
 def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
     """The state's shapes, dtypes and shardings on `mesh`: a target to restore into.
 
-    Cached: tracing the model's init takes a noticeable part of start-up."""
-    create = lambda: create_state(model_cfg, train_cfg, streams.root(0))
-    return sharding.on_mesh(jax.eval_shape(create), mesh)
+    Cached, and built on abstract_params: tracing the model's init takes a
+    noticeable part of start-up, and is done once."""
+    params = abstract_params(model_cfg, mesh)
+    create = lambda p: create_state(model_cfg, train_cfg, streams.root(0), params=p)
+    return sharding.on_mesh(jax.eval_shape(create, params), mesh)
 
 
 @functools.lru_cache(maxsize=8)
