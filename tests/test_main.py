@@ -14,7 +14,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from jaxgpt import main
-from jaxgpt.config import ModelConfig
+from jaxgpt.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 
 TINY = """\
 --n_layer=2
@@ -234,6 +234,22 @@ def test_gpu_flagfile_is_the_baby_gpt_in_bfloat16(parsed_flags, monkeypatch):
     flags.FLAGS.unparse_flags()  # Back to the defaults.
     flags.FLAGS(["jaxgpt.main", "--flagfile=experiments/shakespeare.cfg"])
     assert main.from_flags(ModelConfig, vocab_size=65).dtype == "float32"
+
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments")
+
+
+@pytest.mark.parametrize(
+    "name", sorted(f for f in os.listdir(EXPERIMENTS) if f.endswith(".cfg"))
+)
+def test_every_flagfile_makes_valid_configs(name, parsed_flags, monkeypatch):
+    """Each recipe in experiments/ parses, and its configs pass their checks
+    (e.g. warmup within max_iters), so it starts rather than ending in an error."""
+    monkeypatch.chdir(os.path.dirname(EXPERIMENTS))
+    flags.FLAGS(["jaxgpt.main", f"--flagfile=experiments/{name}"])
+    for cls in (ModelConfig, TrainConfig, SampleConfig, DataConfig):
+        main.from_flags(cls, **({"vocab_size": 65} if cls is ModelConfig else {}))
+    flags.FLAGS.unparse_flags()
 
 
 @pytest.mark.parametrize(

@@ -352,7 +352,7 @@ def test_muon_orthogonalises_block_matrices_and_adamw_takes_the_rest():
     updates = {}
     for name in ("muon", "adamw"):
         tx = train.make_optimizer(dataclasses.replace(cfg, optimizer=name))
-        updates[name] = flat(tx.update(grads, tx.init(params), params)[0])
+        updates[name] = flat(jax.jit(tx.update)(grads, tx.init(params), params)[0])
     matrices = [k for k in updates["muon"] if k.startswith("h_") and "kernel" in k]
     assert len(matrices) == 4 * MODEL.n_layer
     for name, update in updates["muon"].items():
@@ -400,8 +400,8 @@ def test_muon_updates_are_optax_contrib_muons(stacked):
         grads = treedef.unflatten(
             [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)]
         )
-        u_ref, state_ref = ref.update(grads, state_ref, kernels)
-        u_ours, state_ours = ours.update(grads, state_ours, kernels)
+        u_ref, state_ref = jax.jit(ref.update)(grads, state_ref, kernels)
+        u_ours, state_ours = jax.jit(ours.update)(grads, state_ours, kernels)
         chex.assert_trees_all_close(u_ours, u_ref, atol=1e-6, rtol=1e-4)
         assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(u_ref)) > 1e-4
         kernels = optax.apply_updates(kernels, u_ref)
