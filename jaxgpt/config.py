@@ -255,9 +255,9 @@ class TrainConfig:
     )
     optimizer: Literal["adamw", "muon"] = option(
         "adamw",
-        "adamw, or muon: Muon (optax.contrib.muon: orthogonalised momentum) on the"
-        " blocks' matrices and AdamW on the embeddings, gains and biases, one"
-        " schedule for both.",
+        "adamw, or muon: Muon (muon.py: optax.contrib.muon's orthogonalised"
+        " momentum) on the blocks' matrices and AdamW on the embeddings, gains and"
+        " biases, one schedule for both.",
     )
     learning_rate: float = option(1e-3, "Peak learning rate.")
     min_lr: float = option(1e-4, "Learning rate at the end of the decay.")
