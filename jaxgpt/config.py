@@ -224,6 +224,13 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def check_length(self, T: int) -> None:
+        """Refuses a sequence of T tokens longer than the model's context."""
+        if T > self.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds block_size {self.block_size}."
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -160,10 +160,7 @@ class LectureModel(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         T = idx_BT.shape[1]
-        if T > cfg.block_size:
-            raise ValueError(
-                f"sequence length {T} exceeds block_size {cfg.block_size}."
-            )
+        cfg.check_length(T)
         start, tokens_BS = 0, idx_BT
         if decode:  # These tokens continue the sequence kept in the cache.
             start, tokens_BS = self.window(idx_BT)

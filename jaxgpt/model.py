@@ -147,10 +147,7 @@ class GPT(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         T = idx_BT.shape[1]
-        if T > cfg.block_size:
-            raise ValueError(
-                f"sequence length {T} exceeds block_size {cfg.block_size}."
-            )
+        cfg.check_length(T)
         start = 0  # The position of idx_BT's first token.
         if decode:  # These tokens continue the ones already in the cache.
             index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))

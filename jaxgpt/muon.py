@@ -54,7 +54,7 @@ def orthogonalize_tree(tree: Any, steps: int = NS_STEPS) -> Any:
         for i in members:
             count = wide[i].size // (m * n)
             part = done_GMN[start : start + count].reshape(wide[i].shape)
-            out[i] = part.mT if leaves[i].shape != part.shape else part
+            out[i] = part if wide[i] is leaves[i] else part.mT
             start += count
     return jax.tree.unflatten(treedef, out)
 
