@@ -4,6 +4,7 @@
   python benchmarks/vs_torch.py --flagfile=experiments/shakespeare.cfg --bench_chunk=3
   python benchmarks/vs_torch.py --flagfile=experiments/shakespeare_cpu.cfg --bench=run
   python benchmarks/vs_torch.py --flagfile=experiments/shakespeare_cpu.cfg --bench=sample
+  python benchmarks/vs_torch.py --flagfile=experiments/shakespeare_cpu.cfg --bench=matmul
 
 The PyTorch side is benchmarks/torch_twin.py: the same GPT, initialisation,
 batches, optimizer and schedule, float32, written as nanoGPT writes it.
@@ -23,6 +24,12 @@ batches, optimizer and schedule, float32, written as nanoGPT writes it.
   each first reaches --target_loss.
 --bench=sample: tokens/s at batch 1 of jaxgpt's sampling (KV cache, compiled
   program, second call) and of nanoGPT's generate(), on the recipe's model.
+--bench=matmul: the training step's matrix products (every layer's forward,
+  input-gradient and weight-gradient product, and the tied output layer's),
+  each timed alone in both frameworks (a jitted jnp.dot; torch.mm, as
+  autograd calls it, transposed operands as strided views), with their sum
+  over one step: how much of the gap between the steps the products make.
+  The attention's batched products (flash attention in torch) are left out.
 --bench=seeds: the final val loss over --seeds of jaxgpt and of the twin run
   with nanoGPT's choices (torch_twin.Knobs), each on its own evaluation batches
   and on the whole val split: are the two the same within noise?
@@ -56,7 +63,7 @@ from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
 from jaxgpt.speedups import keep_freed_memory
 
 _BENCH = flags.DEFINE_enum(
-    "bench", "step", ["step", "run", "sample", "seeds"], "What to measure."
+    "bench", "step", ["step", "run", "sample", "matmul", "seeds"], "What to measure."
 )
 _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3", "4", "5"], "--bench=seeds.")
 _CHUNK = flags.DEFINE_integer("bench_chunk", 100, "Steps per timed chunk.")
@@ -68,6 +75,10 @@ _EXTRA = flags.DEFINE_list(
     "jaxgpt_flags", [], "--bench=run: extra flags for jaxgpt's command only."
 )
 _TOKENS = flags.DEFINE_integer("bench_new_tokens", 500, "--bench=sample: tokens.")
+_SETTLE = flags.DEFINE_float(
+    "bench_settle_s", 0.5, "--bench=sample, matmul: idle seconds before each timing."
+)
+_CALLS = flags.DEFINE_integer("bench_calls", 200, "--bench=matmul: calls per product.")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -299,11 +310,11 @@ def bench_run():
 # --- --bench=sample ----------------------------------------------------------------
 
 
-def settle(seconds: float = 0.5) -> None:
+def settle() -> None:
     """Lets the other framework's threads go idle before a timing: PyTorch's
     OpenMP workers spin for a while after each parallel region, taking a core
     from whatever runs next in the process."""
-    time.sleep(seconds)
+    time.sleep(_SETTLE.value)
 
 
 def bench_sample():
@@ -347,6 +358,97 @@ def bench_sample():
         print(f"| {name} | {med:.3f} | {N / med:,.0f} |")
     j, t = (statistics.median(v) for v in times.values())
     print(f"jaxgpt / torch tokens/s: {t / j:.1f}x")
+
+
+# --- --bench=matmul ----------------------------------------------------------------
+
+
+def step_products(model_cfg, batch_size: int) -> list[tuple[str, int, int, int, bool]]:
+    """(name, M, K, N, lhs transposed) of the training step's dense products,
+    each once per layer (the output layer's once): [M, K] @ [K, N], the weight
+    gradients as x^T @ g with x stored [K, M]."""
+    R, C, V = batch_size * model_cfg.block_size, model_cfg.n_embd, model_cfg.vocab_size
+    rows = []
+    for name, n_in, n_out in [
+        ("c_attn", C, 3 * C),
+        ("attn c_proj", C, C),
+        ("c_fc", C, 4 * C),
+        ("mlp c_proj", 4 * C, C),
+        ("output layer", C, V),
+    ]:
+        rows += [(f"{name} forward", R, n_in, n_out, False)]
+        rows += [(f"{name} input grad", R, n_out, n_in, False)]
+        rows += [(f"{name} weight grad", n_in, R, n_out, True)]
+    return rows
+
+
+def median_ms(fn, repeats: int, per_call: int = 1) -> float:
+    """Median ms of fn() over `repeats` timings, divided by the calls each makes."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times) / per_call
+
+
+def jax_product_ms(a, b, transposed: bool, calls: int) -> float:
+    """ms of one a @ b (a.T @ b if transposed) inside a compiled loop of `calls`
+    products, each waiting for the previous one (b picks up 0 x the product's
+    first element), less the same loop without the product: neither dispatch,
+    nor overlap, nor the dependency's own pass over b enters the figure."""
+    dot = (lambda a, b: a.T @ b) if transposed else (lambda a, b: a @ b)
+    timed = {}
+    for name, first in [
+        ("product", lambda b: dot(a, b)[0, 0]),
+        ("loop", lambda b: b[0, 0]),
+    ]:
+        body = lambda i, b, first=first: b + 0.0 * first(b)
+        loop = jax.jit(lambda b, body=body: jax.lax.fori_loop(0, calls, body, b))
+        b = jax.numpy.asarray(b)
+        timed[name] = median_ms(
+            lambda loop=loop, b=b: loop(b).block_until_ready(), 7, calls
+        )
+    return timed["product"] - timed["loop"]
+
+
+def bench_matmul():
+    _, train_cfg, model_cfg = configs()
+    rng = np.random.default_rng(0)
+    calls = _CALLS.value
+    print(f"machine: {machine()}")
+    print(
+        f"model: L={model_cfg.n_layer} C={model_cfg.n_embd} T={model_cfg.block_size}"
+        f" B={train_cfg.batch_size}, float32; median over {calls} products each"
+    )
+    print(
+        "| product | [M, K] @ [K, N] | per step | jaxgpt ms | GFLOP/s | torch ms | GFLOP/s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    totals = {"jax": 0.0, "torch": 0.0}
+    for name, M, K, N, transposed in step_products(model_cfg, train_cfg.batch_size):
+        a = rng.standard_normal((K, M) if transposed else (M, K), np.float32)
+        b = rng.standard_normal((K, N), np.float32)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        ta = ta.t() if transposed else ta  # A strided view, as autograd hands mm.
+        a = jax.numpy.asarray(a)
+        same = np.asarray(a.T @ b if transposed else a @ b)  # The same product?
+        np.testing.assert_allclose(same, torch.mm(ta, tb).numpy(), rtol=1e-4, atol=1e-3)
+        settle()
+        j = jax_product_ms(a, b, transposed, calls)
+        settle()
+        t = median_ms(lambda ta=ta, tb=tb: torch.mm(ta, tb), calls)
+        count = 1 if name.startswith("output") else model_cfg.n_layer
+        totals["jax"] += count * j
+        totals["torch"] += count * t
+        gflop = 2 * M * K * N / 1e9
+        print(
+            f"| {name} | [{M}, {K}] @ [{K}, {N}] | {count} | {j:.3f} | {gflop / j * 1e3:.0f}"
+            f" | {t:.3f} | {gflop / t * 1e3:.0f} |"
+        )
+    j, t = totals["jax"], totals["torch"]
+    print(f"products per step: jaxgpt {j:.1f} ms, torch {t:.1f} ms ({j - t:+.1f} ms)")
 
 
 # --- --bench=seeds --------------------------------------------------------------------
@@ -399,7 +501,7 @@ def main(argv):
     del argv
     keep_freed_memory()
     benches = {"step": bench_step, "run": bench_run, "sample": bench_sample}
-    benches["seeds"] = bench_seeds
+    benches |= {"matmul": bench_matmul, "seeds": bench_seeds}
     benches[_BENCH.value]()
 
 

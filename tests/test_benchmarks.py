@@ -87,6 +87,17 @@ def test_vs_torch_sample_times_both_samplers(data_flags):
     assert re.search(r"\| torch generate\(\) \| [\d.]+ \|", out)
 
 
+def test_vs_torch_matmul_times_the_steps_products():
+    out = bench(
+        "vs_torch.py", *TINY, "--bench=matmul", "--bench_calls=3", "--bench_settle_s=0"
+    )
+    rows = re.findall(
+        r"^\| (.+?) \| \[\d+, \d+\] @ \[\d+, \d+\] \| (\d) \|", out, re.MULTILINE
+    )
+    assert len(rows) == 15 and ("mlp c_proj weight grad", "1") in rows
+    assert re.search(r"products per step: jaxgpt [\d.]+ ms, torch [\d.]+ ms", out)
+
+
 def test_vs_torch_seeds_evaluates_both_on_the_whole_split(data_flags):
     out = bench("vs_torch.py", *TINY, *SHORT, *data_flags, "--bench=seeds", "--seeds=1")
     assert re.search(
