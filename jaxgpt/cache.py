@@ -14,6 +14,7 @@ $XDG_CACHE_HOME/jaxgpt (else ~/.cache/jaxgpt), beside the downloaded corpus:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -147,14 +148,39 @@ class StoredJit:
             except OSError:
                 pass  # An unwritable cache: traced again next time.
         # The same shardings and donation as the plain jit.
-        self.calls[call_key] = jax.jit(exported.call, **self.kw)
-        return self.calls[call_key]
+        program = jax.jit(exported.call, **self.kw)
+        if b"lapack" not in exported.mlir_module_serialized:
+            with lapack_not_needed():
+                program.lower(*args)  # Kept by jit for the calls.
+        self.calls[call_key] = program
+        return program
 
     def __call__(self, *args):
         return self._program(args)(*args)
 
     def lower(self, *args):
         return self._program(args).lower(*args)
+
+
+@contextlib.contextmanager
+def lapack_not_needed():
+    """Lowering a stored (jax.export) program on the CPU initialises jaxlib's
+    LAPACK bindings, which imports scipy.linalg: 0.17-0.25 s of every run's
+    start-up, for programs that make no LAPACK call. Inside this block that
+    step is skipped (JAX's private hook jax._src.lax.linalg.initialize_lapack);
+    where a JAX version lacks the hook, nothing changes."""
+    try:
+        from jax._src.lax import linalg
+
+        initialize = linalg.initialize_lapack
+    except (ImportError, AttributeError):
+        yield
+        return
+    linalg.initialize_lapack = lambda: None
+    try:
+        yield
+    finally:
+        linalg.initialize_lapack = initialize
 
 
 def node_types(treedef) -> set[str]:

@@ -116,3 +116,36 @@ def test_stored_jit_donates_like_jit(tmp_path):
         assert state["w"].is_deleted()
         state = new
     np.testing.assert_array_equal(state["w"], np.full(3, 2.0))
+
+
+LOAD_STORED = """
+import sys
+import jax.numpy as jnp
+from jaxgpt import cache
+x = jnp.arange(9.0).reshape(3, 3) / 9
+if sys.argv[2] == "lapack":  # A Cholesky factor: a LAPACK call on the CPU.
+    f = lambda x: jnp.linalg.cholesky(x @ x.T + 3 * jnp.eye(3))
+else:
+    f = lambda x: jnp.tanh(x @ x.T)
+y = cache.StoredJit(f, sys.argv[2], directory=sys.argv[1])(x)
+print(repr(y.tolist()), "scipy.linalg" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("kind", ["plain", "lapack"])
+def test_stored_programs_load_scipy_only_for_lapack_calls(tmp_path, kind):
+    """A stored program is read back in a new process; only one that calls
+    LAPACK initialises its bindings there (importing scipy.linalg)."""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", LOAD_STORED, str(tmp_path), kind],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.rsplit(" ", 1)
+        for _ in range(2)  # Traced and stored, then read back.
+    ]
+    assert len(list(tmp_path.glob("*.jaxexport"))) == 1
+    assert runs[1][0] == runs[0][0]  # The same values.
+    assert runs[1][1].strip() == str(kind == "lapack")
