@@ -10,7 +10,9 @@ optimizer and schedule (AdamW with decay on matrices only, global-norm
 clipping, jaxgpt's warmup-cosine schedule), all in float32, written the way
 nanoGPT writes them (nn.Linear, scaled_dot_product_attention, torch.optim.AdamW).
 Run as a script it does what `python -m jaxgpt.main` does for a recipe: train
-with evaluations, then print a sample with nanoGPT's generate() (no KV cache).
+with evaluations, saving a checkpoint (torch.save, into a temporary directory)
+whenever the val loss improves as nanoGPT's train.py does for it, then print a
+sample with nanoGPT's generate() (no KV cache).
 
 The flags --nanogpt_warmup, _eval, _gelu, _init and _batches (Knobs) switch
 single details to nanoGPT's own choices, to find which of them moves the
@@ -21,8 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -170,6 +175,7 @@ def make_train_step(model: GPT, cfg: TrainConfig) -> Callable:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.optimizer = opt  # For checkpoints.
     return step
 
 
@@ -294,9 +300,10 @@ def train_recipe(
     splits: dict[str, np.ndarray],
     seed: int,
     knobs: Knobs = Knobs(),
-    on_eval: Callable[[int, dict[str, float]], None] = lambda step, losses: None,
+    on_eval: Callable[..., None] = lambda step, losses, model, optimizer: None,
 ) -> GPT:
-    """Trains the twin on the recipe, evaluating every eval_interval steps."""
+    """Trains the twin on the recipe, evaluating every eval_interval steps;
+    on_eval(step, losses, model, optimizer) sees each evaluation."""
     root = streams.root(seed)
     torch.manual_seed(seed)
     model = GPT(model_cfg, exact_gelu=knobs.gelu)
@@ -316,14 +323,14 @@ def train_recipe(
         next_batch = batches(splits["train"], root, B, T)
     fresh = np.random.default_rng(seed) if knobs.eval else None
     evaluate = make_evaluate(model, splits, root, train_cfg, T, fresh)
-    on_eval(0, evaluate())
+    on_eval(0, evaluate(), model, step_fn.optimizer)
     for step in range(train_cfg.max_iters):
         loss = step_fn(*next_batch(step), lr_at(step, train_cfg, knobs.warmup))
         done = step + 1
         if done % train_cfg.log_interval == 0:
             print(f"step {done}: loss {loss.item():.4f}", flush=True)
         if done % train_cfg.eval_interval == 0 or done == train_cfg.max_iters:
-            on_eval(done, evaluate())
+            on_eval(done, evaluate(), model, step_fn.optimizer)
     return model
 
 
@@ -349,12 +356,27 @@ def main(argv):
     model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=tok.vocab_size)
     knobs = Knobs(**{k: FLAGS[f"nanogpt_{k}"].value for k in Knobs.__annotations__})
 
-    def log_eval(step, losses):
+    out_dir = Path(tempfile.mkdtemp(prefix="torch_twin_"))
+    best = {"val_loss": math.inf}
+
+    def log_eval(step, losses, model, optimizer):
+        """Prints jaxgpt's line; saves a checkpoint as nanoGPT's train.py does
+        for the recipe (model, optimizer and progress, when val loss improves)."""
         print(
             f"step {step}: train loss {losses['train_loss']:.4f},"
             f" val loss {losses['val_loss']:.4f}",
             flush=True,
         )
+        if step > 0 and losses["val_loss"] < best["val_loss"]:
+            best["val_loss"] = losses["val_loss"]
+            checkpoint = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "iter_num": step,
+                "best_val_loss": best["val_loss"],
+            }
+            torch.save(checkpoint, out_dir / "ckpt.pt")
+            print(f"saving checkpoint to {out_dir}", flush=True)  # As nanoGPT.
 
     t0 = time.perf_counter()
     model = train_recipe(model_cfg, train_cfg, splits, run_cfg.seed, knobs, log_eval)
@@ -371,6 +393,7 @@ def main(argv):
     )
     print(tok.decode(out[0].tolist()))
     print(f"sampled in {time.perf_counter() - t0:.2f}s", flush=True)
+    shutil.rmtree(out_dir)
 
 
 for _knob in Knobs.__annotations__:

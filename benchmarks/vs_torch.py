@@ -477,7 +477,7 @@ def bench_seeds():
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
         )
         evals = []
-        record = lambda step, losses, evals=evals: evals.append(losses["val_loss"])
+        record = lambda step, losses, *_, evals=evals: evals.append(losses["val_loss"])
         twin = torch_twin.train_recipe(
             model_cfg, train_cfg, splits, seed, torch_twin.Knobs.nanogpt(), record
         )

@@ -112,6 +112,7 @@ def test_torch_twin_trains_and_samples(data_flags):
     )  # fmt: skip
     losses = [float(v) for v in re.findall(r"val loss ([\d.]+)", out)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    assert out.count("saving checkpoint to") == 1 + (losses[2] < losses[1])
     assert "sampled in" in out
 
 
