@@ -26,8 +26,9 @@ batches, optimizer and schedule, float32, written as nanoGPT writes it.
   program, second call) and of nanoGPT's generate(), on the recipe's model.
 --bench=matmul: the training step's matrix products (every layer's forward,
   input-gradient and weight-gradient product, and the tied output layer's),
-  each timed alone in both frameworks (a jitted jnp.dot; torch.mm, as
-  autograd calls it, transposed operands as strided views), with their sum
+  each timed alone in both frameworks (XLA's inside a compiled loop, the
+  loop's own cost subtracted; torch.mm as autograd calls it, transposed
+  operands as strided views), with their sum
   over one step: how much of the gap between the steps the products make.
   The attention's batched products (flash attention in torch) are left out.
 --bench=seeds: the final val loss over --seeds of jaxgpt and of the twin run
@@ -363,22 +364,24 @@ def bench_sample():
 # --- --bench=matmul ----------------------------------------------------------------
 
 
-def step_products(model_cfg, batch_size: int) -> list[tuple[str, int, int, int, bool]]:
-    """(name, M, K, N, lhs transposed) of the training step's dense products,
-    each once per layer (the output layer's once): [M, K] @ [K, N], the weight
-    gradients as x^T @ g with x stored [K, M]."""
+def step_products(
+    model_cfg, batch_size: int
+) -> list[tuple[str, int, int, int, int, bool]]:
+    """(name, per step, M, K, N, lhs transposed) of the training step's dense
+    products [M, K] @ [K, N]: each layer's, and the output layer's once; the
+    weight gradients as x^T @ g with x stored [K, M]."""
     R, C, V = batch_size * model_cfg.block_size, model_cfg.n_embd, model_cfg.vocab_size
-    rows = []
-    for name, n_in, n_out in [
-        ("c_attn", C, 3 * C),
-        ("attn c_proj", C, C),
-        ("c_fc", C, 4 * C),
-        ("mlp c_proj", 4 * C, C),
-        ("output layer", C, V),
+    L, rows = model_cfg.n_layer, []
+    for name, count, n_in, n_out in [
+        ("c_attn", L, C, 3 * C),
+        ("attn c_proj", L, C, C),
+        ("c_fc", L, C, 4 * C),
+        ("mlp c_proj", L, 4 * C, C),
+        ("output layer", 1, C, V),
     ]:
-        rows += [(f"{name} forward", R, n_in, n_out, False)]
-        rows += [(f"{name} input grad", R, n_out, n_in, False)]
-        rows += [(f"{name} weight grad", n_in, R, n_out, True)]
+        rows += [(f"{name} forward", count, R, n_in, n_out, False)]
+        rows += [(f"{name} input grad", count, R, n_out, n_in, False)]
+        rows += [(f"{name} weight grad", count, n_in, R, n_out, True)]
     return rows
 
 
@@ -399,14 +402,13 @@ def jax_product_ms(a, b, transposed: bool, calls: int) -> float:
     first element), less the same loop without the product: neither dispatch,
     nor overlap, nor the dependency's own pass over b enters the figure."""
     dot = (lambda a, b: a.T @ b) if transposed else (lambda a, b: a @ b)
-    timed = {}
+    b, timed = jax.numpy.asarray(b), {}
     for name, first in [
         ("product", lambda b: dot(a, b)[0, 0]),
         ("loop", lambda b: b[0, 0]),
     ]:
         body = lambda i, b, first=first: b + 0.0 * first(b)
         loop = jax.jit(lambda b, body=body: jax.lax.fori_loop(0, calls, body, b))
-        b = jax.numpy.asarray(b)
         timed[name] = median_ms(
             lambda loop=loop, b=b: loop(b).block_until_ready(), 7, calls
         )
@@ -427,7 +429,9 @@ def bench_matmul():
     )
     print("|---|---|---:|---:|---:|---:|---:|")
     totals = {"jax": 0.0, "torch": 0.0}
-    for name, M, K, N, transposed in step_products(model_cfg, train_cfg.batch_size):
+    for name, count, M, K, N, transposed in step_products(
+        model_cfg, train_cfg.batch_size
+    ):
         a = rng.standard_normal((K, M) if transposed else (M, K), np.float32)
         b = rng.standard_normal((K, N), np.float32)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -439,7 +443,6 @@ def bench_matmul():
         j = jax_product_ms(a, b, transposed, calls)
         settle()
         t = median_ms(lambda ta=ta, tb=tb: torch.mm(ta, tb), calls)
-        count = 1 if name.startswith("output") else model_cfg.n_layer
         totals["jax"] += count * j
         totals["torch"] += count * t
         gflop = 2 * M * K * N / 1e9

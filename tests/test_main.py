@@ -12,6 +12,7 @@ import jax
 import pytest
 from absl import flags
 from absl.testing import flagsaver
+from conftest import REPO
 
 from jaxgpt import main
 from jaxgpt.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
@@ -226,7 +227,7 @@ def test_speed_flags_end_in_one_clear_message(
 
 def test_gpu_flagfile_is_the_baby_gpt_in_bfloat16(parsed_flags, monkeypatch):
     """shakespeare_gpu.cfg includes shakespeare.cfg (paths relative to the repo)."""
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(REPO)
     flags.FLAGS(["jaxgpt.main", "--flagfile=experiments/shakespeare_gpu.cfg"])
     cfg = main.from_flags(ModelConfig, vocab_size=65)
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.dropout) == (6, 384, 256, 0.2)
@@ -236,16 +237,14 @@ def test_gpu_flagfile_is_the_baby_gpt_in_bfloat16(parsed_flags, monkeypatch):
     assert main.from_flags(ModelConfig, vocab_size=65).dtype == "float32"
 
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments")
+EXPERIMENTS = REPO / "experiments"
 
 
-@pytest.mark.parametrize(
-    "name", sorted(f for f in os.listdir(EXPERIMENTS) if f.endswith(".cfg"))
-)
+@pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.cfg")))
 def test_every_flagfile_makes_valid_configs(name, parsed_flags, monkeypatch):
     """Each recipe in experiments/ parses, and its configs pass their checks
     (e.g. warmup within max_iters), so it starts rather than ending in an error."""
-    monkeypatch.chdir(os.path.dirname(EXPERIMENTS))
+    monkeypatch.chdir(REPO)
     flags.FLAGS(["jaxgpt.main", f"--flagfile=experiments/{name}"])
     for cls in (ModelConfig, TrainConfig, SampleConfig, DataConfig):
         main.from_flags(cls, **({"vocab_size": 65} if cls is ModelConfig else {}))
