@@ -22,7 +22,7 @@ from absl import app, flags
 from jaxgpt import main as jaxgpt_main  # Defines the model flags.
 from jaxgpt import sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.speedups import keep_freed_memory
+from jaxgpt.perf import keep_freed_memory
 
 _LAYERS = flags.DEFINE_list("bench_layers", ["6", "24"], "Depths to compile.")
 _BATCH = flags.DEFINE_integer("bench_batch", 4, "Sequences per step.")

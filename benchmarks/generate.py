@@ -24,7 +24,7 @@ from jaxgpt import checkpoint as ckpt
 from jaxgpt import generate, model, sharding, train
 from jaxgpt import main as jaxgpt_main  # Defines the model and sampling flags.
 from jaxgpt.config import ModelConfig, SampleConfig
-from jaxgpt.speedups import keep_freed_memory
+from jaxgpt.perf import keep_freed_memory
 
 _BATCHES = flags.DEFINE_list("bench_batch_sizes", ["1", "8"], "Rows sampled at once.")
 _NEW = flags.DEFINE_integer("bench_new_tokens", 500, "Tokens generated per row.")

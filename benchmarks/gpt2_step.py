@@ -6,7 +6,7 @@
 One configuration per process, since peak RSS only grows. Runs the training
 loop's own program: train.create_state (params + AdamW state) and
 train.make_train_step (the compiled update, state donated) on the default
-mesh, with speedups.keep_freed_memory applied first as main.py does. Random
+mesh, with perf.keep_freed_memory applied first as main.py does. Random
 tokens, random initial weights: the numbers do not depend on them.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxgpt import model, sharding, streams, train
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.speedups import keep_freed_memory
+from jaxgpt.perf import keep_freed_memory
 
 
 def peak_rss_gib() -> float:

@@ -24,7 +24,7 @@ from absl import app, flags
 from jaxgpt import main as jaxgpt_main  # Defines the flags.
 from jaxgpt import model, perf, sharding, streams, train
 from jaxgpt.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
-from jaxgpt.speedups import keep_freed_memory
+from jaxgpt.perf import keep_freed_memory
 
 _STEPS = flags.DEFINE_integer("bench_steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("bench_warmup", 5, "Untimed steps after compiling.")

@@ -61,7 +61,7 @@ from jaxgpt import checkpoint as ckpt
 from jaxgpt import generate, metrics, model, perf, sharding, streams, train
 from jaxgpt import main as jaxgpt_main
 from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
-from jaxgpt.speedups import keep_freed_memory
+from jaxgpt.perf import keep_freed_memory
 
 _BENCH = flags.DEFINE_enum(
     "bench", "step", ["step", "run", "sample", "matmul", "seeds"], "What to measure."

@@ -33,14 +33,12 @@ and so, with the same key, the same tokens.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import cache, speedups
 from jaxgpt.config import ModelConfig, SampleConfig
 
 
@@ -81,7 +79,7 @@ def sample_logits(
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1)
     logits_BV = filter_logits(logits_BV, temperature, top_k, top_p)
-    return speedups.categorical(key, logits_BV)  # jax.random.categorical's draw.
+    return jax.random.categorical(key, logits_BV, axis=-1)
 
 
 @partial(
@@ -125,7 +123,7 @@ def generate(
     def draw(t, logits_BV, carry):  # Writes token t (and its logits).
         buf_BA, logits_BNV = carry
         next_B = sample_logits(
-            speedups.fold_in(key, t), logits_BV, temperature, top_k, top_p
+            jax.random.fold_in(key, t), logits_BV, temperature, top_k, top_p
         )
         buf_BA = buf_BA.at[:, t].set(next_B.astype(jnp.int32))
         if return_logits:
@@ -207,17 +205,4 @@ def sample(
         "top_p": float(cfg.top_p) if cfg.top_p < 1.0 else None,
         "kv_cache": cfg.kv_cache,
     }
-    if not cache.storing_programs():
-        return generate(apply_fn, params, prompt_BP, key, **options)
-    program = stored_program(apply_fn, model_cfg, tuple(sorted(options.items())))
-    return program(params, prompt_BP, key)
-
-
-@functools.lru_cache(maxsize=16)
-def stored_program(apply_fn, model_cfg: ModelConfig, options: tuple):
-    """generate() for one model and its static options, traced once per machine
-    (cache.StoredJit) and compiled once per process."""
-    return cache.StoredJit(
-        partial(generate, apply_fn, **dict(options)),
-        f"generate {model_cfg!r} {options}",
-    )
+    return generate(apply_fn, params, prompt_BP, key, **options)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.speedups import Dense, Dropout
+from jaxgpt.model import Dense
 
 
 def torch_uniform(fan_in: int):
@@ -72,7 +72,7 @@ class Head(nn.Module):
         wei_BTT = q_BTD @ k_BTD.swapaxes(-2, -1) * D**-0.5  # "Affinities".
         tril_TT = jnp.tril(jnp.ones((T, T), bool))
         wei_BTT = jax.nn.softmax(jnp.where(tril_TT, wei_BTT, -jnp.inf), axis=-1)
-        wei_BTT = Dropout(self.dropout)(wei_BTT, deterministic=deterministic)
+        wei_BTT = nn.Dropout(self.dropout)(wei_BTT, deterministic=deterministic)
         v_BTD = linear(D, C, "value", bias=False)(x_BTC)
         return wei_BTT @ v_BTD
 
@@ -104,7 +104,7 @@ class MultiHeadAttention(nn.Module):
             return y_BTC
         C = y_BTC.shape[-1]
         y_BTC = linear(C, C, "proj")(y_BTC)
-        return Dropout(self.dropout)(y_BTC, deterministic=deterministic)
+        return nn.Dropout(self.dropout)(y_BTC, deterministic=deterministic)
 
 
 class FeedForward(nn.Module):
@@ -124,7 +124,7 @@ class FeedForward(nn.Module):
             return jax.nn.relu(linear(C, C, "net_0")(x_BTC))
         h_BTF = jax.nn.relu(linear(4 * C, C, "net_0")(x_BTC))
         y_BTC = linear(C, 4 * C, "net_2")(h_BTF)
-        return Dropout(self.dropout)(y_BTC, deterministic=deterministic)
+        return nn.Dropout(self.dropout)(y_BTC, deterministic=deterministic)
 
 
 class Block(nn.Module):

@@ -58,7 +58,7 @@ from jaxgpt.config import (
     SampleConfig,
     TrainConfig,
 )
-from jaxgpt.speedups import keep_freed_memory
+from jaxgpt.perf import keep_freed_memory
 
 FLAGS = flags.FLAGS
 

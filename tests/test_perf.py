@@ -88,3 +88,9 @@ def test_measured_peak_is_a_plausible_flop_rate():
         f(a).block_until_ready()
     slowest_possible = 2 * n**3 / ((time.perf_counter() - t0) / 5) / 20
     assert perf.measure_peak("float32", n=n) > slowest_possible
+
+
+def test_allocator_settings_apply_on_linux():
+    import sys
+
+    assert perf.keep_freed_memory() == sys.platform.startswith("linux")
