@@ -19,8 +19,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxgpt import main as jaxgpt_main  # Defines the model flags.
-from jaxgpt import sharding, train
+from jaxgpt import (
+    cli,  # Defines the flags.
+    sharding,
+    train,
+)
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.perf import keep_freed_memory
 
@@ -45,7 +48,7 @@ def compile_times(model_cfg, batch_size: int) -> tuple[float, float]:
 def main(argv):
     del argv
     keep_freed_memory()
-    base = jaxgpt_main.from_flags(ModelConfig, vocab_size=65)
+    base = cli.from_flags(ModelConfig, vocab_size=65)
     print(
         f"train step, C={base.n_embd} H={base.n_head} T={base.block_size}"
         f" B={_BATCH.value}, {base.dtype}; {jax.devices()[0].device_kind}"

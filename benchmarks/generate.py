@@ -21,8 +21,13 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import generate, model, sharding, train
-from jaxgpt import main as jaxgpt_main  # Defines the model and sampling flags.
+from jaxgpt import (
+    cli,  # Defines the flags.
+    generate,
+    model,
+    sharding,
+    train,
+)
 from jaxgpt.config import ModelConfig, SampleConfig
 from jaxgpt.perf import keep_freed_memory
 
@@ -33,7 +38,7 @@ _NEW = flags.DEFINE_integer("bench_new_tokens", 500, "Tokens generated per row."
 def load_model():
     """(model config, params): the checkpoint in --workdir if given, else random."""
     if not flags.FLAGS["workdir"].present:
-        cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=65)
+        cfg = cli.from_flags(ModelConfig, vocab_size=65)
         return cfg, model.init_params(cfg, jax.random.PRNGKey(0))
     with ckpt.Checkpointer(flags.FLAGS.workdir) as checkpointer:
         cfg = ModelConfig(**checkpointer.read_meta()["model"])
@@ -45,7 +50,7 @@ def main(argv):
     del argv
     keep_freed_memory()
     cfg, params = load_model()
-    sampling = jaxgpt_main.from_flags(SampleConfig)
+    sampling = cli.from_flags(SampleConfig)
     apply_fn = model.make_model(cfg).apply
     N, key = _NEW.value, jax.random.PRNGKey(0)
     print(

@@ -36,9 +36,13 @@ import torch.nn.functional as F
 from absl import app, flags
 from torch import nn
 
-from jaxgpt import data, streams
-from jaxgpt import main as jaxgpt_main  # Defines the recipe's flags.
-from jaxgpt.config import ModelConfig, TrainConfig
+from jaxgpt import (
+    cli,  # Defines the flags.
+    data,
+    load,
+    streams,
+)
+from jaxgpt.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 
 
 class Block(nn.Module):
@@ -337,7 +341,7 @@ def train_recipe(
 def recipe_data() -> tuple[Any, dict[str, np.ndarray]]:
     """The recipe's tokenizer and its splits as arrays, read (and prepared if
     need be) as `python -m jaxgpt.main` reads them."""
-    dataset = jaxgpt_main.read_dataset(jaxgpt_main.from_flags(jaxgpt_main.DataConfig))
+    dataset = load.read_dataset(cli.from_flags(DataConfig))
     return dataset.tokenizer, {k: np.asarray(v) for k, v in dataset.splits.items()}
 
 
@@ -349,11 +353,11 @@ def main(argv):
     """
     del argv
     FLAGS = flags.FLAGS
-    run_cfg = jaxgpt_main.from_flags(jaxgpt_main.RunConfig)
-    train_cfg = jaxgpt_main.from_flags(TrainConfig)
-    sample_cfg = jaxgpt_main.from_flags(jaxgpt_main.SampleConfig)
+    run_cfg = cli.from_flags(RunConfig)
+    train_cfg = cli.from_flags(TrainConfig)
+    sample_cfg = cli.from_flags(SampleConfig)
     tok, splits = recipe_data()
-    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=tok.vocab_size)
+    model_cfg = cli.from_flags(ModelConfig, vocab_size=tok.vocab_size)
     knobs = Knobs(**{k: FLAGS[f"nanogpt_{k}"].value for k in Knobs.__annotations__})
 
     out_dir = Path(tempfile.mkdtemp(prefix="torch_twin_"))

@@ -21,8 +21,14 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from jaxgpt import main as jaxgpt_main  # Defines the flags.
-from jaxgpt import model, perf, sharding, streams, train
+from jaxgpt import (
+    cli,  # Defines the flags.
+    model,
+    perf,
+    sharding,
+    streams,
+    train,
+)
 from jaxgpt.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
 from jaxgpt.perf import keep_freed_memory
 
@@ -38,11 +44,11 @@ def main(argv):
     del argv
     keep_freed_memory()
     run, mesh_cfg = (
-        jaxgpt_main.from_flags(RunConfig),
-        jaxgpt_main.from_flags(MeshConfig),
+        cli.from_flags(RunConfig),
+        cli.from_flags(MeshConfig),
     )
-    train_cfg = jaxgpt_main.from_flags(TrainConfig)
-    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=65)
+    train_cfg = cli.from_flags(TrainConfig)
+    model_cfg = cli.from_flags(ModelConfig, vocab_size=65)
     # The peak first, while the machine is otherwise idle.
     peak, source = perf.peak_flops(
         model_cfg.dtype, run.peak_tflops, _MATMUL_N.value, measure=_MEASURE.value

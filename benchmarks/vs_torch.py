@@ -58,8 +58,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_twin
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import generate, metrics, model, perf, sharding, streams, train
-from jaxgpt import main as jaxgpt_main
+from jaxgpt import (
+    cli,  # Defines the flags.
+    generate,
+    loop,
+    metrics,
+    model,
+    perf,
+    sharding,
+    streams,
+    train,
+)
 from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
 from jaxgpt.perf import keep_freed_memory
 
@@ -114,9 +123,9 @@ def recipe_args() -> list[str]:
 
 
 def configs():
-    run = jaxgpt_main.from_flags(RunConfig)
-    train_cfg = jaxgpt_main.from_flags(TrainConfig)
-    return run, train_cfg, jaxgpt_main.from_flags(ModelConfig, vocab_size=65)
+    run = cli.from_flags(RunConfig)
+    train_cfg = cli.from_flags(TrainConfig)
+    return run, train_cfg, cli.from_flags(ModelConfig, vocab_size=65)
 
 
 # --- --bench=step ------------------------------------------------------------------
@@ -192,7 +201,7 @@ def bench_step():
         log = _QuietLog(workdir, model_cfg, train_cfg, schedule, start)
         evaluate = lambda params: {"train_loss": 0.0, "val_loss": 0.0}
         t0 = time.perf_counter()
-        state, _ = train.train(
+        state, _ = loop.train(
             state, cfg, step_fn, batch, evaluate, _NoCheckpoints(), log
         )
         return state, (time.perf_counter() - t0) / n
@@ -322,7 +331,7 @@ def bench_sample():
     _, _, model_cfg = configs()
     N = _TOKENS.value
     cfg = dataclasses.replace(
-        jaxgpt_main.from_flags(SampleConfig), num_samples=1, max_new_tokens=N
+        cli.from_flags(SampleConfig), num_samples=1, max_new_tokens=N
     )
     params = model.init_params(model_cfg, jax.random.PRNGKey(0))
     apply_fn = model.make_model(model_cfg).apply
@@ -464,7 +473,7 @@ def bench_seeds():
     subprocess while the twin trains on one thread beside it."""
     _, train_cfg, _ = configs()
     tok, splits = torch_twin.recipe_data()
-    model_cfg = jaxgpt_main.from_flags(ModelConfig, vocab_size=tok.vocab_size)
+    model_cfg = cli.from_flags(ModelConfig, vocab_size=tok.vocab_size)
     T = model_cfg.block_size
     torch.set_num_threads(1)
     rows = {}

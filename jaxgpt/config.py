@@ -18,9 +18,20 @@ class ConfigError(ValueError):
     """A configuration value the user must change (the message names the flag)."""
 
 
-def option(default: Any, help: str) -> Any:
-    """A field that is also a command-line flag: its default and its help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default: Any, help: str, free_on_resume: bool = False) -> Any:
+    """A field that is also a command-line flag: its default and its help text.
+
+    `free_on_resume`: the option changes how, not what, a run trains (the
+    logging cadence, the compute dtype...), so a resume may change it freely."""
+    metadata = {"help": help, "free_on_resume": free_on_resume}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def free_on_resume(cls: type) -> tuple[str, ...]:
+    """The names of `cls`'s options a resume may change: the one list of them."""
+    return tuple(
+        f.name for f in dataclasses.fields(cls) if f.metadata.get("free_on_resume")
+    )
 
 
 def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
@@ -151,7 +162,7 @@ class ModelConfig:
     n_layer: int = option(6, "L: transformer blocks.")
     n_head: int = option(6, "H: attention heads per block.")
     n_embd: int = option(384, "C: embedding width (divisible by n_head).")
-    dropout: float = option(0.0, "Dropout rate while training.")
+    dropout: float = option(0.0, "Dropout rate while training.", free_on_resume=True)
     bias: bool = option(
         False, "Biases in Dense and LayerNorm layers (nanoGPT trains without)."
     )
@@ -160,9 +171,12 @@ class ModelConfig:
         "float32",
         "Compute dtype of the blocks; parameters, softmax, logits and loss stay"
         " float32.",
+        free_on_resume=True,
     )
     remat: bool = option(
-        False, "Recompute each block's activations in the backward pass."
+        False,
+        "Recompute each block's activations in the backward pass.",
+        free_on_resume=True,
     )
     scan_layers: bool = option(
         False,
@@ -174,6 +188,7 @@ class ModelConfig:
         "einsum (the math, spelled out), jax.nn.dot_product_attention (XLA's), or"
         " cudnn (its cuDNN flash attention: NVIDIA GPU, bfloat16). The last two have"
         " no attention dropout.",
+        free_on_resume=True,
     )
 
     def __post_init__(self):
@@ -241,7 +256,7 @@ class ModelConfig:
         may not (it stacks the blocks' parameters).
         """
         d = self.to_dict()
-        for name in ("dropout", "dtype", "remat", "attention"):
+        for name in free_on_resume(ModelConfig):
             d.pop(name)
         return d
 
@@ -259,6 +274,7 @@ class TrainConfig:
         None,
         "Stop (and checkpoint) at this step without changing the schedule; rerun"
         " to resume.",
+        free_on_resume=True,
     )
     optimizer: Literal["adamw", "muon"] = option(
         "adamw",
@@ -276,18 +292,24 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1.")
     beta2: float = option(0.99, "AdamW beta2.")
     grad_clip: float = option(1.0, "Global-norm gradient clip (0: off).")
-    eval_interval: int = option(250, "Steps between evaluations and checkpoints.")
-    eval_iters: int = option(200, "Batches per evaluation estimate.")
-    log_interval: int = option(10, "Steps between log lines.")
+    eval_interval: int = option(
+        250, "Steps between evaluations and checkpoints.", free_on_resume=True
+    )
+    eval_iters: int = option(
+        200, "Batches per evaluation estimate.", free_on_resume=True
+    )
+    log_interval: int = option(10, "Steps between log lines.", free_on_resume=True)
     save_every_minutes: float = option(
         15.0,
         "Also save the latest checkpoint when this many minutes have passed since"
         " the last save, so a preempted run loses at most that much (0: off).",
+        free_on_resume=True,
     )
     max_loss_ratio: float = option(
         3.0,
         "Stop as diverged when a loss exceeds this multiple of the best val loss"
         " so far (0: only a non-finite loss stops); nothing diverged is saved.",
+        free_on_resume=True,
     )
 
     def __post_init__(self):

@@ -17,8 +17,12 @@ from pathlib import Path
 
 from absl import app, logging
 
-from jaxgpt import hf, sharding
-from jaxgpt import main as jaxgpt_main  # Defines and reads the flags.
+from jaxgpt import (
+    cli,  # Defines the flags.
+    hf,
+    load,
+    sharding,
+)
 from jaxgpt.config import ConfigError, ExportConfig, RunConfig, SampleConfig
 
 
@@ -28,7 +32,7 @@ def export(run: RunConfig, which: str, out: str) -> str:
     if run.init_from:
         raise ConfigError("--init_from has nothing to export: pass --workdir of a run.")
     mesh = sharding.make_mesh()
-    model_cfg, params, tok = jaxgpt_main.load_model(run, which, mesh)
+    model_cfg, params, tok = load.load_model(run, which, mesh)
     params = sharding.to_local(params, mesh)
     files, how = hf.tokenizer_files(tok)
     try:
@@ -41,12 +45,12 @@ def export(run: RunConfig, which: str, out: str) -> str:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    out = jaxgpt_main.from_flags(ExportConfig).out
+    out = cli.from_flags(ExportConfig).out
     try:
         if not out:
             raise ConfigError("--out is missing: name the folder to write.")
-        run = jaxgpt_main.from_flags(RunConfig)
-        which = jaxgpt_main.from_flags(SampleConfig).checkpoint
+        run = cli.from_flags(RunConfig)
+        which = cli.from_flags(SampleConfig).checkpoint
         how = export(run, which, out)
     except (ConfigError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -43,7 +43,7 @@ import numpy as np
 import safetensors.numpy
 
 from jaxgpt import bpe, model, tokenizer
-from jaxgpt.config import ModelConfig
+from jaxgpt.config import ModelConfig, free_on_resume
 
 # The released GPT-2 sizes and the Hub repositories that hold them.
 HUB_REPOS = {
@@ -57,7 +57,7 @@ GPT2_EOS = 50256  # <|endoftext|>, GPT-2's bos and eos token.
 PREFIX = "transformer."  # GPT2LMHeadModel's name for its GPT2Model.
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 # ModelConfig fields config.json does not fix: load_gpt2's overrides may set them.
-RUNTIME_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention")
+RUNTIME_FIELDS = (*free_on_resume(ModelConfig), "scan_layers")
 
 
 class HuggingFaceError(ValueError):

@@ -3,11 +3,10 @@
   python -m jaxgpt.main --flagfile=experiments/shakespeare_cpu.cfg
   python -m jaxgpt.main --flagfile=experiments/shakespeare_cpu.cfg --mode=sample
 
-The only module that reads flags. Every flag is a field of a config in
-config.py (`--n_layer` is ModelConfig.n_layer): the flags are made from those
-fields, and main builds the frozen configs from them, then calls the pure
-pieces in order: the dataset (token files) -> state -> step, batches,
-evaluation -> the training loop -> a sample.
+Every flag is a field of a config in config.py (cli.py makes them); main
+builds the frozen configs from them, then calls the pieces in order: the
+dataset (token files) -> state -> step, batches, evaluation -> the training
+loop (loop.py) -> a sample.
 """
 
 from __future__ import annotations
@@ -19,29 +18,27 @@ if __name__ == "__main__":  # Ctrl-C while JAX is imported ends quietly too.
 
 import dataclasses
 import functools
-import logging as pylogging
 import signal
 import sys
 import time
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 
 from jaxgpt import (
     cache,
-    config,
+    cli,
     data,
     generate,
-    hf,
+    load,
+    loop,
     metrics,
     model,
     perf,
     prepare,
+    quiet,
     sharding,
     streams,
     tokenizer,
@@ -60,84 +57,11 @@ from jaxgpt.config import (
 )
 from jaxgpt.perf import keep_freed_memory
 
-FLAGS = flags.FLAGS
-
-
-def define_flags(cls: type) -> None:
-    """One absl flag per option of `cls`: its name, type, default and help."""
-    for field, hint in config.flag_fields(cls):
-        name, default, help_ = field.name, field.default, field.metadata["help"]
-        if typing.get_origin(hint) is Literal:
-            flags.DEFINE_enum(name, default, list(typing.get_args(hint)), help_)
-            continue
-        if isinstance(hint, types.UnionType):  # `int | None`: an optional int.
-            (hint,) = [t for t in typing.get_args(hint) if t is not type(None)]
-        define = {
-            bool: flags.DEFINE_bool,
-            int: flags.DEFINE_integer,
-            float: flags.DEFINE_float,
-            str: flags.DEFINE_string,
-        }[hint]
-        define(name, default, help_)
-
-
-for _cls in config.ALL:
-    define_flags(_cls)
-
-
-def from_flags(cls: type, **given: Any):
-    """The config `cls` built from the flags' values (and `given` non-flag fields)."""
-    values = {
-        field.name: FLAGS[field.name].value for field, _ in config.flag_fields(cls)
-    }
-    return cls(**values, **given)
+FLAGS = cli.FLAGS
+from_flags = cli.from_flags
 
 
 # --- Training ------------------------------------------------------------------
-
-
-def read_dataset(data_cfg: DataConfig) -> prepare.Dataset:
-    """The dataset's tokenizer and splits, token files read by window (prepared
-    first if need be, by process 0 while the others wait)."""
-    if sharding.is_main_process():
-        dataset = prepare.ensure(data_cfg)
-    sharding.sync("jaxgpt.prepare")
-    if not sharding.is_main_process():
-        dataset = prepare.ensure(data_cfg)  # Prepared now: this only reads.
-    return dataset
-
-
-def check_fits(dataset: prepare.Dataset, model_cfg: ModelConfig, tok) -> None:
-    """The model reads the dataset's tokens, and each split holds a window."""
-    if tok.to_json() != dataset.tokenizer.to_json():
-        raise ConfigError(
-            f"the model's {tok.name} tokenizer is not --dataset={dataset.meta['dataset']}'s"
-            f" {dataset.tokenizer.name} tokenizer: prepare a dataset with the model's"
-            " (e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2."
-        )
-    for split, tokens in dataset.splits.items():
-        what = f"{split} split of --dataset={dataset.meta['dataset']}"
-        data.check_long_enough(len(tokens), model_cfg.block_size, what)
-
-
-def runtime_options() -> dict[str, Any]:
-    """The ModelConfig fields that change how, not what, the model computes."""
-    return {name: FLAGS[name].value for name in hf.RUNTIME_FIELDS}
-
-
-def import_gpt2(init_from: str):
-    """(model config, parameters, tokenizer) of --init_from's GPT-2."""
-    try:
-        model_cfg, params = hf.load_gpt2(init_from, **runtime_options())
-        tok = hf.load_tokenizer(init_from, model_cfg.vocab_size)
-    except ValueError as e:  # hf.HuggingFaceError, or no GPT-2 tokenizer offline.
-        raise ConfigError(f"--init_from={init_from}: {e}") from e
-    logging.info(
-        "model from %s: %d layers, %d heads, %d wide, context %d, vocabulary %d",
-        init_from, model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd,
-        model_cfg.block_size, model_cfg.vocab_size,
-    )  # fmt: skip
-    return model_cfg, params, tok
 
 
 def lock_workdir(run: RunConfig) -> workdir.Lock:
@@ -162,8 +86,8 @@ def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg
     training settings checked against it and best/ and metrics.jsonl made to
     agree with it."""
     target = train.abstract_state(model_cfg, train_cfg, mesh)
-    resumed = checkpointer.resume(target, say=say)
-    current = train.trained_settings(train_cfg, run.seed)
+    resumed = checkpointer.resume(target, say=load.say)
+    current = loop.trained_settings(train_cfg, run.seed)
     step = -1
     if resumed is None:
         history = [{"from_step": 0, **current}]
@@ -171,7 +95,7 @@ def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg
     else:
         state, saved = resumed
         step = int(state.step)
-        history = train.settings_history(saved, current, step, run.allow_changes)
+        history = loop.settings_history(saved, current, step, run.allow_changes)
         logging.info("resuming from step %d in %s", step, run.workdir)
     checkpointer.update_meta(settings=history)
     if sharding.is_main_process():  # Rows of steps the run will evaluate again.
@@ -182,20 +106,14 @@ def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg
     return state
 
 
-def say(line: str) -> None:
-    """A warning line from process 0."""
-    if sharding.is_main_process():
-        logging.warning(line)
-
-
 def choose_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
     """The model to train and its parameters when they are imported: a finetune's
     own (resuming it), --init_from's GPT-2, or the flags' new model."""
     if saved is not None and saved.get("init_from"):
-        model_cfg = ModelConfig(**{**saved["model"], **runtime_options()})
+        model_cfg = ModelConfig(**{**saved["model"], **cli.runtime_options()})
         return model_cfg, None, dataset.tokenizer
     if saved is None and run.init_from:
-        return import_gpt2(run.init_from)
+        return load.import_gpt2(run.init_from)
     tok = dataset.tokenizer
     return from_flags(ModelConfig, vocab_size=tok.vocab_size), None, tok
 
@@ -217,7 +135,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     train_cfg = from_flags(TrainConfig)
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     data_cfg = from_flags(DataConfig)
-    dataset = read_dataset(data_cfg)
+    dataset = load.read_dataset(data_cfg)
     # Every model trains on the dataset's tokenizer (check_fits): the prompt
     # fails now, not after training.
     prompt_ids = encode_prompt(sample_cfg.prompt, dataset.tokenizer)
@@ -225,7 +143,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     with lock_workdir(run), open_run(run) as checkpointer:
         saved = checkpointer.newest_meta()
         model_cfg, params, tok = choose_model(run, saved, dataset)
-        check_fits(dataset, model_cfg, tok)
+        load.check_fits(dataset, model_cfg, tok)
         check_backend(model_cfg)
         if saved is not None:
             check_resumable(saved, model_cfg, tok, run.workdir)
@@ -256,7 +174,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             evaluate = with_samples(evaluate, log, draw)
         B, T = train_cfg.batch_size, model_cfg.block_size
         t0 = time.perf_counter()
-        state, stopped_by = train.train(
+        state, stopped_by = loop.train(
             state,
             train_cfg,
             lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
@@ -330,9 +248,7 @@ def check_backend(model_cfg: ModelConfig) -> None:
 
 def log_start(model_cfg: ModelConfig, params, splits: dict[str, np.ndarray], mesh):
     n_params = model.count_params(params)
-    n_positions = (
-        model_cfg.block_size * model_cfg.n_embd if model_cfg.model != "bigram" else 0
-    )
+    n_positions = model.count_params(params.get("wpe", {}))  # Learned positions.
     logging.info(
         "%s: %s parameters (%s without position embeddings); vocab %d,"
         " %s train / %s val tokens; mesh %s over %d devices, %d process(es)",
@@ -395,41 +311,9 @@ def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, m
     )
 
 
-def load_model(run: RunConfig, which: str, mesh):
-    """(model config, parameters, tokenizer) to sample or evaluate: --init_from's
-    GPT-2, else the newest intact `which` checkpoint in --workdir (its parameters
-    and meta only). Reads only: a training run may be writing the workdir; a
-    damaged checkpoint is named and the next older one of the same kind used."""
-    if run.init_from:
-        return import_gpt2(run.init_from)
-    with ckpt.Checkpointer(run.workdir, read_only=True) as checkpointer:
-        meta = checkpointer.newest_meta((which,))
-        if meta is None:
-            found = [
-                str(checkpointer.folder(which, s)) for s in checkpointer.steps(which)
-            ]
-            raise ConfigError(
-                f"no {which} checkpoint in --workdir={run.workdir}"
-                + (f" has a readable meta ({', '.join(found)})" if found else "")
-                + ": train first (--mode=train), point --workdir at a run, or pass"
-                " --init_from."
-            )
-        model_cfg = ModelConfig(**meta["model"])
-        target = train.abstract_params(model_cfg, mesh)
-        other = ckpt.LATEST if which == ckpt.BEST else ckpt.BEST
-        (params, _), _, step = checkpointer.newest_intact(
-            lambda w, s: checkpointer.load_params(target, w, s),
-            (which,),
-            say=say,
-            advice=f"Use --checkpoint={other}, or train again.",
-        )
-    logging.info("the %s checkpoint of %s, step %d", which, run.workdir, step)
-    return model_cfg, params, tokenizer.from_json(meta["tokenizer"])
-
-
 def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Samples from the workdir's checkpoint, or from --init_from's weights."""
-    model_cfg, params, tok = load_model(run, sample_cfg.checkpoint, mesh)
+    model_cfg, params, tok = load.load_model(run, sample_cfg.checkpoint, mesh)
     prompt_ids = encode_prompt(sample_cfg.prompt, tok)
     root = streams.root(run.seed)
     print_samples(params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
@@ -439,9 +323,9 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
 def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Loss and bits per byte of a checkpoint (or --init_from's weights) on
     --dataset's splits: --eval_iters batches of --batch_size windows each."""
-    model_cfg, params, tok = load_model(run, sample_cfg.checkpoint, mesh)
-    dataset = read_dataset(from_flags(DataConfig))
-    check_fits(dataset, model_cfg, tok)
+    model_cfg, params, tok = load.load_model(run, sample_cfg.checkpoint, mesh)
+    dataset = load.read_dataset(from_flags(DataConfig))
+    load.check_fits(dataset, model_cfg, tok)
     train_cfg = from_flags(TrainConfig)
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     root = streams.root(run.seed)
@@ -456,53 +340,6 @@ def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
 
 
 # --- The program ---------------------------------------------------------------------
-
-
-class _QuietLibraries(pylogging.Filter):
-    """jaxgpt's log lines; other libraries' warnings and errors as one line each
-    without their tracebacks; nothing of orbax's (jaxgpt reports what a save or
-    a restore did, and a failure in one line). With --verbosity=1, everything."""
-
-    package_dir = str(Path(__file__).resolve().parent)
-
-    @staticmethod
-    @functools.lru_cache(maxsize=256)
-    def resolved(pathname: str) -> str:
-        """A record's source file, resolved once (orbax logs hundreds a run)."""
-        return str(Path(pathname).resolve())
-
-    def filter(self, record) -> bool:
-        path = self.resolved(record.pathname)
-        if path.startswith(self.package_dir) or logging.get_verbosity() >= 1:
-            return True
-        if record.levelno < pylogging.WARNING or "/orbax/" in path:
-            return False  # Orbax's: jaxgpt says what a save or restore did.
-        if record.levelno >= pylogging.ERROR and "/asyncio/" in path:
-            return False  # Orbax's event loop's.
-        lines = record.getMessage().splitlines()
-        record.msg, record.args = (lines[0] if lines else ""), ()
-        record.exc_info = record.exc_text = record.stack_info = None
-        return True
-
-
-_QUIET_LIBRARIES = _QuietLibraries()
-
-
-def _quiet_unraisable(args) -> None:
-    """Drops two kinds of orbax leftovers, each already reported by jaxgpt in
-    one line; passes anything else on (everything with --verbosity=1):
-    - tensorstore's late callbacks into orbax's closed event loop after a
-      failed write;
-    - after one array of a damaged checkpoint fails to read, orbax's abandoned
-      reads of the others: closed later by the garbage collector, each turns
-      the close into a fresh Exception ("Exception ignored in ...")."""
-    message = str(args.exc_value)
-    closed_loop = (
-        isinstance(args.exc_value, RuntimeError) and "loop is closed" in message
-    )
-    abandoned_read = message.startswith("Encountered error while reading array")
-    if not (closed_loop or abandoned_read) or logging.get_verbosity() >= 1:
-        sys.__unraisablehook__(args)
 
 
 def one_line(error: BaseException) -> str:
@@ -526,8 +363,7 @@ def os_error_line(e: OSError, workdir_: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
-    sys.unraisablehook = _quiet_unraisable
+    quiet.install()  # Other libraries' log lines: one line each, orbax's none.
     keep_freed_memory()  # Before XLA allocates: no page faults per step.
     cache.enable_compilation_cache()  # A second run loads its compiled programs.
     if len(argv) > 1:

@@ -22,6 +22,7 @@ Dense is Flax's, applied to the rows of its input (see the class below).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -296,30 +297,24 @@ def decay_mask(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def count_params(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))
+    """The number of parameters in a tree (of arrays or their shapes)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
-def expected_param_count(config: ModelConfig) -> int:
-    """The parameter count of `config` in closed form, tied output layer included
-    once (flops_per_token builds on it; the tests check it against real trees)."""
-    V, T, C, L = config.vocab_size, config.block_size, config.n_embd, config.n_layer
-    if config.model == "bigram":
-        return V * V
-    # Per block: qkv C*3C, attention out C*C, MLP C*4C + 4C*C = 12C^2 weights;
-    # biases 3C + C + 4C + C = 9C; two LayerNorms: 2C scales (+ 2C biases).
-    ln = 2 * C if config.bias else C
-    block = 12 * C * C + (9 * C if config.bias else 0) + 2 * ln
-    return V * C + T * C + L * block + ln
-
-
+@functools.lru_cache(maxsize=32)
 def flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token, 6N + 12*L*C*T with N the non-embedding parameters.
+    """Training FLOPs per token, 6N + 12*L*C*T, counted from the parameter tree.
 
-    6N: forward (2N) and backward (4N) matmuls; 12LCT: attention scores and
-    values. The tied output projection (2VC per token forward) is not in N.
+    N: the parameters of the matmuls a token passes through, i.e. all but the
+    position table (the tied token embedding counts once, as the output
+    layer), as nanoGPT's estimate_mfu counts them; 6N is their forward (2N)
+    and backward (4N) FLOPs. 12LCT: the attention scores and values. An
+    option that changes the parameter tree changes N with it; tests check the
+    total against XLA's count of the compiled gradient.
     """
     if config.model != "gpt":  # The bigram, and the lecture's steps: not counted.
         return 0.0
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    n = count_params(params) - count_params(params.get("wpe", {}))
     C, L, T = config.n_embd, config.n_layer, config.block_size
-    n = expected_param_count(config) - config.vocab_size * C - T * C
     return 6.0 * n + 12.0 * L * C * T

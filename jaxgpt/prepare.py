@@ -417,12 +417,12 @@ def fingerprint(files) -> list:
 
 
 def main(argv: list[str]) -> None:
-    from jaxgpt import main as jaxgpt_main  # main.py defines and reads the flags.
+    from jaxgpt import cli  # Defines the flags.
 
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     try:
-        prepare(jaxgpt_main.from_flags(DataConfig))
+        prepare(cli.from_flags(DataConfig))
     except (ConfigError, data.DataError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -430,6 +430,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app
 
-    from jaxgpt import main as _defines_the_flags  # noqa: F401
+    from jaxgpt import cli  # noqa: F401  (defines the flags)
 
     app.run(main)

@@ -1,4 +1,4 @@
-"""Training: the optimizer, the one compiled train step, evaluation, and the loop.
+"""Training: the optimizer, the one compiled train step, and evaluation.
 
 A run is a function of (configs, tokens, seed): step s trains on the batch
 drawn by the batch stream at s and drops out with the dropout stream's key at
@@ -10,18 +10,13 @@ state and the batch are laid out on the mesh, and jit compiles one program for
 all its devices. Every process of a multi-host run executes the loop; process
 0 alone writes the log and metrics, and all of them write the checkpoint together.
 
-The loop saves only states that are finite and whose losses have not diverged,
-stops at a step boundary on SIGINT/SIGTERM (all processes at the same step),
-and also saves every --save_every_minutes.
+The loop that runs these steps, with its checkpoints and guards, is loop.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,15 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import struct
 from jax.sharding import Mesh
 
 from jaxgpt import data, muon, sharding, streams
-from jaxgpt.checkpoint import Checkpointer, on_host
-from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
+from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.model import cross_entropy, decay_mask, init_params, make_model
-from jaxgpt.stops import StopRequest
 
 # --- The optimizer and the state ---------------------------------------------
 
@@ -339,223 +331,3 @@ def make_evaluate(
         return out
 
     return evaluate
-
-
-# --- The loop --------------------------------------------------------------------
-
-
-class Diverged(FloatingPointError):
-    """A loss or the state is not finite, or a loss is far above the run's best:
-    nothing of it is saved, and the last good checkpoint stays."""
-
-
-def check_loss(
-    losses: dict[str, Any], step: int, cfg: TrainConfig, checkpointer: Checkpointer
-) -> None:
-    """Raises Diverged if a loss is not finite or exceeds max_loss_ratio x the
-    best val loss so far."""
-    values = {name: float(value) for name, value in losses.items()}
-    best = checkpointer.best_val_loss
-    bound = cfg.max_loss_ratio * best if cfg.max_loss_ratio else math.inf
-    bad = {k: v for k, v in values.items() if not math.isfinite(v) or v > bound}
-    if not bad:
-        return
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in bad.items())
-    if any(math.isfinite(v) for v in bad.values()):
-        shown += f" > {cfg.max_loss_ratio:g} x the best val loss {best:.4f}"
-    raise diverged(shown, step, checkpointer)
-
-
-def diverged(what: str, step: int, checkpointer: Checkpointer) -> Diverged:
-    kept = checkpointer.latest_step()
-    return Diverged(
-        f"training diverged by step {step} ({what}), so it is not saved; the"
-        f" checkpoint of step {kept} in {checkpointer.workdir} is the last good one."
-        " Lower --learning_rate or raise --warmup_iters, and add --allow_changes"
-        " to resume from it (or --overwrite to start afresh)."
-    )
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def all_finite(tree) -> bool:
-    """Whether every element of `tree` is finite (in numpy for CPU arrays)."""
-    leaves = jax.tree.leaves(tree)
-    if on_host(leaves):
-        return all(np.isfinite(np.asarray(x)).all() for x in leaves)
-    return bool(_all_finite(tree))
-
-
-def save_checked(
-    step: int, state: TrainState, checkpointer: Checkpointer, val_loss=None
-) -> None:
-    """Saves `state` unless a parameter or optimizer moment is not finite."""
-    if not all_finite((state.params, state.opt_state)):
-        raise diverged("parameters not finite", step, checkpointer)
-    checkpointer.save(step, state, val_loss=val_loss)
-
-
-def evaluate_and_save(
-    step: int, state, evaluate, checkpointer, log, cfg: TrainConfig
-) -> None:
-    """Evaluates, checks, logs, and saves the latest checkpoint (and the best, if
-    it is)."""
-    losses = evaluate(state.params)
-    check_loss(losses, step, cfg, checkpointer)
-    log.evaluation(step, losses)
-    save_checked(step, state, checkpointer, val_loss=losses["val_loss"])
-
-
-# Settings that do not change what is trained: free to differ on resume.
-FREE_ON_RESUME = frozenset(
-    {
-        "stop_at",
-        "eval_interval",
-        "eval_iters",
-        "log_interval",
-        "save_every_minutes",
-        "max_loss_ratio",
-    }
-)
-
-
-def trained_settings(cfg: TrainConfig, seed: int) -> dict[str, Any]:
-    """The settings that determine the trained parameters (recorded in the meta)."""
-    fields = dataclasses.asdict(cfg)
-    return {"seed": seed} | {k: v for k, v in fields.items() if k not in FREE_ON_RESUME}
-
-
-def settings_history(
-    saved: dict[str, Any], current: dict[str, Any], step: int, allow: bool
-) -> list[dict[str, Any]]:
-    """The meta's "settings": [{"from_step": s, **settings}, ...], one entry per
-    step range, with `current` from `step` on if it differs.
-
-    A change is refused with one line unless `allow` (--allow_changes); then it
-    is logged. `saved` is the restored checkpoint's meta.
-    """
-    legacy = {"seed": saved.get("seed"), **saved.get("train", {})}  # No history.
-    history = saved.get("settings") or [
-        {"from_step": 0} | {k: legacy[k] for k in current if k in legacy}
-    ]
-    last = history[-1]
-    changed = {
-        k: (last[k], v) for k, v in current.items() if k in last and last[k] != v
-    }
-    if not changed:
-        return history
-    shown = ", ".join(f"--{k}={a} (now {b})" for k, (a, b) in changed.items())
-    if not allow:
-        raise ConfigError(
-            f"the checkpoint of step {step} was trained with {shown}. Run with the"
-            " recorded values to resume it exactly, pass --allow_changes to continue"
-            f" from step {step} with the new ones (recorded in the checkpoint), or"
-            " choose another --workdir."
-        )
-    logging.warning("resuming from step %d with changed settings: %s", step, shown)
-    return [*history, {"from_step": step, **current}]
-
-
-def agreed_requests(stop: StopRequest, save_due: bool, at_sync: bool):
-    """(signal number or 0, whether to save now), the same on every process.
-
-    With several processes they agree only at `at_sync` steps (a small
-    all-gather): a stop reaching any of them stops all at the same step.
-    """
-    if jax.process_count() > 1 and not at_sync:
-        return 0, False
-    signum, due = sharding.process_max(np.array([stop.signum, int(save_due)]))
-    return int(signum), bool(due)
-
-
-def run_steps(
-    state: TrainState,
-    cfg: TrainConfig,
-    step_fn,
-    next_batch,
-    evaluate,
-    checkpointer,
-    log,
-    stop: StopRequest,
-    clock: Callable[[], float],
-):
-    """The steps from state.step to cfg.end_step, until a stop is requested:
-    (state, the last step's metrics, the stop signal's number or 0)."""
-    start, end = int(state.step), cfg.end_step
-    saved_at, metrics, signum = clock(), None, 0
-    for step in range(start, end):
-        state, metrics = step_fn(state, *next_batch(step))
-        done = step + 1
-        at_sync = done % cfg.log_interval == 0 or done == end
-        if at_sync:  # Waits for the step.
-            check_loss({"train_loss": metrics["loss"]}, done, cfg, checkpointer)
-            checkpointer.check()
-        log.step(done, metrics)
-        evaluated = done % cfg.eval_interval == 0 or done == cfg.max_iters
-        if evaluated:
-            evaluate_and_save(done, state, evaluate, checkpointer, log, cfg)
-            saved_at = clock()
-        minutes = (clock() - saved_at) / 60
-        every = cfg.save_every_minutes
-        due = not evaluated and bool(every) and minutes >= every
-        signum, due = agreed_requests(stop, due, at_sync)
-        if due:
-            check_loss({"train_loss": metrics["loss"]}, done, cfg, checkpointer)
-            save_checked(done, state, checkpointer)
-            log.say(f"step {done}: saved ({minutes:.1f} minutes since the last save)")
-            saved_at = clock()
-        if signum:
-            break
-    return state, metrics, signum
-
-
-def train(
-    state: TrainState,
-    cfg: TrainConfig,
-    step_fn: Callable,
-    next_batch: Callable[[int], tuple[jax.Array, jax.Array]],
-    evaluate: Callable[[Any], dict[str, float]],
-    checkpointer: Checkpointer,
-    log,
-    clock: Callable[[], float] = time.monotonic,
-) -> tuple[TrainState, str | None]:
-    """Trains from state.step to cfg.end_step, evaluating and checkpointing every
-    eval_interval steps, and every save_every_minutes (by `clock`, in seconds).
-    `step_fn(state, x_BT, y_BT)` is the compiled step with its root key; `log`
-    is a metrics.TrainLog. Returns the final state and what stopped the run
-    early: None, "stop_at", "SIGINT" or "SIGTERM".
-
-    Only finite states whose losses stay within max_loss_ratio of the best are
-    saved (else Diverged); a failed asynchronous save is reported (SaveError)
-    at the next log line.
-    """
-    with StopRequest() as stop:
-        if int(state.step) == 0:
-            evaluate_and_save(0, state, evaluate, checkpointer, log, cfg)
-        signum, _ = agreed_requests(stop, False, at_sync=True)  # Stopped already?
-        metrics = None
-        if not signum:
-            state, metrics, signum = run_steps(
-                state,
-                cfg,
-                step_fn,
-                next_batch,
-                evaluate,
-                checkpointer,
-                log,
-                stop,
-                clock,
-            )
-        if metrics is not None:  # The last step's loss, if not checked yet.
-            loss = {"train_loss": metrics["loss"]}
-            check_loss(loss, int(state.step), cfg, checkpointer)
-        save_checked(int(state.step), state, checkpointer)  # No-op if just saved.
-        checkpointer.wait()
-    stopped_by = signal.Signals(signum).name if signum else None
-    if stopped_by is None and int(state.step) < cfg.max_iters:
-        stopped_by = "stop_at"
-    log.close(int(state.step), stopped_by)
-    return state, stopped_by

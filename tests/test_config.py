@@ -6,7 +6,7 @@ import typing
 import pytest
 from absl import flags
 
-from jaxgpt import config, main
+from jaxgpt import cli, config, main  # noqa: F401  (main: the entry point loads)
 from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, SampleConfig
 
 FLAG_FIELDS = {
@@ -20,7 +20,7 @@ def test_every_option_is_a_flag_with_its_default_and_help():
     main_flags = {
         name
         for name, flag in flags.FLAGS._flags().items()
-        if flags.FLAGS.find_module_defining_flag(name) == main.__name__
+        if flags.FLAGS.find_module_defining_flag(name) == cli.__name__
         and name == flag.name
     }
     assert main_flags == set(FLAG_FIELDS)  # No flag without a field, nor the reverse.

@@ -30,7 +30,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import main, prepare, sharding, train, workdir
+from jaxgpt import loop, main, prepare, sharding, train, workdir
 from jaxgpt.config import DataConfig, ModelConfig, TrainConfig
 
 TINY = [
@@ -562,9 +562,9 @@ def test_a_state_that_is_not_finite_is_never_saved(copy):
         step=state.step + 1,
         params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params),
     )
-    refused = pytest.raises(train.Diverged, match="parameters not finite.*step 20")
+    refused = pytest.raises(loop.Diverged, match="parameters not finite.*step 20")
     with ckpt.Checkpointer(copy, {}) as checkpointer, refused:
-        train.save_checked(16, nan, checkpointer)
+        loop.save_checked(16, nan, checkpointer)
     assert steps(copy) == [10, 15, 20]
 
 

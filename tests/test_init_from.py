@@ -21,7 +21,8 @@ from absl import flags
 from absl.testing import flagsaver
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import hf, main, model, sharding, streams, tokenizer, train
+from jaxgpt import hf, load, main, model, sharding, streams, tokenizer, train
+from jaxgpt.config import DataConfig, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,7 +104,7 @@ def test_eval_of_imported_weights_is_transformers_loss(
         float(v.split()[0].rstrip(",")) for v in losses["val"].split(", ")
     )
     # The same windows through transformers: eval_batches draws them from the seed.
-    dataset = main.read_dataset(main.DataConfig(**data_flags))
+    dataset = load.read_dataset(DataConfig(**data_flags))
     x, y = train.eval_batches(
         dataset.splits["val"], streams.root(3), 2, 4, 64, sharding.make_mesh()
     )
@@ -155,8 +156,8 @@ def test_finetune_resume_and_export_to_transformers(
     assert done.returncode == 0, done.stderr[-3000:]
     assert "vocab.json and merges.txt" in done.stdout
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
-    model_cfg, params, _ = main.load_model(
-        main.RunConfig(workdir=str(workdir)), "latest", sharding.make_mesh()
+    model_cfg, params, _ = load.load_model(
+        RunConfig(workdir=str(workdir)), "latest", sharding.make_mesh()
     )
     ids = np.random.default_rng(0).integers(0, 50257, (2, 64))
     with torch.no_grad():

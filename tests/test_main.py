@@ -14,7 +14,7 @@ from absl import flags
 from absl.testing import flagsaver
 from conftest import REPO
 
-from jaxgpt import main
+from jaxgpt import cli, main
 from jaxgpt.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
 
 TINY = """\
@@ -229,12 +229,12 @@ def test_gpu_flagfile_is_the_baby_gpt_in_bfloat16(parsed_flags, monkeypatch):
     """shakespeare_gpu.cfg includes shakespeare.cfg (paths relative to the repo)."""
     monkeypatch.chdir(REPO)
     flags.FLAGS(["jaxgpt.main", "--flagfile=experiments/shakespeare_gpu.cfg"])
-    cfg = main.from_flags(ModelConfig, vocab_size=65)
+    cfg = cli.from_flags(ModelConfig, vocab_size=65)
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.dropout) == (6, 384, 256, 0.2)
     assert cfg.dtype == "bfloat16" and flags.FLAGS.workdir == "out/shakespeare"
     flags.FLAGS.unparse_flags()  # Back to the defaults.
     flags.FLAGS(["jaxgpt.main", "--flagfile=experiments/shakespeare.cfg"])
-    assert main.from_flags(ModelConfig, vocab_size=65).dtype == "float32"
+    assert cli.from_flags(ModelConfig, vocab_size=65).dtype == "float32"
 
 
 EXPERIMENTS = REPO / "experiments"
@@ -247,7 +247,7 @@ def test_every_flagfile_makes_valid_configs(name, parsed_flags, monkeypatch):
     monkeypatch.chdir(REPO)
     flags.FLAGS(["jaxgpt.main", f"--flagfile=experiments/{name}"])
     for cls in (ModelConfig, TrainConfig, SampleConfig, DataConfig):
-        main.from_flags(cls, **({"vocab_size": 65} if cls is ModelConfig else {}))
+        cli.from_flags(cls, **({"vocab_size": 65} if cls is ModelConfig else {}))
     flags.FLAGS.unparse_flags()
 
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, metrics, model, muon, sharding, streams, tokenizer, train
+from jaxgpt import data, loop, metrics, model, muon, sharding, streams, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(
@@ -240,7 +240,7 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
         schedule, start = train.lr_schedule(cfg), int(state.step)
         log = RecordingLog(workdir, model_cfg, cfg, schedule, start, on_step=on_step)
         step = train.make_train_step(model_cfg, cfg, mesh)
-        state, stopped_by = train.train(
+        state, stopped_by = loop.train(
             state,
             cfg,
             lambda state, x, y: step(state, x, y, root),

@@ -1,0 +1,54 @@
+"""The command line: one absl flag per option of the configs in config.py.
+
+Every entry point (jaxgpt.main, jaxgpt.prepare, jaxgpt.export, the benchmarks)
+imports this module for its flags, and it is the only reader of FLAGS: the
+flags are made from the config fields (`--n_layer` is ModelConfig.n_layer),
+and `from_flags` builds a frozen config from their values.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+from absl import flags
+
+from jaxgpt import config, hf
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(cls: type) -> None:
+    """One absl flag per option of `cls`: its name, type, default and help."""
+    for field, hint in config.flag_fields(cls):
+        name, default, help_ = field.name, field.default, field.metadata["help"]
+        if typing.get_origin(hint) is Literal:
+            flags.DEFINE_enum(name, default, list(typing.get_args(hint)), help_)
+            continue
+        if isinstance(hint, types.UnionType):  # `int | None`: an optional int.
+            (hint,) = [t for t in typing.get_args(hint) if t is not type(None)]
+        define = {
+            bool: flags.DEFINE_bool,
+            int: flags.DEFINE_integer,
+            float: flags.DEFINE_float,
+            str: flags.DEFINE_string,
+        }[hint]
+        define(name, default, help_)
+
+
+for _cls in config.ALL:
+    define_flags(_cls)
+
+
+def from_flags(cls: type, **given: Any):
+    """The config `cls` built from the flags' values (and `given` non-flag fields)."""
+    values = {
+        field.name: FLAGS[field.name].value for field, _ in config.flag_fields(cls)
+    }
+    return cls(**values, **given)
+
+
+def runtime_options() -> dict[str, Any]:
+    """The ModelConfig fields that change how, not what, the model computes."""
+    return {name: FLAGS[name].value for name in hf.RUNTIME_FIELDS}

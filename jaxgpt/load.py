@@ -1,0 +1,88 @@
+"""What a run reads: the dataset (prepared first if need be), and the model to
+sample, evaluate or export (a workdir's checkpoint, or --init_from's GPT-2
+weights) with its config and tokenizer."""
+
+from __future__ import annotations
+
+from absl import logging
+
+from jaxgpt import checkpoint as ckpt
+from jaxgpt import cli, data, hf, prepare, sharding, tokenizer, train
+from jaxgpt.config import ConfigError, DataConfig, ModelConfig, RunConfig
+
+
+def read_dataset(data_cfg: DataConfig) -> prepare.Dataset:
+    """The dataset's tokenizer and splits, token files read by window (prepared
+    first if need be, by process 0 while the others wait)."""
+    if sharding.is_main_process():
+        dataset = prepare.ensure(data_cfg)
+    sharding.sync("jaxgpt.prepare")
+    if not sharding.is_main_process():
+        dataset = prepare.ensure(data_cfg)  # Prepared now: this only reads.
+    return dataset
+
+
+def check_fits(dataset: prepare.Dataset, model_cfg: ModelConfig, tok) -> None:
+    """The model reads the dataset's tokens, and each split holds a window."""
+    if tok.to_json() != dataset.tokenizer.to_json():
+        raise ConfigError(
+            f"the model's {tok.name} tokenizer is not --dataset={dataset.meta['dataset']}'s"
+            f" {dataset.tokenizer.name} tokenizer: prepare a dataset with the model's"
+            " (e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2."
+        )
+    for split, tokens in dataset.splits.items():
+        what = f"{split} split of --dataset={dataset.meta['dataset']}"
+        data.check_long_enough(len(tokens), model_cfg.block_size, what)
+
+
+def say(line: str) -> None:
+    """A warning line from process 0."""
+    if sharding.is_main_process():
+        logging.warning(line)
+
+
+def import_gpt2(init_from: str):
+    """(model config, parameters, tokenizer) of --init_from's GPT-2."""
+    try:
+        model_cfg, params = hf.load_gpt2(init_from, **cli.runtime_options())
+        tok = hf.load_tokenizer(init_from, model_cfg.vocab_size)
+    except ValueError as e:  # hf.HuggingFaceError, or no GPT-2 tokenizer offline.
+        raise ConfigError(f"--init_from={init_from}: {e}") from e
+    logging.info(
+        "model from %s: %d layers, %d heads, %d wide, context %d, vocabulary %d",
+        init_from, model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd,
+        model_cfg.block_size, model_cfg.vocab_size,
+    )  # fmt: skip
+    return model_cfg, params, tok
+
+
+def load_model(run: RunConfig, which: str, mesh):
+    """(model config, parameters, tokenizer) to sample or evaluate: --init_from's
+    GPT-2, else the newest intact `which` checkpoint in --workdir (its parameters
+    and meta only). Reads only: a training run may be writing the workdir; a
+    damaged checkpoint is named and the next older one of the same kind used."""
+    if run.init_from:
+        return import_gpt2(run.init_from)
+    with ckpt.Checkpointer(run.workdir, read_only=True) as checkpointer:
+        meta = checkpointer.newest_meta((which,))
+        if meta is None:
+            found = [
+                str(checkpointer.folder(which, s)) for s in checkpointer.steps(which)
+            ]
+            raise ConfigError(
+                f"no {which} checkpoint in --workdir={run.workdir}"
+                + (f" has a readable meta ({', '.join(found)})" if found else "")
+                + ": train first (--mode=train), point --workdir at a run, or pass"
+                " --init_from."
+            )
+        model_cfg = ModelConfig(**meta["model"])
+        target = train.abstract_params(model_cfg, mesh)
+        other = ckpt.LATEST if which == ckpt.BEST else ckpt.BEST
+        (params, _), _, step = checkpointer.newest_intact(
+            lambda w, s: checkpointer.load_params(target, w, s),
+            (which,),
+            say=say,
+            advice=f"Use --checkpoint={other}, or train again.",
+        )
+    logging.info("the %s checkpoint of %s, step %d", which, run.workdir, step)
+    return model_cfg, params, tokenizer.from_json(meta["tokenizer"])

@@ -1,0 +1,62 @@
+"""Quiet libraries: jaxgpt's own log lines, other libraries' warnings and
+errors in one line each, nothing of orbax's (jaxgpt reports what a save or a
+restore did, and a failure in one line). `--verbosity=1` shows everything."""
+
+from __future__ import annotations
+
+import functools
+import logging as pylogging
+import sys
+from pathlib import Path
+
+from absl import logging
+
+
+def install() -> None:
+    """Filters absl's log handler and Python's unraisable-exception hook."""
+    logging.get_absl_handler().addFilter(QuietLibraries())
+    sys.unraisablehook = quiet_unraisable
+
+
+class QuietLibraries(pylogging.Filter):
+    """jaxgpt's log lines; other libraries' warnings and errors as one line each
+    without their tracebacks; nothing of orbax's (jaxgpt reports what a save or
+    a restore did, and a failure in one line). With --verbosity=1, everything."""
+
+    package_dir = str(Path(__file__).resolve().parent)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def resolved(pathname: str) -> str:
+        """A record's source file, resolved once (orbax logs hundreds a run)."""
+        return str(Path(pathname).resolve())
+
+    def filter(self, record) -> bool:
+        path = self.resolved(record.pathname)
+        if path.startswith(self.package_dir) or logging.get_verbosity() >= 1:
+            return True
+        if record.levelno < pylogging.WARNING or "/orbax/" in path:
+            return False  # Orbax's: jaxgpt says what a save or restore did.
+        if record.levelno >= pylogging.ERROR and "/asyncio/" in path:
+            return False  # Orbax's event loop's.
+        lines = record.getMessage().splitlines()
+        record.msg, record.args = (lines[0] if lines else ""), ()
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+def quiet_unraisable(args) -> None:
+    """Drops two kinds of orbax leftovers, each already reported by jaxgpt in
+    one line; passes anything else on (everything with --verbosity=1):
+    - tensorstore's late callbacks into orbax's closed event loop after a
+      failed write;
+    - after one array of a damaged checkpoint fails to read, orbax's abandoned
+      reads of the others: closed later by the garbage collector, each turns
+      the close into a fresh Exception ("Exception ignored in ...")."""
+    message = str(args.exc_value)
+    closed_loop = (
+        isinstance(args.exc_value, RuntimeError) and "loop is closed" in message
+    )
+    abandoned_read = message.startswith("Encountered error while reading array")
+    if not (closed_loop or abandoned_read) or logging.get_verbosity() >= 1:
+        sys.__unraisablehook__(args)

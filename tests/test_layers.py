@@ -1,0 +1,52 @@
+"""The core never imports the engine, and nothing imports the entry point:
+the import-linter contracts in pyproject.toml, run on the installed tree."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+CORE = ["tokenizer", "bpe", "data", "model", "lecture", "train", "generate"]
+CORE += ["sharding", "streams", "muon", "config"]
+
+
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    return subprocess.run(
+        [exe, "--no-cache", "--config", str(cwd / "pyproject.toml")],
+        cwd=cwd,
+        env={"PYTHONPATH": str(cwd), "PATH": str(Path(sys.executable).parent)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_import_contracts_are_kept():
+    done = lint_imports(REPO)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "2 kept, 0 broken" in done.stdout
+
+
+def test_a_core_module_importing_the_engine_breaks_a_contract(tmp_path):
+    """The contract can fail: model.py importing the checkpointer is caught."""
+    shutil.copytree(REPO / "jaxgpt", tmp_path / "jaxgpt")
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    path = tmp_path / "jaxgpt" / "model.py"
+    path.write_text(path.read_text() + "\nfrom jaxgpt import checkpoint  # noqa\n")
+    done = lint_imports(tmp_path)
+    assert done.returncode != 0 and "BROKEN" in done.stdout
+
+
+def test_the_core_files_are_the_ones_readme_lists():
+    """README's "Read the code" names every core file, in reading order."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Read the code", 1)[1].split("\n## ", 1)[0]
+    for name in CORE:
+        assert f"jaxgpt/{name}.py" in section, name
