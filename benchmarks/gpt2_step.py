@@ -121,9 +121,8 @@ def main() -> None:
     how = ""
     if args.batch_size == "auto":
         free, where = free_bytes()
-        lo, hi = 8, 16  # Probes: what one more sequence costs, and the rest.
-        if args.max_batch < hi:
-            lo, hi = max(1, args.max_batch // 2), args.max_batch
+        # Probes: what one more sequence costs, and the rest.
+        lo, hi = (8, 16) if args.max_batch >= 16 else (1, max(2, args.max_batch))
         a, b = (step_bytes(compile_at(n)[0]) for n in (lo, hi))
         per_row = max((b - a) / (hi - lo), 1.0)
         fixed = max(a - lo * per_row, 0.0)

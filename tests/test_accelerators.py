@@ -288,15 +288,15 @@ def test_sampling_with_the_cache_prefills_then_steps(report):
 # --- benchmarks/accelerator.py, at --smoke size --------------------------------
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, corpus_path):
-    out = tmp_path_factory.mktemp("accelerator")
+def test_accelerator_script_smoke_run(tmp_path, corpus_path):
+    """Every stage runs and reports (one test: under pytest-xdist a module's
+    fixture runs once per worker, and this run takes a minute)."""
     done = subprocess.run(
         [
             sys.executable,
             "benchmarks/accelerator.py",
             "--smoke",
-            f"--out={out}",
+            f"--out={tmp_path}",
             f"--data_path={corpus_path}",
             "--target_loss=4.0",  # Reached within the smoke run's 20 steps.
         ],
@@ -308,38 +308,33 @@ def smoke(tmp_path_factory, corpus_path):
         timeout=300,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    report = json.loads((out / "accelerator.json").read_text())
-    return report, (out / "accelerator.md").read_text(), done.stdout
-
-
-def test_accelerator_script_smoke_runs_every_stage(smoke):
-    report, table, stdout = smoke
+    report = json.loads((tmp_path / "accelerator.json").read_text())
+    table = (tmp_path / "accelerator.md").read_text()
+    assert done.stdout.endswith(table + "\n")  # Printed, as written.
+    assert "--smoke: tiny sizes" in table
     assert report["smoke"] and report["machine"]["backend"] == "cpu"
     assert report["machine"]["jax"] == jax.__version__
     stages = report["stages"]
     assert set(stages) == {"tests", "recipe", "attention", "gpt2", "sample"}
     for name, stage in stages.items():
         assert stage["status"] == "ok", (name, stage)
+
     tests = stages["tests"]
     assert tests["passed"] == tests["tests"] >= 1 and tests["failed"] == 0
-    assert stdout.endswith(table + "\n")  # Printed, as written.
-    assert "--smoke: tiny sizes" in table
 
-
-def test_accelerator_script_times_the_recipe_to_its_target_loss(smoke):
-    (run,) = smoke[0]["stages"]["recipe"]["runs"]
+    # The recipe: stopped at the first evaluation at or below the target loss.
+    (run,) = stages["recipe"]["runs"]
     vals = run["val_losses"]  # [step, seconds since the command started, val loss]
     steps, seconds, losses = zip(*vals)
     assert steps[0] == 0 and list(seconds) == sorted(seconds)
     first = next(v for v in vals if v[2] <= 4.0)
     assert (run["step_at_target"], run["time_to_target_s"]) == (first[0], first[1])
-    assert vals[-1] == first  # Stopped at the target: no evaluation after it.
+    assert vals[-1] == first  # No evaluation after it: the run was stopped.
     assert run["ms_per_step"] > 0 and run["mfu_percent"] > 0
     assert run["best_val_loss"] == min(losses)
 
-
-def test_accelerator_script_refuses_cudnn_off_a_gpu_in_one_line(smoke):
-    rows = {r["attention"]: r for r in smoke[0]["stages"]["attention"]["rows"]}
+    # Attention: cuDNN's is refused in one line off a GPU.
+    rows = {r["attention"]: r for r in stages["attention"]["rows"]}
     for attention in ("einsum", "dot_product"):
         assert rows[attention]["status"] == "ok"
         assert rows[attention]["ms_per_step"] > 0 and rows[attention]["mfu_percent"] > 0
@@ -348,13 +343,13 @@ def test_accelerator_script_refuses_cudnn_off_a_gpu_in_one_line(smoke):
         "error: --attention=cudnn needs an NVIDIA GPU, and this run has cpu"
     )
 
-
-def test_accelerator_script_finds_gpt2s_largest_batch_and_samples(smoke):
-    stages = smoke[0]["stages"]
+    # GPT-2's step: the batch chosen from the memory analysis, up to --max_batch=4.
     for row, remat in zip(stages["gpt2"]["rows"], (False, True)):
         assert row["remat"] == remat and row["status"] == "ok"
-        assert row["batch_size"] == 4  # auto, up to --max_batch=4 in the smoke run.
-        assert "MiB per sequence" in row["auto_batch"] and row["mfu_percent"] > 0
+        assert row["batch_size"] == 4 and "MiB per sequence" in row["auto_batch"]
+        assert row["mfu_percent"] > 0
+
+    # Sampling: batch 1 and 8, with and without the KV cache.
     got = {(r["batch"], r["kv_cache"]) for r in stages["sample"]["rows"]}
     assert got == {(1, True), (1, False), (8, True), (8, False)}
     assert all(r["tokens_per_s"] > 0 for r in stages["sample"]["rows"])
