@@ -477,9 +477,11 @@ def stage_gpt2(runner: Runner, sizes: Sizes, args, backend: str) -> dict:
         env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}  # The largest batch.
         child = runner.run(f"gpt2 remat={remat}", command, sizes.limits["gpt2"], env)
         auto = re.search(r"\(auto: ([^)]*)\)", child.out)
+        model = re.search(r"^(GPT[^(]*) \(", child.out, re.MULTILINE)
         rows.append(
             {
                 **status_of(child),
+                "model": model[1] if model else None,
                 "remat": remat,
                 "attention": attention,
                 "batch_size": number(r" B=(\d+) T=", child.out),
@@ -642,7 +644,8 @@ def table(report: dict) -> str:
                     note(row),
                 ]
             )
-        title = f"GPT-2 124M's step ({' '.join(g['flags'])}):"
+        model = next((r["model"] for r in g["rows"] if r.get("model")), "GPT-2 124M")
+        title = f"{model}'s step ({' '.join(g['flags'])}):"
         header = ["remat", "attention", "batch x T", "ms/step", "tokens/s", "MFU"]
         lines += markdown(title, header + ["compile (s)", "status"], rows)
     if (s := stages.get("sample")) and "rows" in s:
