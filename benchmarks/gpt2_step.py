@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from jaxgpt import model, sharding, streams, train
+from jaxgpt import model, sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.perf import keep_freed_memory
 
@@ -51,7 +51,7 @@ def main() -> None:
         remat=args.remat,
     )
     train_cfg, mesh = TrainConfig(batch_size=args.batch_size), sharding.make_mesh()
-    root = streams.root(0)
+    root = train.root_key(0)
     state = train.create_state(cfg, train_cfg, root, mesh)
     B, T = args.batch_size, cfg.block_size
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 100 * T)

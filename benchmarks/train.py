@@ -26,7 +26,6 @@ from jaxgpt import (
     model,
     perf,
     sharding,
-    streams,
     train,
 )
 from jaxgpt.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
@@ -56,7 +55,7 @@ def main(argv):
 
     mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
     B, T = train_cfg.batch_size, model_cfg.block_size
-    root = streams.root(run.seed)
+    root = train.root_key(run.seed)
     state = train.create_state(model_cfg, train_cfg, root, mesh)
     step = train.make_train_step(model_cfg, train_cfg, mesh)
     tokens = np.random.default_rng(0).integers(0, 65, 100 * T).astype(np.int32)
@@ -76,7 +75,7 @@ def main(argv):
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
 
-    flops_token = model.flops_per_token(model_cfg)
+    flops_token = perf.flops_per_token(model_cfg)
     tokens_s = B * T / step_s
     n_params = model.count_params(state.params)
     shape = (
