@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import flax.linen
 import jax
 import numpy as np
 from absl import app, flags
@@ -37,11 +38,22 @@ _MEASURE = flags.DEFINE_bool(
     "measure_peak", False, "Measure the peak even on a device in the data-sheet table."
 )
 _MATMUL_N = flags.DEFINE_integer("peak_matmul_n", 2048, "Size of the peak matmul.")
+_MALLOPT = flags.DEFINE_bool(
+    "bench_keep_freed_memory", True, "perf.keep_freed_memory (as main.py), or not."
+)
+_ROWS = flags.DEFINE_bool(
+    "bench_dense_on_rows",
+    True,
+    "model.Dense (a 2-D matmul on the rows), or flax's nn.Dense on 3-D input.",
+)
 
 
 def main(argv):
     del argv
-    keep_freed_memory()
+    if _MALLOPT.value:
+        keep_freed_memory()
+    if not _ROWS.value:  # What model.Dense's one line buys: measured here.
+        model.Dense = flax.linen.Dense
     run, mesh_cfg = (
         cli.from_flags(RunConfig),
         cli.from_flags(MeshConfig),
