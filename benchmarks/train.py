@@ -41,6 +41,12 @@ _MATMUL_N = flags.DEFINE_integer("peak_matmul_n", 2048, "Size of the peak matmul
 _MALLOPT = flags.DEFINE_bool(
     "bench_keep_freed_memory", True, "perf.keep_freed_memory (as main.py), or not."
 )
+_DROPOUT_RNG = flags.DEFINE_enum(
+    "bench_dropout_rng",
+    "threefry",
+    ["threefry", "rbg", "unsafe_rbg"],
+    "JAX PRNG implementation drawing the dropout masks (threefry: jaxgpt's).",
+)
 _ROWS = flags.DEFINE_bool(
     "bench_dense_on_rows",
     True,
@@ -54,6 +60,18 @@ def main(argv):
         keep_freed_memory()
     if not _ROWS.value:  # What model.Dense's one line buys: measured here.
         model.Dense = flax.linen.Dense
+    if _DROPOUT_RNG.value != "threefry":  # What another PRNG would buy.
+        threefry_key, impl = train.stream_key, _DROPOUT_RNG.value
+
+        def stream_key(root, name, i):
+            bits = jax.random.bits(threefry_key(root, name, i), (4,), jax.numpy.uint32)
+            return (
+                jax.random.wrap_key_data(bits, impl=impl)
+                if name == "dropout"
+                else threefry_key(root, name, i)
+            )
+
+        train.stream_key = stream_key
     run, mesh_cfg = (
         cli.from_flags(RunConfig),
         cli.from_flags(MeshConfig),
