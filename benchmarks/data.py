@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt import data, streams
+from jaxgpt import data, train
 
 SHAPES = [(64, 256), (12, 1024)]
 VOCAB = "".join(chr(c) for c in range(33, 33 + 65))  # 65 printable characters.
@@ -70,11 +70,11 @@ def rss_mb() -> float:
 
 
 def time_batches(tokens: np.ndarray, B: int, T: int, n: int = 2000) -> list[float]:
-    stream = np.asarray(streams.stream(streams.root(0), "batch"))
+    stream = np.asarray(train.stream(train.root_key(0), "batch"))
     times = []
     for step in range(n):
         t0 = time.perf_counter()
-        data.get_batch(tokens, streams.host_rng(stream, step), B, T)
+        data.get_batch(tokens, train.host_rng(stream, step), B, T)
         times.append(time.perf_counter() - t0)
     return times
 

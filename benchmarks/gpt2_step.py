@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from jaxgpt import model, perf, sharding, streams, train
+from jaxgpt import model, perf, sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.perf import keep_freed_memory
 
@@ -99,7 +99,7 @@ def main() -> None:
         scan_layers=args.scan_layers,
         remat=args.remat,
     )
-    mesh, root, T = sharding.make_mesh(), streams.root(0), cfg.block_size
+    mesh, root, T = sharding.make_mesh(), train.root_key(0), cfg.block_size
     new_state = lambda: train.create_state(cfg, TrainConfig(batch_size=1), root, mesh)
     state = new_state()
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 100 * T)
@@ -160,7 +160,7 @@ def main() -> None:
 
     ms = 1000 * statistics.median(times)
     tokens_s = B * T / ms * 1000
-    mfu = perf.mfu(model.flops_per_token(cfg), tokens_s, peak)
+    mfu = perf.mfu(perf.flops_per_token(cfg), tokens_s, peak)
     gpt2 = (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (12, 12, 768, 50257)
     name = "GPT-2 124M" if gpt2 else f"GPT L={cfg.n_layer} C={cfg.n_embd}"
     print(

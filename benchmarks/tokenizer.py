@@ -13,7 +13,7 @@ Three measurements, each run side by side in this one process:
    has a long tail of distinct words as real text does, rather than the same
    chunks repeated.
 3. Encoding --encode_mb megabytes of that text on one thread: our pure-Python
-   encoder (`jaxgpt.bpe.encode`), tiktoken with our merges and with GPT-2's,
+   encoder (`jaxgpt.tokenizer.encode`), tiktoken with our merges and with GPT-2's,
    and HF tokenizers with the vocabulary it trained (also with encode_batch
    on all cores).
 
@@ -34,8 +34,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jaxgpt import bpe, data, perf
-from jaxgpt.tokenizer import load_gpt2
+from jaxgpt import perf, prepare, tokenizer
+from jaxgpt.tokenizer_io import load_gpt2
 
 _TEXT = flags.DEFINE_string("text", None, "Base corpus (default: tiny shakespeare).")
 _MB = flags.DEFINE_float("mb", 100, "Size of the large training text, in MB.")
@@ -110,14 +110,16 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def train_ours(text: str, vocab_size: int, pattern: str) -> tuple[bpe.BPE, dict]:
+def train_ours(text: str, vocab_size: int, pattern: str) -> tuple[tokenizer.BPE, dict]:
     """Our trainer, with its two phases timed apart."""
-    specials = (bpe.ENDOFTEXT,)
-    counts, t_count = timed(bpe.count_chunks, text, pattern, specials, _WORKERS.value)
+    specials = (tokenizer.ENDOFTEXT,)
+    counts, t_count = timed(
+        prepare.count_chunks, text, pattern, specials, _WORKERS.value
+    )
     num_merges = vocab_size - 256 - len(specials)
-    merges, t_merge = timed(bpe.learn_merges, counts, num_merges)
+    merges, t_merge = timed(tokenizer.learn_merges, counts, num_merges)
     ids = {s: 256 + len(merges) + j for j, s in enumerate(specials)}
-    tok = bpe.BPE(tuple(merges), pattern, ids)
+    tok = tokenizer.BPE(tuple(merges), pattern, ids)
     return tok, {"count": t_count, "merge": t_merge, "distinct": len(counts)}
 
 
@@ -131,10 +133,10 @@ def train_hf(text: str, vocab_size: int):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[bpe.ENDOFTEXT],
+        special_tokens=[tokenizer.ENDOFTEXT],
         show_progress=False,
     )
-    pieces = bpe.split_at_safe_points(text, max(1, len(text) // 1_000_000))
+    pieces = prepare.split_at_safe_points(text, max(1, len(text) // 1_000_000))
     tok.train_from_iterator(pieces, trainer)
     return tok
 
@@ -163,15 +165,15 @@ def training_row(what: str, text: str, vocab_size: int, pattern: str, target_s):
 
 def pieces(text: str) -> list[str]:
     """`text` cut at chunk boundaries into pieces of about 100 kB."""
-    return bpe.split_at_safe_points(text, max(1, len(text) // 100_000))
+    return prepare.split_at_safe_points(text, max(1, len(text) // 100_000))
 
 
-def encoding_rows(text: str, ours: bpe.BPE, hf) -> None:
+def encoding_rows(text: str, ours: tokenizer.BPE, hf) -> None:
     """MB/s of each encoder on the same text, one thread each."""
     mb = len(text.encode("utf-8")) / 1e6
     encoders = {
-        "ours, pure Python (chunk cache)": lambda t: bpe.encode(t, ours),
-        "tiktoken, our merges": bpe.to_tiktoken(ours).encode_ordinary,
+        "ours, pure Python (chunk cache)": lambda t: tokenizer.encode(t, ours),
+        "tiktoken, our merges": tokenizer.to_tiktoken(ours).encode_ordinary,
         "tiktoken, GPT-2's merges": load_gpt2().encoding.encode_ordinary,
     }
     if hf is not None:  # fed 100 kB pieces: one huge string is far slower in HF
@@ -192,8 +194,10 @@ def encoding_rows(text: str, ours: bpe.BPE, hf) -> None:
 
 def main(argv):
     del argv
-    pattern = bpe.GPT2_PATTERN if _PATTERN.value == "gpt2" else bpe.GPT4_PATTERN
-    base_path = data.find_corpus(_TEXT.value)
+    pattern = (
+        tokenizer.GPT2_PATTERN if _PATTERN.value == "gpt2" else tokenizer.GPT4_PATTERN
+    )
+    base_path = prepare.find_corpus(_TEXT.value)
     base = base_path.read_text(encoding="utf-8")
     print(
         f"{datetime.date.today()}, {perf.cpu_name()}, {os.cpu_count()} cores,"

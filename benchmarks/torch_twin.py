@@ -37,10 +37,10 @@ from absl import app, flags
 from torch import nn
 
 from jaxgpt import (
-    cli,  # Defines the flags.
+    cli,  # Defines the flags.,
     data,
     load,
-    streams,
+    train,
 )
 from jaxgpt.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 
@@ -185,10 +185,10 @@ def make_train_step(model: GPT, cfg: TrainConfig) -> Callable:
 
 def batches(tokens: np.ndarray, root, batch_size: int, block_size: int) -> Callable:
     """batch(step) -> (x_BT, y_BT): jaxgpt's batch of that step (train.make_batches)."""
-    stream = np.asarray(streams.stream(root, "batch"))
+    stream = np.asarray(train.stream(root, "batch"))
 
     def batch(step: int):
-        rng = streams.host_rng(stream, step)
+        rng = train.host_rng(stream, step)
         x, y = data.get_batch(tokens, rng, batch_size, block_size)
         return torch.from_numpy(x).long(), torch.from_numpy(y).long()
 
@@ -205,11 +205,11 @@ def make_evaluate(
 ) -> Callable[[], dict[str, float]]:
     """evaluate() -> {"<split>_loss"}: jaxgpt's fixed evaluation batches
     (train.eval_batches), or with `fresh`, new random ones each time (nanoGPT)."""
-    stream = np.asarray(streams.stream(root, "eval"))
+    stream = np.asarray(train.stream(root, "eval"))
     B, n = cfg.batch_size, cfg.eval_iters
 
     def draw(tokens, i):
-        rng = fresh if fresh is not None else streams.host_rng(stream, i)
+        rng = fresh if fresh is not None else train.host_rng(stream, i)
         x, y = data.get_batch(tokens, rng, B, block_size)
         return torch.from_numpy(x).long(), torch.from_numpy(y).long()
 
@@ -308,7 +308,7 @@ def train_recipe(
 ) -> GPT:
     """Trains the twin on the recipe, evaluating every eval_interval steps;
     on_eval(step, losses, model, optimizer) sees each evaluation."""
-    root = streams.root(seed)
+    root = train.root_key(seed)
     torch.manual_seed(seed)
     model = GPT(model_cfg, exact_gelu=knobs.gelu)
     if knobs.init:
@@ -316,9 +316,7 @@ def train_recipe(
     else:  # jaxgpt's initial parameters, drawn from the params stream.
         from jaxgpt import model as jax_model
 
-        model.load_flax(
-            jax_model.init_params(model_cfg, streams.stream(root, "params"))
-        )
+        model.load_flax(jax_model.init_params(model_cfg, train.stream(root, "params")))
     T, B = model_cfg.block_size, train_cfg.batch_size
     step_fn = make_train_step(model, train_cfg)
     if knobs.batches:

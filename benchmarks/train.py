@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 
+import flax.linen
 import jax
 import numpy as np
 from absl import app, flags
@@ -27,7 +28,6 @@ from jaxgpt import (
     model,
     perf,
     sharding,
-    streams,
     train,
 )
 from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, TrainConfig
@@ -40,11 +40,40 @@ _MEASURE = flags.DEFINE_bool(
     "measure_peak", False, "Measure the peak even on a device in the data-sheet table."
 )
 _MATMUL_N = flags.DEFINE_integer("peak_matmul_n", 2048, "Size of the peak matmul.")
+_MALLOPT = flags.DEFINE_bool(
+    "bench_keep_freed_memory", True, "perf.keep_freed_memory (as main.py), or not."
+)
+_DROPOUT_RNG = flags.DEFINE_enum(
+    "bench_dropout_rng",
+    "threefry",
+    ["threefry", "rbg", "unsafe_rbg"],
+    "JAX PRNG implementation drawing the dropout masks (threefry: jaxgpt's).",
+)
+_ROWS = flags.DEFINE_bool(
+    "bench_dense_on_rows",
+    True,
+    "model.Dense (a 2-D matmul on the rows), or flax's nn.Dense on 3-D input.",
+)
 
 
 def main(argv):
     del argv
-    keep_freed_memory()
+    if _MALLOPT.value:
+        keep_freed_memory()
+    if not _ROWS.value:  # What model.Dense's one line buys: measured here.
+        model.Dense = flax.linen.Dense
+    if _DROPOUT_RNG.value != "threefry":  # What another PRNG would buy.
+        threefry_key, impl = train.stream_key, _DROPOUT_RNG.value
+
+        def stream_key(root, name, i):
+            bits = jax.random.bits(threefry_key(root, name, i), (4,), jax.numpy.uint32)
+            return (
+                jax.random.wrap_key_data(bits, impl=impl)
+                if name == "dropout"
+                else threefry_key(root, name, i)
+            )
+
+        train.stream_key = stream_key
     run, mesh_cfg = (
         cli.from_flags(RunConfig),
         cli.from_flags(MeshConfig),
@@ -62,7 +91,7 @@ def main(argv):
 
     mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
     B, T = train_cfg.batch_size, model_cfg.block_size
-    root = streams.root(run.seed)
+    root = train.root_key(run.seed)
     state = train.create_state(model_cfg, train_cfg, root, mesh)
     step = train.make_train_step(model_cfg, train_cfg, mesh)
     tokens = np.random.default_rng(0).integers(0, 65, 100 * T).astype(np.int32)
@@ -82,7 +111,7 @@ def main(argv):
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
 
-    flops_token = model.flops_per_token(model_cfg)
+    flops_token = perf.flops_per_token(model_cfg)
     tokens_s = B * T / step_s
     n_params = model.count_params(state.params)
     shape = (

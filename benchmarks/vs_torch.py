@@ -66,7 +66,6 @@ from jaxgpt import (
     model,
     perf,
     sharding,
-    streams,
     train,
 )
 from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
@@ -185,7 +184,7 @@ def bench_step():
         train_cfg, max_iters=max(train_cfg.max_iters, needed + 1), eval_interval=10**9
     )
     tokens = np.random.default_rng(0).integers(0, 65, 1_000_000).astype(np.int32)
-    root, mesh = streams.root(run.seed), sharding.make_mesh()
+    root, mesh = train.root_key(run.seed), sharding.make_mesh()
     state = train.create_state(model_cfg, train_cfg, root, mesh)
     batch = train.make_batches(tokens, root, B, T, mesh)
     diff = check_same_losses(model_cfg, train_cfg, batch, root, mesh)

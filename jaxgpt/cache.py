@@ -1,7 +1,8 @@
 """What a run keeps for the next one, in the user's cache directory.
 
-$XDG_CACHE_HOME/jaxgpt (else ~/.cache/jaxgpt), beside the downloaded corpus:
+$XDG_CACHE_HOME/jaxgpt (else ~/.cache/jaxgpt):
 
+    tinyshakespeare/  the corpus, downloaded once (prepare.find_corpus).
     xla/        JAX's persistent compilation cache: every compiled program
                 (train step, evaluation, sampling), keyed by its HLO, the
                 compile options and the JAX/XLA version, so a second run of
@@ -12,11 +13,16 @@ $XDG_CACHE_HOME/jaxgpt (else ~/.cache/jaxgpt), beside the downloaded corpus:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
 
-from jaxgpt.data import cache_dir
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxgpt"
 
 
 def compilation_cache_dir() -> Path:

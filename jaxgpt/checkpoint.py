@@ -48,7 +48,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt import sharding
+from jaxgpt import hosts
 from jaxgpt import workdir as workdir_lib
 from jaxgpt.config import ConfigError, ModelConfig
 
@@ -347,7 +347,7 @@ class Checkpointer:
         files again for a moment: `settle_s` keeps deleting until none appear.
         """
         found = []
-        if sharding.is_main_process():
+        if hosts.is_main_process():
             deadline = time.monotonic() + settle_s
             while True:
                 now = self._unfinished()
@@ -357,7 +357,7 @@ class Checkpointer:
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(0.1)
-        sharding.sync("jaxgpt.checkpoint.delete_unfinished")
+        hosts.sync("jaxgpt.checkpoint.delete_unfinished")
         return found
 
     def _unfinished(self) -> list[Path]:
@@ -436,7 +436,7 @@ class Checkpointer:
                 )
         except Exception as e:  # noqa: BLE001 Any failure to read is damage.
             error = e
-        failed = sharding.process_max(np.array([error is not None]))[0]
+        failed = hosts.process_max(np.array([error is not None]))[0]
         if failed:
             reason = describe(error) if error else "another process could not read it"
             raise Damaged(reason) from error
@@ -487,13 +487,13 @@ class Checkpointer:
             return
         source = self.folder(which, step)
         dest = self.workdir / DAMAGED / f"{FOLDERS[which]}-{step}"
-        if sharding.is_main_process():
+        if hosts.is_main_process():
             dest.parent.mkdir(exist_ok=True)
             n = 1
             while dest.exists():
                 dest, n = dest.with_name(f"{FOLDERS[which]}-{step}.{n}"), n + 1
             source.rename(dest)
-        sharding.sync("jaxgpt.checkpoint.move_aside")
+        hosts.sync("jaxgpt.checkpoint.move_aside")
         self._managers[which].reload()
         say(f"moved {source} to {dest}")
 
@@ -586,11 +586,11 @@ def clear(workdir: str | Path) -> None:
     Process 0 deletes them; the others wait until it has.
     """
     workdir = Path(workdir)
-    if sharding.is_main_process():
+    if hosts.is_main_process():
         for folder in (*FOLDERS.values(), DAMAGED):
             shutil.rmtree(workdir / folder, ignore_errors=True)
         (workdir / workdir_lib.METRICS_NAME).unlink(missing_ok=True)
-    sharding.sync("jaxgpt.checkpoint.clear")
+    hosts.sync("jaxgpt.checkpoint.clear")
 
 
 def check_compatible(saved: dict[str, Any], config: ModelConfig, workdir) -> None:

@@ -49,6 +49,29 @@ def from_flags(cls: type, **given: Any):
     return cls(**values, **given)
 
 
+def markdown() -> str:
+    """Every flag as a markdown table per config: docs/flags.md is this text
+    (`python -m jaxgpt.cli > docs/flags.md`; a test keeps them equal)."""
+    lines = [
+        "# Every flag",
+        "",
+        "Made from the config dataclasses in `jaxgpt/config.py` (the one definition of"
+        + " each option); regenerate with `python -m jaxgpt.cli > docs/flags.md`.",
+    ]
+    for cls in config.ALL:
+        lines += ["", f"## {cls.__name__}: {cls.__doc__.strip()}", ""]
+        lines += ["| flag | default | |", "|---|---|---|"]
+        for field, _ in config.flag_fields(cls):
+            free = " (may change on resume)" if field.metadata["free_on_resume"] else ""
+            help_ = field.metadata["help"].replace("|", "\\|")
+            lines.append(f"| `--{field.name}` | `{field.default!r}` | {help_}{free} |")
+    return "\n".join(lines) + "\n"
+
+
 def runtime_options() -> dict[str, Any]:
     """The ModelConfig fields that change how, not what, the model computes."""
     return {name: FLAGS[name].value for name in hf.RUNTIME_FIELDS}
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -1,95 +1,22 @@
-"""The corpus and batches: find or download tiny shakespeare, split, get_batch.
+"""Token files and batches: the train/val split, and get_batch.
 
 `get_batch` is pure: the batch of training step s is drawn by the generator
-`streams.host_rng(batch_stream, s)`, a function of (seed, s) only, so a
-resumed run sees exactly the batches an uninterrupted one would. This module
-needs numpy only (micrograd's bigram uses it too).
+`train.host_rng(batch_stream, s)`, a function of (seed, s) only, so a resumed
+run sees exactly the batches an uninterrupted one would. A split is a flat
+file of token ids (`TokenFile`), read a window at a time, so a corpus never
+has to fit in memory. This module needs numpy only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-TINYSHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-    "tinyshakespeare/input.txt"
-)
-TINYSHAKESPEARE_SHA256 = (
-    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-)
-RELATIVE_PATH = Path("tinyshakespeare") / "input.txt"
-
 
 class DataError(RuntimeError):
     """The corpus cannot be found, fetched or used (the message says why)."""
-
-
-def cache_dir() -> Path:
-    """Where a downloaded corpus is kept: $XDG_CACHE_HOME/jaxgpt or ~/.cache/jaxgpt."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxgpt"
-
-
-def sha256_of(path: Path) -> str:
-    """The file's sha256, read in 1 MiB blocks (a corpus need not fit in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
-    """Downloads `url` to `dest` atomically and checks its sha256."""
-    dest = Path(dest)
-    offline_hint = (
-        f"Fetch {url} by hand and pass --data_path=/path/to/input.txt, or set"
-        f" JAXGPT_DATA_DIR to a folder holding {RELATIVE_PATH}."
-    )
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            payload = response.read()
-    except OSError as e:  # URLError, timeouts, refused connections.
-        raise DataError(f"could not download {url} ({e}). {offline_hint}") from e
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != sha256:
-        raise DataError(
-            f"{url} has sha256 {digest}, expected {sha256}: the download is"
-            f" corrupt or the file changed. {offline_hint}"
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-        tmp.write(payload)
-    os.replace(tmp.name, dest)
-    return dest
-
-
-def find_corpus(data_path: str | None = None) -> Path:
-    """Finds tiny shakespeare: --data_path, $JAXGPT_DATA_DIR, the cache, the web."""
-    if data_path:
-        path = Path(data_path).expanduser()
-        if not path.is_file():
-            raise DataError(f"--data_path={data_path} is not a file.")
-        return path
-    if os.environ.get("JAXGPT_DATA_DIR"):
-        path = Path(os.environ["JAXGPT_DATA_DIR"]).expanduser() / RELATIVE_PATH
-        if path.is_file():
-            return path
-    cached = cache_dir() / RELATIVE_PATH
-    if cached.is_file() and sha256_of(cached) == TINYSHAKESPEARE_SHA256:
-        return cached
-    return download(TINYSHAKESPEARE_URL, cached, TINYSHAKESPEARE_SHA256)
-
-
-def load_text(data_path: str | None = None) -> str:
-    """Returns the corpus text (see `find_corpus` for where it comes from)."""
-    return find_corpus(data_path).read_text(encoding="utf-8")
 
 
 def split(tokens: np.ndarray, train_fraction: float = 0.9):

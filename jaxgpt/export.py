@@ -18,8 +18,9 @@ from pathlib import Path
 from absl import app, logging
 
 from jaxgpt import (
-    cli,  # Defines the flags.
+    cli,  # Defines the flags.,
     hf,
+    hosts,
     load,
     sharding,
 )
@@ -33,7 +34,7 @@ def export(run: RunConfig, which: str, out: str) -> str:
         raise ConfigError("--init_from has nothing to export: pass --workdir of a run.")
     mesh = sharding.make_mesh()
     model_cfg, params, tok = load.load_model(run, which, mesh)
-    params = sharding.to_local(params, mesh)
+    params = hosts.to_local(params, mesh)
     files, how = hf.tokenizer_files(tok)
     try:
         hf.save_gpt2(params, model_cfg, out, files)

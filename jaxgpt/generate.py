@@ -1,34 +1,22 @@
-"""Sampling: one jitted program draws all new tokens (compiled once per call shape).
+"""Sampling: one jitted program draws all new tokens (compiled once per shape).
 
-Shapes are suffixes: B rows, P prompt tokens, N new tokens, A = P + N all of
-them, V vocabulary; S = block_size is the cache's length. The tokens live in a
-fixed buffer buf_BA; token t is drawn with the key fold_in(key, t). Two ways
-give the logits for token t:
+Shapes: B rows, P prompt tokens, N new tokens, A = P + N, V vocabulary, S =
+block_size. Tokens live in a fixed buffer buf_BA; token t is drawn with the
+key fold_in(key, t).
 
-With the KV cache (the default), the prompt (its last block_size tokens) is
-encoded in one forward pass, a "prefill", that keeps every layer's keys and
-values in the model's "cache" collection; then each step feeds only the newest
-token, which attends to the cached keys and values. The model learned absolute
-position embeddings for positions 0 .. block_size - 1, so a full cache cannot
-slide by one token (every cached key would move to a new position). Instead,
-when the cache is full, the last block_size // 2 tokens are re-encoded at
-positions 0 .. block_size // 2 - 1 in one forward pass (a new prefill), and
-decoding continues one token per step. Past block_size tokens, a new token
-therefore sees between block_size // 2 and block_size tokens of context. The
-schedule is fixed by the shapes, so the program is: the prompt's segment (its
-prefill, then one-token steps until the cache is full), then a loop over
-refill segments (a refill, then one-token steps). (A lax.cond between refill
-and step inside one loop reads shorter, but makes XLA copy every layer's cache
-on every step.)
+With the KV cache (the default), a "prefill" encodes the prompt (its last S
+tokens) in one pass and keeps each layer's keys and values in the model's
+"cache" collection; then each step feeds only the newest token. Learned
+positions cannot slide, so when the cache is full the last S // 2 tokens are
+re-encoded at positions 0 .. S // 2 - 1 (a new prefill) and decoding goes on:
+past S tokens, a token sees between S // 2 and S tokens of context. The
+schedule is fixed by the shapes: the prompt's segment (prefill, then one-token
+steps until the cache is full), then a loop of refill segments. (A lax.cond
+between refill and step in one loop reads shorter, but copies every layer's
+cache at every step.)
 
 Without the cache (nanoGPT's loop), each step re-runs the model on the last
-W = min(block_size, P + N) positions ending at the newest token; when fewer
-than W tokens exist yet, the window starts at 0 and its not-yet-written tail is
-ignored because attention is causal. So contexts longer than block_size are
-cropped to their last block_size tokens, one token further each step.
-
-Up to block_size tokens in all, both give the same logits (to float rounding)
-and so, with the same key, the same tokens.
+min(S, A) positions. Up to S tokens both give the same logits (to rounding).
 """
 
 from __future__ import annotations
@@ -194,7 +182,7 @@ def sample(
 ) -> jax.Array:
     """[num_samples, len(prompt) + max_new_tokens] token ids continuing one prompt.
 
-    `key` is the run's sample stream (streams.stream(root, "sample")).
+    `key` is the run's sample stream (train.stream(root, "sample")).
     """
     prompt_BP = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (cfg.num_samples, 1))
     options = {

@@ -39,10 +39,11 @@ from typing import Any
 
 import huggingface_hub
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jaxgpt import bpe, model, tokenizer
+from jaxgpt import tokenizer, tokenizer_io
 from jaxgpt.config import ModelConfig, free_on_resume
 
 # The released GPT-2 sizes and the Hub repositories that hold them.
@@ -243,7 +244,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = jax.numpy.asarray(value)
-    return model.stack_blocks(params) if cfg.scan_layers else params
+    return stack_blocks(params) if cfg.scan_layers else params
 
 
 def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -254,7 +255,7 @@ def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarr
     unstacked first.
     """
     if cfg.scan_layers:
-        params = model.unstack_blocks(params)
+        params = unstack_blocks(params)
     tensors = {}
     for name, shape in hf_shapes(cfg).items():
         node = params
@@ -432,7 +433,7 @@ def save_gpt2(
 TOKENIZER_JSON = "jaxgpt_tokenizer.json"  # jaxgpt's own tokenizers, in an export.
 
 
-def load_tokenizer(name_or_path: str, vocab_size: int) -> tokenizer.Tokenizer:
+def load_tokenizer(name_or_path: str, vocab_size: int):
     """The tokenizer of a GPT-2 that load_gpt2 reads (its vocab_size given).
 
     GPT-2's own for the released sizes; in a folder, jaxgpt's JSON if an export
@@ -441,29 +442,29 @@ def load_tokenizer(name_or_path: str, vocab_size: int) -> tokenizer.Tokenizer:
     """
     folder = Path(name_or_path)
     if folder.is_dir() and (folder / TOKENIZER_JSON).is_file():
-        return tokenizer.from_json(json.loads((folder / TOKENIZER_JSON).read_text()))
+        return tokenizer_io.from_json(json.loads((folder / TOKENIZER_JSON).read_text()))
     if folder.is_dir() and (folder / "vocab.json").is_file():
         files = (folder / "vocab.json", folder / "merges.txt")
-        found = bpe.load_gpt2_files(*files)
-        gpt2 = tokenizer.load_gpt2()
-        if found == gpt2.as_bpe():
+        found = tokenizer_io.load_gpt2_files(*files)
+        gpt2 = tokenizer_io.load_gpt2()
+        if found == gpt2.bpe:
             return gpt2
         return tokenizer.BPETokenizer(found)
     if vocab_size in GPT2_VOCAB_SIZES:
-        return tokenizer.load_gpt2()
+        return tokenizer_io.load_gpt2()
     raise HuggingFaceError(
         f"{name_or_path} has no tokenizer (vocab.json + merges.txt, or"
         f" {TOKENIZER_JSON}) and its vocabulary of {vocab_size} is not GPT-2's."
     )
 
 
-def tokenizer_files(tok: tokenizer.Tokenizer) -> tuple[dict[str, str], str]:
+def tokenizer_files(tok) -> tuple[dict[str, str], str]:
     """The files that store `tok` in an export folder, and one line saying how."""
     if tok.name == "gpt2":
-        files = bpe.to_hf_files(tok.as_bpe())
+        files = tokenizer_io.to_hf_files(tok.bpe)
         files["tokenizer_config.json"] = json.dumps(
             {"tokenizer_class": "GPT2Tokenizer", **dict.fromkeys(
-                ("bos_token", "eos_token", "unk_token"), bpe.ENDOFTEXT)}
+                ("bos_token", "eos_token", "unk_token"), tokenizer.ENDOFTEXT)}
         )  # fmt: skip
         return (
             files,
@@ -472,5 +473,33 @@ def tokenizer_files(tok: tokenizer.Tokenizer) -> tuple[dict[str, str], str]:
     files = {TOKENIZER_JSON: json.dumps(tok.to_json())}
     return files, (
         f"jaxgpt's own {tok.name} tokenizer: {TOKENIZER_JSON} (transformers cannot"
-        " read it; jaxgpt.tokenizer.from_json does)"
+        " read it; jaxgpt.tokenizer_io.from_json does)"
     )
+
+
+# ---------------------------------------------------------------- layers
+
+
+def stack_blocks(params: dict[str, Any]) -> dict[str, Any]:
+    """Plain parameters (blocks h_0 ... h_{L-1}) -> scan_layers ones (h, stacked on L).
+
+    Works on any tree shaped like the parameters (gradients, Adam moments).
+    """
+    names = sorted((k for k in params if k.startswith("h_")), key=lambda k: int(k[2:]))
+    if not names:
+        raise ValueError("no blocks h_0 ... h_{L-1} to stack (already stacked?).")
+    rest = {k: v for k, v in params.items() if k not in names}
+    blocks = [params[k] for k in names]
+    return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_blocks(params: dict[str, Any]) -> dict[str, Any]:
+    """scan_layers parameters (h, stacked on L) -> plain ones (h_0 ... h_{L-1})."""
+    if "h" not in params:
+        raise ValueError("no stacked blocks 'h' to unstack (already plain?).")
+    rest = {k: v for k, v in params.items() if k != "h"}
+    L = jax.tree.leaves(params["h"])[0].shape[0]
+    blocks = {
+        f"h_{i}": jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(L)
+    }
+    return {**rest, **blocks}

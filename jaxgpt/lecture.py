@@ -1,33 +1,24 @@
-"""The models of Karpathy's "Let's build GPT", one per step, as the lecture builds them.
+"""The models of Karpathy's "Let's build GPT", one per step of the lecture.
 
-Each step adds one idea to the one before (val losses on tiny shakespeare are
-the lecture's; `python -m jaxgpt.ladder` reproduces them):
+Each step adds one idea (val losses on tiny shakespeare are the lecture's;
+`python -m jaxgpt.ladder` reproduces them):
 
   bigram              model.Bigram: the next token from the current one   2.49
   lecture_head        one self-attention head as wide as the embedding    2.37
   lecture_heads       n_head heads of n_embd / n_head, concatenated       2.28
   lecture_ffwd        + a feed-forward layer: Linear(C, C), ReLU          2.24
-  lecture_residual    n_layer blocks with residual connections, the
-                      attention's projection, a 4C-wide feed-forward      2.08
+  lecture_residual    n_layer residual blocks, the attention's projection,
+                      a 4C-wide feed-forward                              2.08
   lecture_layernorm   + pre-LayerNorm in each block and a final one       2.06
-                      (scaled up: 6 layers, 6 heads, 384 wide, T 256,
-                      dropout 0.2 -- the lecture's gpt.py)                1.48
+                      (6 layers, 6 heads, 384 wide, T 256, dropout 0.2:
+                      the lecture's gpt.py)                               1.48
 
-They differ from model.GPT on purpose: separate heads concatenated, ReLU
-without the 4x until the residual step, no LayerNorm until its step, biases,
-an untied output layer (lm_head), and PyTorch's default initialisation
-(embeddings N(0, 1); Linear weights and biases U(+-1/sqrt(fan_in))). They
-compute in float32 and have no --dtype, --remat, --scan_layers or
---attention variants. `--model=lecture_...` selects them (model.make_model);
-the data, batches, training loop, checkpoints and sampling are jaxgpt's own.
-
-Sampling (generate.py) calls a model with decode=True on the next tokens of a
-sequence: these models keep the sequence so far in the "cache" collection (a
-block_size buffer of token ids) and re-run the window, as the lecture's
-generate() does, instead of caching keys and values.
-
-Shapes are suffixes: B batch, T time, C n_embd, D head size, V vocabulary,
-S block_size.
+They differ from model.GPT on purpose, as the lecture builds them: separate
+heads, biases, an untied lm_head, PyTorch's default initialisation
+(embeddings N(0, 1); Linear U(+-1/sqrt(fan_in))), float32 only. For sampling
+they keep the tokens so far in the "cache" collection and re-run the window,
+as the lecture's generate() does. Shapes: B batch, T time, C n_embd, D head
+size, V vocabulary, S block_size.
 """
 
 from __future__ import annotations

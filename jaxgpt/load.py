@@ -7,17 +7,17 @@ from __future__ import annotations
 from absl import logging
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import cli, data, hf, prepare, sharding, tokenizer, train
+from jaxgpt import cli, data, hf, hosts, prepare, tokenizer_io, train
 from jaxgpt.config import ConfigError, DataConfig, ModelConfig, RunConfig
 
 
 def read_dataset(data_cfg: DataConfig) -> prepare.Dataset:
     """The dataset's tokenizer and splits, token files read by window (prepared
     first if need be, by process 0 while the others wait)."""
-    if sharding.is_main_process():
+    if hosts.is_main_process():
         dataset = prepare.ensure(data_cfg)
-    sharding.sync("jaxgpt.prepare")
-    if not sharding.is_main_process():
+    hosts.sync("jaxgpt.prepare")
+    if not hosts.is_main_process():
         dataset = prepare.ensure(data_cfg)  # Prepared now: this only reads.
     return dataset
 
@@ -37,7 +37,7 @@ def check_fits(dataset: prepare.Dataset, model_cfg: ModelConfig, tok) -> None:
 
 def say(line: str) -> None:
     """A warning line from process 0."""
-    if sharding.is_main_process():
+    if hosts.is_main_process():
         logging.warning(line)
 
 
@@ -85,4 +85,4 @@ def load_model(run: RunConfig, which: str, mesh):
             advice=f"Use --checkpoint={other}, or train again.",
         )
     logging.info("the %s checkpoint of %s, step %d", which, run.workdir, step)
-    return model_cfg, params, tokenizer.from_json(meta["tokenizer"])
+    return model_cfg, params, tokenizer_io.from_json(meta["tokenizer"])

@@ -29,31 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxgpt import sharding
+from jaxgpt import hosts
 from jaxgpt.checkpoint import Checkpointer, on_host
 from jaxgpt.config import ConfigError, TrainConfig, free_on_resume
 from jaxgpt.stops import StopRequest
 from jaxgpt.train import TrainState
 
 Hook = Callable[[int, TrainState, dict], bool]
-
-
-def run_steps(
-    state, cfg: TrainConfig, step_fn, next_batch, evaluate_and_save, log, hooks
-):
-    """Steps state.step .. cfg.end_step, until a hook asks to stop: (state, the
-    last step's metrics)."""
-    metrics = None
-    for step in range(int(state.step), cfg.end_step):
-        state, metrics = step_fn(state, *next_batch(step))
-        done = step + 1
-        log.step(done, metrics)
-        stops = [hook(done, state, metrics) for hook in hooks]  # Every hook runs.
-        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-            evaluate_and_save(done, state)
-        if any(stops):
-            break
-    return state, metrics
 
 
 def train(
@@ -67,11 +49,11 @@ def train(
     clock: Callable[[], float] = time.monotonic,
     hooks: Sequence[Hook] = (),
 ) -> tuple[TrainState, str | None]:
-    """Trains from state.step to cfg.end_step, evaluating and checkpointing every
-    eval_interval steps. `step_fn(state, x_BT, y_BT)` is the compiled step with
-    its root key; `log` is a metrics.TrainLog; `clock` (seconds) times the saves
-    every save_every_minutes. Returns the final state and what stopped the run
-    early: None, "stop_at", "SIGINT" or "SIGTERM"."""
+    """Trains from state.step to cfg.end_step, evaluating and saving every
+    eval_interval steps, until a hook asks to stop. `step_fn(state, x_BT, y_BT)`
+    is the compiled step with its root key, `log` a metrics.TrainLog, `clock`
+    (seconds) times the timed saves. Returns the final state and what stopped
+    the run early: None, "stop_at", "SIGINT" or "SIGTERM"."""
 
     def evaluate_and_save(step: int, state) -> None:
         losses = evaluate(state.params)
@@ -79,20 +61,25 @@ def train(
         log.evaluation(step, losses)
         save_checked(step, state, checkpointer, val_loss=losses["val_loss"])
 
-    with StopRequest() as stop:
-        requests = Requests(stop, cfg, checkpointer, log, clock)
+    with StopRequest() as signals:
+        requests = Requests(signals, cfg, checkpointer, log, clock)
+        hooks = [LossGuard(cfg, checkpointer), requests, *hooks]
         if int(state.step) == 0:
             evaluate_and_save(0, state)
+        stopped = requests.agree(int(state.step), at_sync=True)  # Already?
         metrics = None
-        if not requests.agree(int(state.step), at_sync=True):  # Stopped already?
-            guards = [LossGuard(cfg, checkpointer), requests, *hooks]
-            state, metrics = run_steps(
-                state, cfg, step_fn, next_batch, evaluate_and_save, log, guards
-            )
+        for step in range(int(state.step), 0 if stopped else cfg.end_step):
+            x_BT, y_BT = next_batch(step)
+            state, metrics = step_fn(state, x_BT, y_BT)
+            log.step(step + 1, metrics)
+            stops = [hook(step + 1, state, metrics) for hook in hooks]  # All run.
+            if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:
+                evaluate_and_save(step + 1, state)
+            if any(stops):
+                break
         if metrics is not None:  # The last step's loss, if not checked yet.
-            check_loss(
-                {"train_loss": metrics["loss"]}, int(state.step), cfg, checkpointer
-            )
+            loss = {"train_loss": metrics["loss"]}
+            check_loss(loss, int(state.step), cfg, checkpointer)
         save_checked(int(state.step), state, checkpointer)  # No-op if just saved.
         checkpointer.wait()
     stopped_by = signal.Signals(requests.signum).name if requests.signum else None
@@ -141,7 +128,7 @@ class Requests:
         self.save_now = False
         if jax.process_count() > 1 and not at_sync:
             return False
-        signum, due = sharding.process_max(np.array([self.stop.signum, int(save_due)]))
+        signum, due = hosts.process_max(np.array([self.stop.signum, int(save_due)]))
         self.signum, self.save_now = int(signum), bool(due)
         return bool(self.signum)
 

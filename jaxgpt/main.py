@@ -32,6 +32,7 @@ from jaxgpt import (
     cli,
     data,
     generate,
+    hosts,
     load,
     loop,
     metrics,
@@ -40,7 +41,6 @@ from jaxgpt import (
     prepare,
     quiet,
     sharding,
-    streams,
     tokenizer,
     train,
     workdir,
@@ -67,14 +67,14 @@ from_flags = cli.from_flags
 def lock_workdir(run: RunConfig) -> workdir.Lock:
     """Makes --workdir and takes its lock (process 0 holds it; all processes
     fail together if it cannot)."""
-    lock, error = workdir.Lock(run.workdir, hold=sharding.is_main_process()), None
+    lock, error = workdir.Lock(run.workdir, hold=hosts.is_main_process()), None
     try:
         workdir.make(run.workdir)
         if lock.hold:
             lock.acquire()
     except ConfigError as e:
         error = e
-    if sharding.process_max(np.array([error is not None]))[0]:
+    if hosts.process_max(np.array([error is not None]))[0]:
         raise error or ConfigError(
             f"process 0 cannot use --workdir={run.workdir}: see its log."
         )
@@ -98,7 +98,7 @@ def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg
         history = loop.settings_history(saved, current, step, run.allow_changes)
         logging.info("resuming from step %d in %s", step, run.workdir)
     checkpointer.update_meta(settings=history)
-    if sharding.is_main_process():  # Rows of steps the run will evaluate again.
+    if hosts.is_main_process():  # Rows of steps the run will evaluate again.
         path = Path(run.workdir) / workdir.METRICS_NAME
         dropped = workdir.trim_metrics(path, step if step > 0 else -1)
         if dropped:
@@ -139,7 +139,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     # Every model trains on the dataset's tokenizer (check_fits): the prompt
     # fails now, not after training.
     prompt_ids = encode_prompt(sample_cfg.prompt, dataset.tokenizer)
-    root = streams.root(run.seed)
+    root = train.root_key(run.seed)
     with lock_workdir(run), open_run(run) as checkpointer:
         saved = checkpointer.newest_meta()
         model_cfg, params, tok = choose_model(run, saved, dataset)
@@ -277,10 +277,10 @@ def encode_prompt(prompt: str, tok) -> np.ndarray:
 def draw_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):
     """cfg.num_samples continuations of the prompt, as text, on process 0 (the
     others take part in gathering the parameters and get [])."""
-    params = sharding.to_local(params, mesh)  # Every process takes part.
-    if not sharding.is_main_process():
+    params = hosts.to_local(params, mesh)  # Every process takes part.
+    if not hosts.is_main_process():
         return []
-    key = streams.stream(root, "sample")
+    key = train.stream(root, "sample")
     ids_BA = jax.device_get(
         generate.sample(apply_of(model_cfg), params, model_cfg, prompt_ids, cfg, key)
     )
@@ -297,7 +297,7 @@ def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, m
     """Prints cfg.num_samples continuations of the prompt (process 0 prints)."""
     t0 = time.perf_counter()
     texts = draw_samples(params, model_cfg, tok, prompt_ids, cfg, root, mesh)
-    if not sharding.is_main_process():
+    if not hosts.is_main_process():
         return
     dt = time.perf_counter() - t0
     for text in texts:
@@ -315,7 +315,7 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Samples from the workdir's checkpoint, or from --init_from's weights."""
     model_cfg, params, tok = load.load_model(run, sample_cfg.checkpoint, mesh)
     prompt_ids = encode_prompt(sample_cfg.prompt, tok)
-    root = streams.root(run.seed)
+    root = train.root_key(run.seed)
     print_samples(params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
     return 0
 
@@ -328,9 +328,9 @@ def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     load.check_fits(dataset, model_cfg, tok)
     train_cfg = from_flags(TrainConfig)
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
-    root = streams.root(run.seed)
+    root = train.root_key(run.seed)
     losses = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)(params)
-    if sharding.is_main_process():
+    if hosts.is_main_process():
         for split in dataset.splits:
             print(
                 f"{split}: loss {losses[f'{split}_loss']:.4f},"
@@ -372,8 +372,8 @@ def main(argv: list[str]) -> int:
         try:
             run, sample_cfg = from_flags(RunConfig), from_flags(SampleConfig)
             mesh_cfg = from_flags(MeshConfig)
-            sharding.initialize_distributed(mesh_cfg)  # Before any other use of JAX.
-            if not sharding.is_main_process():
+            hosts.initialize_distributed(mesh_cfg)  # Before any other use of JAX.
+            if not hosts.is_main_process():
                 logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
             mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
             modes = {"train": run_train, "sample": run_sample, "eval": run_eval}

@@ -20,10 +20,10 @@ from pathlib import Path
 from absl import logging
 from tqdm import tqdm
 
-from jaxgpt import perf, sharding
+from jaxgpt import hosts, perf
 from jaxgpt import workdir as workdir_lib
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.model import flops_per_token
+from jaxgpt.perf import flops_per_token
 
 
 class TrainLog:
@@ -49,7 +49,7 @@ class TrainLog:
         self.tokens_per_step = train_cfg.batch_size * model_cfg.block_size
         self.flops_per_token = flops_per_token(model_cfg)
         self.peak_flops, self.devices = peak_flops, devices
-        self.is_main = sharding.is_main_process()
+        self.is_main = hosts.is_main_process()
         self.bar = tqdm(
             total=train_cfg.end_step,
             initial=start_step,

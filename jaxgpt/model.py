@@ -22,9 +22,7 @@ Dense is Flax's, applied to the rows of its input (see the class below).
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -258,63 +256,6 @@ def use_cudnn(cfg: ModelConfig, decode: bool) -> bool:
     return cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu"
 
 
-# --- Parameters: layout, decay, counts ---------------------------------------
-def stack_blocks(params: dict[str, Any]) -> dict[str, Any]:
-    """Plain parameters (blocks h_0 ... h_{L-1}) -> scan_layers ones (h, stacked on L).
-
-    Works on any tree shaped like the parameters (gradients, Adam moments).
-    """
-    names = sorted((k for k in params if k.startswith("h_")), key=lambda k: int(k[2:]))
-    if not names:
-        raise ValueError("no blocks h_0 ... h_{L-1} to stack (already stacked?).")
-    rest = {k: v for k, v in params.items() if k not in names}
-    blocks = [params[k] for k in names]
-    return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-
-
-def unstack_blocks(params: dict[str, Any]) -> dict[str, Any]:
-    """scan_layers parameters (h, stacked on L) -> plain ones (h_0 ... h_{L-1})."""
-    if "h" not in params:
-        raise ValueError("no stacked blocks 'h' to unstack (already plain?).")
-    rest = {k: v for k, v in params.items() if k != "h"}
-    L = jax.tree.leaves(params["h"])[0].shape[0]
-    blocks = {
-        f"h_{i}": jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(L)
-    }
-    return {**rest, **blocks}
-
-
-def decay_mask(params: dict[str, Any]) -> dict[str, Any]:
-    """True for the weight matrices (AdamW decays those), False for biases and scales.
-
-    A leaf is a matrix when it has two axes per layer: the leading L axis of
-    scan_layers' stacked blocks doesn't count.
-    """
-    return {
-        name: jax.tree.map(lambda p, L=int(name == "h"): p.ndim - L >= 2, tree)
-        for name, tree in params.items()
-    }
-
-
 def count_params(params) -> int:
     """The number of parameters in a tree (of arrays or their shapes)."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-
-
-@functools.lru_cache(maxsize=32)
-def flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token, 6N + 12*L*C*T, counted from the parameter tree.
-
-    N: the parameters of the matmuls a token passes through, i.e. all but the
-    position table (the tied token embedding counts once, as the output
-    layer), as nanoGPT's estimate_mfu counts them; 6N is their forward (2N)
-    and backward (4N) FLOPs. 12LCT: the attention scores and values. An
-    option that changes the parameter tree changes N with it; tests check the
-    total against XLA's count of the compiled gradient.
-    """
-    if config.model != "gpt":  # The bigram, and the lecture's steps: not counted.
-        return 0.0
-    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    n = count_params(params) - count_params(params.get("wpe", {}))
-    C, L, T = config.n_embd, config.n_layer, config.block_size
-    return 6.0 * n + 12.0 * L * C * T

@@ -1,7 +1,7 @@
 """Model FLOP utilisation (MFU): the hardware's peak FLOP/s, known or measured.
 
 MFU = (model FLOPs per token x tokens/s) / (peak FLOP/s of the devices used).
-Model FLOPs per token come from `model.flops_per_token` (6N + 12LCT). The peak
+Model FLOPs per token come from `flops_per_token` (6N + 12LCT). The peak
 of a known accelerator is its data-sheet figure for the compute dtype; on a
 CPU (or anything unknown) it is measured: the best FLOP/s of a large jitted
 matmul in that dtype. A single measurement moves with whatever else the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import platform
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt import workdir
+from jaxgpt.config import ModelConfig
+from jaxgpt.model import count_params, init_params
 
 # Dense peak TFLOP/s per chip from the vendors' data sheets, by compute dtype.
 KNOWN_PEAKS = {
@@ -146,6 +149,25 @@ def peak_flops(
     peak, was_stored = stored_peak(dtype, store, n)
     when = "stored in" if was_stored else "measured now, stored in"
     return peak, f"measured once on this machine ({what}), {when} {store}"
+
+
+@functools.lru_cache(maxsize=32)
+def flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs per token, 6N + 12*L*C*T, counted from the parameter tree.
+
+    N: the parameters of the matmuls a token passes through, i.e. all but the
+    position table (the tied token embedding counts once, as the output
+    layer), as nanoGPT's estimate_mfu counts them; 6N is their forward (2N)
+    and backward (4N) FLOPs. 12LCT: the attention scores and values. An
+    option that changes the parameter tree changes N with it; tests check the
+    total against XLA's count of the compiled gradient.
+    """
+    if config.model != "gpt":  # The bigram, and the lecture's steps: not counted.
+        return 0.0
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    n = count_params(params) - count_params(params.get("wpe", {}))
+    C, L, T = config.n_embd, config.n_layer, config.block_size
+    return 6.0 * n + 12.0 * L * C * T
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float, devices: int = 1):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -32,14 +33,19 @@ import multiprocessing
 import os
 import pickle
 import sys
+import tempfile
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 from tqdm import tqdm
 
-from jaxgpt import bpe, data, tokenizer, workdir
+from jaxgpt import cache, data, tokenizer, tokenizer_io, workdir
 from jaxgpt.config import ConfigError, DataConfig
 
 
@@ -100,7 +106,7 @@ def load(folder: Path) -> Dataset:
                 f" --dataset={folder.name}) or delete {folder}."
             )
         splits[split] = data.TokenFile(path, meta["dtype"])
-    return Dataset(tokenizer.from_json(meta["tokenizer"]), splits, meta)
+    return Dataset(tokenizer_io.from_json(meta["tokenizer"]), splits, meta)
 
 
 class _PlainData(pickle.Unpickler):
@@ -118,7 +124,7 @@ def load_nanogpt(folder: Path) -> Dataset:
             itos = _PlainData(f).load()["itos"]
         tok = tokenizer.CharTokenizer("".join(itos[i] for i in range(len(itos))))
     else:
-        tok = tokenizer.load_gpt2()
+        tok = tokenizer_io.load_gpt2()
     splits = {
         split: data.TokenFile(folder / f"{split}.bin", np.uint16)
         for split in ("train", "val")
@@ -154,6 +160,71 @@ def ensure(cfg: DataConfig) -> Dataset:
 
 # --- Sources of text -----------------------------------------------------------
 
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+    "tinyshakespeare/input.txt"
+)
+TINYSHAKESPEARE_SHA256 = (
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+)
+RELATIVE_PATH = Path("tinyshakespeare") / "input.txt"
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks (a corpus need not fit in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
+    """Downloads `url` to `dest` atomically and checks its sha256."""
+    dest = Path(dest)
+    offline_hint = (
+        f"Fetch {url} by hand and pass --data_path=/path/to/input.txt, or set"
+        f" JAXGPT_DATA_DIR to a folder holding {RELATIVE_PATH}."
+    )
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            payload = response.read()
+    except OSError as e:  # URLError, timeouts, refused connections.
+        raise data.DataError(f"could not download {url} ({e}). {offline_hint}") from e
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != sha256:
+        raise data.DataError(
+            f"{url} has sha256 {digest}, expected {sha256}: the download is"
+            f" corrupt or the file changed. {offline_hint}"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+        tmp.write(payload)
+    os.replace(tmp.name, dest)
+    return dest
+
+
+def find_corpus(data_path: str | None = None) -> Path:
+    """Finds tiny shakespeare: --data_path, $JAXGPT_DATA_DIR, the cache, the web."""
+    if data_path:
+        path = Path(data_path).expanduser()
+        if not path.is_file():
+            raise data.DataError(f"--data_path={data_path} is not a file.")
+        return path
+    if os.environ.get("JAXGPT_DATA_DIR"):
+        path = Path(os.environ["JAXGPT_DATA_DIR"]).expanduser() / RELATIVE_PATH
+        if path.is_file():
+            return path
+    cached = cache.cache_dir() / RELATIVE_PATH
+    if cached.is_file() and sha256_of(cached) == TINYSHAKESPEARE_SHA256:
+        return cached
+    return download(TINYSHAKESPEARE_URL, cached, TINYSHAKESPEARE_SHA256)
+
+
+def load_text(data_path: str | None = None) -> str:
+    """Returns the corpus text (see `find_corpus` for where it comes from)."""
+    return find_corpus(data_path).read_text(encoding="utf-8")
+
 
 def recipe_of(cfg: DataConfig) -> Recipe:
     recipe = DATASETS.get(cfg.dataset)
@@ -169,7 +240,7 @@ def recipe_of(cfg: DataConfig) -> Recipe:
     if cfg.tokenizer:
         recipe = dataclasses.replace(recipe, tokenizer=cfg.tokenizer)
     if recipe.hf is None:  # Tiny shakespeare is found, or downloaded once.
-        files = local_files(cfg.data_path) if cfg.data_path else [data.find_corpus()]
+        files = local_files(cfg.data_path) if cfg.data_path else [find_corpus()]
         recipe = dataclasses.replace(recipe, files=tuple(files))
     return recipe
 
@@ -263,11 +334,11 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
     """The tokenizer `spec` names, trained on the dataset's text if it learns one."""
     if spec == "gpt2":
         try:
-            return tokenizer.load_gpt2()
+            return tokenizer_io.load_gpt2()
         except ValueError as e:
             raise data.DataError(str(e)) from e
     if spec.endswith(".json"):
-        return tokenizer.from_json(json.loads(Path(spec).read_text()))
+        return tokenizer_io.from_json(json.loads(Path(spec).read_text()))
     if spec == "char":  # The distinct characters of the whole corpus.
         chars = set()
         for doc in documents(cfg, recipe):
@@ -281,11 +352,51 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
                 size += len(sample[-1])
                 if size >= BPE_TRAIN_CHARS:
                     break
-        return tokenizer.BPETokenizer.train("\n".join(sample), int(spec[4:]))
+        text = "\n".join(sample)
+        counts = count_chunks(text, tokenizer.GPT4_PATTERN, (tokenizer.ENDOFTEXT,))
+        return tokenizer.BPETokenizer.train(counts, int(spec[4:]))
     raise ConfigError(
         f"--tokenizer={spec} is unknown: use char, gpt2, bpe:<vocab size> (e.g."
         " bpe:4096, trained on the dataset) or a tokenizer .json file."
     )
+
+
+PARALLEL_MIN_CHARS = 4_000_000
+# A newline after a non-space and before a letter ends a chunk under both
+# pre-tokenisers (tokenizer.GPT2_PATTERN, GPT4_PATTERN: no alternative runs
+# from a newline into a letter), and the newline forms the same chunk whether
+# or not the text ends after it. So text cut there has exactly the chunks of
+# the whole.
+SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\p{L})")
+
+
+def split_at_safe_points(text: str, num_pieces: int) -> list[str]:
+    """Cuts `text` into about `num_pieces` pieces at chunk boundaries."""
+    cuts, step = [0], max(1, len(text) // num_pieces)
+    while (m := SAFE_CUT.search(text, cuts[-1] + step)) is not None:
+        cuts.append(m.start())
+    cuts.append(len(text))
+    return [text[a:b] for a, b in pairwise(cuts) if b > a]
+
+
+def count_chunks(
+    text: str, pattern: str, specials=(), num_workers: int | None = None
+) -> Counter:
+    """tokenizer.count_chunks of `text`, by a process pool (`num_workers`,
+    default all cores) for texts over a few MB, cut at safe points."""
+    num_workers = num_workers or os.cpu_count() or 1
+    if num_workers == 1 or len(text) < PARALLEL_MIN_CHARS:
+        return tokenizer.count_chunks(text, pattern, specials)
+    pieces = split_at_safe_points(text, 4 * num_workers)
+    count = functools.partial(
+        tokenizer.count_chunks, pattern=pattern, specials=tuple(specials)
+    )
+    # spawn, not fork: the caller may hold threads (JAX's), which fork breaks.
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+        counts = Counter()
+        for piece_counts in pool.imap_unordered(count, pieces):
+            counts.update(piece_counts)
+    return counts
 
 
 _worker = {}  # The tokenizer and end-of-text ids of a pool worker.
@@ -294,13 +405,13 @@ _worker = {}  # The tokenizer and end-of-text ids of a pool worker.
 def end_of_text(tok) -> np.ndarray:
     """The ids that end a document: <|endoftext|> if the tokenizer has it."""
     enc = getattr(tok, "encoding", None)  # Char tokenizers have no specials.
-    if enc is None or bpe.ENDOFTEXT not in enc.special_tokens_set:
+    if enc is None or tokenizer.ENDOFTEXT not in enc.special_tokens_set:
         return np.zeros(0, np.int32)
-    return np.array([enc.encode_single_token(bpe.ENDOFTEXT)], np.int32)
+    return np.array([enc.encode_single_token(tokenizer.ENDOFTEXT)], np.int32)
 
 
 def _init_worker(tokenizer_json: dict) -> None:
-    tok = tokenizer.from_json(tokenizer_json)
+    tok = tokenizer_io.from_json(tokenizer_json)
     _worker.update(tok=tok, eot=end_of_text(tok))
 
 
@@ -379,12 +490,12 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
 
 def pieces_of(jobs, max_chars: int = 1_000_000) -> Iterator[tuple]:
     """(split, piece, is the last, is a document): long texts cut where the
-    pre-tokenisers always cut (bpe.SAFE_CUT), so that workers share them and
+    pre-tokenisers always cut (SAFE_CUT), so that workers share them and
     the ids are those of the whole text."""
     for split, text, document in jobs:
         start = 0
         while len(text) - start > max_chars:
-            cut = bpe.SAFE_CUT.search(text, start + max_chars)
+            cut = SAFE_CUT.search(text, start + max_chars)
             if cut is None:
                 break
             yield split, text[start : cut.start()], False, document
@@ -404,10 +515,10 @@ def source_of(recipe: Recipe) -> dict[str, Any]:
         return {"hf_path": recipe.hf[0], "hf_config": recipe.hf[1]}
     files = recipe.files
     if len(files) == 1:
-        return {"paths": [str(files[0])], "sha256": data.sha256_of(files[0])}
+        return {"paths": [str(files[0])], "sha256": sha256_of(files[0])}
     digest = hashlib.sha256()  # Of the files' own digests and names, in order.
     for path in files:
-        digest.update(f"{data.sha256_of(path)}  {path}\n".encode())
+        digest.update(f"{sha256_of(path)}  {path}\n".encode())
     return {"paths": [str(p) for p in files[:20]], "sha256": digest.hexdigest()}
 
 

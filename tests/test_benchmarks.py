@@ -96,7 +96,8 @@ def test_vs_torch_matmul_times_the_steps_products():
         r"^\| (.+?) \| \[\d+, \d+\] @ \[\d+, \d+\] \| (\d) \|", out, re.MULTILINE
     )
     assert len(rows) == 15 and ("mlp c_proj weight grad", "1") in rows
-    assert re.search(r"products per step: jaxgpt [\d.]+ ms, torch [\d.]+ ms", out)
+    # Tiny products differ from their loop by less than the noise: a sign may flip.
+    assert re.search(r"products per step: jaxgpt -?[\d.]+ ms, torch -?[\d.]+ ms", out)
 
 
 def test_vs_torch_seeds_evaluates_both_on_the_whole_split(data_flags):

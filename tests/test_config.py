@@ -65,3 +65,13 @@ def test_configs_validate_and_name_the_flag(cls, kw, words):
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SampleConfig().top_k = 3
+
+
+def test_docs_flags_md_is_made_from_the_configs():
+    """docs/flags.md lists every flag as config.py defines it (regenerate it
+    with `python -m jaxgpt.cli > docs/flags.md`)."""
+    from conftest import REPO
+
+    from jaxgpt import cli
+
+    assert (REPO / "docs" / "flags.md").read_text() == cli.markdown()

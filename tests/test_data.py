@@ -1,6 +1,3 @@
-import hashlib
-import io
-import urllib.request
 from pathlib import Path
 
 import chex
@@ -83,64 +80,6 @@ def test_too_short_corpus_names_block_size():
     with pytest.raises(data.DataError, match="--block_size"):
         data.check_long_enough(10, 10, "validation split")
     data.check_long_enough(11, 10, "validation split")
-
-
-def test_data_path_comes_first(tmp_path, monkeypatch):
-    path = tmp_path / "mine.txt"
-    path.write_text("abc")
-    monkeypatch.setenv("JAXGPT_DATA_DIR", str(tmp_path / "nowhere"))
-    assert data.find_corpus(str(path)) == path
-    with pytest.raises(data.DataError, match="--data_path"):
-        data.find_corpus(str(tmp_path / "missing.txt"))
-
-
-def test_env_dir_then_cache_then_download(tmp_path, monkeypatch):
-    payload = b"to be or not to be\n"
-    monkeypatch.setattr(
-        data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest()
-    )
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    env_dir = tmp_path / "env"
-    (env_dir / "tinyshakespeare").mkdir(parents=True)
-    (env_dir / "tinyshakespeare" / "input.txt").write_bytes(payload)
-    monkeypatch.setenv("JAXGPT_DATA_DIR", str(env_dir))
-    assert data.find_corpus() == env_dir / "tinyshakespeare" / "input.txt"
-
-    monkeypatch.delenv("JAXGPT_DATA_DIR")
-    calls = []
-
-    def fake_urlopen(url, timeout):
-        calls.append(url)
-        return io.BytesIO(payload)
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    downloaded = data.find_corpus()
-    assert downloaded == tmp_path / "cache" / "jaxgpt" / "tinyshakespeare" / "input.txt"
-    assert downloaded.read_bytes() == payload and calls == [data.TINYSHAKESPEARE_URL]
-    assert data.find_corpus() == downloaded and len(calls) == 1  # Cached now.
-
-
-def test_corrupt_download_is_refused(tmp_path, monkeypatch):
-    monkeypatch.delenv("JAXGPT_DATA_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(
-        urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"x")
-    )
-    with pytest.raises(data.DataError, match="sha256"):
-        data.find_corpus()
-    assert not (tmp_path / "jaxgpt" / "tinyshakespeare" / "input.txt").exists()
-
-
-def test_offline_error_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.delenv("JAXGPT_DATA_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-
-    def offline(url, timeout):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(data.DataError, match="--data_path.*JAXGPT_DATA_DIR"):
-        data.find_corpus()
 
 
 def test_the_last_window_of_a_token_file_is_reachable(tmp_path):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import generate, model
+from jaxgpt import generate, hf, model
 from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
 
 CFG = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
@@ -202,7 +202,7 @@ def test_prompt_longer_than_block_size_first_token_agrees(params2):
 def test_cache_with_model_variants(params2, variant):
     """Scanned (params converted) and dot_product models decode like the plain one."""
     cfg = dataclasses.replace(CFG2, **variant)
-    p = model.stack_blocks(params2) if cfg.scan_layers else params2
+    p = hf.stack_blocks(params2) if cfg.scan_layers else params2
     prompt_BP = [row[:2] for row in PROMPTS_B3]
     tokens, logits = run(p, prompt_BP, 12, cfg=cfg, temperature=0.0)
     ref_tokens, ref_logits = policy_reference(params2, prompt_BP, 12)

@@ -312,7 +312,7 @@ def test_scan_layers_imports_and_exports_equal(hf_gpt2, imported):
     cfg, params = imported
     scan_cfg, scan_params = hf.load_gpt2(folder, scan_layers=True)
     assert scan_cfg == dataclasses.replace(cfg, scan_layers=True)
-    assert leaves_equal(scan_params, model.stack_blocks(params))
+    assert leaves_equal(scan_params, hf.stack_blocks(params))
     assert leaves_equal(
         hf.params_to_hf(scan_params, scan_cfg), hf.params_to_hf(params, cfg)
     )

@@ -21,7 +21,16 @@ from absl import flags
 from absl.testing import flagsaver
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import hf, load, main, model, sharding, streams, tokenizer, train
+from jaxgpt import (
+    hf,
+    load,
+    main,
+    model,
+    sharding,
+    tokenizer,
+    tokenizer_io,
+    train,
+)
 from jaxgpt.config import DataConfig, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +50,7 @@ def gpt2_folder(tmp_path_factory) -> Path:
             p.add_(0.05 * torch.randn(p.shape))  # Non-trivial biases and gains.
     folder = tmp_path_factory.mktemp("gpt2")
     hf_model.save_pretrained(folder)
-    files, _ = hf.tokenizer_files(tokenizer.load_gpt2())
+    files, _ = hf.tokenizer_files(tokenizer_io.load_gpt2())
     for name, text in files.items():
         (folder / name).write_text(text)
     return folder
@@ -85,7 +94,7 @@ def test_sample_from_imported_weights_is_transformers_greedy(
         capsys, mode="sample", init_from=str(gpt2_folder), prompt="Hello, my",
         temperature=0.0, max_new_tokens=12,
     )  # fmt: skip
-    gpt2 = tokenizer.load_gpt2()
+    gpt2 = tokenizer_io.load_gpt2()
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_folder).eval()
     prompt = torch.as_tensor(gpt2.encode("Hello, my")[None], dtype=torch.long)
     want = hf_model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
@@ -106,7 +115,7 @@ def test_eval_of_imported_weights_is_transformers_loss(
     # The same windows through transformers: eval_batches draws them from the seed.
     dataset = load.read_dataset(DataConfig(**data_flags))
     x, y = train.eval_batches(
-        dataset.splits["val"], streams.root(3), 2, 4, 64, sharding.make_mesh()
+        dataset.splits["val"], train.root_key(3), 2, 4, 64, sharding.make_mesh()
     )
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_folder).eval()
     with torch.no_grad():
@@ -166,7 +175,7 @@ def test_finetune_resume_and_export_to_transformers(
     assert np.abs(np.asarray(got) - want).max() < 1e-4
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "To be, or not to be: that is the question."
-    assert hf_tok(text)["input_ids"] == tokenizer.load_gpt2().encode(text).tolist()
+    assert hf_tok(text)["input_ids"] == tokenizer_io.load_gpt2().encode(text).tolist()
 
 
 def test_a_char_run_exports_its_tokenizer_and_imports_back(

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import model
+from jaxgpt import model, perf
 from jaxgpt.config import ConfigError, ModelConfig
 
 CFG = ModelConfig(
@@ -229,5 +229,5 @@ def test_flops_per_token_matches_xlas_count(shape):
     """6N + 12LCT against the FLOPs XLA counts in the lowered gradient (matmuls
     plus the elementwise work, a few percent at these sizes)."""
     cfg = ModelConfig(**shape)
-    ratio = xla_flops_per_token(cfg) / model.flops_per_token(cfg)
+    ratio = xla_flops_per_token(cfg) / perf.flops_per_token(cfg)
     assert 0.98 < ratio < 1.06, ratio

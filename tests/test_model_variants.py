@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import model
+from jaxgpt import hf, model, train
 from jaxgpt.config import ConfigError, ModelConfig
 
 CFG = ModelConfig(
@@ -124,33 +124,33 @@ def test_remat_gives_the_same_loss_and_gradients(params):
 
 
 def test_stack_and_unstack_blocks_are_inverse(params):
-    stacked = model.stack_blocks(params)
+    stacked = hf.stack_blocks(params)
     assert "h" in stacked and not any(k.startswith("h_") for k in stacked)
     chex.assert_shape(stacked["h"]["attn"]["c_attn"]["kernel"], (2, 32, 96))
     np.testing.assert_array_equal(
         stacked["h"]["mlp"]["c_fc"]["kernel"][1], params["h_1"]["mlp"]["c_fc"]["kernel"]
     )
-    chex.assert_trees_all_equal(model.unstack_blocks(stacked), params)
+    chex.assert_trees_all_equal(hf.unstack_blocks(stacked), params)
     cfg = dataclasses.replace(CFG, scan_layers=True)
     scanned = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
     chex.assert_trees_all_equal_shapes_and_dtypes(scanned, stacked)
     with pytest.raises(ValueError, match="already stacked"):
-        model.stack_blocks(stacked)
+        hf.stack_blocks(stacked)
 
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_model_gives_the_same_loss_and_gradients(params, remat):
     cfg = dataclasses.replace(CFG, scan_layers=True, remat=remat)
-    loss, grads = loss_and_grads(cfg, model.stack_blocks(params))
+    loss, grads = loss_and_grads(cfg, hf.stack_blocks(params))
     ref_loss, ref_grads = loss_and_grads(CFG, params)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-    chex.assert_trees_all_close(grads, model.stack_blocks(ref_grads), atol=1e-6)
+    chex.assert_trees_all_close(grads, hf.stack_blocks(ref_grads), atol=1e-6)
 
 
 def test_scanned_model_splits_dropout_masks_per_layer(params):
     """With dropout, each layer draws its own masks (dropout rngs split per layer)."""
     cfg = dataclasses.replace(CFG, scan_layers=True, dropout=0.5, n_layer=2)
-    stacked = model.stack_blocks(params)
+    stacked = hf.stack_blocks(params)
     same = jax.tree.map(lambda x: jnp.stack([x[0], x[0]]), stacked["h"])
     x_BT, _ = tokens(0, batch=1)
     _, state = model.make_model(cfg).apply(
@@ -183,10 +183,10 @@ def test_scan_keeps_the_traced_program_flat_in_n_layer(params):
 
 
 def test_decay_mask_skips_the_stacked_layer_axis(params):
-    plain = model.decay_mask(params)
+    plain = train.decay_mask(params)
     assert plain["h_0"]["attn"]["c_attn"]["kernel"] and plain["wte"]["embedding"]
     assert not plain["h_0"]["attn"]["c_attn"]["bias"] and not plain["ln_f"]["scale"]
-    stacked = model.decay_mask(model.stack_blocks(params))
+    stacked = train.decay_mask(hf.stack_blocks(params))
     assert stacked["h"]["attn"]["c_attn"]["kernel"]
     assert not stacked["h"]["attn"]["c_attn"]["bias"]  # 2-D only by the L axis.
     assert not stacked["h"]["ln_1"]["scale"]

@@ -1,13 +1,17 @@
 """Preparing datasets: token files equal the tokenizer's ids of the text, split as
 documented, written atomically; prepared folders (ours and nanoGPT's) load."""
 
+import hashlib
+import io
 import json
 import pickle
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 
-from jaxgpt import data, prepare, tokenizer
+from jaxgpt import data, prepare, tokenizer_io
 from jaxgpt.config import ConfigError, DataConfig
 
 
@@ -41,7 +45,7 @@ def test_shakespeare_with_gpt2_bpe(tmp_path, corpus_path, corpus_text):
             tokenizer="gpt2",
         )
     )
-    gpt2 = tokenizer.load_gpt2()
+    gpt2 = tokenizer_io.load_gpt2()
     train_text, val_text = data.split(corpus_text)
     np.testing.assert_array_equal(dataset.splits["train"], gpt2.encode(train_text))
     np.testing.assert_array_equal(dataset.splits["val"], gpt2.encode(val_text))
@@ -145,7 +149,9 @@ def test_prepared_data_needs_no_corpus_and_changed_text_is_prepared_again(
     text = tmp_path / "t.txt"
     text.write_text("hello world\n" * 50)
     first = prepare.ensure(cfg(tmp_path, dataset="t", data_path=str(text)))
-    monkeypatch.setattr(data, "find_corpus", lambda *a: pytest.fail("looked for text"))
+    monkeypatch.setattr(
+        prepare, "find_corpus", lambda *a: pytest.fail("looked for text")
+    )
     again = prepare.ensure(cfg(tmp_path, dataset="t"))  # No --data_path: as prepared.
     assert again.meta == first.meta
     text.write_text("other words\n" * 50)
@@ -183,3 +189,64 @@ def test_unknown_dataset_and_tokenizer_name_the_flag(tmp_path):
         prepare.ensure(cfg(tmp_path, dataset="shakespeare_char", tokenizer="wordpiece"))
     with pytest.raises(ConfigError, match="--dataset="):
         DataConfig(dataset="../escape")
+
+
+# --- Finding tiny shakespeare ---------------------------------------------------
+
+
+def test_data_path_comes_first(tmp_path, monkeypatch):
+    path = tmp_path / "mine.txt"
+    path.write_text("abc")
+    monkeypatch.setenv("JAXGPT_DATA_DIR", str(tmp_path / "nowhere"))
+    assert prepare.find_corpus(str(path)) == path
+    with pytest.raises(data.DataError, match="--data_path"):
+        prepare.find_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_env_dir_then_cache_then_download(tmp_path, monkeypatch):
+    payload = b"to be or not to be\n"
+    monkeypatch.setattr(
+        prepare, "TINYSHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest()
+    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    env_dir = tmp_path / "env"
+    (env_dir / "tinyshakespeare").mkdir(parents=True)
+    (env_dir / "tinyshakespeare" / "input.txt").write_bytes(payload)
+    monkeypatch.setenv("JAXGPT_DATA_DIR", str(env_dir))
+    assert prepare.find_corpus() == env_dir / "tinyshakespeare" / "input.txt"
+
+    monkeypatch.delenv("JAXGPT_DATA_DIR")
+    calls = []
+
+    def fake_urlopen(url, timeout):
+        calls.append(url)
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    downloaded = prepare.find_corpus()
+    assert downloaded == tmp_path / "cache" / "jaxgpt" / "tinyshakespeare" / "input.txt"
+    assert downloaded.read_bytes() == payload and calls == [prepare.TINYSHAKESPEARE_URL]
+    assert prepare.find_corpus() == downloaded and len(calls) == 1  # Cached now.
+
+
+def test_corrupt_download_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAXGPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(
+        urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"x")
+    )
+    with pytest.raises(data.DataError, match="sha256"):
+        prepare.find_corpus()
+    assert not (tmp_path / "jaxgpt" / "tinyshakespeare" / "input.txt").exists()
+
+
+def test_offline_error_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAXGPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(data.DataError, match="--data_path.*JAXGPT_DATA_DIR"):
+        prepare.find_corpus()

@@ -24,7 +24,7 @@ from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import sharding, streams, train
+from jaxgpt import sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def test_mesh_that_does_not_match_the_devices_is_refused(data, fsdp):
 def test_abstract_state_carries_the_shardings():
     mesh = sharding.make_mesh()
     abstract = train.abstract_state(MODEL, TRAIN, mesh)
-    real = train.create_state(MODEL, TRAIN, streams.root(0), mesh)
+    real = train.create_state(MODEL, TRAIN, train.root_key(0), mesh)
     for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
         assert (a.shape, a.dtype) == (r.shape, r.dtype)
         assert a.sharding == r.sharding == sharding.replicated(mesh)
@@ -129,7 +129,7 @@ def one_device_mesh() -> Mesh:
 
 def run_steps(model_cfg, train_cfg, tokens, mesh):
     """STEPS steps of the loop's program (its step and batches) laid out on `mesh`."""
-    root = streams.root(0)
+    root = train.root_key(0)
     state = train.create_state(model_cfg, train_cfg, root, mesh)
     step = train.make_train_step(model_cfg, train_cfg, mesh)
     batches = train.make_batches(tokens, root, train_cfg.batch_size, T, mesh)

