@@ -2,7 +2,7 @@
 
   python benchmarks/generate.py                              # baby GPT, random init
   python benchmarks/generate.py --workdir=out/shakespeare    # a trained checkpoint
-  python benchmarks/generate.py --flagfile=experiments/shakespeare_gpu.cfg  # bf16
+  python benchmarks/generate.py --dtype=bfloat16                # the baby GPT in bf16
 
 The model comes from the model flags (their defaults are shakespeare.cfg's baby
 GPT: 6 layers, 6 heads, 384 wide, block 256) with vocabulary 65 and random

@@ -15,6 +15,7 @@ accelerator, or --peak_tflops.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import flax.linen
@@ -29,7 +30,8 @@ from jaxgpt import (
     sharding,
     train,
 )
-from jaxgpt.config import MeshConfig, ModelConfig, RunConfig, TrainConfig
+from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, TrainConfig
+from jaxgpt.main import check_backend
 from jaxgpt.perf import keep_freed_memory
 
 _STEPS = flags.DEFINE_integer("bench_steps", 50, "Timed steps.")
@@ -78,6 +80,10 @@ def main(argv):
     )
     train_cfg = cli.from_flags(TrainConfig)
     model_cfg = cli.from_flags(ModelConfig, vocab_size=65)
+    try:  # --attention=cudnn off a GPU: one line, as jaxgpt.main says it.
+        check_backend(model_cfg)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     # The peak first, while the machine is otherwise idle.
     peak, source = perf.peak_flops(
         model_cfg.dtype, run.peak_tflops, _MATMUL_N.value, measure=_MEASURE.value

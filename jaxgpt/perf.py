@@ -55,6 +55,19 @@ def known_peak(device_kind: str, dtype: str) -> float | None:
     return None
 
 
+# GPUs before Ampere have no bfloat16 units (Colab's T4 among them).
+NO_BFLOAT16_GPUS = ("t4", "v100", "p100", "p4", "k80")
+
+
+def compute_dtype(backend: str, device_kind: str) -> str:
+    """The dtype to compute in on these devices: bfloat16 on a TPU and on a GPU
+    from Ampere on, float32 on a CPU (bfloat16 is slow there) and on older GPUs."""
+    old_gpu = backend == "gpu" and any(
+        name in device_kind.lower() for name in NO_BFLOAT16_GPUS
+    )
+    return "float32" if backend == "cpu" or old_gpu else "bfloat16"
+
+
 def measure_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of the fastest of `repeats` jitted n x n x n matmuls on one device."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)

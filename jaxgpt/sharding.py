@@ -74,6 +74,11 @@ def check_batch(batch_size: int, grad_accum_steps: int, mesh) -> None:
     )
 
 
+def round_batch(batch_size: int, devices: int) -> int:
+    """batch_size rounded up to a multiple of `devices`, so that it splits over them."""
+    return devices * -(-batch_size // devices)
+
+
 def batch_sharding(mesh: Mesh, row_axis: int = 0) -> NamedSharding:
     """Rows of a batch (axis `row_axis`) split over all devices, each keeping whole rows."""
     return NamedSharding(mesh, P(*(None,) * row_axis, BATCH_AXES))

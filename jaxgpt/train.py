@@ -362,6 +362,32 @@ def eval_batches(
     )
 
 
+def make_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
+    """The compiled evaluation: eval_loss(params, x_NbT, y_NbT) -> the mean loss,
+    without dropout, of N batches of b rows (one lax.scan over them), the rows
+    split over the mesh and the FSDP shards gathered as in training."""
+    apply_fn = make_model(model_cfg).apply
+
+    def mean_loss(params, x_NbT, y_NbT):
+        params = sharding.gather(params, mesh)
+
+        def add(total, xy):
+            x_bT, y_bT = sharding.split_batch(xy, mesh)
+            logits_bTV = apply_fn({"params": params}, x_bT, deterministic=True)
+            return total + cross_entropy(logits_bTV, y_bT), None
+
+        total, _ = jax.lax.scan(add, jnp.float32(0.0), (x_NbT, y_NbT))
+        return total / x_NbT.shape[0]
+
+    params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
+    rows = sharding.batch_sharding(mesh, row_axis=1)
+    return jax.jit(
+        mean_loss,
+        in_shardings=(params, rows, rows),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+
 def make_evaluate(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -375,28 +401,14 @@ def make_evaluate(
 
     Every evaluation of a run sees the same batches: eval_iters of them per
     split, each as grad_accum_steps micro-batches as in training. One compiled
-    scan over them gives a split's mean. Bits per byte, loss x tokens / (bytes
-    x ln 2) over the same windows, compare models whatever their tokenizer.
+    scan over them (make_eval_loss) gives a split's mean. Bits per byte, loss x
+    tokens / (bytes x ln 2) over the same windows, compare models whatever their
+    tokenizer.
     """
     n = train_cfg.eval_iters * train_cfg.grad_accum_steps
     b, T = train_cfg.batch_size // train_cfg.grad_accum_steps, model_cfg.block_size
     batches = {name: eval_batches(t, root, n, b, T, mesh) for name, t in splits.items()}
-    apply_fn = make_model(model_cfg).apply
-
-    def mean_loss(params, x_NbT, y_NbT):
-        params = sharding.gather(params, mesh)
-
-        def add(total, xy):
-            x_bT, y_bT = sharding.split_batch(xy, mesh)
-            logits_bTV = apply_fn({"params": params}, x_bT, deterministic=True)
-            return total + cross_entropy(logits_bTV, y_bT), None
-
-        total, _ = jax.lax.scan(add, jnp.float32(0.0), (x_NbT, y_NbT))
-        return total / n
-
-    params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
-    rows, rep = sharding.batch_sharding(mesh, row_axis=1), sharding.replicated(mesh)
-    mean_loss = jax.jit(mean_loss, in_shardings=(params, rows, rows), out_shardings=rep)
+    mean_loss = make_eval_loss(model_cfg, mesh)
     bytes_per_token = {}  # Of each split's evaluation windows.
     if token_bytes is not None:
         count = jax.jit(lambda y: jnp.sum(jnp.take(jnp.asarray(token_bytes), y)))

@@ -1,7 +1,8 @@
 """The scripts in benchmarks/ run, on a tiny model: their figures are only
 meaningful on a quiet machine at full size, but a script that no longer runs
-against the package is caught here. (gpt2_step.py, GPT-2 124M, and data.py,
-a 4 GiB file, are left to be run by hand: they are the size they measure.)"""
+against the package is caught here. (data.py, a 4 GiB file, is left to be run
+by hand: it is the size it measures; gpt2_step.py runs tiny in accelerator.py's
+smoke run, tests/test_accelerators.py.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """experiments/colab_tpu.ipynb, executed headless (nbclient) on a tiny model, twice:
-it trains, plots, samples, and a second execution resumes where the first stopped."""
+it trains, plots, samples, and a second execution resumes where the first stopped.
+Then once more on 8 fake CPU devices: the mesh, batch and dtype an accelerator
+runtime gets, as far as a CPU can run them."""
 
 import json
 import os
@@ -9,6 +11,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
+
+from jaxgpt import checkpoint as ckpt
+from jaxgpt import perf
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "experiments" / "colab_tpu.ipynb"
@@ -107,3 +112,62 @@ def test_notebook_trains_plots_samples_and_resumes(tmp_path, corpus_path, kernel
     assert sorted(resumed) == [0, 20, 40]
     assert resumed[0] == losses[0] and resumed[20] == losses[20]  # Not retrained.
     assert resumed[40] < resumed[20]
+
+
+@pytest.mark.parametrize(
+    "backend,kind,dtype",
+    [
+        ("tpu", "TPU v5 lite", "bfloat16"),
+        ("tpu", "TPU v6 lite", "bfloat16"),
+        ("gpu", "NVIDIA H100 80GB HBM3", "bfloat16"),
+        ("gpu", "NVIDIA A100-SXM4-40GB", "bfloat16"),
+        ("gpu", "Tesla T4", "float32"),  # Colab's free GPU: no bfloat16 units.
+        ("gpu", "Tesla V100-SXM2-16GB", "float32"),
+        ("cpu", "cpu", "float32"),
+    ],
+)
+def test_notebook_computes_in_bfloat16_on_accelerators_that_have_it(
+    backend, kind, dtype
+):
+    assert perf.compute_dtype(backend, kind) == dtype
+
+
+def test_notebook_on_eight_devices_rounds_the_batch_and_trains_on_all(
+    tmp_path, corpus_path, kernel_env, monkeypatch
+):
+    """The branch an 8-chip runtime (a TPU v5e-8) takes, on 8 fake CPU devices:
+    the mesh from the device count, the batch rounded up to split over them,
+    bfloat16 (given: on a CPU the notebook's own choice is float32)."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "8")  # The kernel's children see 8.
+    workdir = tmp_path / "run"
+    parameters = {
+        "REPO": str(REPO),
+        "INSTALL": False,
+        "CONFIG": "experiments/shakespeare_cpu.cfg",
+        "MAX_ITERS": 10,
+        "USE_DRIVE": False,
+        "WORKDIR": str(workdir),
+        "DTYPE": "bfloat16",
+        "SAMPLE_TOKENS": 20,
+        "EXTRA_FLAGS": [
+            *TINY,
+            "--batch_size=12",  # Not a multiple of 8.
+            "--eval_interval=10",
+            "--notensorboard",
+            f"--data_path={corpus_path}",
+        ],
+    }
+    nb = execute(parameters, tmp_path)
+
+    devices = text_of(cell_with(nb, "MESH_FLAGS ="))
+    assert "8 x cpu (cpu)" in devices
+    assert "batch size rounded up to 16, a multiple of 8 devices" in devices
+    assert "mesh: data=8 x fsdp=1; batch 16 = 2 rows per device; bfloat16" in devices
+    meta = ckpt.read_meta(workdir)  # What the run trained.
+    assert meta["model"]["dtype"] == "bfloat16" and meta["train"]["batch_size"] == 16
+    losses = val_losses(workdir)
+    assert sorted(losses) == [0, 10] and losses[10] < losses[0]
+    assert text_of(cell_with(nb, "--mode=sample")).startswith("ROMEO:")
+    speed = text_of(cell_with(nb, "statistics.median"))
+    assert "| cpu | 8 x cpu | bfloat16 |" in speed
