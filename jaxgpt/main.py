@@ -119,14 +119,18 @@ def choose_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
 
 
 def check_resumable(saved: dict, model_cfg: ModelConfig, tok, workdir) -> None:
-    """Refuses to resume a checkpoint of another model or tokenizer."""
-    ckpt.check_compatible(saved["model"], model_cfg, workdir)
+    """Refuses to resume a checkpoint of another tokenizer or model (the
+    tokenizer first: a dataset prepared again from other text changes both)."""
     if saved.get("tokenizer") != tok.to_json():
         raise ConfigError(
             f"--workdir={workdir} holds a checkpoint trained with another tokenizer"
-            " (a different vocabulary). Pass --overwrite to start afresh there, or"
-            " choose another --workdir."
+            f" (vocabulary {saved['model'].get('vocab_size')}, now"
+            f" {model_cfg.vocab_size}): if --dataset={saved.get('dataset')} was"
+            " prepared again from other text, prepare it from the run's text to"
+            " resume; pass --overwrite to start afresh there (its checkpoints are"
+            " deleted), or choose another --workdir."
         )
+    ckpt.check_compatible(saved["model"], model_cfg, workdir)
 
 
 def check_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):

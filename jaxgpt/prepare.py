@@ -750,6 +750,8 @@ def main(argv: list[str]) -> None:
         prepare(cli.from_flags(DataConfig))
     except (ConfigError, data.DataError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # Reading the text.
+        raise SystemExit(f"error: cannot read {e.filename} ({e.strerror}).") from None
 
 
 if __name__ == "__main__":

@@ -288,7 +288,9 @@ DAMAGE = {
         f, r'("best_val_loss": )(\d)', next_digit
     ),
     "flipped n_layer": lambda f: rot(f, '"n_layer": 1', '"n_layer": 3'),
-    "flipped tokenizer character": lambda f: rot(f, "abc", "abd"),
+    "flipped tokenizer character": lambda f: rot(
+        f, r'("vocab": "[^a-y"]*)([a-y])', lambda m: m[1] + chr(ord(m[2]) + 1)
+    ),
     "meta {}": lambda f: (f / "meta" / "metadata").write_text("{}"),
     "meta [1]": lambda f: (f / "meta" / "metadata").write_text("[1]"),
     "meta null": lambda f: (f / "meta" / "metadata").write_text("null"),
@@ -1013,6 +1015,22 @@ def test_refused_runs_are_one_line_and_write_nothing(
         assert word in message, message
     assert "bfloat16" not in message  # (cudnn: not advice that fails next.)
     assert tree(tmp_path) == before
+
+
+def test_a_dataset_prepared_from_other_text_is_named_not_overwritten(
+    copy, tmp_path, main_error
+):
+    """The run's dataset prepared again from other text (another vocabulary):
+    one line that says so before --overwrite, and the workdir is untouched."""
+    other = tmp_path / "other.txt"
+    other.write_text("to be or not to be\n" * 2000)
+    before = tree(copy)
+    line = main_error(copy, data_path=str(other), data_dir=str(tmp_path / "data"))
+    vocab = saved(copy)[1]["model"]["vocab_size"]
+    assert f"another tokenizer (vocabulary {vocab}, now 8)" in line
+    assert "prepared again from other text" in line
+    assert line.index("prepared again") < line.index("--overwrite")
+    assert tree(copy) == before
 
 
 def test_sampling_and_export_read_around_damaged_metas(copy, pristine, monkeypatch):
