@@ -486,6 +486,18 @@ class Checkpointer:
         restored = self._read(which, step, params=ocp.args.StandardRestore(abstract))
         return restored["params"], restored["meta"]
 
+    def load_own_params(self, which: str, step: int, target_of: Callable[[dict], Any]):
+        """(params, meta) of one checkpoint, read into `target_of(meta)` of its
+        own verified meta (a flipped meta elsewhere changes nothing here)."""
+        meta, error = None, None
+        try:
+            meta = self.read_meta(which, step)
+        except Damaged as e:
+            error = e
+        if hosts.process_max(np.array([error is not None]))[0]:
+            raise error or Damaged("another process could not read its meta")
+        return self.load_params(target_of(meta), which, step)
+
     def _read(self, which: str, step: int, **items) -> dict[str, Any]:
         """The items of one checkpoint with its meta, each array checked against
         its checksum. Every process agrees on the outcome."""

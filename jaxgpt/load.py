@@ -72,20 +72,18 @@ def load_model(run: RunConfig, which: str, mesh):
                 " (--mode=train), point --workdir at a run, or pass --init_from."
             )
 
-        def load(w: str, s: int):
-            meta = checkpointer.read_meta(w, s)
-            model_cfg = ModelConfig(**meta["model"])
-            target = train.abstract_params(model_cfg, mesh)
-            return model_cfg, checkpointer.load_params(target, w, s)[0], meta
+        def target_of(meta: dict):
+            return train.abstract_params(ModelConfig(**meta["model"]), mesh)
 
         other = ckpt.LATEST if which == ckpt.BEST else ckpt.BEST
-        (model_cfg, params, meta), _, step = checkpointer.newest_intact(
-            load,
+        (params, meta), _, step = checkpointer.newest_intact(
+            lambda w, s: checkpointer.load_own_params(w, s, target_of),
             (which,),
             say=say,
             advice=f"Use --checkpoint={other}, or train again.",
         )
     logging.info("the %s checkpoint of %s, step %d", which, run.workdir, step)
+    model_cfg = ModelConfig(**meta["model"])
     try:
         tok = tokenizer_io.from_json(meta["tokenizer"])
     except ValueError as e:  # GPT-2's tokenizer files not found, or a bad one.

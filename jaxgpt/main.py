@@ -173,8 +173,9 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     saved = saved_meta(run)
     model_cfg, params, tok = check_model(run, saved, dataset)
     with lock_workdir(run), open_run(run) as checkpointer:
-        if checkpointer.newest_meta() != saved:  # Another run saved meanwhile.
-            saved = checkpointer.newest_meta()
+        newest = checkpointer.newest_meta()
+        if newest != saved:  # Another run saved there meanwhile.
+            saved = newest
             model_cfg, params, tok = check_model(run, saved, dataset)
         checkpointer.update_meta(
             model=model_cfg.to_dict(),

@@ -89,9 +89,8 @@ BPE_TRAIN_CHARS = 100_000_000  # Our BPE learns its merges from this much text.
 PREPARING = ".preparing"  # In a dataset's folder while its files are replaced.
 TMP_NAME = re.compile(r"\..+\.tmp-(\d+)")  # Temporary files, with their pid.
 DTYPES = ("uint16", "uint32")  # Of token files.
-SCAN_BYTES = (
-    2**30
-)  # Token files up to this size are checked whole, larger ones sampled.
+# Token files up to this size have every id checked, larger ones 64 windows.
+SCAN_BYTES = 2**30
 
 
 # --- Reading prepared datasets -------------------------------------------------
@@ -683,16 +682,16 @@ def make_folders(folder: Path) -> list[Path]:
 
 def write_error(e: OSError, folder: Path, data_dir) -> str:
     """One line for a failed write of a dataset: a full disk says so."""
-    where = e.filename or folder
+    where = f" at {e.filename}" if e.filename else ""
     if e.errno in workdir.FULL:
         return (
             f"could not write the dataset {folder} ({workdir.WRITE_ERRORS[e.errno]}"
-            f" at {where}; {workdir.free_space(nearest(Path(data_dir)))} in"
+            f"{where}; {workdir.free_space(nearest(Path(data_dir)))} in"
             f" --data_dir={data_dir}); its unfinished files are deleted. Free space"
             " (or choose another --data_dir) and run again."
         )
     return (
-        f"could not write the dataset {folder} ({e.strerror or e} at {where}):"
+        f"could not write the dataset {folder} ({e.strerror or e}{where}):"
         " choose a --data_dir you can write to."
     )
 
