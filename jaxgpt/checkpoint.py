@@ -7,9 +7,9 @@ Layout (one folder per saved step):
                                                            verification, moved aside
 `params` alone is enough to sample; `opt_state` holds the step and AdamW's
 moments; `meta` is JSON: the run's description (model config, training
-settings, vocabulary), the best val loss so far and its step, and a checksum
-of every saved array, so a checkpoint can be sampled from without the corpus
-or the flags, and verified.
+settings, vocabulary), the best val loss so far and its step, a checksum of
+every saved array, and a checksum of the meta itself (`meta_checksum`), so a
+checkpoint can be sampled from without the corpus or the flags, and verified.
 
 What survives what:
 - A kill, at any moment. Orbax writes into a temporary folder and renames it
@@ -17,8 +17,13 @@ What survives what:
   restores the newest checkpoint, and makes `best/` agree with it.
 - Corruption. A checksum of each array (computed on the devices, so it does
   not depend on how the array is sharded) is stored in `meta` and checked
-  after restoring; a checkpoint that fails it, or cannot be read, is named in
-  one line, moved aside, and the next newest one (latest or best) is used.
+  after restoring; the meta has a checksum of its own, checked before anything
+  in it is believed. A checkpoint that fails either, lacks them, or cannot be
+  read, is named in one line, moved aside, and the next newest one (latest or
+  best) is used.
+- A reader racing a writer (sampling while training replaces best/): a
+  checkpoint that fails to read because a newer one replaced it meanwhile is
+  not damage; the reader takes the newer one.
 - A failed write (a full disk). `SaveError` names the step, the folder and the
   free space; the save's temporary folder is deleted, earlier checkpoints are
   untouched.
@@ -33,6 +38,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -57,6 +64,9 @@ FOLDERS = {LATEST: "checkpoints", BEST: "best"}  # Under the workdir.
 KEEP = {LATEST: 3, BEST: 1}  # Saves kept of each: older latest ones to fall back to.
 DAMAGED = "damaged"  # Under the workdir: checkpoints that failed verification.
 TMP_MARK = ".orbax-checkpoint-tmp"  # In the names of orbax's unfinished saves.
+ITEMS = ("params", "opt_state")  # The array items of a checkpoint.
+META_CHECKSUM = "meta_checksum"  # The meta's key for its own checksum.
+RACE_RETRIES = 3  # Times a reader lists the checkpoints again after a race.
 
 
 class CheckpointError(RuntimeError):
@@ -165,10 +175,8 @@ def checksums(tree) -> dict[str, str]:
     }
 
 
-def verify(expected: Mapping[str, str] | None, tree, item: str) -> None:
+def verify(expected: Mapping[str, str], tree, item: str) -> None:
     """Raises Damaged if an array of `tree` differs from its checksum."""
-    if expected is None:
-        return  # Saved before checksums were: nothing to check against.
     got = checksums(tree)
     wrong = [
         k for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k)
@@ -176,6 +184,53 @@ def verify(expected: Mapping[str, str] | None, tree, item: str) -> None:
     if wrong:
         more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
         raise Damaged(f"{item}/{wrong[0]}{more} differ from their checksums")
+
+
+def meta_checksum(meta: Mapping[str, Any]) -> str:
+    """The sha256 of the meta (without its own checksum) as JSON with sorted
+    keys: the same before saving and after reading (JSON turns tuples into
+    lists and keys into strings, so it is taken of the JSON round trip)."""
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    plain = json.loads(json.dumps(body))
+    text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def signed(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """`meta` with its own checksum, as it is saved."""
+    return {**meta, META_CHECKSUM: meta_checksum(meta)}
+
+
+def check_meta(meta: Any, check: Callable[[dict], None] | None = None) -> dict:
+    """`meta` if it is a checkpoint's meta as saved: a JSON object equal to its
+    own checksum, holding the checksums of the arrays and a best val loss;
+    then `check(meta)` (the caller's own expectations) must not raise.
+    Damaged says which is not so: nothing in a meta is believed before this."""
+    if not isinstance(meta, dict):
+        raise Damaged(f"its meta is a JSON {type(meta).__name__}, not an object")
+    if META_CHECKSUM not in meta:
+        raise Damaged(
+            "its meta has no checksum of its own (damaged, or saved by a jaxgpt"
+            " older than meta checksums)"
+        )
+    if meta[META_CHECKSUM] != meta_checksum(meta):
+        raise Damaged("its meta differs from its checksum")
+    sums = meta.get("checksums")
+    if not isinstance(sums, dict) or not all(
+        isinstance(sums.get(i), dict) for i in ITEMS
+    ):
+        raise Damaged("its meta has no checksums of its arrays")
+    best, step = meta.get("best_val_loss"), meta.get("best_step")
+    if not isinstance(best, int | float) or isinstance(best, bool):
+        raise Damaged(f"its meta's best_val_loss is {best!r}, not a number")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+        raise Damaged(f"its meta's best_step is {step!r}, not a step")
+    if check is not None:
+        try:
+            check(meta)
+        except Exception as e:  # Whatever is wrong with it.
+            raise Damaged(f"its meta is not a run's meta ({describe(e)})") from e
+    return meta
 
 
 # --- The checkpointer -------------------------------------------------------------
@@ -214,10 +269,13 @@ def describe(error: BaseException) -> str:
 class Checkpointer:
     """The latest and best checkpoints of one run; it alone decides what is kept.
 
-    `meta` describes the run and is saved, with the best val loss so far and
-    the arrays' checksums, beside every checkpoint (a copy is kept: the
-    caller's dict is never changed). `read_only` (sampling) changes nothing on
-    disk, so it may read a workdir that a training run is writing.
+    `meta` describes the run and is saved, with the best val loss so far, the
+    arrays' checksums and its own, beside every checkpoint (a copy is kept:
+    the caller's dict is never changed). Every meta read is verified
+    (`check_meta`), and `check(meta)` may add what the caller expects of it
+    (a run's model and tokenizer): a meta that fails is a damaged checkpoint.
+    `read_only` (sampling) changes nothing on disk, so it may read a workdir
+    that a training run is writing.
     """
 
     def __init__(
@@ -225,9 +283,11 @@ class Checkpointer:
         workdir: str | Path,
         meta: Mapping[str, Any] | None = None,
         read_only: bool = False,
+        check: Callable[[dict], None] | None = None,
     ):
         self.workdir = Path(workdir).absolute()
         self.read_only = read_only
+        self.check_run = check  # The caller's own check of each meta.
         self._meta = dict(meta or {})
         self._managers = {
             which: manager(self.workdir / FOLDERS[which], which, read_only)
@@ -291,7 +351,7 @@ class Checkpointer:
                 args=ocp.args.Composite(
                     params=ocp.args.StandardSave(state.params),
                     opt_state=ocp.args.StandardSave(_opt_item(state)),
-                    meta=ocp.args.JsonSave(meta),
+                    meta=ocp.args.JsonSave(signed(meta)),
                 ),
             )
         except Exception as e:
@@ -373,15 +433,20 @@ class Checkpointer:
     # --- Reading
 
     def read_meta(self, which: str = LATEST, step: int | None = None) -> dict[str, Any]:
+        """One checkpoint's meta, verified (Damaged if it cannot be read or is
+        not intact)."""
         manager = self._managers[which]
         step = manager.latest_step() if step is None else step
-        restored = manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )
-        return restored["meta"]
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # Any failure to read is damage.
+            raise Damaged(describe(e)) from e
+        return check_meta(restored["meta"], self.check_run)
 
     def newest_meta(self, kinds=(LATEST, BEST)) -> dict[str, Any] | None:
-        """The meta of the newest checkpoint whose meta can be read, or None."""
+        """The meta of the newest checkpoint whose meta is intact, or None."""
         for step, which in self.candidates(kinds):
             try:
                 return self.read_meta(which, step)
@@ -421,6 +486,18 @@ class Checkpointer:
         restored = self._read(which, step, params=ocp.args.StandardRestore(abstract))
         return restored["params"], restored["meta"]
 
+    def load_own_params(self, which: str, step: int, target_of: Callable[[dict], Any]):
+        """(params, meta) of one checkpoint, read into `target_of(meta)` of its
+        own verified meta (a flipped meta elsewhere changes nothing here)."""
+        meta, error = None, None
+        try:
+            meta = self.read_meta(which, step)
+        except Damaged as e:
+            error = e
+        if hosts.process_max(np.array([error is not None]))[0]:
+            raise error or Damaged("another process could not read its meta")
+        return self.load_params(target_of(meta), which, step)
+
     def _read(self, which: str, step: int, **items) -> dict[str, Any]:
         """The items of one checkpoint with its meta, each array checked against
         its checksum. Every process agrees on the outcome."""
@@ -429,15 +506,15 @@ class Checkpointer:
             restored = self._managers[which].restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)
             )
-            sums = restored["meta"].get("checksums")
+            sums = check_meta(restored["meta"], self.check_run)["checksums"]
             for name in items:
-                verify(
-                    None if sums is None else sums.get(name, {}), restored[name], name
-                )
+                verify(sums[name], restored[name], name)
         except Exception as e:  # noqa: BLE001 Any failure to read is damage.
             error = e
         failed = hosts.process_max(np.array([error is not None]))[0]
         if failed:
+            if isinstance(error, Damaged):
+                raise error
             reason = describe(error) if error else "another process could not read it"
             raise Damaged(reason) from error
         return restored
@@ -461,26 +538,43 @@ class Checkpointer:
 
         Each one that does not is named in one line by `say`. Those newer than
         the one used are moved to <workdir>/damaged (unless read-only); if none
-        loads, nothing is moved and CheckpointError lists them.
+        loads, nothing is moved and CheckpointError lists them. Read-only, a
+        checkpoint that fails because a writer replaced it meanwhile (a newer
+        one of its kind is there now) is not damage: the list is read again.
         """
-        damaged = []
-        for step, which in self.candidates(kinds):
-            try:
-                loaded = load(which, step)
-            except Damaged as e:
-                say(
-                    f"the checkpoint of step {step} ({self.folder(which, step)}) is damaged: {e}"
-                )
-                damaged.append((which, step, str(e)))
-                continue
-            for bad_which, bad_step, _ in damaged:
-                self._move_aside(bad_which, bad_step, say)
-            return loaded, which, step
+        for _ in range(RACE_RETRIES):
+            damaged, replaced = [], False
+            for step, which in self.candidates(kinds):
+                try:
+                    loaded = load(which, step)
+                except Damaged as e:
+                    if self.read_only and self._replaced(which, step):
+                        logging.info("step %d was replaced while read: %s", step, e)
+                        replaced = True
+                        break
+                    say(
+                        f"the checkpoint of step {step} ({self.folder(which, step)})"
+                        f" is damaged: {e}"
+                    )
+                    damaged.append((which, step, str(e)))
+                    continue
+                for bad_which, bad_step, _ in damaged:
+                    self._move_aside(bad_which, bad_step, say)
+                return loaded, which, step
+            if not replaced:
+                break
         listed = "; ".join(f"{self.folder(w, s)}: {why}" for w, s, why in damaged)
         raise CheckpointError(
             f"no checkpoint in --workdir={self.workdir} can be read ({listed});"
             f" they are left as they are. {advice}"
         )
+
+    def _replaced(self, which: str, step: int) -> bool:
+        """Whether a writer has saved a newer `which` checkpoint than `step`
+        (which it then deletes, if it keeps no more), or deleted `step`."""
+        self._managers[which].reload()
+        now = self._managers[which].all_steps()
+        return step not in now or max(now) > step
 
     def _move_aside(self, which: str, step: int, say) -> None:
         if self.read_only:
@@ -530,8 +624,6 @@ class Checkpointer:
         if self.best_step is None or self.best_step in self._managers[BEST].all_steps():
             return
         if self.best_step == step:  # Killed between the latest and the best save.
-            if meta.get("checksums") is None:  # Saved before checksums were.
-                meta = {**meta, "checksums": _state_sums(state)}
             self._save(BEST, step, state, meta)
             self._wait(BEST)
             logging.info(
@@ -574,9 +666,16 @@ def manager(folder: Path, which: str, read_only: bool = False) -> ocp.Checkpoint
     return ocp.CheckpointManager(folder, options=options)
 
 
-def read_meta(workdir: str | Path, which: str = LATEST) -> dict[str, Any] | None:
-    """The meta of the workdir's newest readable `which` checkpoint, or None."""
-    with Checkpointer(workdir, read_only=True) as checkpointer:
+def read_meta(
+    workdir: str | Path,
+    which: str = LATEST,
+    check: Callable[[dict], None] | None = None,
+) -> dict[str, Any] | None:
+    """The meta of the workdir's newest intact `which` checkpoint, or None (also
+    when there is no workdir: nothing is created)."""
+    if not Path(workdir).is_dir():
+        return None
+    with Checkpointer(workdir, read_only=True, check=check) as checkpointer:
         return checkpointer.newest_meta((which,))
 
 
@@ -591,6 +690,17 @@ def clear(workdir: str | Path) -> None:
             shutil.rmtree(workdir / folder, ignore_errors=True)
         (workdir / workdir_lib.METRICS_NAME).unlink(missing_ok=True)
     hosts.sync("jaxgpt.checkpoint.clear")
+
+
+def check_run_meta(meta: dict[str, Any]) -> None:
+    """Raises unless `meta` describes a jaxgpt run: a model config jaxgpt builds
+    and a tokenizer (the `check` of a run's Checkpointer)."""
+    if not isinstance(meta.get("model"), dict):
+        raise TypeError("it has no model config")
+    ModelConfig(**meta["model"])
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("name"), str):
+        raise TypeError("it names no tokenizer")
 
 
 def check_compatible(saved: dict[str, Any], config: ModelConfig, workdir) -> None:

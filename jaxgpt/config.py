@@ -10,6 +10,7 @@ it needs and arrays; only main.py reads flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Literal
 
@@ -41,7 +42,8 @@ def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 
 
 def check_choices(config: Any) -> None:
-    """Every `Literal` field holds one of its choices."""
+    """Every `Literal` field holds one of its choices, every float is finite."""
+    check_finite(config)
     for field, hint in flag_fields(type(config)):
         choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
         value = getattr(config, field.name)
@@ -54,8 +56,17 @@ def check_choices(config: Any) -> None:
 
 def require_positive(**values: float) -> None:
     for name, value in values.items():
-        if value <= 0:
+        if not value > 0:  # Also NaN.
             raise ConfigError(f"--{name}={value} must be positive.")
+
+
+def check_finite(config: Any) -> None:
+    """Every float option is a finite number (NaN or inf would fail only
+    later, mid-run)."""
+    for field, _ in flag_fields(type(config)):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{field.name}={value} must be a finite number.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +151,30 @@ class DataConfig:
             )
         if self.max_documents is not None:
             require_positive(max_documents=self.max_documents)
+        if self.tokenizer is not None:
+            check_tokenizer_spec(self.tokenizer)
+
+
+BPE_MIN_VOCAB = 257  # A byte-level BPE's 256 bytes and <|endoftext|>.
+
+
+def check_tokenizer_spec(spec: str) -> None:
+    """--tokenizer names a tokenizer jaxgpt makes: char, gpt2, bpe:<size> (at
+    least its bytes and <|endoftext|>) or a .json file."""
+    if spec in ("char", "gpt2") or spec.endswith(".json"):
+        return
+    if spec.startswith("bpe:") and spec[4:].isdigit():
+        if int(spec[4:]) < BPE_MIN_VOCAB:
+            raise ConfigError(
+                f"--tokenizer={spec} is too small: a byte-level BPE has 256 byte"
+                f" tokens and <|endoftext|> before any merge, so give at least"
+                f" bpe:{BPE_MIN_VOCAB} (e.g. bpe:4096)."
+            )
+        return
+    raise ConfigError(
+        f"--tokenizer={spec} is unknown: use char, gpt2, bpe:<vocab size> (e.g."
+        " bpe:4096, trained on the dataset) or a tokenizer .json file."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,6 +470,11 @@ class MeshConfig:
     )
     num_processes: int | None = option(None, "Processes in the run.")
     process_id: int | None = option(None, "This process: 0 .. num_processes - 1.")
+    distributed_timeout: int = option(
+        300,
+        "Seconds a process of a multi-process run waits for all the others to"
+        " join before it gives up in one line.",
+    )
 
     def __post_init__(self):
         if self.mesh_fsdp < 1 or (self.mesh_data is not None and self.mesh_data < 1):
@@ -449,6 +489,7 @@ class MeshConfig:
                 " give all three (the same address and count to every process, ids"
                 " 0 .. num_processes - 1), or none for a single process."
             )
+        require_positive(distributed_timeout=self.distributed_timeout)
         if self.multi_process and not 0 <= self.process_id < self.num_processes:
             raise ConfigError(
                 f"--process_id={self.process_id} must lie in [0, --num_processes"

@@ -13,18 +13,36 @@ checkpoint's parameters and meta are read.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from absl import app, logging
 
+from jaxgpt import checkpoint as ckpt
 from jaxgpt import (
     cli,  # Defines the flags.,
     hf,
     hosts,
     load,
+    quiet,
     sharding,
+    workdir,
 )
 from jaxgpt.config import ConfigError, ExportConfig, RunConfig, SampleConfig
+
+
+def check_writable(out: str) -> None:
+    """Refuses an --out that cannot be written, before anything is read
+    (creating nothing)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out={out} is a file: name a folder to write.")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--out={out} cannot be written ({existing} is not a folder you can"
+            " write to): choose another --out."
+        )
 
 
 def export(run: RunConfig, which: str, out: str) -> str:
@@ -32,6 +50,7 @@ def export(run: RunConfig, which: str, out: str) -> str:
     is stored."""
     if run.init_from:
         raise ConfigError("--init_from has nothing to export: pass --workdir of a run.")
+    check_writable(out)
     mesh = sharding.make_mesh()
     model_cfg, params, tok = load.load_model(run, which, mesh)
     params = hosts.to_local(params, mesh)
@@ -40,10 +59,18 @@ def export(run: RunConfig, which: str, out: str) -> str:
         hf.save_gpt2(params, model_cfg, out, files)
     except hf.HuggingFaceError as e:
         raise ConfigError(f"--workdir={run.workdir}: {e}") from e
+    except OSError as e:
+        full = e.errno in workdir.FULL
+        space = f"; {workdir.free_space(out)} there" if full else ""
+        raise ConfigError(
+            f"cannot write --out={out} ({e.strerror or e}{space}): free space or"
+            " choose another --out."
+        ) from e
     return how
 
 
 def main(argv: list[str]) -> int:
+    quiet.install()  # Orbax's log lines: none, as in jaxgpt.main.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     out = cli.from_flags(ExportConfig).out
@@ -53,8 +80,12 @@ def main(argv: list[str]) -> int:
         run = cli.from_flags(RunConfig)
         which = cli.from_flags(SampleConfig).checkpoint
         how = export(run, which, out)
-    except (ConfigError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ConfigError, ckpt.CheckpointError) as e:
+        raise SystemExit("error: " + " ".join(str(e).split("\n"))) from None
+    except OSError as e:
+        raise SystemExit(
+            f"error: cannot use {e.filename or out} ({e.strerror or e})."
+        ) from None
     logging.info("wrote %s: config.json, model.safetensors; %s", Path(out), how)
     print(f"tokenizer: {how}")
     return 0

@@ -288,10 +288,18 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
             " transformers: GPT2LMHeadModel.from_pretrained(folder)"
             ".save_pretrained(folder)."
         )
-    with zipfile.ZipFile(path) as archive:
-        pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-        root = pkl[: -len("data.pkl")]
-        return _TorchUnpickler(archive, root).load()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            root = pkl[: -len("data.pkl")]
+            return _TorchUnpickler(archive, root).load()
+    except HuggingFaceError:
+        raise
+    except Exception as e:  # noqa: BLE001 Damaged bytes fail in many ways.
+        raise HuggingFaceError(
+            f"{path} cannot be read ({type(e).__name__}: {e}): it is damaged;"
+            " save the model again, as model.safetensors."
+        ) from None
 
 
 # torch storage classes -> numpy dtypes (those a float checkpoint may use).
@@ -338,12 +346,26 @@ def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise HuggingFaceError(f"{folder} has no config.json: not a HF model folder.")
-    with open(config_path) as f:
-        config_json = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config_json = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HuggingFaceError(f"{config_path} is not JSON ({e}).") from None
+    if not isinstance(config_json, dict):
+        raise HuggingFaceError(
+            f"{config_path} is a JSON {type(config_json).__name__}, not a GPT2Config"
+            " object."
+        )
     st_path = os.path.join(folder, "model.safetensors")
     bin_path = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(st_path):
-        tensors = safetensors.numpy.load_file(st_path)
+        try:
+            tensors = safetensors.numpy.load_file(st_path)
+        except (safetensors.SafetensorError, OSError, ValueError) as e:
+            raise HuggingFaceError(
+                f"{st_path} cannot be read ({e}): it is damaged or not a"
+                " safetensors file; save the model again (save_pretrained)."
+            ) from None
     elif os.path.isfile(bin_path):
         tensors = read_torch_state_dict(bin_path)
     else:
@@ -393,7 +415,12 @@ def load_gpt2(name_or_path: str, **overrides: Any) -> tuple[ModelConfig, dict]:
             f"{name_or_path!r} is neither a folder nor one of {', '.join(HUB_REPOS)}."
         )
     config_json, tensors = read_hf_folder(folder)
-    cfg = config_from_hf(config_json)
+    try:
+        cfg = config_from_hf(config_json)
+    except TypeError as e:  # A value of the wrong type (a string for a size...).
+        raise HuggingFaceError(
+            f"{os.path.join(folder, 'config.json')} is not a GPT2Config ({e})."
+        ) from None
     cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
     return cfg, params_from_hf(tensors, cfg)
 

@@ -60,29 +60,32 @@ def load_model(run: RunConfig, which: str, mesh):
     """(model config, parameters, tokenizer) to sample or evaluate: --init_from's
     GPT-2, else the newest intact `which` checkpoint in --workdir (its parameters
     and meta only). Reads only: a training run may be writing the workdir; a
-    damaged checkpoint is named and the next older one of the same kind used."""
+    damaged checkpoint is named and the next older one of the same kind used.
+    Each checkpoint is read with the model its own (verified) meta describes."""
     if run.init_from:
         return import_gpt2(run.init_from)
-    with ckpt.Checkpointer(run.workdir, read_only=True) as checkpointer:
-        meta = checkpointer.newest_meta((which,))
-        if meta is None:
-            found = [
-                str(checkpointer.folder(which, s)) for s in checkpointer.steps(which)
-            ]
+    check = ckpt.check_run_meta
+    with ckpt.Checkpointer(run.workdir, read_only=True, check=check) as checkpointer:
+        if not checkpointer.steps(which):
             raise ConfigError(
-                f"no {which} checkpoint in --workdir={run.workdir}"
-                + (f" has a readable meta ({', '.join(found)})" if found else "")
-                + ": train first (--mode=train), point --workdir at a run, or pass"
-                " --init_from."
+                f"no {which} checkpoint in --workdir={run.workdir}: train first"
+                " (--mode=train), point --workdir at a run, or pass --init_from."
             )
-        model_cfg = ModelConfig(**meta["model"])
-        target = train.abstract_params(model_cfg, mesh)
+
+        def target_of(meta: dict):
+            return train.abstract_params(ModelConfig(**meta["model"]), mesh)
+
         other = ckpt.LATEST if which == ckpt.BEST else ckpt.BEST
-        (params, _), _, step = checkpointer.newest_intact(
-            lambda w, s: checkpointer.load_params(target, w, s),
+        (params, meta), _, step = checkpointer.newest_intact(
+            lambda w, s: checkpointer.load_own_params(w, s, target_of),
             (which,),
             say=say,
             advice=f"Use --checkpoint={other}, or train again.",
         )
     logging.info("the %s checkpoint of %s, step %d", which, run.workdir, step)
-    return model_cfg, params, tokenizer_io.from_json(meta["tokenizer"])
+    model_cfg = ModelConfig(**meta["model"])
+    try:
+        tok = tokenizer_io.from_json(meta["tokenizer"])
+    except ValueError as e:  # GPT-2's tokenizer files not found, or a bad one.
+        raise ConfigError(f"the checkpoint's tokenizer: {e}") from e
+    return model_cfg, params, tok

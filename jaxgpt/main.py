@@ -119,34 +119,64 @@ def choose_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
 
 
 def check_resumable(saved: dict, model_cfg: ModelConfig, tok, workdir) -> None:
-    """Refuses to resume a checkpoint of another model or tokenizer."""
-    ckpt.check_compatible(saved["model"], model_cfg, workdir)
+    """Refuses to resume a checkpoint of another tokenizer or model (the
+    tokenizer first: a dataset prepared again from other text changes both)."""
     if saved.get("tokenizer") != tok.to_json():
         raise ConfigError(
             f"--workdir={workdir} holds a checkpoint trained with another tokenizer"
-            " (a different vocabulary). Pass --overwrite to start afresh there, or"
-            " choose another --workdir."
+            f" (vocabulary {saved['model'].get('vocab_size')}, now"
+            f" {model_cfg.vocab_size}): if --dataset={saved.get('dataset')} was"
+            " prepared again from other text, prepare it from the run's text to"
+            " resume; pass --overwrite to start afresh there (its checkpoints are"
+            " deleted), or choose another --workdir."
         )
+    ckpt.check_compatible(saved["model"], model_cfg, workdir)
+
+
+def check_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
+    """The model to train (choose_model), checked against the dataset, this
+    machine and the workdir's checkpoint: (model config, parameters, tokenizer)."""
+    model_cfg, params, tok = choose_model(run, saved, dataset)
+    load.check_fits(dataset, model_cfg, tok)
+    check_backend(model_cfg.attention)
+    if saved is not None:
+        check_resumable(saved, model_cfg, tok, run.workdir)
+    return model_cfg, params, tok
+
+
+def saved_meta(run: RunConfig) -> dict | None:
+    """The meta of --workdir's newest intact checkpoint (None: there is none, or
+    --overwrite will delete them). Reads only, creating nothing; every process
+    reads it (the same calls on each, whether the workdir exists yet or not)."""
+    if run.overwrite:
+        return None
+    check = ckpt.check_run_meta
+    with ckpt.Checkpointer(run.workdir, read_only=True, check=check) as checkpointer:
+        return checkpointer.newest_meta()
 
 
 def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Trains the run in --workdir from scratch, from --init_from's weights, or
-    where it stopped; then samples."""
+    where it stopped; then samples. Everything is checked before the workdir
+    is made: a refused run writes nothing there."""
+    check_backend(FLAGS.attention)  # Before the dtype --attention=cudnn needs.
     train_cfg = from_flags(TrainConfig)
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
+    if not run.init_from:  # The flags' model, checked before any data is read.
+        from_flags(ModelConfig, vocab_size=1)
     data_cfg = from_flags(DataConfig)
     dataset = load.read_dataset(data_cfg)
     # Every model trains on the dataset's tokenizer (check_fits): the prompt
     # fails now, not after training.
     prompt_ids = encode_prompt(sample_cfg.prompt, dataset.tokenizer)
     root = train.root_key(run.seed)
+    saved = saved_meta(run)
+    model_cfg, params, tok = check_model(run, saved, dataset)
     with lock_workdir(run), open_run(run) as checkpointer:
-        saved = checkpointer.newest_meta()
-        model_cfg, params, tok = choose_model(run, saved, dataset)
-        load.check_fits(dataset, model_cfg, tok)
-        check_backend(model_cfg)
-        if saved is not None:
-            check_resumable(saved, model_cfg, tok, run.workdir)
+        newest = checkpointer.newest_meta()
+        if newest != saved:  # Another run saved there meanwhile.
+            saved = newest
+            model_cfg, params, tok = check_model(run, saved, dataset)
         checkpointer.update_meta(
             model=model_cfg.to_dict(),
             train=dataclasses.asdict(train_cfg),
@@ -196,7 +226,7 @@ def open_run(run: RunConfig) -> ckpt.Checkpointer:
     """The workdir's Checkpointer, its checkpoints deleted first with --overwrite."""
     if run.overwrite:
         ckpt.clear(run.workdir)
-    return ckpt.Checkpointer(run.workdir, {})
+    return ckpt.Checkpointer(run.workdir, {}, check=ckpt.check_run_meta)
 
 
 def make_evaluate(model_cfg, train_cfg, dataset: prepare.Dataset, root, mesh):
@@ -238,8 +268,9 @@ def with_samples(evaluate, log: metrics.TrainLog, draw):
     return evaluate_and_sample
 
 
-def check_backend(model_cfg: ModelConfig) -> None:
-    if model_cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+def check_backend(attention: str) -> None:
+    """Refuses --attention=cudnn off an NVIDIA GPU."""
+    if attention == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(
             "--attention=cudnn needs an NVIDIA GPU, and this run has"
             f" {jax.default_backend()}: use --attention=dot_product or einsum."

@@ -16,9 +16,17 @@ the files (data.TokenFile), so a corpus never has to fit in memory.
 Documents end with <|endoftext|> under a BPE tokenizer. A single text (tiny
 shakespeare, one file) is split 90/10 by characters; a collection of
 documents sends every k-th one to validation. Tokenising runs on all cores
-(a process pool), and every file is written under a temporary name and
-renamed when complete, meta.json last: a killed preparation leaves nothing
-that looks prepared.
+(a process pool).
+
+A dataset appears whole or not at all. Every file is written under a
+temporary name (`.train.bin.tmp-<pid>`) and renamed when complete; before the
+first rename, the marker `.preparing` is written (and an older meta.json
+deleted), and it is removed after meta.json is written, last. A folder with
+the marker is not prepared (a killed preparation: it is prepared again), nor
+is one without meta.json unless it is nanoGPT's own. Temporary files of dead
+processes are deleted when the folder is next used. Opening a dataset checks
+meta.json and each file against it, and every token id against the
+vocabulary (`check_ids`).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import sys
 import tempfile
 import urllib.request
@@ -77,6 +86,11 @@ DATASETS = {
     ),
 }
 BPE_TRAIN_CHARS = 100_000_000  # Our BPE learns its merges from this much text.
+PREPARING = ".preparing"  # In a dataset's folder while its files are replaced.
+TMP_NAME = re.compile(r"\..+\.tmp-(\d+)")  # Temporary files, with their pid.
+DTYPES = ("uint16", "uint32")  # Of token files.
+# Token files up to this size have every id checked, larger ones 64 windows.
+SCAN_BYTES = 2**30
 
 
 # --- Reading prepared datasets -------------------------------------------------
@@ -91,10 +105,53 @@ class Dataset:
     meta: dict[str, Any]
 
 
+def again(folder: Path) -> str:
+    """How to prepare the dataset of `folder` again (the fix of its damage)."""
+    return (
+        f"prepare it again (python -m jaxgpt.prepare --dataset={folder.name}"
+        f" --data_dir={folder.parent}, with the --data_path it was made from)"
+    )
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """<folder>/meta.json, checked to be what `prepare` writes (DataError if not)."""
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        problem = f"is not JSON ({e})"
+    else:
+        problem = meta_problem(meta)
+    if problem:
+        raise data.DataError(f"{path} {problem}: it is damaged; {again(folder)}.")
+    return meta
+
+
+def meta_problem(meta: Any) -> str | None:
+    """What is wrong with a dataset's meta, or None."""
+    if not isinstance(meta, dict):
+        return f"is a JSON {type(meta).__name__}, not an object"
+    for key in ("train_tokens", "val_tokens"):
+        n = meta.get(key)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return f"has no token count {key} (it has {n!r})"
+    if meta.get("dtype") not in DTYPES:
+        return f"names dtype {meta.get('dtype')!r}, not one of {', '.join(DTYPES)}"
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or tok.get("name") not in ("char", "bpe", "gpt2"):
+        return f"names no tokenizer jaxgpt knows ({str(tok)[:80]})"
+    if tok["name"] != "gpt2":  # GPT-2's is built from its own files.
+        try:
+            tokenizer_io.from_json(tok)
+        except ValueError as e:
+            return f"holds a tokenizer jaxgpt cannot build ({e})"
+    return None
+
+
 def load(folder: Path) -> Dataset:
     """Opens <folder>/{train,val}.bin (read a window at a time); checks them
-    against meta.json."""
-    meta = json.loads((folder / "meta.json").read_text())
+    against meta.json, and their ids against the vocabulary."""
+    meta = read_meta(folder)
     splits = {}
     for split in ("train", "val"):
         path = folder / f"{split}.bin"
@@ -102,11 +159,52 @@ def load(folder: Path) -> Dataset:
         if not path.is_file() or path.stat().st_size != expected:
             raise data.DataError(
                 f"{path} is missing or not {expected:,} bytes as {folder}/meta.json"
-                " says: prepare the dataset again (python -m jaxgpt.prepare"
-                f" --dataset={folder.name}) or delete {folder}."
+                f" says: {again(folder)}, or delete {folder}."
             )
         splits[split] = data.TokenFile(path, meta["dtype"])
-    return Dataset(tokenizer_io.from_json(meta["tokenizer"]), splits, meta)
+    try:
+        tok = tokenizer_io.from_json(meta["tokenizer"])
+    except ValueError as e:  # GPT-2's files not found (offline).
+        raise data.DataError(f"{folder}/meta.json's tokenizer: {e}") from e
+    check_ids(splits, tok.vocab_size, folder)
+    return Dataset(tok, splits, meta)
+
+
+def check_ids(splits: dict[str, data.TokenFile], vocab_size: int, folder: Path) -> None:
+    """Every id of the token files is below the vocabulary (files up to
+    SCAN_BYTES whole, larger ones in 64 evenly spaced windows of 1M ids)."""
+    for tokens in splits.values():
+        n, window = len(tokens), 2**20
+        if n * tokens.dtype.itemsize <= SCAN_BYTES:
+            starts = range(0, n, 2**24)
+            window = 2**24
+        else:
+            starts = np.linspace(0, n - window, 64).astype(np.int64)
+        top = max((int(tokens[s : s + window].max()) for s in starts), default=-1)
+        if top >= vocab_size:
+            raise data.DataError(
+                f"{tokens.path} holds token id {top}, beyond the vocabulary of"
+                f" {vocab_size} of the tokenizer {folder}/meta.json names: the"
+                f" files and meta.json disagree; {again(folder)}."
+            )
+
+
+def interrupted(folder: Path) -> bool:
+    """Whether a preparation of `folder` was cut short (its marker is left)."""
+    return (folder / PREPARING).exists()
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Deletes the temporary files that processes now dead left in `folder`."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = TMP_NAME.fullmatch(path.name)
+        if m and int(m.group(1)) != os.getpid() and not workdir.alive(int(m.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class _PlainData(pickle.Unpickler):
@@ -129,6 +227,7 @@ def load_nanogpt(folder: Path) -> Dataset:
         split: data.TokenFile(folder / f"{split}.bin", np.uint16)
         for split in ("train", "val")
     }
+    check_ids(splits, tok.vocab_size, folder)
     meta = {"dataset": folder.name, "tokenizer": tok.to_json(), "dtype": "uint16"}
     return Dataset(
         tok, splits, meta | {f"{s}_tokens": len(t) for s, t in splits.items()}
@@ -140,11 +239,11 @@ def ensure(cfg: DataConfig) -> Dataset:
     tokenizer changed). A folder that nanoGPT prepared is read as it is."""
     folder = Path(cfg.data_dir) / cfg.dataset
     meta_path = folder / "meta.json"
-    nanogpt = all((folder / f"{split}.bin").is_file() for split in ("train", "val"))
-    if not meta_path.is_file() and nanogpt and not cfg.data_path:
+    remove_stale(folder)
+    if looks_like_nanogpt(folder, cfg):
         return load_nanogpt(folder)
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    if meta_path.is_file() and not interrupted(folder):
+        meta = read_meta(folder)
         stale = []
         files = local_files(cfg.data_path) if cfg.data_path else ()
         if files and meta.get("fingerprint") != fingerprint(files):
@@ -154,8 +253,24 @@ def ensure(cfg: DataConfig) -> Dataset:
         if not stale:
             return load(folder)
         print(f"re-preparing {folder}: {'; '.join(stale)}.", file=sys.stderr)
+    elif interrupted(folder):
+        print(f"re-preparing {folder}: its preparation was cut short.", file=sys.stderr)
     prepare(cfg)
     return load(folder)
+
+
+def looks_like_nanogpt(folder: Path, cfg: DataConfig) -> bool:
+    """Whether `folder` is one nanoGPT prepared: its two token files, no
+    meta.json and no marker of jaxgpt's, and meta.pkl (characters) or a
+    dataset whose tokenizer is GPT-2's (nanoGPT's default, without meta.pkl)."""
+    bins = all((folder / f"{split}.bin").is_file() for split in ("train", "val"))
+    if not bins or cfg.data_path or (folder / "meta.json").exists():
+        return False
+    if interrupted(folder):
+        return False
+    recipe = DATASETS.get(cfg.dataset)
+    spec = cfg.tokenizer or (recipe.tokenizer if recipe else "gpt2")
+    return (folder / "meta.pkl").is_file() or spec == "gpt2"
 
 
 # --- Sources of text -----------------------------------------------------------
@@ -265,12 +380,37 @@ def documents(cfg: DataConfig, recipe: Recipe) -> Iterator[str]:
     for path in recipe.files:
         name = f"--data_path={path}" if str(path) == cfg.data_path else str(path)
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)["text"]
+            yield from jsonl_texts(path, name)
         else:
             yield read_text(path, name)
+
+
+def jsonl_texts(path: Path, name: str) -> Iterator[str]:
+    """The "text" of each line of a .jsonl file (DataError naming the line that
+    is not a JSON object with a "text" string)."""
+    fix = 'each line of a .jsonl file must be a JSON object with a "text" string'
+    number = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise data.DataError(
+                        f"{name}, line {number}, is not JSON ({e}): {fix}."
+                    ) from None
+                text = row.get("text") if isinstance(row, dict) else None
+                if not isinstance(text, str):
+                    raise data.DataError(
+                        f'{name}, line {number}, has no "text": {fix}.'
+                    )
+                yield text
+    except UnicodeDecodeError:
+        raise data.DataError(
+            f"{name}, line {number + 1}, is not UTF-8 text: convert it to UTF-8."
+        ) from None
 
 
 def read_text(path: Path, name: str | None = None) -> str:
@@ -338,7 +478,14 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
         except ValueError as e:
             raise data.DataError(str(e)) from e
     if spec.endswith(".json"):
-        return tokenizer_io.from_json(json.loads(Path(spec).read_text()))
+        try:
+            return tokenizer_io.from_json(json.loads(Path(spec).read_text()))
+        except (OSError, ValueError) as e:  # Missing, not JSON, not a tokenizer.
+            reason = e.strerror if isinstance(e, OSError) else e
+            raise ConfigError(
+                f"--tokenizer={spec} cannot be read ({reason}): name a tokenizer"
+                " .json that jaxgpt wrote (a dataset's or an export's)."
+            ) from e
     if spec == "char":  # The distinct characters of the whole corpus.
         chars = set()
         for doc in documents(cfg, recipe):
@@ -429,15 +576,23 @@ def _encode(job: tuple[str, str, bool, bool]) -> tuple[str, np.ndarray, int, boo
 
 
 def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
-    """Tokenises the dataset cfg names into <data_dir>/<dataset>/; returns the folder."""
+    """Tokenises the dataset cfg names into <data_dir>/<dataset>/; returns the folder.
+
+    Nothing is written before the text is found and the tokenizer made; the
+    token files appear, with meta.json, only once all are complete (see the
+    module's docstring). A failed write (a full disk) is one DataError naming
+    the folder and its free space, the temporary files deleted.
+    """
     recipe = recipe_of(cfg)
     folder = Path(cfg.data_dir) / cfg.dataset
-    folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(recipe.tokenizer, cfg, recipe)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     tmp = {s: folder / f".{s}.bin.tmp-{os.getpid()}" for s in ("train", "val")}
     counts = {f"{s}_{k}": 0 for s in tmp for k in ("tokens", "bytes", "documents")}
     pieces = pieces_of(split_documents(documents(cfg, recipe), recipe))
+    made = make_folders(folder)
+    remove_stale(folder)
+    done = False
     try:
         with contextlib.ExitStack() as stack:
             if workers is None:  # A pool pays off on large text only.
@@ -459,33 +614,91 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
                 s: stack.enter_context(open(path, "wb")) for s, path in tmp.items()
             }
             for split, ids, n_bytes, last in encoded:
-                ids.astype(dtype).tofile(files[split])
+                files[split].write(ids.astype(dtype).data)
                 counts[f"{split}_tokens"] += len(ids)
                 counts[f"{split}_bytes"] += n_bytes
                 counts[f"{split}_documents"] += last
                 bar.update(last)
-        for split, path in tmp.items():
-            os.replace(path, folder / f"{split}.bin")
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        meta = {
+            "dataset": cfg.dataset,
+            "about": recipe.about,
+            "tokenizer_spec": recipe.tokenizer,
+            "tokenizer": tok.to_json(),
+            "dtype": np.dtype(dtype).name,
+            **counts,
+            "source": source_of(recipe),
+            "fingerprint": fingerprint(recipe.files) if cfg.data_path else None,
+        }
+        install(folder, tmp, json.dumps(meta, indent=1))
+        done = True
+    except OSError as e:
+        written = str(e.filename or "").startswith(str(folder))
+        if not (written or e.errno in workdir.FULL):
+            raise  # Reading the text failed: main names the file.
+        raise data.DataError(write_error(e, folder, cfg.data_dir)) from e
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    meta = {
-        "dataset": cfg.dataset,
-        "about": recipe.about,
-        "tokenizer_spec": recipe.tokenizer,
-        "tokenizer": tok.to_json(),
-        "dtype": np.dtype(dtype).name,
-        **counts,
-        "source": source_of(recipe),
-        "fingerprint": fingerprint(recipe.files) if cfg.data_path else None,
-    }
-    workdir.write_atomically(folder / "meta.json", json.dumps(meta, indent=1))
+        if not done:
+            for path in reversed(made):  # Folders this call made, if still empty.
+                with contextlib.suppress(OSError):
+                    path.rmdir()
     print(
         f"{folder}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val"
         f" tokens ({tok.name}, vocabulary {tok.vocab_size:,}, {np.dtype(dtype).name})",
         file=sys.stderr,
     )
     return folder
+
+
+def install(folder: Path, tmp: dict[str, Path], meta_json: str) -> None:
+    """Puts the complete token files in place, meta.json last, under the
+    marker: a kill at any moment leaves the old dataset whole, or a folder
+    marked as not prepared."""
+    with open(folder / PREPARING, "w") as f:
+        f.write(str(os.getpid()))
+        f.flush()
+        os.fsync(f.fileno())
+    (folder / "meta.json").unlink(missing_ok=True)
+    for split, path in tmp.items():
+        os.replace(path, folder / f"{split}.bin")
+    workdir.write_atomically(folder / "meta.json", meta_json)
+    (folder / PREPARING).unlink()
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Makes `folder` and its missing parents; returns those it made, outermost
+    first (DataError naming it if it cannot be made)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise data.DataError(write_error(e, folder, folder.parent)) from e
+    return missing
+
+
+def write_error(e: OSError, folder: Path, data_dir) -> str:
+    """One line for a failed write of a dataset: a full disk says so."""
+    where = f" at {e.filename}" if e.filename else ""
+    if e.errno in workdir.FULL:
+        return (
+            f"could not write the dataset {folder} ({workdir.WRITE_ERRORS[e.errno]}"
+            f"{where}; {workdir.free_space(nearest(Path(data_dir)))} in"
+            f" --data_dir={data_dir}); its unfinished files are deleted. Free space"
+            " (or choose another --data_dir) and run again."
+        )
+    return (
+        f"could not write the dataset {folder} ({e.strerror or e}{where}):"
+        " choose a --data_dir you can write to."
+    )
+
+
+def nearest(path: Path) -> Path:
+    """`path`, or its nearest existing parent."""
+    return next((p for p in (path, *path.parents) if p.exists()), path)
 
 
 def pieces_of(jobs, max_chars: int = 1_000_000) -> Iterator[tuple]:
@@ -536,6 +749,8 @@ def main(argv: list[str]) -> None:
         prepare(cli.from_flags(DataConfig))
     except (ConfigError, data.DataError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # Reading the text.
+        raise SystemExit(f"error: cannot read {e.filename} ({e.strerror}).") from None
 
 
 if __name__ == "__main__":

@@ -36,16 +36,22 @@ def from_json(d: Mapping):
         raise ValueError(  # noqa: TRY004 (callers catch ValueError)
             f"a tokenizer is saved as a JSON object, not {type(d).__name__}."
         )
-    if d.get("name") == "gpt2":
+    name = d.get("name")
+    if name == "gpt2":
         return load_gpt2()
+    if name not in ("char", "bpe"):
+        raise ValueError(
+            f"unknown tokenizer {name!r}; expected 'char', 'bpe' or 'gpt2'."
+        )
     try:
         return tokenizer.from_json(d)
-    except ValueError:
+    except KeyError as e:
+        raise ValueError(f"a {name} tokenizer's JSON lacks {e}.") from None
+    except (TypeError, ValueError, AttributeError) as e:  # Present, wrongly shaped.
         raise ValueError(
-            f"unknown tokenizer {d.get('name')!r}; expected 'char', 'bpe' or 'gpt2'."
+            f"a {name} tokenizer's JSON is not as jaxgpt writes it"
+            f" ({type(e).__name__}: {e})."
         ) from None
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"a {d.get('name')} tokenizer's JSON lacks {e}.") from None
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -125,7 +125,8 @@ def _flock_works(folder: Path) -> bool:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -194,7 +195,7 @@ class Lock:
                 dead = (
                     owner
                     and owner.get("host") == socket.gethostname()
-                    and not _alive(int(owner.get("pid", 0)))
+                    and not alive(int(owner.get("pid", 0)))
                 )
                 if not dead:
                     raise self._busy(owner) from None

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -235,14 +236,42 @@ def random_bytes(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def edit_meta(folder: Path, change, sign: bool = True) -> None:
+    """Rewrites a checkpoint's meta as `change(meta)`, with a checksum of its
+    own that agrees (sign) or the old one."""
+    path = folder / "meta" / "metadata"
+    meta = change(json.loads(path.read_text()))
+    path.write_text(json.dumps(ckpt.signed(meta) if sign else meta))
+
+
+def rot(folder: Path, pattern: str, new) -> None:
+    """Bit rot in the meta's text: the first match of `pattern` becomes `new`
+    (a string, or a function of the match)."""
+    path = folder / "meta" / "metadata"
+    text, n = re.subn(pattern, new, path.read_text(), count=1)
+    assert n == 1, pattern
+    path.write_text(text)
+
+
 def wrong_checksum(folder: Path) -> None:
-    """Data that no longer matches its checksum (what bit rot does)."""
-    meta_file = folder / "meta" / "metadata"
-    meta = json.loads(meta_file.read_text())
-    sums = meta["checksums"]["opt_state"]
-    key = next(k for k in sums if "mu" in k)
-    sums[key] = f"{int(sums[key], 16) ^ 1:016x}"
-    meta_file.write_text(json.dumps(meta))
+    """Data that no longer matches its checksum (what bit rot does); the meta
+    itself is intact."""
+
+    def change(meta):
+        sums = meta["checksums"]["opt_state"]
+        key = next(k for k in sums if "mu" in k)
+        sums[key] = f"{int(sums[key], 16) ^ 1:016x}"
+        return meta
+
+    edit_meta(folder, change)
+
+
+def without(*keys):
+    return lambda meta: {k: v for k, v in meta.items() if k not in keys}
+
+
+def next_digit(m: re.Match) -> str:
+    return m.group(1) + str((int(m.group(2)) + 1) % 10)
 
 
 DAMAGE = {
@@ -254,13 +283,41 @@ DAMAGE = {
     "deleted meta": lambda f: (f / "meta" / "metadata").unlink(),
     "garbage _METADATA": lambda f: (f / "params" / "_METADATA").write_text("{"),
     "wrong checksum": wrong_checksum,
+    # The meta, which nothing is believed from before its checksum agrees:
+    "flipped best_val_loss digit": lambda f: rot(
+        f, r'("best_val_loss": )(\d)', next_digit
+    ),
+    "flipped n_layer": lambda f: rot(f, '"n_layer": 1', '"n_layer": 3'),
+    "flipped tokenizer character": lambda f: rot(
+        f, r'("vocab": "[^a-y"]*)([a-y])', lambda m: m[1] + chr(ord(m[2]) + 1)
+    ),
+    "meta {}": lambda f: (f / "meta" / "metadata").write_text("{}"),
+    "meta [1]": lambda f: (f / "meta" / "metadata").write_text("[1]"),
+    "meta null": lambda f: (f / "meta" / "metadata").write_text("null"),
+    "text best_val_loss": lambda f: edit_meta(
+        f, lambda m: {**m, "best_val_loss": "low"}, sign=False
+    ),
+    "text best_val_loss, signed": lambda f: edit_meta(
+        f, lambda m: {**m, "best_val_loss": "low"}
+    ),
+    "no meta checksum": lambda f: edit_meta(f, without(ckpt.META_CHECKSUM), sign=False),
+    "no checksums, signed, other params": lambda f: (
+        edit_meta(f, without("checksums")),  # And readable params, not its own:
+        shutil.rmtree(f / "params"),
+        shutil.copytree(
+            f.parent.parent / "checkpoints" / "15" / "params", f / "params"
+        ),
+    ),
+    "no model, signed": lambda f: edit_meta(f, without("model")),
+    "tokenizer {}, signed": lambda f: edit_meta(f, lambda m: {**m, "tokenizer": {}}),
 }
 
 
 def resume(wd: Path):
     """Checkpointer.resume of `wd` in this process: (state, meta, lines it said)."""
     said = []
-    with ckpt.Checkpointer(wd, {"jaxgpt": "test"}) as checkpointer:
+    check = ckpt.check_run_meta  # As jaxgpt.main reads a run's checkpoints.
+    with ckpt.Checkpointer(wd, {"jaxgpt": "test"}, check=check) as checkpointer:
         meta = checkpointer.newest_meta() or saved_meta(wd)
         model_cfg, train_cfg = (
             ModelConfig(**meta["model"]),
@@ -304,9 +361,11 @@ def test_a_damaged_checkpoint_is_named_and_the_next_older_one_used(
 
 
 def test_after_damage_the_run_trains_again_to_the_same_state(copy, pristine, jaxgpt):
-    DAMAGE["random bytes in params"](copy / "checkpoints" / "20")
+    """The newest meta says another model (a flipped digit): a damaged
+    checkpoint, not advice to --overwrite the intact ones."""
+    DAMAGE["flipped n_layer"](copy / "checkpoints" / "20")
     DAMAGE["wrong checksum"](copy / "checkpoints" / "15")
-    DAMAGE["garbage meta"](copy / "best" / "20")
+    DAMAGE["random bytes in params"](copy / "best" / "20")
     done = jaxgpt(copy, *RUN)
     assert_clean(done)
     for folder in ("checkpoints/20", "checkpoints/15", "best/20"):
@@ -722,6 +781,558 @@ def test_time_based_saves_between_evaluations(tmp_path, jaxgpt):
     assert [r["step"] for r in rows(wd)] == [0]
 
 
+# --- Nothing written before a refusal, nothing damaged believed -------------------------
+
+
+def tree(root: Path) -> list[tuple[str, int]]:
+    """Every path under `root`, with its size (a file's) or 0 (a folder)."""
+    return sorted(
+        (str(p), p.stat().st_size if p.is_file() else 0) for p in root.rglob("*")
+    )
+
+
+def prepared_copy(tmp_path: Path, corpus: Path, change=None) -> dict:
+    """The corpus's prepared dataset copied under tmp_path/data, its meta.json
+    turned into `change(meta)` (a dict or text); the flags that read it as
+    prepared."""
+    folder = tmp_path / "data" / "shakespeare_char"
+    shutil.copytree(corpus.parent / "data" / "shakespeare_char", folder)
+    if change is not None:
+        meta = change(json.loads((folder / "meta.json").read_text()))
+        text = meta if isinstance(meta, str) else json.dumps(meta)
+        (folder / "meta.json").write_text(text)
+    return {"data_dir": str(tmp_path / "data"), "data_path": None}
+
+
+def text_data(tmp_path: Path, files: dict[str, bytes | str], **flags_) -> dict:
+    """A --data_path folder holding `files`, prepared (if at all) under
+    tmp_path/data as --dataset=notes."""
+    source = tmp_path / "notes"
+    source.mkdir()
+    for name, content in files.items():
+        path = source / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(
+            content
+        )
+    data_dir = str(tmp_path / "data")
+    return {
+        "data_path": str(source),
+        "data_dir": data_dir,
+        "dataset": "notes",
+        **flags_,
+    }
+
+
+def gpt2_folder(tmp_path: Path, config=None, weights: bytes | None = None, **more):
+    """A Hugging Face folder: config.json (text, or a small GPT2Config) and
+    `weights` as model.safetensors (or `more`: name -> bytes)."""
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    small = {"vocab_size": 62, "n_positions": 16, "n_embd": 16, "n_layer": 1}
+    if config is not False:
+        config = json.dumps({**small, "n_head": 2}) if config is None else config
+        (folder / "config.json").write_text(config)
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    for name, content in more.items():
+        (folder / name).write_bytes(content)
+    return str(folder)
+
+
+NOISE = random.Random(7).randbytes(5000)
+EMPTY = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"  # A safetensors file of no tensors.
+
+# case -> (setup(tmp_path, corpus) -> flags, words the one line holds). Each
+# refused run leaves tmp_path (its workdir, data dir and inputs) as it was.
+REFUSALS = {
+    # A dataset's meta.json:
+    "meta.json garbage": (
+        lambda t, c: prepared_copy(t, c, lambda m: "garbage"),
+        ["meta.json is not JSON", "damaged", "python -m jaxgpt.prepare"],
+    ),
+    "meta.json empty": (
+        lambda t, c: prepared_copy(t, c, lambda m: ""),
+        ["meta.json is not JSON"],
+    ),
+    "meta.json [1, 2]": (
+        lambda t, c: prepared_copy(t, c, lambda m: [1, 2]),
+        ["meta.json is a JSON list, not an object"],
+    ),
+    "meta.json without train_tokens": (
+        lambda t, c: prepared_copy(t, c, lambda m: {**m, "train_tokens": None}),
+        ["meta.json has no token count train_tokens"],
+    ),
+    "meta.json dtype float99": (
+        lambda t, c: prepared_copy(t, c, lambda m: {**m, "dtype": "float99"}),
+        ["meta.json names dtype 'float99'"],
+    ),
+    "meta.json tokenizer {}": (
+        lambda t, c: prepared_copy(t, c, lambda m: {**m, "tokenizer": {}}),
+        ["meta.json names no tokenizer"],
+    ),
+    "meta.json tokenizer of 3 bytes": (
+        lambda t, c: prepared_copy(
+            t, c, lambda m: {**m, "tokenizer": {"name": "bpe", "merges": 3}}
+        ),
+        ["meta.json holds a tokenizer jaxgpt cannot build"],
+    ),
+    "meta.json tokenizer shortened": (
+        lambda t, c: prepared_copy(
+            t, c, lambda m: {**m, "tokenizer": {"name": "char", "vocab": "abc"}}
+        ),
+        ["train.bin holds token id", "beyond the vocabulary of 3"],
+    ),
+    "meta.json dtype uint32": (
+        lambda t, c: prepared_copy(
+            t,
+            c,
+            lambda m: {
+                **m,
+                "dtype": "uint32",
+                "train_tokens": m["train_tokens"] // 2,
+                "val_tokens": m["val_tokens"] // 2,
+            },
+        ),
+        ["holds token id", "files and meta.json disagree"],
+    ),
+    # --data_path text and --tokenizer:
+    ".jsonl line not JSON": (
+        lambda t, c: text_data(t, {"a.jsonl": '{"text": "hello"}\nnot json\n'}),
+        ["a.jsonl, line 2, is not JSON", 'a "text" string'],
+    ),
+    ".jsonl line without text": (
+        lambda t, c: text_data(t, {"a.jsonl": '{"body": "hello"}\n'}),
+        ['a.jsonl, line 1, has no "text"'],
+    ),
+    ".jsonl line a list": (
+        lambda t, c: text_data(t, {"a.jsonl": "[1]\n"}),
+        ['line 1, has no "text"'],
+    ),
+    ".jsonl not UTF-8": (
+        lambda t, c: text_data(t, {"a.jsonl": b'{"text": "\xff\xfe"}\n'}),
+        ["a.jsonl, line 1, is not UTF-8"],
+    ),
+    "--tokenizer=bpe:10": (
+        lambda t, c: text_data(t, {"a.txt": "hello"}, tokenizer="bpe:10"),
+        ["--tokenizer=bpe:10 is too small", "bpe:257"],
+    ),
+    "--tokenizer=missing.json": (
+        lambda t, c: text_data(t, {"a.txt": "hello"}, tokenizer=str(t / "no.json")),
+        ["no.json cannot be read (No such file"],
+    ),
+    "--tokenizer=.json holding {}": (
+        lambda t, c: text_data(
+            t, {"a.txt": "hello", "tok.json": "{}"}, tokenizer=str(t / "notes/tok.json")
+        ),
+        ["tok.json cannot be read", "unknown tokenizer None"],
+    ),
+    # The model's flags:
+    "--n_embd=33": (lambda t, c: {"n_embd": 33}, ["--n_embd=33 is not divisible"]),
+    "--block_size=0": (lambda t, c: {"block_size": 0}, ["--block_size=0 must be"]),
+    "--block_size above the val split": (
+        lambda t, c: {"block_size": 30_000},
+        ["val split", "fewer than --block_size=30000"],
+    ),
+    "--dropout=1.0": (lambda t, c: {"dropout": 1.0}, ["--dropout=1.0 must be in"]),
+    "--attention=cudnn on a CPU": (
+        lambda t, c: {"attention": "cudnn"},
+        ["--attention=cudnn needs an NVIDIA GPU", "cpu"],
+    ),
+    "--learning_rate=nan": (
+        lambda t, c: {"learning_rate": float("nan")},
+        ["--learning_rate=nan must be"],
+    ),
+    "--min_lr=nan": (lambda t, c: {"min_lr": float("nan")}, ["--min_lr=nan must"]),
+    "--weight_decay=inf": (
+        lambda t, c: {"weight_decay": float("inf")},
+        ["--weight_decay=inf must be a finite number"],
+    ),
+    # --init_from:
+    "--init_from a missing folder": (
+        lambda t, c: {"init_from": str(t / "missing")},
+        ["--init_from=", "neither a folder"],
+    ),
+    "--init_from without config.json": (
+        lambda t, c: {"init_from": gpt2_folder(t, config=False)},
+        ["has no config.json"],
+    ),
+    "--init_from garbage config.json": (
+        lambda t, c: {"init_from": gpt2_folder(t, config="garbage")},
+        ["gpt2/config.json is not JSON"],
+    ),
+    "--init_from config.json [1]": (
+        lambda t, c: {"init_from": gpt2_folder(t, config="[1]")},
+        ["gpt2/config.json is a JSON list"],
+    ),
+    "--init_from config.json n_embd text": (
+        lambda t, c: {
+            "init_from": gpt2_folder(t, config='{"n_embd": "x"}', weights=EMPTY)
+        },
+        ["gpt2/config.json is not a GPT2Config"],
+    ),
+    "--init_from random model.safetensors": (
+        lambda t, c: {"init_from": gpt2_folder(t, weights=NOISE)},
+        ["model.safetensors cannot be read", "damaged"],
+    ),
+    "--init_from random model.safetensors, sampling": (
+        lambda t, c: {"init_from": gpt2_folder(t, weights=NOISE), "mode": "sample"},
+        ["model.safetensors cannot be read"],
+    ),
+    "--init_from random pytorch_model.bin": (
+        lambda t, c: {"init_from": gpt2_folder(t, **{"pytorch_model.bin": NOISE})},
+        ["pytorch_model.bin is in torch's legacy"],
+    ),
+    "--init_from pytorch_model.bin, a zip of nothing": (
+        lambda t, c: {
+            "init_from": gpt2_folder(t, **{"pytorch_model.bin": empty_zip()})
+        },
+        ["pytorch_model.bin cannot be read"],
+    ),
+}
+
+
+def empty_zip() -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("other.txt", "x")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refused_runs_are_one_line_and_write_nothing(
+    case, tmp_path, main_error, corpus
+):
+    """Each bad input ends in one line naming it, before anything is written:
+    no workdir, no dataset folder, no temporary file."""
+    setup, words = REFUSALS[case]
+    overrides = setup(tmp_path, corpus)
+    before = tree(tmp_path)
+    message = main_error(tmp_path / "wd", **overrides)
+    for word in words:
+        assert word in message, message
+    assert "bfloat16" not in message  # (cudnn: not advice that fails next.)
+    assert tree(tmp_path) == before
+
+
+def test_a_dataset_prepared_from_other_text_is_named_not_overwritten(
+    copy, tmp_path, main_error
+):
+    """The run's dataset prepared again from other text (another vocabulary):
+    one line that says so before --overwrite, and the workdir is untouched."""
+    other = tmp_path / "other.txt"
+    other.write_text("to be or not to be\n" * 2000)
+    before = tree(copy)
+    line = main_error(copy, data_path=str(other), data_dir=str(tmp_path / "data"))
+    vocab = saved(copy)[1]["model"]["vocab_size"]
+    assert f"another tokenizer (vocabulary {vocab}, now 8)" in line
+    assert "prepared again from other text" in line
+    assert line.index("prepared again") < line.index("--overwrite")
+    assert tree(copy) == before
+
+
+def test_sampling_and_export_read_around_damaged_metas(copy, pristine, monkeypatch):
+    """A flipped digit in the newest latest meta and a garbage best meta:
+    sampling and export use the next intact checkpoint of each kind, read
+    with its own meta's model; no intact one is called damaged."""
+    from jaxgpt import export, hf, load
+    from jaxgpt.config import RunConfig
+
+    DAMAGE["flipped n_layer"](copy / "checkpoints" / "20")
+    DAMAGE["meta {}"](copy / "best" / "20")
+    said = []
+    monkeypatch.setattr(load, "say", said.append)
+    run, mesh = RunConfig(mode="sample", workdir=str(copy)), sharding.make_mesh()
+    for which, step in ((ckpt.LATEST, 15), (ckpt.BEST, None)):
+        if step is None:  # best/20 was the only best: none is intact.
+            with pytest.raises(ckpt.CheckpointError, match="--checkpoint=latest"):
+                load.load_model(run, which, mesh)
+            continue
+        _, params, _ = load.load_model(run, which, mesh)
+        chex.assert_trees_all_equal(params, saved(pristine, which, step)[0].params)
+    damaged = [line for line in said if "damaged" in line]
+    latest, best = (copy / "checkpoints" / "20", copy / "best" / "20")
+    assert len(damaged) == 2, said
+    assert damaged[0] == (
+        f"the checkpoint of step 20 ({latest}) is damaged: its meta differs from"
+        " its checksum"
+    )
+    assert damaged[1].startswith(
+        f"the checkpoint of step 20 ({best}) is damaged: its meta has no checksum"
+    )
+    out = copy.parent / "hf"
+    export.export(RunConfig(workdir=str(copy)), ckpt.LATEST, str(out))
+    _, params = hf.load_gpt2(str(out))
+    want = saved(pristine, ckpt.LATEST, 15)[0].params
+    chex.assert_trees_all_equal(params["wte"], want["wte"])
+    assert (copy / "checkpoints" / "20").is_dir()  # Reading moves nothing.
+
+
+def test_no_intact_meta_is_one_line_in_sample_and_export(copy, main_error, tmp_path):
+    from jaxgpt import export
+
+    for folder in [*(copy / "checkpoints").iterdir(), *(copy / "best").iterdir()]:
+        DAMAGE["meta [1]"](folder)
+    before = tree(copy)
+    line = main_error(copy, mode="sample")
+    assert f"no checkpoint in --workdir={copy} can be read" in line
+    assert "its meta is a JSON list" in line and "--checkpoint=best" in line
+    out = tmp_path / "hf"
+    with (
+        flagsaver.flagsaver(workdir=str(copy), out=str(out)),
+        pytest.raises(SystemExit) as exit_,
+    ):
+        export.main(["export"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: no checkpoint in") and "\n" not in message
+    assert tree(copy) == before and not out.exists()
+
+
+def test_a_reader_racing_a_writer_takes_the_newer_checkpoint(copy, monkeypatch):
+    """Sampling --checkpoint=best while training replaces best/20 by best/25:
+    the read that fails as the folder goes is retried on best/25, and nothing
+    is called damaged."""
+    from jaxgpt import load
+    from jaxgpt.config import RunConfig
+
+    load_params, raced = ckpt.Checkpointer.load_params, []
+
+    def racing(self, target, which, step):
+        if not raced:  # The writer commits 25, then deletes 20, mid-read.
+            raced.append(step)
+            shutil.copytree(self.folder(which, 20), self.folder(which, 25))
+            shutil.rmtree(self.folder(which, 20))
+        return load_params(self, target, which, step)
+
+    said = []
+    monkeypatch.setattr(ckpt.Checkpointer, "load_params", racing)
+    monkeypatch.setattr(load, "say", said.append)
+    run = RunConfig(mode="sample", workdir=str(copy))
+    _, params, _ = load.load_model(run, ckpt.BEST, sharding.make_mesh())
+    assert raced == [20] and said == []
+    want = saved(copy, ckpt.BEST, 25)[0].params
+    chex.assert_trees_all_equal(params, want)
+
+
+def test_export_is_quiet_and_refuses_a_read_only_folder(pristine, env, tmp_path):
+    """`python -m jaxgpt.export`: no orbax log lines; a read-only --out is one
+    line, before anything is read."""
+    out = tmp_path / "hf"
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxgpt.export", f"--workdir={pristine}", f"--out={out}"],
+        env=env, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert_clean(done)
+    assert "orbax" not in done.stderr.lower() and "read_only" not in done.stderr
+    assert (out / "model.safetensors").is_file()
+    from jaxgpt import export
+
+    ro = tmp_path / "ro"
+    with tmpfs(ro, "ro,size=1m") as mounted:
+        if not mounted:
+            pytest.skip("no read-only filesystem can be mounted here")
+        with (
+            flagsaver.flagsaver(workdir=str(pristine), out=str(ro / "hf")),
+            pytest.raises(SystemExit) as exit_,
+        ):
+            export.main(["export"])
+    message = str(exit_.value.code)
+    assert message.startswith(f"error: --out={ro / 'hf'} cannot be written"), message
+    assert "\n" not in message
+
+
+# --- Preparing a dataset: whole or not at all ----------------------------------------
+
+
+class Killed(BaseException):
+    """What a kill -9 does to the code after it: it never runs."""
+
+
+def kill_at(monkeypatch, where: str) -> None:
+    """Makes the next preparation stop dead at `where` in `prepare.install`."""
+    replace, write = os.replace, workdir.write_atomically
+    calls = []
+
+    def replace_(a, b):
+        calls.append(b)
+        if where == f"renaming {Path(b).name}":
+            raise Killed
+        replace(a, b)
+
+    def write_(path, content):
+        if where == "writing meta.json":
+            raise Killed
+        write(path, content)
+        if where == "after meta.json":
+            raise Killed
+
+    monkeypatch.setattr(os, "replace", replace_)
+    monkeypatch.setattr(workdir, "write_atomically", write_)
+
+
+KILLS = [
+    "renaming train.bin",
+    "renaming val.bin",
+    "writing meta.json",
+    "after meta.json",
+]
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["first", "again"])
+@pytest.mark.parametrize("where", KILLS)
+def test_a_killed_preparation_is_prepared_again(where, again, tmp_path, monkeypatch):
+    """tiny shakespeare (found through JAXGPT_DATA_DIR) prepared as
+    shakespeare_char, killed at each moment of putting its files in place,
+    first or over an older preparation of other text: the folder never looks
+    prepared, the next run prepares it whole, and the dead process's
+    temporary files go."""
+    env = tmp_path / "env" / "tinyshakespeare"
+    env.mkdir(parents=True)
+    monkeypatch.setenv("JAXGPT_DATA_DIR", str(tmp_path / "env"))
+    cfg = DataConfig(data_dir=str(tmp_path / "data"))
+    folder = tmp_path / "data" / "shakespeare_char"
+    if again:  # An older preparation, of other text.
+        (env / "input.txt").write_text("zzz yyy xxx\n" * 500)
+        prepare.prepare(cfg)
+    (env / "input.txt").write_text("to be or not to be\n" * 500)
+    with monkeypatch.context() as m:
+        kill_at(m, where)
+        with pytest.raises(Killed):
+            prepare.prepare(cfg)
+    dead = dead_pid()
+    leftovers = [folder / f".{s}.bin.tmp-{dead}" for s in ("train", "val")]
+    for path in leftovers:  # What the kill -9 left (31 MB seen once).
+        path.write_bytes(b"\0" * 1000)
+    assert prepare.interrupted(folder) or not (folder / "meta.json").exists()
+    assert not prepare.looks_like_nanogpt(folder, cfg)
+    dataset = prepare.ensure(cfg)  # The new text, whole.
+    assert dataset.tokenizer.vocab == "\n benort"
+    assert dataset.meta["train_tokens"] + dataset.meta["val_tokens"] == 19 * 500
+    text = dataset.tokenizer.decode(np.asarray(dataset.splits["train"])[:19])
+    assert text == "to be or not to be\n"
+    assert not prepare.interrupted(folder)
+    assert not any(p.exists() for p in leftovers)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "meta.json",
+        "train.bin",
+        "val.bin",
+    ]
+
+
+def test_a_folder_of_token_files_without_meta_is_not_taken_for_gpt2(
+    tmp_path, monkeypatch
+):
+    """What an older jaxgpt killed before meta.json left: character ids in
+    train.bin and val.bin, no meta. shakespeare_char is prepared again (not
+    read as nanoGPT's GPT-2 folder: a vocabulary of 50,257 over character ids)."""
+    env = tmp_path / "env" / "tinyshakespeare"
+    env.mkdir(parents=True)
+    (env / "input.txt").write_text("to be or not to be\n" * 500)
+    monkeypatch.setenv("JAXGPT_DATA_DIR", str(tmp_path / "env"))
+    cfg = DataConfig(data_dir=str(tmp_path / "data"))
+    folder = prepare.prepare(cfg)
+    (folder / "meta.json").unlink()
+    assert not prepare.looks_like_nanogpt(folder, cfg)
+    assert prepare.ensure(cfg).tokenizer.vocab == "\n benort"
+
+
+def full_data_dir(tmp_path: Path, monkeypatch):
+    """A data dir on a 64 KB disk (a tmpfs, as root), else one whose every
+    written file is /dev/full: (its path, the reason a write fails)."""
+    stack = contextlib.ExitStack()
+    mount = tmp_path / "small"
+    if os.geteuid() == 0 and stack.enter_context(tmpfs(mount, "size=64k")):
+        return stack, mount, "no space left on the device"
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kw):
+        target = "/dev/full" if "w" in mode and str(mount) in str(path) else path
+        return real_open(target, mode, *args, **kw)
+
+    mount.mkdir(exist_ok=True)
+    monkeypatch.setattr(prepare, "open", full_open, raising=False)
+    return stack, mount, "no space left on the device"
+
+
+def test_a_full_data_dir_is_one_line_naming_it(
+    tmp_path, monkeypatch, main_error, corpus
+):
+    """The automatic preparation (and python -m jaxgpt.prepare) on a full disk:
+    one line naming the data dir and saying it is full; no token file, no
+    temporary file, no workdir is left."""
+    stack, mount, reason = full_data_dir(tmp_path, monkeypatch)
+    with stack:
+        data_dir = mount / "data"
+        wd = tmp_path / "wd"
+        line = main_error(wd, data_dir=str(data_dir))
+        assert f"could not write the dataset {data_dir / 'shakespeare_char'}" in line
+        assert reason in line and f"free in --data_dir={data_dir}" in line
+        assert "Free space (or choose another --data_dir)" in line
+        assert not wd.exists() and not data_dir.exists()
+        with (
+            flagsaver.flagsaver(data_path=str(corpus), data_dir=str(data_dir)),
+            pytest.raises(SystemExit) as exit_,
+        ):
+            prepare.main(["prepare"])
+        assert str(exit_.value.code).startswith("error: could not write the dataset")
+        assert not data_dir.exists()
+
+
+# --- Several processes that never all join -----------------------------------------------
+
+
+def test_processes_that_never_all_join_give_up_in_one_line(tmp_path, corpus):
+    """Process 1 without a process 0, and two processes 0: each says what it
+    waits for and gives up after --distributed_timeout in one line (JAX alone
+    waits 300 s, then aborts with a C++ stack); the second process 0 is
+    refused at once (it would abort the first). Nothing is written."""
+    wd = tmp_path / "wd"
+    ports = [multihost.free_port(), multihost.free_port()]
+    args = [*multihost.flags(corpus, wd), "--num_processes=2"]
+    at = [
+        f"--coordinator_address=127.0.0.1:{port} --distributed_timeout={timeout}"
+        for port, timeout in zip(ports, (3, 20))  # The second one sees the first.
+    ]
+    logs = [tmp_path / f"{name}.log" for name in ("alone1", "first0", "second0")]
+    alone, first = (
+        multihost.start([*args, *at[i].split(), f"--process_id={1 - i}"], 1, logs[i])
+        for i in range(2)
+    )
+    deadline = time.time() + 60
+    while "waiting up to 20 s" not in logs[1].read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    second = multihost.start([*args, *at[1].split(), "--process_id=0"], 1, logs[2])
+    procs = [alone, first, second]
+    try:
+        for proc in procs:
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    errs = [log.read_text() for log in logs]
+    for proc, err in zip(procs, errs):
+        assert_error(
+            subprocess.CompletedProcess([], proc.returncode, "", err),
+            "--coordinator_address=127.0.0.1:",
+        )
+    assert "waiting up to 3 s for all 2 processes to join" in errs[0]
+    assert "process 1 of 2 gave up after 3 s waiting for process 0" in errs[0]
+    assert "raise --distributed_timeout" in errs[0]
+    assert "process 0 of 2 gave up after 20 s waiting for the other" in errs[1]
+    assert f"port {ports[1]} of --coordinator_address" in errs[2]
+    assert "in use on this host" in errs[2]
+    assert not wd.exists()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 # --- The lock and metrics.jsonl, in this process ------------------------------------------
 
 
@@ -734,12 +1345,6 @@ def test_lock_is_exclusive_and_released(tmp_path):
     assert not (tmp_path / workdir.LOCK_NAME).exists()
     with workdir.Lock(tmp_path):  # Free again.
         pass
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_a_dead_runs_lock_is_taken_over(tmp_path):
