@@ -203,17 +203,15 @@ def signed(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_meta(meta: Any, check: Callable[[dict], None] | None = None) -> dict:
     """`meta` if it is a checkpoint's meta as saved: a JSON object equal to its
-    own checksum, holding the checksums of the arrays and a best val loss;
+    own checksum (if it has one: older metas do not), holding the checksums of
+    the arrays and a best val loss;
     then `check(meta)` (the caller's own expectations) must not raise.
     Damaged says which is not so: nothing in a meta is believed before this."""
     if not isinstance(meta, dict):
         raise Damaged(f"its meta is a JSON {type(meta).__name__}, not an object")
-    if META_CHECKSUM not in meta:
-        raise Damaged(
-            "its meta has no checksum of its own (damaged, or saved by a jaxgpt"
-            " older than meta checksums)"
-        )
-    if meta[META_CHECKSUM] != meta_checksum(meta):
+    # A meta saved before metas had checksums is taken unsigned: its arrays are
+    # still verified, and the run's next save signs it.
+    if META_CHECKSUM in meta and meta[META_CHECKSUM] != meta_checksum(meta):
         raise Damaged("its meta differs from its checksum")
     sums = meta.get("checksums")
     if not isinstance(sums, dict) or not all(

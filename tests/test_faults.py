@@ -300,7 +300,13 @@ DAMAGE = {
     "text best_val_loss, signed": lambda f: edit_meta(
         f, lambda m: {**m, "best_val_loss": "low"}
     ),
-    "no meta checksum": lambda f: edit_meta(f, without(ckpt.META_CHECKSUM), sign=False),
+    "no meta checksum, other params": lambda f: (
+        edit_meta(f, without(ckpt.META_CHECKSUM), sign=False),
+        shutil.rmtree(f / "params"),
+        shutil.copytree(
+            f.parent.parent / "checkpoints" / "15" / "params", f / "params"
+        ),
+    ),
     "no checksums, signed, other params": lambda f: (
         edit_meta(f, without("checksums")),  # And readable params, not its own:
         shutil.rmtree(f / "params"),
@@ -358,6 +364,17 @@ def test_a_damaged_checkpoint_is_named_and_the_next_older_one_used(
         "checkpoints-20",
     ]
     assert steps(copy) == [10, 15] and steps(copy, ckpt.BEST) == [15]  # Best agrees.
+
+
+def test_a_checkpoint_saved_before_meta_checksums_resumes(copy, pristine):
+    """Metas without a checksum of their own (older jaxgpt) are read unsigned:
+    the newest checkpoint resumes, its arrays verified, nothing is damaged."""
+    for meta in copy.rglob("meta/metadata"):
+        edit_meta(meta.parent.parent, without(ckpt.META_CHECKSUM), sign=False)
+    state, meta, said = resume(copy)
+    want, _ = saved(pristine, ckpt.LATEST, 20)
+    assert int(state.step) == 20 and "damaged" not in said
+    chex.assert_trees_all_equal(state.params, want.params)
 
 
 def test_after_damage_the_run_trains_again_to_the_same_state(copy, pristine, jaxgpt):
