@@ -85,7 +85,8 @@ def test_notebook_trains_plots_samples_and_resumes(tmp_path, corpus_path, kernel
         "USE_DRIVE": False,
         "WORKDIR": str(workdir),
         "SAMPLE_TOKENS": 40,
-        "EXTRA_FLAGS": [*TINY, f"--data_path={corpus_path}"],
+        # The dataset is prepared here, not in the checkout's data/.
+        "EXTRA_FLAGS": [*TINY, f"--data_path={corpus_path}", f"--data_dir={tmp_path}"],
     }
     first = execute(parameters, tmp_path)
 

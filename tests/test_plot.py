@@ -40,7 +40,8 @@ def run(tmp_path_factory, corpus_path) -> Path:
     workdir = tmp_path_factory.mktemp("runs") / "tiny"
     done = subprocess.run(
         [sys.executable, "-m", "jaxgpt.main", *TINY]
-        + [f"--data_path={corpus_path}", f"--workdir={workdir}"],
+        + [f"--data_path={corpus_path}", f"--data_dir={workdir.parent / 'data'}"]
+        + [f"--workdir={workdir}"],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
