@@ -22,6 +22,7 @@ from jaxgpt import (
     hf,
     hosts,
     load,
+    quiet,
     sharding,
 )
 from jaxgpt.config import ConfigError, ExportConfig, RunConfig, SampleConfig
@@ -44,6 +45,7 @@ def export(run: RunConfig, which: str, out: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    quiet.install()  # Reading the checkpoint: no orbax lines.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     out = cli.from_flags(ExportConfig).out
