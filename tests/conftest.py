@@ -150,8 +150,10 @@ def pytest_terminal_summary(terminalreporter, config):
     changed = config.stash.get(CHANGED, None)
     if changed:
         terminalreporter.section("tests wrote into the checkout", red=True)
-        terminalreporter.write_line(f"{REPO}: {len(changed)} paths (tests must")
-        terminalreporter.write_line("write only under their tmp_path):")
+        terminalreporter.write_line(
+            f"{REPO} changed during the run (a test must write only under its"
+            " tmp_path): the run fails."
+        )
         for line in changed[:50]:
             terminalreporter.write_line(f"  {line}")
 
