@@ -95,8 +95,8 @@ def pytest_collection_modifyitems(items):
 
 # --- The checkout stays as it was --------------------------------------------------
 
-# Not the tests' writing: git's, Python's and pytest's own caches.
-UNWATCHED = {".git", "__pycache__", ".pytest_cache"}
+# Not the tests' writing: git's, Python's, pytest's and ruff's own caches.
+UNWATCHED = {".git", "__pycache__", ".pytest_cache", ".ruff_cache"}
 
 
 def checkout_state(root: Path) -> dict[str, tuple[int, int] | None]:

@@ -192,6 +192,7 @@ def test_the_ladder_trains_its_steps_and_writes_a_table_and_a_plot(
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "read_only" not in done.stderr + done.stdout  # No orbax lines.
     records = [json.loads(x) for x in (out / "2_head" / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == [0, 15, 30]
     assert records[-1]["val_loss"] < records[0]["val_loss"]
