@@ -356,7 +356,11 @@ def eval_configs(run: RunConfig, which: str) -> tuple[TrainConfig, DataConfig, s
 
     def chosen(cls):
         names = EVAL_SETTINGS[cls]
-        taken = {n: saved[n] for n in names if n in saved and not FLAGS[n].present}
+        taken = {
+            n: saved[n]
+            for n in names
+            if saved.get(n) is not None and not FLAGS[n].present
+        }
         return dataclasses.replace(from_flags(cls), **taken)
 
     given = [f"--{n}" for ns in EVAL_SETTINGS.values() for n in ns if FLAGS[n].present]

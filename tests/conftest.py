@@ -21,9 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 # would stay in it).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxgpt_test_cache_")
 
-try:  # Hypothesis keeps no example database (.hypothesis/) in the checkout.
+try:  # Hypothesis keeps nothing (.hypothesis/: examples, caches) in the checkout.
     import hypothesis
+    from hypothesis.configuration import set_hypothesis_home_dir
 
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="jaxgpt_test_hypothesis_"))
     hypothesis.settings.register_profile("jaxgpt", database=None)
     hypothesis.settings.load_profile("jaxgpt")
 except ImportError:
