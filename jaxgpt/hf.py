@@ -444,9 +444,13 @@ def save_gpt2(
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
-    safetensors.numpy.save_file(
-        tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"}
-    )
+    weights = os.path.join(out_dir, "model.safetensors")
+    safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
+    # safetensors (0.8) writes a private temporary file (mode 0600) and renames
+    # it: give the weights the mode of the folder's other files.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)
     for name, contents in (tokenizer_files or {}).items():
         if os.path.basename(name) != name or name in ("", ".", ".."):
             raise HuggingFaceError(f"tokenizer file name {name!r} must be a bare name.")

@@ -4,11 +4,14 @@
   python -m jaxgpt.ladder --steps=1_bigram,2_head -- --max_iters=100
 
 Each step is `python -m jaxgpt.main --flagfile=experiments/lecture/<step>.cfg`
-(in its own process, its log in <out>/<step>.log), with --workdir=<out>/<step>
-and the flags after `--` appended; a step already trained resumes or is
-skipped, as main does. On a CPU, step 7 runs its reduced version
-(7_scaled_cpu.cfg). Then <out>/ladder.md holds the table (parameters, the val
-loss reached, the lecture's figure, wall time) and <out>/ladder.png the curves.
+(in its own process, in the current folder as that command would be, so the
+dataset is prepared under ./data; its log in <out>/<step>.log), with
+--workdir=<out>/<step> and the flags after `--` appended; a step already
+trained resumes or is skipped, as main does. On a CPU, step 7 runs its reduced
+version (7_scaled_cpu.cfg). Then <out>/ladder.md holds the table (parameters,
+the val loss reached, the lecture's figure, wall time) and <out>/ladder.png the
+curves. The flagfiles are the checkout's experiments/lecture/, or the copy
+installed with the package (pip install without -e).
 """
 
 from __future__ import annotations
@@ -25,11 +28,18 @@ from pathlib import Path
 
 import jax
 
-from jaxgpt import checkpoint, model, perf, plot
+from jaxgpt import checkpoint, model, perf, plot, quiet
 from jaxgpt.config import ModelConfig
 
-REPO = Path(__file__).resolve().parent.parent  # Flagfiles name paths from here.
-FLAGFILES = REPO / "experiments" / "lecture"
+PACKAGE = Path(__file__).resolve().parent
+# Where experiments/lecture/ lies: the checkout (an editable install), else the
+# package (setup.cfg installs the flagfiles with it). Flagfiles name their
+# includes from here.
+ROOT = next(
+    (r for r in (PACKAGE.parent, PACKAGE) if (r / "experiments" / "lecture").is_dir()),
+    PACKAGE.parent,
+)
+FLAGFILES = ROOT / "experiments" / "lecture"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +82,26 @@ def backend() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def train_step(flagfile: str, run: Path, extra: Sequence[str]) -> float:
-    """Trains one step in a child process; its output goes to <run>.log, its val
-    losses are echoed. Returns the wall time in seconds."""
+def flags_of(name: str) -> list[str]:
+    """The flags of experiments/lecture/<name>.cfg, with its --flagfile includes
+    made absolute: the steps run in the caller's folder, not ROOT."""
+    lines = (FLAGFILES / f"{name}.cfg").read_text().splitlines()
+    flags = [line.strip() for line in lines if line.strip().startswith("--")]
+    include = "--flagfile="
+    return [
+        f"{include}{ROOT / f[len(include) :]}" if f.startswith(include) else f
+        for f in flags
+    ]
+
+
+def train_step(name: str, run: Path, extra: Sequence[str]) -> float:
+    """Trains step `name` in a child process; its output goes to <run>.log, its
+    val losses are echoed. Returns the wall time in seconds."""
     command = [
         sys.executable,
         "-m",
         "jaxgpt.main",
-        f"--flagfile={flagfile}",
+        *flags_of(name),
         f"--workdir={run}",
         *extra,
     ]
@@ -89,7 +111,6 @@ def train_step(flagfile: str, run: Path, extra: Sequence[str]) -> float:
     with log_path.open("w") as log:
         child = subprocess.Popen(
             command,
-            cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -101,7 +122,7 @@ def train_step(flagfile: str, run: Path, extra: Sequence[str]) -> float:
                 print(f"  {run.name}: {line.strip()}", flush=True)
         code = child.wait()
     if code:
-        sys.exit(f"error: {' '.join(command)} failed ({code}); see {log_path}")
+        sys.exit(f"error: step {name} failed (exit code {code}); see {log_path}")
     return time.perf_counter() - t0
 
 
@@ -121,7 +142,7 @@ def run_ladder(
         flagfile = f"experiments/lecture/{name}.cfg"
         run = out / name
         print(f"{name}: python -m jaxgpt.main --flagfile={flagfile}", flush=True)
-        wall_s = train_step(flagfile, run, extra)
+        wall_s = train_step(name, run, extra)
         last = plot.read_metrics(run)[-1]
         results.append(
             Result(
@@ -159,18 +180,27 @@ def table(results: Sequence[Result], device: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    steps_help = "\n".join(
+        f"  {s.name:<12} {s.what} (the lecture: {s.lecture:.2f})"
+        + (f"; on a CPU {s.cpu_name}" if s.cpu_name else "")
+        for s in STEPS
+    )
     parser = argparse.ArgumentParser(
         prog="python -m jaxgpt.ladder",
         description=__doc__.splitlines()[0],
-        epilog="Flags after -- go to every step's python -m jaxgpt.main.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"steps (experiments/lecture/<step>.cfg, in {FLAGFILES}):\n"
+        f"{steps_help}\n\nFlags after -- go to every step's python -m jaxgpt.main,"
+        " e.g. -- --max_iters=100 --data_path=notes.txt",
     )
     parser.add_argument("--out", default="out/lecture", help="Where the runs go.")
     parser.add_argument(
         "--steps",
         default=",".join(s.name for s in STEPS),
-        help="Comma-separated steps to run (default: all).",
+        help="Comma-separated steps to run (default: all, listed below).",
     )
     args, extra = parser.parse_known_args(argv)
+    quiet.install()  # Reading the runs' checkpoints: no orbax lines.
     extra = [a for a in extra if a != "--"]
     by_name = {s.name: s for s in STEPS}
     unknown = [n for n in args.steps.split(",") if n not in by_name]

@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, logging
+from tqdm import tqdm
 
 from jaxgpt import (
     cache,
@@ -164,6 +165,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     if not run.init_from:  # The flags' model, checked before any data is read.
         from_flags(ModelConfig, vocab_size=1)
+    warn_unfinished_decay(train_cfg)
     data_cfg = from_flags(DataConfig)
     dataset = load.read_dataset(data_cfg)
     # Every model trains on the dataset's tokenizer (check_fits): the prompt
@@ -222,6 +224,20 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     return 0
 
 
+def warn_unfinished_decay(train_cfg: TrainConfig) -> None:
+    """Says so when the run ends before its learning rate has decayed (e.g.
+    --max_iters lowered below a flagfile's --lr_decay_iters)."""
+    end, decay = train_cfg.max_iters, train_cfg.lr_decay_iters
+    if end < decay:
+        lr = float(train.lr_schedule(train_cfg)(end))
+        load.say(
+            f"--max_iters={end} is below --lr_decay_iters={decay}: the learning rate"
+            f" ends at {lr:.3g} ({lr / train_cfg.learning_rate:.0%} of its peak), not"
+            f" --min_lr={train_cfg.min_lr:g}. Pass --lr_decay_iters={end} to decay"
+            " over the run (--stop_at stops early without changing the schedule)."
+        )
+
+
 def open_run(run: RunConfig) -> ckpt.Checkpointer:
     """The workdir's Checkpointer, its checkpoints deleted first with --overwrite."""
     if run.overwrite:
@@ -229,11 +245,15 @@ def open_run(run: RunConfig) -> ckpt.Checkpointer:
     return ckpt.Checkpointer(run.workdir, {}, check=ckpt.check_run_meta)
 
 
-def make_evaluate(model_cfg, train_cfg, dataset: prepare.Dataset, root, mesh):
+def make_evaluate(
+    model_cfg, train_cfg, dataset: prepare.Dataset, root, mesh, progress=None
+):
     """The run's evaluation: loss and bits per byte of each split."""
     token_bytes = tokenizer.token_bytes(dataset.tokenizer)
     splits = dataset.splits
-    return train.make_evaluate(model_cfg, train_cfg, splits, root, mesh, token_bytes)
+    return train.make_evaluate(
+        model_cfg, train_cfg, splits, root, mesh, token_bytes, progress
+    )
 
 
 def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
@@ -351,16 +371,57 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     return 0
 
 
+# What --mode=eval takes from the run it evaluates, unless given as flags.
+EVAL_SETTINGS = {
+    TrainConfig: ("batch_size", "grad_accum_steps", "eval_iters"),
+    DataConfig: ("dataset",),
+}
+
+
+def eval_configs(run: RunConfig, which: str) -> tuple[TrainConfig, DataConfig, str]:
+    """The run's own evaluation: its batch size, --eval_iters and dataset, read
+    from its checkpoint's meta, for each one not given as a flag (all flags
+    with --init_from); and a few words saying which."""
+    meta = {} if run.init_from else (ckpt.read_meta(run.workdir, which) or {})
+    saved = {**meta.get("train", {}), "dataset": meta.get("dataset")}
+
+    def chosen(cls):
+        names = EVAL_SETTINGS[cls]
+        taken = {
+            n: saved[n]
+            for n in names
+            if saved.get(n) is not None and not FLAGS[n].present
+        }
+        return dataclasses.replace(from_flags(cls), **taken)
+
+    given = [f"--{n}" for ns in EVAL_SETTINGS.values() for n in ns if FLAGS[n].present]
+    source = "the flags' settings"
+    if meta:
+        source = "the run's settings"
+        source += f", {' '.join(given)} from the flags" if given else ""
+    return chosen(TrainConfig), chosen(DataConfig), source
+
+
 def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
-    """Loss and bits per byte of a checkpoint (or --init_from's weights) on
-    --dataset's splits: --eval_iters batches of --batch_size windows each."""
+    """Loss and bits per byte of a checkpoint (or --init_from's weights) on its
+    dataset's splits, evaluated as the run evaluated them (eval_configs); a
+    progress bar counts the batches."""
     model_cfg, params, tok = load.load_model(run, sample_cfg.checkpoint, mesh)
-    dataset = load.read_dataset(from_flags(DataConfig))
+    train_cfg, data_cfg, source = eval_configs(run, sample_cfg.checkpoint)
+    dataset = load.read_dataset(data_cfg)
     load.check_fits(dataset, model_cfg, tok)
-    train_cfg = from_flags(TrainConfig)
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     root = train.root_key(run.seed)
-    losses = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)(params)
+    B, T = train_cfg.batch_size, model_cfg.block_size
+    logging.info(
+        "evaluating on --dataset=%s: %d batches of %d x %d tokens per split (%s)",
+        data_cfg.dataset, train_cfg.eval_iters, B, T, source,
+    )  # fmt: skip
+    total = train_cfg.eval_iters * train_cfg.grad_accum_steps * len(dataset.splits)
+    quiet_here = not hosts.is_main_process()
+    with tqdm(total=total, desc="evaluating", unit="batch", disable=quiet_here) as bar:
+        evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh, bar.update)
+        losses = evaluate(params)
     if hosts.is_main_process():
         for split in dataset.splits:
             print(

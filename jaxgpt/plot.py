@@ -1,10 +1,14 @@
 """Loss curves of one or several runs, from their metrics.jsonl.
 
-  python -m jaxgpt.plot out/shakespeare_cpu [out/other ...] --out=loss.png
+  python -m jaxgpt.plot out/shakespeare_cpu                 # out/shakespeare_cpu/loss.png
+  python -m jaxgpt.plot out/char out/bpe --bpb --out=cmp.png
 
 One color per run: val loss solid, train loss dashed, at each evaluation.
 Each run is labelled with its folder's name and its model (from the config
-saved beside its checkpoints).
+saved beside its checkpoints). The loss is in nats per token, which depends on
+the tokenizer: --bpb plots bits per byte of text instead, the measure that
+compares a character-level run with a BPE one. The image goes beside the first
+run unless --out names it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 from matplotlib.figure import Figure  # No pyplot: no backend, no display needed.
 
-from jaxgpt import workdir
+from jaxgpt import quiet, workdir
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
@@ -27,6 +31,12 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{path} not found: is {run} a run's --workdir?")
     records = {record["step"]: record for record in workdir.read_metrics(path)}
     return [records[step] for step in sorted(records)]
+
+
+METRICS = {  # What --bpb chooses: the records' keys, and the axis' label.
+    "loss": ("loss", "loss (nats per token)"),
+    "bpb": ("bpb", "bits per byte (of UTF-8 text)"),
+}
 
 
 # The sizes each --model uses (it ignores the others); every other model: all four.
@@ -62,21 +72,26 @@ def draw(
     runs: Sequence[str | Path],
     labels: Sequence[str] | None = None,
     logx: bool = False,
+    metric: str = "loss",
 ):
-    """Draws the runs' train (dashed) and val (solid) losses on `ax`; with
-    `logx`, steps on a log scale (for runs of very different lengths)."""
+    """Draws the runs' train (dashed) and val (solid) `metric` ("loss" or "bpb")
+    on `ax`; with `logx`, steps on a log scale (for runs of very different
+    lengths)."""
+    key, axis_label = METRICS[metric]
     labels = list(labels) if labels else [label(run) for run in runs]
     for i, (run, name) in enumerate(zip(runs, labels)):
         records, color = read_metrics(run), f"C{i % 10}"
+        if any(f"val_{key}" not in r or f"train_{key}" not in r for r in records):
+            raise ValueError(f"{run}'s metrics.jsonl has no train_{key}/val_{key}.")
         steps = [r["step"] for r in records]
-        ax.plot(steps, [r["val_loss"] for r in records], color=color, label=name)
-        ax.plot(steps, [r["train_loss"] for r in records], color=color, ls="--")
+        ax.plot(steps, [r[f"val_{key}"] for r in records], color=color, label=name)
+        ax.plot(steps, [r[f"train_{key}"] for r in records], color=color, ls="--")
     if logx:
         ax.set_xscale("symlog", linthresh=100)  # Linear up to step 100 (and 0).
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel(axis_label)
     ax.grid(alpha=0.3)
-    ax.legend(title="val loss (dashed: train)", fontsize="small")
+    ax.legend(title=f"val {key} (dashed: train)", fontsize="small")
     return ax
 
 
@@ -86,10 +101,12 @@ def plot(
     labels: Sequence[str] | None = None,
     title: str | None = None,
     logx: bool = False,
+    metric: str = "loss",
 ) -> Path:
-    """Writes the runs' loss curves to the image `out` (its suffix: png, svg, pdf)."""
+    """Writes the runs' curves of `metric` to the image `out` (its suffix: png,
+    svg, pdf)."""
     fig = Figure(figsize=(8, 5))
-    draw(fig.subplots(), runs, labels, logx)
+    draw(fig.subplots(), runs, labels, logx, metric)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -104,13 +121,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m jaxgpt.plot", description=__doc__.splitlines()[0]
     )
     parser.add_argument("runs", nargs="+", help="Workdirs of runs (--workdir).")
-    parser.add_argument("--out", default="loss.png", help="The image to write.")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="The image to write (default: loss.png, or bpb.png with --bpb, in the"
+        " first run's folder).",
+    )
+    parser.add_argument(
+        "--bpb",
+        action="store_true",
+        help="Bits per byte instead of the loss per token: compares runs of"
+        " different tokenizers (characters and BPE).",
+    )
     parser.add_argument("--title", default=None, help="A title above the plot.")
     parser.add_argument("--logx", action="store_true", help="Steps on a log scale.")
     args = parser.parse_args(argv)
+    quiet.install()  # Labels read the runs' checkpoints: no orbax lines.
+    metric = "bpb" if args.bpb else "loss"
+    out = args.out or Path(args.runs[0]) / f"{metric}.png"
     try:
-        out = plot(args.runs, args.out, title=args.title, logx=args.logx)
-    except FileNotFoundError as e:
+        out = plot(args.runs, out, title=args.title, logx=args.logx, metric=metric)
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(out)
     return 0

@@ -250,6 +250,8 @@ def ensure(cfg: DataConfig) -> Dataset:
             stale.append(f"--data_path={cfg.data_path} differs from its source")
         if cfg.tokenizer and meta.get("tokenizer_spec") != cfg.tokenizer:
             stale.append(f"--tokenizer={cfg.tokenizer} differs from its tokenizer")
+        if not cfg.data_path and (other := other_source(cfg.dataset, meta, folder)):
+            stale.append(other)
         if not stale:
             return load(folder)
         print(f"re-preparing {folder}: {'; '.join(stale)}.", file=sys.stderr)
@@ -271,6 +273,28 @@ def looks_like_nanogpt(folder: Path, cfg: DataConfig) -> bool:
     recipe = DATASETS.get(cfg.dataset)
     spec = cfg.tokenizer or (recipe.tokenizer if recipe else "gpt2")
     return (folder / "meta.pkl").is_file() or spec == "gpt2"
+
+
+def other_source(name: str, meta: dict[str, Any], folder: Path) -> str | None:
+    """Why `folder`, prepared as the known dataset `name`, holds other text
+    (it was prepared from a --data_path), or None: tiny shakespeare is
+    prepared again; a streamed dataset is refused rather than downloaded."""
+    recipe = DATASETS.get(name)
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    if recipe is None:
+        return None  # Any text may have that name.
+    if recipe.hf is None:
+        if source.get("sha256") == TINYSHAKESPEARE_SHA256:
+            return None
+        paths = ", ".join(map(str, source.get("paths", [])[:3])) or "unnamed text"
+        return f"it holds text from {paths}, not tiny shakespeare"
+    if [source.get("hf_path"), source.get("hf_config")] == list(recipe.hf):
+        return None
+    paths = ", ".join(map(str, source.get("paths", [])[:3])) or "other text"
+    raise data.DataError(
+        f"{folder} holds text from {paths}, not {recipe.about}: pass that"
+        f" --data_path to train on it, or delete {folder} to prepare {name}."
+    )
 
 
 # --- Sources of text -----------------------------------------------------------
@@ -354,6 +378,7 @@ def recipe_of(cfg: DataConfig) -> Recipe:
         recipe = dataclasses.replace(recipe, hf=None)  # The local text instead.
     if cfg.tokenizer:
         recipe = dataclasses.replace(recipe, tokenizer=cfg.tokenizer)
+    check_tokenizer(recipe.tokenizer)  # Before any text is found or downloaded.
     if recipe.hf is None:  # Tiny shakespeare is found, or downloaded once.
         files = local_files(cfg.data_path) if cfg.data_path else [find_corpus()]
         recipe = dataclasses.replace(recipe, files=tuple(files))
@@ -502,10 +527,21 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
         text = "\n".join(sample)
         counts = count_chunks(text, tokenizer.GPT4_PATTERN, (tokenizer.ENDOFTEXT,))
         return tokenizer.BPETokenizer.train(counts, int(spec[4:]))
-    raise ConfigError(
+    raise unknown_tokenizer(spec)
+
+
+def unknown_tokenizer(spec: str) -> ConfigError:
+    return ConfigError(
         f"--tokenizer={spec} is unknown: use char, gpt2, bpe:<vocab size> (e.g."
         " bpe:4096, trained on the dataset) or a tokenizer .json file."
     )
+
+
+def check_tokenizer(spec: str) -> None:
+    """Refuses a tokenizer spec that make_tokenizer does not know."""
+    bpe = spec.startswith("bpe:") and spec[4:].isdigit()
+    if not (spec in ("char", "gpt2") or spec.endswith(".json") or bpe):
+        raise unknown_tokenizer(spec)
 
 
 PARALLEL_MIN_CHARS = 4_000_000

@@ -13,8 +13,11 @@ from absl import logging
 
 
 def install() -> None:
-    """Filters absl's log handler and Python's unraisable-exception hook."""
-    logging.get_absl_handler().addFilter(QuietLibraries())
+    """Filters absl's log handler, the "absl" logger (which orbax logs to, and
+    which Python's own handler prints outside absl's app.run: plot, ladder) and
+    Python's unraisable-exception hook. Installing twice changes nothing."""
+    logging.get_absl_handler().addFilter(FILTER)
+    pylogging.getLogger("absl").addFilter(FILTER)
     sys.unraisablehook = quiet_unraisable
 
 
@@ -43,6 +46,9 @@ class QuietLibraries(pylogging.Filter):
         record.msg, record.args = (lines[0] if lines else ""), ()
         record.exc_info = record.exc_text = record.stack_info = None
         return True
+
+
+FILTER = QuietLibraries()
 
 
 def quiet_unraisable(args) -> None:

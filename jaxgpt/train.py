@@ -14,6 +14,7 @@ import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any, NamedTuple
 
 import jax
@@ -348,13 +349,21 @@ def make_batches(
 
 
 def eval_batches(
-    tokens: np.ndarray, root: jax.Array, n: int, b: int, T: int, mesh: Mesh
+    tokens: np.ndarray,
+    root: jax.Array,
+    n: int,
+    b: int,
+    T: int,
+    mesh: Mesh,
+    start: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
-    """x_NbT, y_NbT: the run's `n` fixed evaluation batches of `b` rows from
-    `tokens`, drawn from the eval stream, rows split over the mesh."""
+    """x_NbT, y_NbT: the run's fixed evaluation batches start .. start + n - 1,
+    of `b` rows from `tokens`, drawn from the eval stream, rows split over the
+    mesh."""
     eval_stream, rows = np.asarray(stream(root, "eval")), sharding.process_rows(mesh, b)
     pairs = [
-        data.get_batch(tokens, host_rng(eval_stream, i), b, T, rows) for i in range(n)
+        data.get_batch(tokens, host_rng(eval_stream, i), b, T, rows)
+        for i in range(start, start + n)
     ]
     x_NbT, y_NbT = (np.stack(arrays) for arrays in zip(*pairs))
     return tuple(
@@ -363,12 +372,13 @@ def eval_batches(
 
 
 def make_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
-    """The compiled evaluation: eval_loss(params, x_NbT, y_NbT) -> the mean loss,
-    without dropout, of N batches of b rows (one lax.scan over them), the rows
-    split over the mesh and the FSDP shards gathered as in training."""
+    """The compiled evaluation: add_losses(params, total, x_KbT, y_KbT) -> total
+    plus the losses, without dropout, of K batches of b rows (one lax.scan over
+    them), the rows split over the mesh and FSDP's shards gathered as in
+    training. The running total lets a split go through in pieces."""
     apply_fn = make_model(model_cfg).apply
 
-    def mean_loss(params, x_NbT, y_NbT):
+    def add_losses(params, total, x_KbT, y_KbT):
         params = sharding.gather(params, mesh)
 
         def add(total, xy):
@@ -376,16 +386,12 @@ def make_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
             logits_bTV = apply_fn({"params": params}, x_bT, deterministic=True)
             return total + cross_entropy(logits_bTV, y_bT), None
 
-        total, _ = jax.lax.scan(add, jnp.float32(0.0), (x_NbT, y_NbT))
-        return total / x_NbT.shape[0]
+        return jax.lax.scan(add, total, (x_KbT, y_KbT))[0]
 
     params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
-    rows = sharding.batch_sharding(mesh, row_axis=1)
-    return jax.jit(
-        mean_loss,
-        in_shardings=(params, rows, rows),
-        out_shardings=sharding.replicated(mesh),
-    )
+    rows, rep = sharding.batch_sharding(mesh, row_axis=1), sharding.replicated(mesh)
+    shardings = (params, rep, rows, rows)
+    return jax.jit(add_losses, in_shardings=shardings, out_shardings=rep)
 
 
 def make_evaluate(
@@ -395,30 +401,43 @@ def make_evaluate(
     root: jax.Array,
     mesh: Mesh,
     token_bytes: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Callable[[Any], dict[str, float]]:
     """evaluate(params) -> {"<split>_loss": mean loss without dropout, and with
     token_bytes (each token's length in UTF-8 bytes) "<split>_bpb": bits per byte}.
 
     Every evaluation of a run sees the same batches: eval_iters of them per
     split, each as grad_accum_steps micro-batches as in training. One compiled
-    scan over them (make_eval_loss) gives a split's mean. Bits per byte, loss x
-    tokens / (bytes x ln 2) over the same windows, compare models whatever their
-    tokenizer.
+    scan over them gives a split's mean. Bits per byte, loss x tokens / (bytes
+    x ln 2) over the same windows, compare models whatever their tokenizer.
+    With `progress`, a split's batches go through in about 20 pieces, the scan's
+    running total carried from one to the next (the same sum), and progress(k)
+    is called after each piece of k batches: for a progress bar.
     """
     n = train_cfg.eval_iters * train_cfg.grad_accum_steps
     b, T = train_cfg.batch_size // train_cfg.grad_accum_steps, model_cfg.block_size
-    batches = {name: eval_batches(t, root, n, b, T, mesh) for name, t in splits.items()}
-    mean_loss = make_eval_loss(model_cfg, mesh)
+    bounds = np.linspace(0, n, min(n, 20) + 1 if progress else 2).astype(int)
+    batches = {  # Pieces of at most two sizes: at most two compiled programs.
+        name: [eval_batches(t, root, z - a, b, T, mesh, a) for a, z in pairwise(bounds)]
+        for name, t in splits.items()
+    }
+    add_losses = make_eval_loss(model_cfg, mesh)
     bytes_per_token = {}  # Of each split's evaluation windows.
     if token_bytes is not None:
         count = jax.jit(lambda y: jnp.sum(jnp.take(jnp.asarray(token_bytes), y)))
-        for name, (_, y_NbT) in batches.items():
-            bytes_per_token[name] = float(count(y_NbT)) / y_NbT.size
+        for name, pieces in batches.items():
+            total_bytes = sum(float(count(y_KbT)) for _, y_KbT in pieces)
+            bytes_per_token[name] = total_bytes / (n * b * T)
 
     def evaluate(params) -> dict[str, float]:
         out = {}
-        for name, xy in batches.items():
-            loss = out[f"{name}_loss"] = float(mean_loss(params, *xy))
+        for name, pieces in batches.items():
+            total = np.float32(0.0)
+            for x_KbT, y_KbT in pieces:
+                total = add_losses(params, total, x_KbT, y_KbT)
+                if progress is not None:
+                    progress(x_KbT.shape[0])
+            loss = out[f"{name}_loss"] = float(total) / n
             if name in bytes_per_token:
                 out[f"{name}_bpb"] = loss / (bytes_per_token[name] * math.log(2))
         return out

@@ -1,4 +1,6 @@
-"""Shared fixtures: the corpus (shared copy, else generated text) and tiny configs."""
+"""Shared fixtures: the corpus ($JAXGPT_DATA_DIR's tiny shakespeare, else
+generated text), tiny shakespeare itself for the few tests of its exact
+figures, and a guard: the suite writes nothing into the checkout."""
 
 from __future__ import annotations
 
@@ -10,21 +12,32 @@ import jax
 import numpy as np
 import pytest
 
+from jaxgpt import prepare
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The tests' runs keep compiled programs and the measured peak in a cache of
 # their own, never the user's (a peak measured while tests load the machine
 # would stay in it).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxgpt_test_cache_")
-SHARED = REPO.parent / "shared" / "data"
+
+try:  # Hypothesis keeps nothing (.hypothesis/: examples, caches) in the checkout.
+    import hypothesis
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="jaxgpt_test_hypothesis_"))
+    hypothesis.settings.register_profile("jaxgpt", database=None)
+    hypothesis.settings.load_profile("jaxgpt")
+except ImportError:
+    pass
 
 
 def shared_corpus() -> Path | None:
-    """The shared tiny shakespeare copy, if this checkout has one beside it."""
-    for base in (os.environ.get("JAXGPT_DATA_DIR"), SHARED):
-        if base and (Path(base) / "tinyshakespeare" / "input.txt").is_file():
-            return Path(base) / "tinyshakespeare" / "input.txt"
-    return None
+    """tinyshakespeare/input.txt under $JAXGPT_DATA_DIR (where jaxgpt itself
+    looks), if it is set and holds one; a fresh clone has none."""
+    base = os.environ.get("JAXGPT_DATA_DIR")
+    path = Path(base) / prepare.RELATIVE_PATH if base else None
+    return path if path is not None and path.is_file() else None
 
 
 def generated_text(n_chars: int = 60_000, seed: int = 0) -> str:
@@ -55,6 +68,100 @@ def corpus_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus_text(corpus_path) -> str:
     return corpus_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    """Tiny shakespeare itself (its sha256 checked), for tests of its exact
+    figures; they skip without it (`pytest -m shakespeare` runs only them)."""
+    path = shared_corpus()
+    if path is None or prepare.sha256_of(path) != prepare.TINYSHAKESPEARE_SHA256:
+        pytest.skip(
+            "needs tiny shakespeare: set JAXGPT_DATA_DIR to a folder holding"
+            f" {prepare.RELATIVE_PATH}"
+        )
+    return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "shakespeare: needs tiny shakespeare's exact text (skips without)"
+    )
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # Marked by the fixture they use: one list, not two.
+        if "shakespeare_path" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shakespeare)
+
+
+# --- The checkout stays as it was --------------------------------------------------
+
+# Not the tests' writing: git's, Python's, pytest's and ruff's own caches.
+UNWATCHED = {".git", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def checkout_state(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every folder (None) and file (size, mtime in ns) under `root`, but for
+    UNWATCHED ones and virtualenvs (a pyvenv.cfg)."""
+    state = {}
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = [
+            d for d in dirs
+            if d not in UNWATCHED and not (here / d / "pyvenv.cfg").is_file()
+        ]  # fmt: skip
+        for d in dirs:
+            state[str((here / d).relative_to(root)) + "/"] = None
+        for name in files:
+            st = (here / name).lstat()
+            state[str((here / name).relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    """What differs between two checkout_state()s, one line each."""
+    lines = [f"new: {p}" for p in sorted(after.keys() - before.keys())]
+    lines += [f"removed: {p}" for p in sorted(before.keys() - after.keys())]
+    lines += [
+        f"changed: {p}"
+        for p in sorted(before.keys() & after.keys())
+        if before[p] != after[p]
+    ]
+    return lines
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # Not in an xdist worker.
+        session.config.stash[CHECKOUT] = checkout_state(REPO)
+
+
+def pytest_sessionfinish(session):
+    """The run fails if any test wrote into the checkout (e.g. prepared a
+    dataset in its data/, which the user's next run would train on)."""
+    before = session.config.stash.get(CHECKOUT, None)
+    if before is None:
+        return
+    changed = changes(before, checkout_state(REPO))
+    if changed:
+        session.config.stash[CHANGED] = changed
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    changed = config.stash.get(CHANGED, None)
+    if changed:
+        terminalreporter.section("tests wrote into the checkout", red=True)
+        terminalreporter.write_line(
+            f"{REPO} changed during the run (a test must write only under its"
+            " tmp_path): the run fails."
+        )
+        for line in changed[:50]:
+            terminalreporter.write_line(f"  {line}")
+
+
+CHECKOUT = pytest.StashKey[dict]()
+CHANGED = pytest.StashKey[list]()
 
 
 @pytest.fixture(autouse=True)

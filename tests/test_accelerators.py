@@ -157,9 +157,10 @@ def lowering_report() -> dict:
         rows = sharding.batch_sharding(mesh, row_axis=1)
         x_NbT = spec((3, TRAIN.batch_size, MODEL.block_size), jnp.int32, rows)
         params = train.abstract_params(MODEL, mesh)
-        eval_loss = train.make_eval_loss(MODEL, mesh)
-        exported = jax.export.export(eval_loss, platforms=PLATFORMS)(
-            params, x_NbT, x_NbT
+        add_losses = train.make_eval_loss(MODEL, mesh)
+        total = spec((), jnp.float32, sharding.replicated(mesh))
+        exported = jax.export.export(add_losses, platforms=PLATFORMS)(
+            params, total, x_NbT, x_NbT
         )
         report[name] = describe(exported)
     # Sampling runs on one device, from whole parameters (sharding.to_local).

@@ -30,7 +30,8 @@ def run(tmp_path, corpus_path, name, *extra):
     workdir = tmp_path / name
     done = subprocess.run(
         [sys.executable, "-m", "jaxgpt.main", *TINY, *extra]
-        + [f"--data_path={corpus_path}", f"--workdir={workdir}", "--peak_tflops=1"],
+        + [f"--data_path={corpus_path}", f"--data_dir={tmp_path / 'data'}"]
+        + [f"--workdir={workdir}", "--peak_tflops=1"],
         env=env,
         capture_output=True,
         text=True,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,8 +162,9 @@ def test_every_step_has_a_flagfile_for_its_model():
 
 
 def test_the_ladder_trains_its_steps_and_writes_a_table_and_a_plot(
-    tmp_path, corpus_path
+    tmp_path, corpus_path, corpus_text
 ):
+    """Its steps run in the caller's folder (the dataset lands in ./data there)."""
     out = tmp_path / "ladder"
     quick = [
         "--max_iters=30",
@@ -190,14 +192,54 @@ def test_the_ladder_trains_its_steps_and_writes_a_table_and_a_plot(
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "read_only" not in done.stderr + done.stdout  # No orbax lines.
     records = [json.loads(x) for x in (out / "2_head" / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == [0, 15, 30]
     assert records[-1]["val_loss"] < records[0]["val_loss"]
     table = (out / "ladder.md").read_text()
     (row,) = [line for line in table.splitlines() if "2_head.cfg" in line]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == f"{V * C + T * C + C * V + V + 3 * C * C:,}"  # Parameters.
+    v = len(set(corpus_text))  # The char tokenizer's vocabulary: 65 for shakespeare.
+    assert cells[2] == f"{v * C + T * C + C * v + v + 3 * C * C:,}"  # Parameters.
     assert cells[3] == "30" and cells[5] == "2.37"
     assert cells[4] == f"{records[-1]['val_loss']:.3f}"
     assert (out / "ladder.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "2_head.log").read_text().count("val loss") == 3
+    meta = json.loads(
+        (tmp_path / "data" / "shakespeare_char" / "meta.json").read_text()
+    )
+    assert meta["source"]["paths"] == [str(corpus_path)]
+
+
+def test_ladder_lists_its_steps_from_a_non_editable_install(tmp_path, monkeypatch):
+    """setup.cfg installs the flagfiles with the package: built as pip builds it
+    (setuptools' build_py), `ladder --help` lists the steps and the flagfiles
+    it found inside the installed package, and a step's includes resolve there,
+    with no checkout beside it."""
+    src, site = tmp_path / "src", tmp_path / "site"
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("jaxgpt", "experiments"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("*.pyc"))
+    build = [sys.executable, "-c", "import setuptools; setuptools.setup()"]
+    subprocess.run([*build, "-q", "build_py", "-d", str(site)], cwd=src, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxgpt.ladder", "--help"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    installed = site / "jaxgpt" / "experiments" / "lecture"
+    assert f"in {installed})" in done.stdout
+    for step in ladder.STEPS:
+        assert f"  {step.name} " in done.stdout and step.what in done.stdout
+        assert (installed / f"{step.name}.cfg").is_file()
+    monkeypatch.setattr(ladder, "ROOT", site / "jaxgpt")
+    monkeypatch.setattr(ladder, "FLAGFILES", installed)
+    include, *flags = ladder.flags_of("7_scaled_cpu")
+    assert include == f"--flagfile={installed / 'common.cfg'}"
+    assert (installed / "common.cfg").is_file() and "--n_embd=128" in flags

@@ -1,6 +1,7 @@
 """End to end: `python -m jaxgpt.main` with a tiny flagfile, and its flag errors."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -15,7 +16,13 @@ from absl.testing import flagsaver
 from conftest import REPO
 
 from jaxgpt import cli, main
-from jaxgpt.config import DataConfig, ModelConfig, SampleConfig, TrainConfig
+from jaxgpt.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+)
 
 TINY = """\
 --n_layer=2
@@ -82,7 +89,7 @@ def assert_one_clear_message(overrides, words, tmp_path, corpus_path):
         assert word in message
 
 
-def test_train_checkpoint_and_sample(tmp_path, flagfile):
+def test_train_checkpoint_and_sample(tmp_path, flagfile, corpus_path):
     done = run_main(f"--flagfile={flagfile}", "--max_new_tokens=77", "--prompt=ROMEO:")
     assert done.returncode == 0, done.stderr[-3000:]
     workdir = tmp_path / "wd"
@@ -112,6 +119,28 @@ def test_train_checkpoint_and_sample(tmp_path, flagfile):
     assert again.returncode == 0, again.stderr[-3000:]
     texts = samples(again.stdout)
     assert len(texts) == 3 and all(len(t) == 26 and t[0] == "a" for t in texts)
+
+    # Evaluating it, as the run evaluated (4 batches of 8 per split, from its
+    # checkpoint's meta), gives the loss the run logged at its last step; a
+    # progress bar counts the batches.
+    evaluated = run_main(
+        f"--workdir={workdir}", "--mode=eval", f"--data_path={corpus_path}",
+        f"--data_dir={tmp_path / 'data'}",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"val: loss {records[-1]['val_loss']:.4f}" in evaluated.stdout
+    assert "8/8" in evaluated.stderr and "the run's settings" in evaluated.stderr
+    assert "--dataset=shakespeare_char: 4 batches of 8 x 32 tokens" in evaluated.stderr
+    with flagsaver.flagsaver():  # A flag given overrides the run's setting.
+        flags.FLAGS(["jaxgpt.main", f"--workdir={workdir}", "--eval_iters=2"])
+        try:
+            run = cli.from_flags(RunConfig)
+            train_cfg, data_cfg, source = main.eval_configs(run, "latest")
+        finally:
+            flags.FLAGS.unparse_flags()
+    assert (train_cfg.eval_iters, train_cfg.batch_size) == (2, 8)
+    assert data_cfg.dataset == "shakespeare_char"
+    assert source == "the run's settings, --eval_iters from the flags"
 
     # Running the same command again resumes (nothing left to train) and samples.
     resumed = run_main(f"--flagfile={flagfile}", "--max_new_tokens=5")
@@ -159,6 +188,23 @@ def test_sigterm_keeps_a_checkpoint_and_resumes(tmp_path, flagfile):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {max(steps)}" in resumed.stderr
     assert (tmp_path / "wd" / "checkpoints" / str(max(steps) + 3)).is_dir()
+
+
+def test_max_iters_below_lr_decay_iters_warns(caplog):
+    """The learning rate at the last step, said: cosine from 2e-3 at step 100 to
+    1e-4 at 2000, stopped at 500."""
+    cfg = TrainConfig(
+        max_iters=500, lr_decay_iters=2000, warmup_iters=100,
+        learning_rate=2e-3, min_lr=1e-4,
+    )  # fmt: skip
+    main.warn_unfinished_decay(cfg)
+    lr = 1e-4 + 0.5 * (2e-3 - 1e-4) * (1 + math.cos(math.pi * 400 / 1900))
+    (record,) = [r for r in caplog.records if "--lr_decay_iters=2000" in r.getMessage()]
+    assert f"ends at {lr:.3g} ({lr / 2e-3:.0%} of its peak)" in record.getMessage()
+    assert "--lr_decay_iters=500" in record.getMessage()
+    caplog.clear()
+    main.warn_unfinished_decay(TrainConfig(max_iters=500, warmup_iters=10))
+    assert not caplog.records  # Decays over the run: nothing to say.
 
 
 def test_unknown_mode_is_one_clear_message():

@@ -3,8 +3,11 @@ it trains, plots, samples, and a second execution resumes where the first stoppe
 Then once more on 8 fake CPU devices: the mesh, batch and dtype an accelerator
 runtime gets, as far as a CPU can run them."""
 
+import configparser
+import importlib.metadata
 import json
 import os
+import sys
 from pathlib import Path
 
 import nbformat
@@ -79,20 +82,41 @@ def kernel_env(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), path])))
 
 
+RECORD_PIP = """\
+import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+constraints = Path(args[args.index("-c") + 1]).read_text()
+Path(sys.argv[0]).with_suffix(".json").write_text(json.dumps([args, constraints]))
+"""
+
+
 def test_notebook_trains_plots_samples_and_resumes(tmp_path, corpus_path, kernel_env):
     workdir = tmp_path / "run"
+    pip = tmp_path / "pip.py"  # Records how the install cell calls pip.
+    pip.write_text(RECORD_PIP)
     parameters = {
         "REPO": str(REPO),  # The local checkout: nothing is cloned.
-        "INSTALL": False,  # This checkout's jaxgpt is already importable.
+        "INSTALL": True,
+        "PIP": [sys.executable, str(pip)],  # This checkout's jaxgpt is importable.
         "CONFIG": "experiments/shakespeare_cpu.cfg",
-        "MAX_ITERS": 40,
+        "MAX_ITERS": None,  # The flags' 40, not the notebook's own choice.
         "STOP_AT": 20,
         "USE_DRIVE": False,
         "WORKDIR": str(workdir),
         "SAMPLE_TOKENS": 40,
-        "EXTRA_FLAGS": [*TINY, f"--data_path={corpus_path}"],
-    }
+        # The dataset is prepared here, not in the checkout's data/.
+        "EXTRA_FLAGS": [
+            *TINY, "--max_iters=40", "--lr_decay_iters=40",
+            f"--data_path={corpus_path}", f"--data_dir={tmp_path}",
+        ],
+    }  # fmt: skip
     first = execute(parameters, tmp_path)
+    args, constraints = json.loads(pip.with_suffix(".json").read_text())
+    assert args[:2] == ["install", "-q"] and args[-1] == str(REPO)
+    # The runtime's JAX is kept: pip may not replace it (Colab's has TPU support).
+    want = {f"{n}=={importlib.metadata.version(n)}" for n in ("jax", "jaxlib")}
+    assert set(constraints.split()) == want
 
     losses = val_losses(workdir)
     assert sorted(losses) == [0, 20]  # Stopped at STOP_AT.
@@ -106,7 +130,7 @@ def test_notebook_trains_plots_samples_and_resumes(tmp_path, corpus_path, kernel
     assert "ms/step" in speed and "tokens/s" in speed
     assert list(workdir.glob("events.out.tfevents.*"))  # TensorBoard is on.
 
-    second = execute({**parameters, "STOP_AT": None}, tmp_path)
+    second = execute({**parameters, "STOP_AT": None, "INSTALL": False}, tmp_path)
     assert "resuming from step 20" in text_of(cell_with(second, "log = train(FLAGS)"))
     resumed = val_losses(workdir)
     assert sorted(resumed) == [0, 20, 40]
@@ -171,3 +195,22 @@ def test_notebook_on_eight_devices_rounds_the_batch_and_trains_on_all(
     assert text_of(cell_with(nb, "--mode=sample")).startswith("ROMEO:")
     speed = text_of(cell_with(nb, "statistics.median"))
     assert "| cpu | 8 x cpu | bfloat16 |" in speed
+
+
+def test_the_repository_url_is_setup_cfgs():
+    """setup.cfg's url is the one setting: the README's and the notebook's Colab
+    badges open the notebook there, and the notebook clones it (a fork changes
+    the url and these three copies, which this test lists)."""
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    url = setup["metadata"]["url"]
+    owner_repo = url.removeprefix("https://github.com/")
+    badge = (
+        f"https://colab.research.google.com/github/{owner_repo}/blob/main/"
+        "experiments/colab_tpu.ipynb"
+    )
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert f"]({badge})" in (REPO / "README.md").read_text()
+    assert f"]({badge})" in nb.cells[0].source
+    (parameters,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert f'REPO = "{url}"' in parameters.source

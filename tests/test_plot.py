@@ -40,7 +40,8 @@ def run(tmp_path_factory, corpus_path) -> Path:
     workdir = tmp_path_factory.mktemp("runs") / "tiny"
     done = subprocess.run(
         [sys.executable, "-m", "jaxgpt.main", *TINY]
-        + [f"--data_path={corpus_path}", f"--workdir={workdir}"],
+        + [f"--data_path={corpus_path}", f"--data_dir={workdir.parent / 'data'}"]
+        + [f"--workdir={workdir}"],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
@@ -74,6 +75,31 @@ def test_curves_are_the_runs_metrics_labelled_from_its_config(run):
     assert train_.get_linestyle() == "--" and val.get_color() == train_.get_color()
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["tiny: gpt 1L 2H 32C 32T"]
+
+
+def test_by_default_the_image_goes_beside_the_first_run(
+    run, tmp_path, monkeypatch, capsys, caplog
+):
+    """Not into the current folder; and reading the labels' checkpoints logs
+    nothing of orbax's."""
+    monkeypatch.chdir(tmp_path)
+    for extra, name in (([], "loss.png"), (["--bpb"], "bpb.png")):
+        (run / name).unlink(missing_ok=True)
+        assert plot.main([str(run), *extra]) == 0
+        assert capsys.readouterr().out.strip() == str(run / name)
+        assert matplotlib.image.imread(run / name).shape == (600, 960, 4)
+    assert list(tmp_path.iterdir()) == []
+    assert not [r for r in caplog.records if "/orbax/" in r.pathname]
+
+
+def test_bpb_curves_are_the_runs_bits_per_byte(run):
+    """Bits per byte: what compares a character-level run with a BPE one."""
+    ax = plot.draw(Figure().subplots(), [run], metric="bpb")
+    want = records(run)
+    val, train_ = ax.lines
+    np.testing.assert_array_equal(val.get_ydata(), [r["val_bpb"] for r in want])
+    np.testing.assert_array_equal(train_.get_ydata(), [r["train_bpb"] for r in want])
+    assert "bits per byte" in ax.get_ylabel()
 
 
 def test_a_step_evaluated_twice_keeps_its_last_record(tmp_path):

@@ -52,6 +52,16 @@ def test_shakespeare_with_gpt2_bpe(tmp_path, corpus_path, corpus_text):
     assert dataset.tokenizer.name == "gpt2" and dataset.meta["dtype"] == "uint16"
 
 
+def test_tiny_shakespeare_is_nanogpts_shakespeare_char(tmp_path, shakespeare_path):
+    """nanoGPT's data/shakespeare_char/prepare.py prints these figures."""
+    dataset = prepare.ensure(cfg(tmp_path, data_path=str(shakespeare_path)))
+    assert dataset.tokenizer.vocab_size == 65
+    assert (dataset.meta["train_tokens"], dataset.meta["val_tokens"]) == (
+        1_003_854,
+        111_540,
+    )
+
+
 def write_folder(folder, docs):
     """Documents as two .txt files and a .jsonl file, in sorted-name order."""
     folder.mkdir()
@@ -182,13 +192,81 @@ def test_nanogpt_prepared_folders_load(tmp_path):
     assert dataset.meta["train_tokens"] == 150
 
 
-def test_unknown_dataset_and_tokenizer_name_the_flag(tmp_path):
+def no_network(monkeypatch, tmp_path) -> None:
+    """No tiny shakespeare on this machine, and a download fails the test."""
+    monkeypatch.delenv("JAXGPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty_cache"))
+
+    def urlopen(url, timeout):
+        raise AssertionError(f"downloads {url}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def test_unknown_dataset_and_tokenizer_name_the_flag(tmp_path, monkeypatch):
+    """Refused before any text is looked for (offline, nothing is downloaded)."""
+    no_network(monkeypatch, tmp_path)
     with pytest.raises(ConfigError, match="--dataset=mystery.*--data_path"):
         prepare.ensure(cfg(tmp_path, dataset="mystery"))
     with pytest.raises(ConfigError, match="--tokenizer=wordpiece"):
         prepare.ensure(cfg(tmp_path, dataset="shakespeare_char", tokenizer="wordpiece"))
     with pytest.raises(ConfigError, match="--dataset="):
         DataConfig(dataset="../escape")
+    assert not (tmp_path / "data").exists()
+
+
+def test_other_text_is_not_taken_for_tiny_shakespeare(tmp_path, monkeypatch, capsys):
+    """A shakespeare_char prepared from --data_path's other text (as a test's
+    generated corpus once was, in the checkout's data/) is prepared again from
+    tiny shakespeare when the next run asks for it; the same text is kept."""
+    real = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
+    env_dir = tmp_path / "env"
+    (env_dir / "tinyshakespeare").mkdir(parents=True)
+    (env_dir / "tinyshakespeare" / "input.txt").write_text(real)
+    monkeypatch.setattr(
+        prepare, "TINYSHAKESPEARE_SHA256", hashlib.sha256(real.encode()).hexdigest()
+    )
+    monkeypatch.setenv("JAXGPT_DATA_DIR", str(env_dir))
+    other = tmp_path / "other.txt"
+    other.write_text("zzz yyy xxx\n" * 300)
+    prepare.ensure(cfg(tmp_path, data_path=str(other)))
+    dataset = prepare.ensure(cfg(tmp_path))
+    assert (
+        f"re-preparing {tmp_path / 'data' / 'shakespeare_char'}"
+        in capsys.readouterr().err
+    )
+    assert dataset.tokenizer.vocab == "".join(sorted(set(real)))
+    assert dataset.meta["source"]["sha256"] == prepare.TINYSHAKESPEARE_SHA256
+    prepare.ensure(cfg(tmp_path))  # Tiny shakespeare now: read as it is.
+    assert "re-preparing" not in capsys.readouterr().err
+
+
+def test_a_streamed_dataset_of_other_text_is_refused(tmp_path, monkeypatch):
+    no_network(monkeypatch, tmp_path)
+    text = tmp_path / "pages.txt"
+    text.write_text("a web page\n" * 100)
+    prepare.ensure(cfg(tmp_path, dataset="openwebtext", data_path=str(text)))
+    with pytest.raises(data.DataError, match=f"holds text from {text}.*--data_path"):
+        prepare.ensure(cfg(tmp_path, dataset="openwebtext"))
+
+
+def test_a_failed_preparation_leaves_no_folder(tmp_path, monkeypatch, corpus_path):
+    def offline_gpt2():
+        raise ValueError("GPT-2's tokenizer files were not found")
+
+    monkeypatch.setattr(tokenizer_io, "load_gpt2", offline_gpt2)
+    shakespeare = cfg(tmp_path, dataset="shakespeare", data_path=str(corpus_path))
+    with pytest.raises(data.DataError, match="GPT-2's tokenizer"):
+        prepare.ensure(shakespeare)
+    assert not (tmp_path / "data" / "shakespeare").exists()
+
+    def broken(job):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(prepare, "_encode", broken)
+    with pytest.raises(OSError, match="disk gone"):
+        prepare.ensure(cfg(tmp_path, data_path=str(corpus_path)))
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 # --- Finding tiny shakespeare ---------------------------------------------------

@@ -412,7 +412,7 @@ def test_muon_updates_are_optax_contrib_muons(stacked):
 
 
 def test_muon_trains(tokens):
-    """A small model with --optimizer=muon learns tiny shakespeare's characters."""
+    """A small model with --optimizer=muon learns the corpus's characters."""
     vocab, splits = tokens
     model_cfg = dataclasses.replace(MODEL, vocab_size=len(vocab))
     cfg = TrainConfig(
@@ -429,7 +429,8 @@ def test_muon_trains(tokens):
     after = evaluate(state.params)["val_loss"]
     p = np.bincount(splits["train"]) / len(splits["train"])
     unigram_entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))  # Context-free best.
-    assert before > 4.0 and after < unigram_entropy
+    # Small initial weights: about uniform over the vocabulary, whatever the corpus.
+    assert abs(before - np.log(len(vocab))) < 0.2 and after < unigram_entropy
     chex.assert_tree_all_finite(state.params)
 
 
