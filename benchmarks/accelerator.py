@@ -404,14 +404,15 @@ def recipe_run(runner: Runner, sizes: Sizes, args, attention: str, limit) -> dic
             steps.append((int(m[1]), float(m[2]), m[3] and float(m[3])))
         if m := VAL_LINE.search(line):
             vals.append((int(m[1]), round(elapsed, 1), float(m[2])))
-            return float(m[2]) <= args.target_loss  # Reached: stop the run.
+            # Reached after training (not by the initial model): stop the run.
+            return int(m[1]) > 0 and float(m[2]) <= args.target_loss
         return False
 
     command = [sys.executable, "-m", "jaxgpt.main", *flags]
     child = runner.run(f"recipe {attention}", command, limit, on_line=on_line)
     result = {**status_of(child), "attention": attention}
     result["dropout"] = 0.0 if attention != "einsum" else None  # None: the cfg's.
-    reached = [v for v in vals if v[2] <= args.target_loss]
+    reached = [v for v in vals if v[0] > 0 and v[2] <= args.target_loss]
     timed = steps[1:] or steps  # The first interval holds the compilation.
     peak = re.search(r"\] peak (.*)", child.out)
     result.update(

@@ -81,7 +81,7 @@ def main(argv):
     train_cfg = cli.from_flags(TrainConfig)
     model_cfg = cli.from_flags(ModelConfig, vocab_size=65)
     try:  # --attention=cudnn off a GPU: one line, as jaxgpt.main says it.
-        check_backend(model_cfg)
+        check_backend(model_cfg.attention)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     # The peak first, while the machine is otherwise idle.

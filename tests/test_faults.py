@@ -818,7 +818,9 @@ def prepared_copy(tmp_path: Path, corpus: Path, change=None) -> dict:
         meta = change(json.loads((folder / "meta.json").read_text()))
         text = meta if isinstance(meta, str) else json.dumps(meta)
         (folder / "meta.json").write_text(text)
-    return {"data_dir": str(tmp_path / "data"), "data_path": None}
+    # The corpus it was prepared from, as --data_path: whatever text stands in
+    # for tiny shakespeare, the meta's fingerprint names it, so it is taken.
+    return {"data_dir": str(tmp_path / "data"), "data_path": str(corpus)}
 
 
 def text_data(tmp_path: Path, files: dict[str, bytes | str], **flags_) -> dict:
