@@ -68,6 +68,11 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def given(*names: str) -> dict[str, Any]:
+    """The flags among `names` that the command line (or a flagfile) set."""
+    return {name: FLAGS[name].value for name in names if FLAGS[name].present}
+
+
 def runtime_options() -> dict[str, Any]:
     """The ModelConfig fields that change how, not what, the model computes."""
     return {name: FLAGS[name].value for name in hf.RUNTIME_FIELDS}

@@ -339,6 +339,13 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
             raise data.DataError(str(e)) from e
     if spec.endswith(".json"):
         return tokenizer_io.from_json(json.loads(Path(spec).read_text()))
+    if os.path.isdir(spec) or "/" in spec:  # A model folder or Hub repository.
+        from jaxgpt import llama  # (Imports JAX, which preparing needs not.)
+
+        try:
+            return llama.load_tokenizer(llama.find(spec)[1])
+        except ValueError as e:
+            raise ConfigError(f"--tokenizer={spec}: {e}") from e
     if spec == "char":  # The distinct characters of the whole corpus.
         chars = set()
         for doc in documents(cfg, recipe):
@@ -357,7 +364,8 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
         return tokenizer.BPETokenizer.train(counts, int(spec[4:]))
     raise ConfigError(
         f"--tokenizer={spec} is unknown: use char, gpt2, bpe:<vocab size> (e.g."
-        " bpe:4096, trained on the dataset) or a tokenizer .json file."
+        " bpe:4096, trained on the dataset), a tokenizer .json file, or a model"
+        " folder or Hub repository holding a tokenizer.json."
     )
 
 
