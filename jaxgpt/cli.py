@@ -70,7 +70,9 @@ def markdown() -> str:
 
 def given(*names: str) -> dict[str, Any]:
     """The flags among `names` that the command line (or a flagfile) set."""
-    return {name: FLAGS[name].value for name in names if FLAGS[name].present}
+    return {
+        name: FLAGS[name].value for name in names if not FLAGS[name].using_default_value
+    }
 
 
 def runtime_options() -> dict[str, Any]:

@@ -267,6 +267,11 @@ class ModelConfig:
             )
         if self.mlp_hidden is not None:
             require_positive(mlp_hidden=self.mlp_hidden)
+        # One spelling of each model: a default given explicitly is the default.
+        if self.n_kv_head == self.n_head:
+            object.__setattr__(self, "n_kv_head", None)
+        if self.mlp_hidden == self.default_hidden():
+            object.__setattr__(self, "mlp_hidden", None)
         require_positive(rope_theta=self.rope_theta, norm_eps=self.norm_eps)
         if self.logit_cap < 0:
             raise ConfigError(
@@ -321,8 +326,9 @@ class ModelConfig:
     @property
     def hidden_dim(self) -> int:
         """F: the feed-forward's hidden width (mlp_hidden, or its default)."""
-        if self.mlp_hidden:
-            return self.mlp_hidden
+        return self.mlp_hidden or self.default_hidden()
+
+    def default_hidden(self) -> int:
         if self.mlp == "swiglu":  # Two input matrices: 3CF = 8C^2 at F = 8C/3.
             return -(-8 * self.n_embd // (3 * 32)) * 32
         return 4 * self.n_embd
@@ -358,7 +364,6 @@ class ModelConfig:
         d = self.to_dict()
         for name in free_on_resume(ModelConfig):
             d.pop(name)
-        d.update(n_kv_head=self.kv_heads, mlp_hidden=self.hidden_dim)  # Defaults named.
         return d
 
 

@@ -64,7 +64,7 @@ def config(**kw) -> ModelConfig:
 
 def noisy_params(cfg: ModelConfig, seed: int = 0):
     """init_params plus N(0, 0.1) on every leaf: biases and gains away from 0 and 1."""
-    params = model.init_params(cfg, jax.random.PRNGKey(seed))
+    params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
     noise = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
