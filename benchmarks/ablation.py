@@ -13,7 +13,8 @@ lines), its wall time and the load average around it.
 --mode=time: the same variants at equal wall time: each trains
 round(steps x baseline ms/step / its ms/step) steps (the schedule scaled to
 them), its ms/step taken from --results of a steps run on this machine. Run
-it on a quiet machine, after a steps run there.
+it on a quiet machine, after a steps run there. Any other flag goes to every
+run (a shorter schedule, a tiny model for a test).
 
 Results go to --results (JSON, merged with what is there), and a markdown
 table to stdout (--table prints the table of --results without running).
@@ -35,7 +36,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = "experiments/shakespeare_cpu.cfg"
-STEPS = 2000  # The recipe's --max_iters.
+MODERN_CFG = "experiments/shakespeare_cpu_modern.cfg"  # nanochat's set.
+
+
+def modern_flags() -> list[str]:
+    """experiments/shakespeare_cpu_modern.cfg's own flags (not the recipe's)."""
+    lines = (REPO / MODERN_CFG).read_text().splitlines()
+    skip = ("--flagfile", "--workdir")
+    return [x for x in lines if x.startswith("--") and not x.startswith(skip)]
+
+
 VARIANTS = {  # name: flags on top of the recipe.
     "gpt2": [],
     "rope": ["--position=rope"],
@@ -47,7 +57,7 @@ VARIANTS = {  # name: flags on top of the recipe.
     "gqa": ["--n_kv_head=2"],
     "untied": ["--notie_embeddings"],
     "logit_cap": ["--logit_cap=15"],
-    "modern": ["--flagfile=experiments/shakespeare_cpu_modern.cfg"],
+    "modern": modern_flags(),
 }
 EVAL = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
 STEP = re.compile(r"step (\d+): loss [\d.]+, .* ([\d.]+) ms/step")
@@ -65,13 +75,14 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def run(flags: list[str], seed: int, data_dir: str) -> dict:
-    """One whole command; its evaluations, ms/step, wall time and load."""
+def run(flags: list[str], seed: int, data_dir: str, extra: list[str]) -> dict:
+    """One whole command: the recipe, `extra`, then `flags`; its evaluations,
+    ms/step, wall time and load."""
     with tempfile.TemporaryDirectory(prefix="ablation_") as workdir:
         cmd = [
-            sys.executable, "-m", "jaxgpt.main", f"--flagfile={RECIPE}", *flags,
-            f"--seed={seed}", f"--workdir={workdir}", f"--data_dir={data_dir}",
-            "--notensorboard", "--overwrite",
+            sys.executable, "-m", "jaxgpt.main", f"--flagfile={RECIPE}", *extra,
+            *flags, f"--seed={seed}", f"--workdir={workdir}",
+            f"--data_dir={data_dir}", "--notensorboard", "--overwrite",
         ]  # fmt: skip
         load_before, t0 = os.getloadavg()[0], time.perf_counter()
         proc = subprocess.Popen(
@@ -99,15 +110,16 @@ def run(flags: list[str], seed: int, data_dir: str) -> dict:
 
 
 def time_flags(name: str, results: dict) -> list[str]:
-    """The flags that give `name` the baseline's wall time for STEPS steps."""
+    """The flags that give `name` the baseline's wall time for its steps."""
     ms = lambda v: statistics.median(r["ms_per_step"] for r in results[v]["steps"])
-    n = max(1, round(STEPS * ms("gpt2") / ms(name)))
+    steps = results["gpt2"]["steps"][0]["evals"][-1][0]
+    n = max(1, round(steps * ms("gpt2") / ms(name)))
     return [f"--max_iters={n}", f"--lr_decay_iters={n}", f"--eval_interval={n}"]
 
 
 def table(results: dict) -> str:
     header = (
-        "| variant | flags | val loss at 2000 steps (per seed) | mean | ms/step |"
+        "| variant | flags | val loss at the end (per seed) | mean | ms/step |"
         " wall s | val loss at equal wall time (steps) | load |"
     )
     lines = [
@@ -122,8 +134,9 @@ def table(results: dict) -> str:
         losses = [r["val_loss"] for r in steps]
         equal = ", ".join(f"{r['val_loss']:.4f} ({r['evals'][-1][0]})" for r in timed)
         loads = [x for r in steps + timed for x in r["load"]]
+        shown = MODERN_CFG if name == "modern" else " ".join(flags) or "(the recipe)"
         lines.append(
-            f"| {name} | `{' '.join(flags) or '(the recipe)'}` |"
+            f"| {name} | `{shown}` |"
             f" {', '.join(f'{x:.4f}' for x in losses)} |"
             f" {statistics.mean(losses):.4f} |"
             f" {statistics.median(r['ms_per_step'] for r in steps):.1f} |"
@@ -134,7 +147,9 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--mode", choices=["steps", "time"], default="steps")
     parser.add_argument("--seeds", default="1337,1338")
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -143,17 +158,17 @@ def main() -> None:
     )
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--table", action="store_true", help="print, do not run")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # Other flags go to every run.
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     if not args.table:
         results["machine"] = machine()
         for name in args.variants.split(","):
-            flags = VARIANTS[name]
+            flags = VARIANTS[name]  # The variant's, then (time) its steps.
             if args.mode == "time":
                 flags = flags + time_flags(name, results)
             runs = []
             for seed in (int(s) for s in args.seeds.split(",")):
-                runs.append(run(flags, seed, args.data_dir))
+                runs.append(run(flags, seed, args.data_dir, extra))
                 r = runs[-1]
                 print(
                     f"{name} seed {seed}: val {r['val_loss']:.4f},"

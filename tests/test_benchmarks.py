@@ -5,6 +5,7 @@ a 4 GiB file, are left to be run by hand: they are the size they measure.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -134,3 +135,22 @@ def test_tokenizer_trains_and_encodes(corpus_path):
         "--small_vocab_size=280", "--encode_mb=0.05", "--skip_hf", "--num_workers=1",
     )  # fmt: skip
     assert "MB/s" in out
+
+
+def test_ablation_runs_the_variants_and_tabulates_them(data_flags, tmp_path):
+    results = tmp_path / "ablation.json"
+    args = ["--seeds=1", f"--results={results}", f"--data_dir={tmp_path / 'data'}"]
+    extra = [*MODEL, *SHORT, "--eval_interval=6", "--max_new_tokens=2", data_flags[0]]
+    out = bench("ablation.py", "--variants=gpt2,modern", *args, *extra)
+    row = r"^\| (gpt2|modern) \| .* \| [\d.]+ \| [\d.]+ \| not run \|"
+    assert re.findall(row, out, re.MULTILINE) == ["gpt2", "modern"], out[-2000:]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ablation  # --mode=time's schedule: the baseline's time at its own speed.
+
+    done = json.loads(results.read_text())
+    done["modern"]["steps"][0]["ms_per_step"] = (
+        2 * done["gpt2"]["steps"][0]["ms_per_step"]
+    )
+    assert ablation.time_flags("modern", done) == [
+        "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=6"
+    ]  # fmt: skip

@@ -296,15 +296,11 @@ def grad_fn(cfg: ModelConfig):
 
 
 def test_the_modern_model_computes_every_way():
-    """remat, scan_layers and dot_product attention: the same loss and
-    gradients; bfloat16 close; dropout drawn from its key."""
+    """remat with scan_layers: the same loss and gradients; bfloat16 close;
+    dropout drawn from its key. (dot_product attention: the formula test.)"""
     cfg = config(**MODERN)
     params, key = noisy_params(cfg), jax.random.PRNGKey(3)
     loss, grads = grad_fn(cfg)(params, key)
-    for kw in ({"remat": True}, {"attention": "dot_product"}):
-        chex.assert_trees_all_close(
-            grad_fn(config(**MODERN, **kw))(params, key), (loss, grads), atol=1e-6
-        )
     scanned = config(**MODERN, scan_layers=True, remat=True)
     s_loss, s_grads = grad_fn(scanned)(hf.stack_blocks(params), key)
     np.testing.assert_allclose(s_loss, loss, rtol=1e-6)
