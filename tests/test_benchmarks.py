@@ -64,6 +64,9 @@ def test_vs_torch_step_compares_the_two_loops(data_flags):
 
 
 def test_vs_torch_run_times_both_commands(data_flags, tmp_path):
+    modern = tmp_path / "modern.cfg"  # Another recipe: the modern one, as tiny.
+    lines = ["--flagfile=experiments/shakespeare_cpu_modern.cfg", *MODEL, *SHORT]
+    modern.write_text("\n".join([*lines, "--eval_interval=6", "--max_new_tokens=8"]))
     out = bench(
         "vs_torch.py",
         *TINY,
@@ -74,10 +77,13 @@ def test_vs_torch_run_times_both_commands(data_flags, tmp_path):
         "--bench=run",
         "--bench_rounds=1",
         "--target_loss=10",
+        f"--jaxgpt_flagfiles={modern}",
     )
-    for name in ("jaxgpt", "torch twin"):  # Each reached the (easy) target loss.
+    for name in ("jaxgpt", "jaxgpt modern", "torch twin"):
+        # Each reached the (easy) target loss.
         assert re.search(rf"round 0: {name}: [\d.]+ s, .* at [\d.]+ s \(step 0\)", out)
     assert "median wall" in out
+    assert "median time to val <= 10.0: jaxgpt modern" in out
 
 
 def test_vs_torch_sample_times_both_samplers(data_flags):
