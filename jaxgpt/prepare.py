@@ -411,7 +411,11 @@ _worker = {}  # The tokenizer and end-of-text ids of a pool worker.
 
 
 def end_of_text(tok) -> np.ndarray:
-    """The ids that end a document: <|endoftext|> if the tokenizer has it."""
+    """The ids that end a document: <|endoftext|> if the tokenizer has it (a
+    Hugging Face tokenizer: its eos token)."""
+    eos = getattr(tok, "eos_token", None)  # tokenizer_io.HFTokenizer's.
+    if eos is not None and tok.token_id(eos) is not None:
+        return np.array([tok.token_id(eos)], np.int32)
     enc = getattr(tok, "encoding", None)  # Char tokenizers have no specials.
     if enc is None or tokenizer.ENDOFTEXT not in enc.special_tokens_set:
         return np.zeros(0, np.int32)

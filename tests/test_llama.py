@@ -562,3 +562,14 @@ def test_finetuning_an_imported_llama_resumes_exactly_and_exports(
         hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text).tolist()
     )
     assert hf_tok.eos_token == "</s>"
+
+
+def test_documents_end_with_the_models_eos(tokenizer_json, tmp_path):
+    """A dataset of documents prepared with a model's tokenizer separates them
+    with its eos token, as GPT-2's <|endoftext|>."""
+    from jaxgpt import prepare
+
+    write_tokenizer(tmp_path, tokenizer_json)
+    tok = llama.load_tokenizer(str(tmp_path))
+    assert prepare.end_of_text(tok).tolist() == [tok.token_id("</s>")]
+    assert prepare.end_of_text(tokenizer_io.HFTokenizer(tokenizer_json)).size == 0
