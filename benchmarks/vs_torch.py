@@ -294,10 +294,10 @@ def timed_command(cmd: list[str]) -> dict:
 def bench_run():
     workdir = tempfile.mkdtemp(prefix="vs_torch_run_")
     jaxgpt = [sys.executable, "-m", "jaxgpt.main", *recipe_args()]
-    jaxgpt += [f"--workdir={workdir}", "--overwrite"]
-    commands = {"jaxgpt": jaxgpt + [f"--{f}" for f in _EXTRA.value]}
+    where = [f"--workdir={workdir}", "--overwrite"]  # After any flagfile's own.
+    commands = {"jaxgpt": jaxgpt + where + [f"--{f}" for f in _EXTRA.value]}
     for path in _FLAGFILES.value:  # Each its own recipe, in the same rounds.
-        commands[f"jaxgpt {Path(path).stem}"] = [*jaxgpt, f"--flagfile={path}"]
+        commands[f"jaxgpt {Path(path).stem}"] = [*jaxgpt, f"--flagfile={path}", *where]
     commands["torch twin"] = [
         sys.executable, "benchmarks/torch_twin.py", *recipe_args(),
         "--nanogpt_init", "--nanogpt_batches",

@@ -13,7 +13,7 @@ attention), a tied or untied output layer, soft-capped logits.
 
 Options (ModelConfig) that leave the math unchanged:
 - dtype: matmuls and activations inside the blocks in float32 or bfloat16.
-  Like torch.autocast in nanoGPT, parameters, the residual stream, LayerNorm
+  Like torch.autocast in nanoGPT, parameters, the residual stream, norm
   statistics, the softmax, the logits and the loss stay float32.
 - remat: each block's activations are recomputed in the backward pass.
 - scan_layers: one `nn.scan` over the blocks, so the block is traced and
