@@ -311,11 +311,12 @@ def params_to_llama(params: Mapping[str, Any], cfg: ModelConfig) -> dict:
     get = lambda *path: _leaf(params, path)
     ones = np.ones(cfg.n_embd, np.float32)
     scale = lambda *path: get(*path, "scale") if cfg.norm_scale else ones
+    shapes = llama_shapes(cfg)
     tensors = {"model.embed_tokens.weight": get("wte", "embedding")}
     for i in range(cfg.n_layer):
         layer = f"model.layers.{i}"
         for (part, name), projections in FUSED.items():
-            sizes = [llama_shapes(cfg)[f"{layer}.{p}.weight"][0] for p in projections]
+            sizes = [shapes[f"{layer}.{p}.weight"][0] for p in projections]
             cuts = np.cumsum(sizes)[:-1]
             kernel = get(f"h_{i}", part, name, "kernel")
             for p, w in zip(projections, np.split(kernel, cuts, axis=1)):
@@ -472,12 +473,17 @@ def load_llama(folder: str, **overrides: Any) -> tuple[ModelConfig, dict]:
 
 def load_tokenizer(folder: str):
     """The folder's tokenizer.json, as a jaxgpt tokenizer (tokenizer_io.HFTokenizer),
-    with the bos and eos tokens tokenizer_config.json names."""
+    with the bos and eos tokens tokenizer_config.json names; or jaxgpt's own,
+    which an export of a char or BPE run writes instead."""
+    own = os.path.join(folder, hf.TOKENIZER_JSON)
+    if os.path.isfile(own):
+        with open(own, encoding="utf-8") as f:
+            return tokenizer_io.from_json(json.load(f))
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         raise HuggingFaceError(
             f"{folder} has no tokenizer.json (Hugging Face tokenizers' file), which"
-            " a Llama-family model brings its tokenizer in."
+            f" a Llama-family model brings its tokenizer in, nor {hf.TOKENIZER_JSON}."
         )
     with open(path, encoding="utf-8") as f:
         tokenizer_json = json.load(f)

@@ -573,3 +573,21 @@ def test_documents_end_with_the_models_eos(tokenizer_json, tmp_path):
     tok = llama.load_tokenizer(str(tmp_path))
     assert prepare.end_of_text(tok).tolist() == [tok.token_id("</s>")]
     assert prepare.end_of_text(tokenizer_io.HFTokenizer(tokenizer_json)).size == 0
+
+
+def test_a_char_models_llama_export_imports_back_with_its_tokenizer(tmp_path):
+    """jaxgpt's own tokenizer rides along as jaxgpt_tokenizer.json."""
+    from jaxgpt import tokenizer
+
+    tok = tokenizer.CharTokenizer.train("To be, or not to be")
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16,
+        position="rope", norm="rmsnorm", mlp="swiglu",
+    )  # fmt: skip
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    llama.save_llama(params, cfg, str(tmp_path), hf.tokenizer_files(tok)[0])
+    assert llama.find(str(tmp_path)) == ("llama", str(tmp_path))
+    assert llama.load_tokenizer(str(tmp_path)).to_json() == tok.to_json()
+    cfg2, params2 = llama.load_llama(str(tmp_path))
+    assert cfg2 == cfg
+    assert leaves_equal(params2, params)
