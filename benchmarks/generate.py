@@ -60,10 +60,19 @@ def main(argv):
     )
     print("| batch | KV cache | compile (s) | run (s) | tokens/s | speed-up |")
     print("|------:|:--------:|------------:|--------:|---------:|---------:|")
+    # (label, kv_cache, rolling): a rotary model's cache rolls on when full
+    # (as sampling does); re-encoding, the policy of learned positions, beside it.
+    policies = [("yes", True, False), ("no", False, False)]
+    if cfg.position == "rope":
+        policies = [
+            ("rolling", True, True),
+            ("re-encoding", True, False),
+            *policies[1:],
+        ]
     for B in map(int, _BATCHES.value):
         prompt_BP = jnp.zeros((B, 1), jnp.int32)
         rows = {}
-        for kv_cache in (True, False):
+        for label, kv_cache, rolling in policies:
             t0 = time.perf_counter()
             compiled = generate.generate.lower(
                 apply_fn,
@@ -76,15 +85,16 @@ def main(argv):
                 top_k=sampling.top_k or None,
                 top_p=sampling.top_p if sampling.top_p < 1.0 else None,
                 kv_cache=kv_cache,
+                rolling=rolling,
             ).compile()
             compile_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             compiled(params, prompt_BP, key).block_until_ready()
-            rows[kv_cache] = (compile_s, time.perf_counter() - t0)
-        for kv_cache, (compile_s, run_s) in rows.items():
-            speedup = rows[False][1] / run_s  # Against recomputing the window.
+            rows[label] = (compile_s, time.perf_counter() - t0)
+        for label, (compile_s, run_s) in rows.items():
+            speedup = rows["no"][1] / run_s  # Against recomputing the window.
             print(
-                f"| {B} | {'yes' if kv_cache else 'no'} | {compile_s:.2f} |"
+                f"| {B} | {label} | {compile_s:.2f} |"
                 f" {run_s:.2f} | {B * N / run_s:,.0f} | {speedup:.1f}x |",
                 flush=True,
             )

@@ -83,6 +83,12 @@ _TARGET = flags.DEFINE_float(
 _EXTRA = flags.DEFINE_list(
     "jaxgpt_flags", [], "--bench=run: extra flags for jaxgpt's command only."
 )
+_FLAGFILES = flags.DEFINE_list(
+    "jaxgpt_flagfiles",
+    [],
+    "--bench=run: also time jaxgpt with each of these flagfiles (its own recipe,"
+    " e.g. experiments/shakespeare_cpu_speedrun.cfg), in the same rounds.",
+)
 _TOKENS = flags.DEFINE_integer("bench_new_tokens", 500, "--bench=sample: tokens.")
 _SETTLE = flags.DEFINE_float(
     "bench_settle_s", 0.5, "--bench=sample, matmul: idle seconds before each timing."
@@ -111,7 +117,7 @@ def machine() -> str:
     )
 
 
-OWN_FLAGS = ("bench", "seeds", "target_loss", "jaxgpt_flags")
+OWN_FLAGS = ("bench", "seeds", "target_loss", "jaxgpt_flags", "jaxgpt_flagfiles")
 
 
 def recipe_args() -> list[str]:
@@ -287,13 +293,15 @@ def timed_command(cmd: list[str]) -> dict:
 
 def bench_run():
     workdir = tempfile.mkdtemp(prefix="vs_torch_run_")
-    commands = {
-        "jaxgpt": [sys.executable, "-m", "jaxgpt.main", *recipe_args()]
-        + [f"--workdir={workdir}", "--overwrite"]
-        + [f"--{f}" for f in _EXTRA.value],
-        "torch twin": [sys.executable, "benchmarks/torch_twin.py", *recipe_args()]
-        + ["--nanogpt_init", "--nanogpt_batches"],
-    }
+    jaxgpt = [sys.executable, "-m", "jaxgpt.main", *recipe_args()]
+    where = [f"--workdir={workdir}", "--overwrite"]  # After any flagfile's own.
+    commands = {"jaxgpt": jaxgpt + where + [f"--{f}" for f in _EXTRA.value]}
+    for path in _FLAGFILES.value:  # Each its own recipe, in the same rounds.
+        commands[f"jaxgpt {Path(path).stem}"] = [*jaxgpt, f"--flagfile={path}", *where]
+    commands["torch twin"] = [
+        sys.executable, "benchmarks/torch_twin.py", *recipe_args(),
+        "--nanogpt_init", "--nanogpt_batches",
+    ]  # fmt: skip
     print(f"machine: {machine()}")
     results = {name: [] for name in commands}
     for r in range(_ROUNDS.value):
@@ -310,10 +318,28 @@ def bench_run():
             for t, s, v in res["evals"]:
                 print(f"    {t:6.1f} s  step {s:5d}  val {v:.4f}")
     walls = {k: statistics.median(r["wall"] for r in v) for k, v in results.items()}
+    twin = walls["torch twin"]
     print(
         f"median wall: jaxgpt {walls['jaxgpt']:.1f} s, torch twin"
-        f" {walls['torch twin']:.1f} s: ratio {walls['jaxgpt'] / walls['torch twin']:.2f}"
+        f" {twin:.1f} s: ratio {walls['jaxgpt'] / twin:.2f}"
     )
+    reached = {name: time_to_target(runs) for name, runs in results.items()}
+    for name, t in reached.items():
+        if name != "torch twin" and t is not None and reached["torch twin"]:
+            print(
+                f"median time to val <= {_TARGET.value}: {name} {t:.1f} s, torch"
+                f" twin {reached['torch twin']:.1f} s: ratio {t / reached['torch twin']:.2f}"
+            )
+
+
+def time_to_target(runs: list[dict]) -> float | None:
+    """The median over rounds of the seconds to the first val loss <= --target_loss
+    (None if a round never got there)."""
+    times = [
+        next((t for t, _, val in r["evals"] if val <= _TARGET.value), None)
+        for r in runs
+    ]
+    return None if None in times else statistics.median(times)
 
 
 # --- --bench=sample ----------------------------------------------------------------

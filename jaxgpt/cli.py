@@ -68,6 +68,13 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def given(*names: str) -> dict[str, Any]:
+    """The flags among `names` that the command line (or a flagfile) set."""
+    return {
+        name: FLAGS[name].value for name in names if not FLAGS[name].using_default_value
+    }
+
+
 def runtime_options() -> dict[str, Any]:
     """The ModelConfig fields that change how, not what, the model computes."""
     return {name: FLAGS[name].value for name in hf.RUNTIME_FIELDS}

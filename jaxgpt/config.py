@@ -81,9 +81,11 @@ class RunConfig:
     )
     init_from: str | None = option(
         None,
-        "Start from GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (from"
-        " the Hugging Face Hub) or a folder in Hugging Face's layout. Training"
-        " finetunes them (a workdir's checkpoint, once there, is resumed instead).",
+        "Start from pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a"
+        " Hugging Face Hub repository of a GPT-2 or Llama-family model (e.g."
+        " HuggingFaceTB/SmolLM2-135M), or a local folder in Hugging Face's"
+        " GPT2LMHeadModel or LlamaForCausalLM layout. Training finetunes them (a"
+        " workdir's checkpoint, once there, is resumed instead).",
     )
     workdir: str = option("out", "Checkpoints, metrics.jsonl and the run's meta.")
     overwrite: bool = option(
@@ -136,8 +138,10 @@ class DataConfig:
     tokenizer: str | None = option(
         None,
         "How to tokenise a dataset being prepared: char, gpt2, bpe:<vocab size>"
-        " (learned from its text) or a tokenizer .json. Default: the dataset's own"
-        " (char for shakespeare_char and for --data_path text, else gpt2).",
+        " (learned from its text), a tokenizer .json (jaxgpt's or Hugging Face"
+        " tokenizers'), or a model folder or Hub repository (its tokenizer.json)."
+        " Default: the dataset's own (char for shakespeare_char and for --data_path"
+        " text, else gpt2).",
     )
     max_documents: int | None = option(
         None, "Prepare only the first this many documents of a streamed dataset."
@@ -201,6 +205,51 @@ class ModelConfig:
     bias: bool = option(
         False, "Biases in Dense and LayerNorm layers (nanoGPT trains without)."
     )
+    # The architecture's choices: GPT-2's by default, a modern GPT's otherwise
+    # (experiments/shakespeare_cpu_modern.cfg; docs/architecture.md):
+    position: Literal["learned", "rope"] = option(
+        "learned",
+        "Positions: a learned table added to the token embeddings (GPT-2), or"
+        " rope: rotary embeddings of the queries and keys (no table).",
+    )
+    rope_theta: float = option(
+        10000.0, "RoPE's base: channel pair i turns by rope_theta^(-2i/D) per position."
+    )
+    norm: Literal["layernorm", "rmsnorm"] = option(
+        "layernorm", "The norms: LayerNorm (GPT-2) or RMSNorm (no mean, no bias)."
+    )
+    norm_scale: bool = option(
+        True,
+        "A learned per-channel scale in every norm (--nonorm_scale: none, as"
+        " nanochat's RMSNorm).",
+    )
+    norm_eps: float = option(1e-5, "Epsilon added to the variance in every norm.")
+    qk_norm: bool = option(
+        False, "Normalise each head's queries and keys (with --norm) before RoPE."
+    )
+    mlp: Literal["gelu", "relu2", "swiglu"] = option(
+        "gelu",
+        "Feed-forward activation: gelu (tanh, GPT-2's), relu2 (ReLU squared), or"
+        " swiglu (SiLU(x W_gate) * x W_up: two input matrices).",
+    )
+    mlp_hidden: int | None = option(
+        None,
+        "F: the feed-forward's hidden width. Default 4C; with swiglu 8C/3 rounded"
+        " up to a multiple of 32 (about the parameters of 4C).",
+    )
+    n_kv_head: int | None = option(
+        None,
+        "Key/value heads, dividing n_head: default n_head; fewer is grouped-query"
+        " attention (1: multi-query).",
+    )
+    tie_embeddings: bool = option(
+        True,
+        "The output layer is the token embedding (GPT-2); --notie_embeddings: an"
+        " lm_head matrix of its own.",
+    )
+    logit_cap: float = option(
+        0.0, "Soft-cap the logits at cap * tanh(logits / cap) (nanochat: 15; 0: off)."
+    )
     # How the same network computes (none of these changes the math):
     dtype: Literal["float32", "bfloat16"] = option(
         "float32",
@@ -242,6 +291,32 @@ class ModelConfig:
                 f" choose a multiple of n_head (e.g. --n_embd={lo or self.n_head} or"
                 f" --n_embd={lo + self.n_head}), or change --n_head."
             )
+        if self.n_kv_head is not None and (
+            self.n_kv_head <= 0 or self.n_head % self.n_kv_head
+        ):
+            divisors = [k for k in range(1, self.n_head + 1) if self.n_head % k == 0]
+            raise ConfigError(
+                f"--n_kv_head={self.n_kv_head} must divide --n_head={self.n_head}"
+                f" (each key/value head serves n_head / n_kv_head query heads): use"
+                f" one of {divisors}."
+            )
+        if self.mlp_hidden is not None:
+            require_positive(mlp_hidden=self.mlp_hidden)
+        # One spelling of each model: a default given explicitly is the default.
+        if self.n_kv_head == self.n_head:
+            object.__setattr__(self, "n_kv_head", None)
+        if self.mlp_hidden == self.default_hidden():
+            object.__setattr__(self, "mlp_hidden", None)
+        require_positive(rope_theta=self.rope_theta, norm_eps=self.norm_eps)
+        if self.logit_cap < 0:
+            raise ConfigError(
+                f"--logit_cap={self.logit_cap} must be >= 0 (0 turns it off)."
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(
+                f"--position=rope turns channel pairs, but the head size --n_embd /"
+                f" --n_head = {self.head_dim} is odd: choose an even head size."
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout={self.dropout} must be in [0, 1).")
         if self.attention != "einsum" and self.dropout > 0:
@@ -262,6 +337,10 @@ class ModelConfig:
                 "remat": self.remat,
                 "scan_layers": self.scan_layers,
                 f"attention={self.attention}": self.attention != "einsum",
+                **{
+                    f"{name}={value}": True
+                    for name, value in self.architecture_choices().items()
+                },
             }
             for option, given in gpt_only.items():
                 if given:
@@ -273,6 +352,33 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """K: key/value heads (n_kv_head, default n_head)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """F: the feed-forward's hidden width (mlp_hidden, or its default)."""
+        return self.mlp_hidden or self.default_hidden()
+
+    def default_hidden(self) -> int:
+        if self.mlp == "swiglu":  # Two input matrices: 3CF = 8C^2 at F = 8C/3.
+            return -(-8 * self.n_embd // (3 * 32)) * 32
+        return 4 * self.n_embd
+
+    def architecture_choices(self) -> dict[str, Any]:
+        """The architecture options whose values are not GPT-2's (name -> value)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults.update(n_kv_head=self.n_head, mlp_hidden=4 * self.n_embd)
+        resolved = {**self.to_dict(), "n_kv_head": self.kv_heads}
+        resolved["mlp_hidden"] = self.hidden_dim
+        return {
+            name: resolved[name]
+            for name in ARCHITECTURE_CHOICES
+            if resolved[name] != defaults[name]
+        }
 
     def check_length(self, T: int) -> None:
         """Refuses a sequence of T tokens longer than the model's context."""
@@ -294,6 +400,22 @@ class ModelConfig:
         for name in free_on_resume(ModelConfig):
             d.pop(name)
         return d
+
+
+# ModelConfig's architecture options beyond nanoGPT's (GPT-2's choices by default).
+ARCHITECTURE_CHOICES = (
+    "position",
+    "rope_theta",
+    "norm",
+    "norm_scale",
+    "norm_eps",
+    "qk_norm",
+    "mlp",
+    "mlp_hidden",
+    "n_kv_head",
+    "tie_embeddings",
+    "logit_cap",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,6 +630,14 @@ class ExportConfig:
     out: str | None = option(
         None, "Folder to write (config.json, model.safetensors, the tokenizer)."
     )
+    format: Literal["auto", "gpt2", "llama"] = option(
+        "auto",
+        "The layout: gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM), or auto:"
+        " GPT-2's for a model with GPT-2's choices, else Llama's.",
+    )
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 ALL = (

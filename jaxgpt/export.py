@@ -3,10 +3,14 @@
   python -m jaxgpt.export --workdir=out/shakespeare --out=hf/shakespeare
   python -m jaxgpt.export --workdir=out/shakespeare --checkpoint=best --out=...
 
-then, in Python: transformers.GPT2LMHeadModel.from_pretrained("hf/shakespeare").
-The folder holds config.json and model.safetensors (jaxgpt/hf.py maps the
-parameters), and the run's tokenizer: GPT-2's as vocab.json and merges.txt,
-which transformers reads too; jaxgpt's own char or BPE tokenizer as
+then, in Python: transformers.AutoModelForCausalLM.from_pretrained("hf/shakespeare").
+The folder holds config.json and model.safetensors in GPT-2's layout
+(GPT2LMHeadModel, jaxgpt/hf.py maps the parameters) for a model with GPT-2's
+architecture, in Llama's (LlamaForCausalLM, jaxgpt/llama.py) for one with
+rotary positions, RMSNorm and SwiGLU (--format picks; a model neither holds is
+refused, naming the option). Beside them, the run's tokenizer: GPT-2's as
+vocab.json and merges.txt, a Llama-family model's as tokenizer.json, both of
+which transformers reads; jaxgpt's own char or BPE tokenizer as
 jaxgpt_tokenizer.json, which `--init_from=FOLDER` reads back. Only the
 checkpoint's parameters and meta are read.
 """
@@ -23,6 +27,7 @@ from jaxgpt import (
     cli,  # Defines the flags.,
     hf,
     hosts,
+    llama,
     load,
     quiet,
     sharding,
@@ -45,9 +50,9 @@ def check_writable(out: str) -> None:
         )
 
 
-def export(run: RunConfig, which: str, out: str) -> str:
-    """Writes the workdir's `which` checkpoint to `out`; returns how its tokenizer
-    is stored."""
+def export(run: RunConfig, which: str, out: str, layout: str = "auto") -> str:
+    """Writes the workdir's `which` checkpoint to `out` in `layout` (gpt2, llama or
+    auto); returns how its tokenizer is stored."""
     if run.init_from:
         raise ConfigError("--init_from has nothing to export: pass --workdir of a run.")
     check_writable(out)
@@ -55,8 +60,19 @@ def export(run: RunConfig, which: str, out: str) -> str:
     model_cfg, params, tok = load.load_model(run, which, mesh)
     params = hosts.to_local(params, mesh)
     files, how = hf.tokenizer_files(tok)
+    if layout == "auto":
+        layout = "llama" if model_cfg.architecture_choices() else "gpt2"
     try:
-        hf.save_gpt2(params, model_cfg, out, files)
+        if layout == "gpt2":
+            hf.save_gpt2(params, model_cfg, out, files)
+        else:
+            ids = {}
+            if tok.name == "hf":  # Its bos and eos, as the imported model had them.
+                ids = {
+                    "bos_token_id": tok.token_id(tok.bos_token),
+                    "eos_token_id": tok.token_id(tok.eos_token),
+                }
+            llama.save_llama(params, model_cfg, out, files, ids)
     except hf.HuggingFaceError as e:
         raise ConfigError(f"--workdir={run.workdir}: {e}") from e
     except OSError as e:
@@ -73,13 +89,14 @@ def main(argv: list[str]) -> int:
     quiet.install()  # Orbax's log lines: none, as in jaxgpt.main.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    out = cli.from_flags(ExportConfig).out
+    export_cfg = cli.from_flags(ExportConfig)
+    out = export_cfg.out
     try:
         if not out:
             raise ConfigError("--out is missing: name the folder to write.")
         run = cli.from_flags(RunConfig)
         which = cli.from_flags(SampleConfig).checkpoint
-        how = export(run, which, out)
+        how = export(run, which, out, export_cfg.format)
     except (ConfigError, ckpt.CheckpointError) as e:
         raise SystemExit("error: " + " ".join(str(e).split("\n"))) from None
     except OSError as e:

@@ -6,17 +6,32 @@ key fold_in(key, t).
 
 With the KV cache (the default), a "prefill" encodes the prompt (its last S
 tokens) in one pass and keeps each layer's keys and values in the model's
-"cache" collection; then each step feeds only the newest token. Learned
-positions cannot slide, so when the cache is full the last S // 2 tokens are
-re-encoded at positions 0 .. S // 2 - 1 (a new prefill) and decoding goes on:
-past S tokens, a token sees between S // 2 and S tokens of context. The
-schedule is fixed by the shapes: the prompt's segment (prefill, then one-token
-steps until the cache is full), then a loop of refill segments. (A lax.cond
-between refill and step in one loop reads shorter, but copies every layer's
-cache at every step.)
+"cache" collection; then each step feeds only the newest token. What happens
+when the cache is full depends on the positions (`rolling`):
+
+- Learned positions (GPT-2's) cannot slide: the table has S rows and a token's
+  embedding carries its absolute position. So the last S // 2 tokens are
+  re-encoded at positions 0 .. S // 2 - 1 (a new prefill) and decoding goes
+  on: past S tokens, a token sees between S // 2 and S tokens of context. The
+  schedule is fixed by the shapes: the prompt's segment (prefill, then
+  one-token steps until the cache is full), then a loop of refill segments.
+  (A lax.cond between refill and step in one loop reads shorter, but copies
+  every layer's cache at every step.)
+- Rotary positions (`rolling=True`, --position=rope) make a score depend on
+  the distance between query and key only, so nothing needs re-encoding: the
+  cache is a ring buffer (model.py's append_to_cache) in which token t's keys
+  overwrite those of token t - S, at position t. Every token then sees the S
+  tokens up to itself (the last S - 1 and its own) for one token's work per
+  step, where re-encoding gives it S // 2 to S for a prefill every S // 2
+  tokens. This is sliding-window attention: the cached keys of a token were
+  computed when it saw its own window, so with several layers a token's
+  context reaches back further than S tokens, and the logits past S differ
+  from re-running the last S tokens from scratch (they agree for one layer).
+  Angles grow with the position in float32 (as in Hugging Face's Llama), so
+  their precision falls slowly over very long generations.
 
 Without the cache (nanoGPT's loop), each step re-runs the model on the last
-min(S, A) positions. Up to S tokens both give the same logits (to rounding).
+min(S, A) positions. Up to S tokens all give the same logits (to rounding).
 """
 
 from __future__ import annotations
@@ -80,6 +95,7 @@ def sample_logits(
         "top_k",
         "top_p",
         "kv_cache",
+        "rolling",
         "return_logits",
     ),
 )
@@ -95,12 +111,15 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     kv_cache: bool = True,
+    rolling: bool = False,
     return_logits: bool = False,
 ):
     """Extends each prompt row by `max_new_tokens` sampled tokens: returns [B, P + N].
 
-    With return_logits, also returns the [B, N, V] float32 logits each new
-    token was drawn from (before temperature, top-k and top-p).
+    rolling: the model has rotary positions, so a full cache rolls on (see
+    above); False re-encodes, which any model allows. With return_logits,
+    also returns the [B, N, V] float32 logits each new token was drawn from
+    (before temperature, top-k and top-p).
     """
     B, P = prompt_BP.shape
     A = P + max_new_tokens
@@ -140,9 +159,10 @@ def generate(
         )
         return logits_B1V[:, -1], new.get("cache", {})
 
-    def segment(t, n, carry):
+    def segment(t, n, carry, end=None):
         """Draws tokens t, t+1, ... from a fresh cache of the n tokens before t,
-        one token per step, until the cache is full or the buffer is."""
+        one token per step, until the cache is full or the buffer is (or, given
+        an `end`, until token end - 1: a rolling cache)."""
         logits_BV, cache = prefill(t, n, carry[0])
         carry = draw(t, logits_BV, carry)
 
@@ -151,7 +171,8 @@ def generate(
             logits_BV, cache = extend(u, carry[0], cache)
             return draw(u, logits_BV, carry), cache
 
-        end = jnp.minimum(A, t + 1 + S - n)  # The cache then holds S tokens.
+        if end is None:
+            end = jnp.minimum(A, t + 1 + S - n)  # The cache then holds S tokens.
         carry, _ = jax.lax.fori_loop(t + 1, end, step, (carry, cache))
         return carry
 
@@ -160,6 +181,8 @@ def generate(
     carry = (buf_BA, logits_BNV)
     if not kv_cache:
         carry = jax.lax.fori_loop(P, A, window_step, carry)
+    elif rolling:  # One segment: the ring buffer never needs a refill.
+        carry = segment(P, min(P, S), carry, end=A)
     else:  # The prompt's segment, then refills of K tokens until the buffer is full.
         carry = segment(P, min(P, S), carry)
         first, length = P + 1 + S - min(P, S), S - K + 1  # Tokens per refill.
@@ -192,5 +215,6 @@ def sample(
         "top_k": cfg.top_k or None,
         "top_p": float(cfg.top_p) if cfg.top_p < 1.0 else None,
         "kv_cache": cfg.kv_cache,
+        "rolling": model_cfg.model == "gpt" and model_cfg.position == "rope",
     }
     return generate(apply_fn, params, prompt_BP, key, **options)

@@ -440,10 +440,27 @@ def save_gpt2(
     """
     if cfg.model != "gpt":
         raise HuggingFaceError(f"only a GPT exports to GPT-2, not a {cfg.model!r}.")
-    tensors = params_to_hf(params, cfg)
+    choices = cfg.architecture_choices()  # Options GPT-2's layout has no room for.
+    if choices:
+        name, value = next(iter(choices.items()))
+        raise HuggingFaceError(
+            f"the model has --{name}={value}, which GPT-2's layout cannot hold"
+            " (learned positions, LayerNorm, GELU 4C, one key/value head per head,"
+            " tied head): export it with --format=llama if Llama's can."
+        )
+    write_folder(out_dir, config_to_hf(cfg), params_to_hf(params, cfg), tokenizer_files)
+
+
+def write_folder(
+    out_dir: str,
+    config_json: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    tokenizer_files: Mapping[str, bytes | str] | None = None,
+) -> None:
+    """config.json, model.safetensors and the tokenizer's files into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
+        json.dump(config_json, f, indent=2)
     weights = os.path.join(out_dir, "model.safetensors")
     safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
     # safetensors (0.8) writes a private temporary file (mode 0600) and renames
@@ -491,6 +508,15 @@ def load_tokenizer(name_or_path: str, vocab_size: int):
 
 def tokenizer_files(tok) -> tuple[dict[str, str], str]:
     """The files that store `tok` in an export folder, and one line saying how."""
+    if tok.name == tokenizer_io.HFTokenizer.name:  # A Llama-family model's own.
+        specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        config.update({k: v for k, v in specials.items() if v is not None})
+        files = {
+            "tokenizer.json": json.dumps(tok.json, ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(config),
+        }
+        return files, "Hugging Face tokenizers' tokenizer.json (transformers reads it)"
     if tok.name == "gpt2":
         files = tokenizer_io.to_hf_files(tok.bpe)
         files["tokenizer_config.json"] = json.dumps(

@@ -1,13 +1,13 @@
 """What a run reads: the dataset (prepared first if need be), and the model to
-sample, evaluate or export (a workdir's checkpoint, or --init_from's GPT-2
-weights) with its config and tokenizer."""
+sample, evaluate or export (a workdir's checkpoint, or --init_from's GPT-2 or
+Llama-family weights) with its config and tokenizer."""
 
 from __future__ import annotations
 
 from absl import logging
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import cli, data, hf, hosts, prepare, tokenizer_io, train
+from jaxgpt import cli, data, hf, hosts, llama, prepare, tokenizer_io, train
 from jaxgpt.config import ConfigError, DataConfig, ModelConfig, RunConfig
 
 
@@ -25,10 +25,16 @@ def read_dataset(data_cfg: DataConfig) -> prepare.Dataset:
 def check_fits(dataset: prepare.Dataset, model_cfg: ModelConfig, tok) -> None:
     """The model reads the dataset's tokens, and each split holds a window."""
     if tok.to_json() != dataset.tokenizer.to_json():
+        how = (
+            "--tokenizer=<the model's folder or Hub name> (its tokenizer.json) and"
+            " another --dataset or --data_dir"
+            if tok.name == tokenizer_io.HFTokenizer.name
+            else "e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2"
+        )
         raise ConfigError(
             f"the model's {tok.name} tokenizer is not --dataset={dataset.meta['dataset']}'s"
             f" {dataset.tokenizer.name} tokenizer: prepare a dataset with the model's"
-            " (e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2."
+            f" ({how}."
         )
     for split, tokens in dataset.splits.items():
         what = f"{split} split of --dataset={dataset.meta['dataset']}"
@@ -41,29 +47,39 @@ def say(line: str) -> None:
         logging.warning(line)
 
 
-def import_gpt2(init_from: str):
-    """(model config, parameters, tokenizer) of --init_from's GPT-2."""
+def import_weights(init_from: str):
+    """(model config, parameters, tokenizer) of --init_from's GPT-2 (hf.py) or
+    Llama-family model (llama.py; --block_size, if given, shortens its context)."""
     try:
-        model_cfg, params = hf.load_gpt2(init_from, **cli.runtime_options())
-        tok = hf.load_tokenizer(init_from, model_cfg.vocab_size)
+        kind, where = llama.find(init_from)
+        if kind == "llama":
+            given = cli.given("block_size")
+            model_cfg, params = llama.load_llama(
+                where, **cli.runtime_options(), **given
+            )
+            tok = llama.load_tokenizer(where)
+        else:
+            model_cfg, params = hf.load_gpt2(where, **cli.runtime_options())
+            tok = hf.load_tokenizer(where, model_cfg.vocab_size)
     except ValueError as e:  # hf.HuggingFaceError, or no GPT-2 tokenizer offline.
         raise ConfigError(f"--init_from={init_from}: {e}") from e
     logging.info(
-        "model from %s: %d layers, %d heads, %d wide, context %d, vocabulary %d",
-        init_from, model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd,
-        model_cfg.block_size, model_cfg.vocab_size,
+        "%s model from %s: %d layers, %d heads (%d key/value), %d wide, context %d,"
+        " vocabulary %d", kind, init_from, model_cfg.n_layer, model_cfg.n_head,
+        model_cfg.kv_heads, model_cfg.n_embd, model_cfg.block_size,
+        model_cfg.vocab_size,
     )  # fmt: skip
     return model_cfg, params, tok
 
 
 def load_model(run: RunConfig, which: str, mesh):
     """(model config, parameters, tokenizer) to sample or evaluate: --init_from's
-    GPT-2, else the newest intact `which` checkpoint in --workdir (its parameters
+    weights, else the newest intact `which` checkpoint in --workdir (its parameters
     and meta only). Reads only: a training run may be writing the workdir; a
     damaged checkpoint is named and the next older one of the same kind used.
     Each checkpoint is read with the model its own (verified) meta describes."""
     if run.init_from:
-        return import_gpt2(run.init_from)
+        return import_weights(run.init_from)
     check = ckpt.check_run_meta
     with ckpt.Checkpointer(run.workdir, read_only=True, check=check) as checkpointer:
         if not checkpointer.steps(which):

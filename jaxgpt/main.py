@@ -109,12 +109,12 @@ def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg
 
 def choose_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
     """The model to train and its parameters when they are imported: a finetune's
-    own (resuming it), --init_from's GPT-2, or the flags' new model."""
+    own (resuming it), --init_from's weights, or the flags' new model."""
     if saved is not None and saved.get("init_from"):
         model_cfg = ModelConfig(**{**saved["model"], **cli.runtime_options()})
         return model_cfg, None, dataset.tokenizer
     if saved is None and run.init_from:
-        return load.import_gpt2(run.init_from)
+        return load.import_weights(run.init_from)
     tok = dataset.tokenizer
     return from_flags(ModelConfig, vocab_size=tok.vocab_size), None, tok
 

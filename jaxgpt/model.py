@@ -1,12 +1,19 @@
-"""The GPT (nanoGPT's architecture) and the bigram baseline, in Flax linen.
+"""The GPT (nanoGPT's architecture, and a modern one's) and the bigram baseline.
 
 Shapes are suffixes: B batch, T time (sequence), C embedding (n_embd),
-H heads, D head size (C // H), V vocabulary, L layers, S key positions (T, or
-block_size when decoding from the cache).
+H heads, K key/value heads (H unless grouped-query), D head size (C // H),
+F the feed-forward's hidden width, V vocabulary, L layers, S key positions
+(T, or block_size when decoding from the cache).
+
+Options (ModelConfig) that change the architecture, GPT-2's by default (each
+described in docs/architecture.md): positions learned or rotary (`rope`, no
+table), LayerNorm or RMSNorm (with or without a learned scale), QK-norm, the
+MLP's GELU, ReLU^2 or SwiGLU and its width F, K key/value heads (grouped-query
+attention), a tied or untied output layer, soft-capped logits.
 
 Options (ModelConfig) that leave the math unchanged:
 - dtype: matmuls and activations inside the blocks in float32 or bfloat16.
-  Like torch.autocast in nanoGPT, parameters, the residual stream, LayerNorm
+  Like torch.autocast in nanoGPT, parameters, the residual stream, norm
   statistics, the softmax, the logits and the loss stay float32.
 - remat: each block's activations are recomputed in the backward pass.
 - scan_layers: one `nn.scan` over the blocks, so the block is traced and
@@ -33,7 +40,10 @@ from jaxgpt.config import ModelConfig
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which position t sees positions <= t only."""
+    """Multi-head self-attention in which position t sees positions <= t only.
+
+    With K < H key/value heads (grouped-query attention), query head h reads
+    key/value head h // (H / K)."""
 
     config: ModelConfig
 
@@ -43,14 +53,27 @@ class CausalSelfAttention(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         B, T, C = x_BTC.shape
-        H, D = cfg.n_head, cfg.head_dim
-        qkv_BT3C = dense(cfg, 3 * C, init_normal, "c_attn")(x_BTC)
-        q_BTHD, k_BSHD, v_BSHD = jnp.split(qkv_BT3C.reshape(B, T, 3 * H, D), 3, axis=2)
+        H, K, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        qkv_BTX = dense(cfg, (H + 2 * K) * D, init_normal, "c_attn")(x_BTC)
+        q_BTHD, k_BSKD, v_BSKD = jnp.split(
+            qkv_BTX.reshape(B, T, H + 2 * K, D), [H, H + K], axis=2
+        )
+        if cfg.qk_norm:  # Each head's query and key normalised over its D channels.
+            q_BTHD = norm(cfg, "q_norm", cfg.dtype)(q_BTHD)
+            k_BSKD = norm(cfg, "k_norm", cfg.dtype)(k_BSKD)
+        q_pos_T = k_pos_S = start + jnp.arange(T)  # Positions of these tokens.
+        if cfg.position == "rope":  # Scores then depend on q_pos - k_pos only.
+            q_BTHD = rope(q_BTHD, q_pos_T, cfg.rope_theta)
+            k_BSKD = rope(k_BSKD, q_pos_T, cfg.rope_theta)
         if decode:  # The keys and values so far come from the cache; these join them.
-            k_BSHD, v_BSHD = self.append_to_cache(k_BSHD, v_BSHD, start)
-        q_pos_T = start + jnp.arange(T)  # Positions of the queries (keys: 0 .. S-1).
-        causal_TS = q_pos_T[:, None] >= jnp.arange(k_BSHD.shape[1])[None, :]
+            k_BSKD, v_BSKD, k_pos_S = self.append_to_cache(k_BSKD, v_BSKD, start)
+        causal_TS = q_pos_T[:, None] >= k_pos_S[None, :]
         if cfg.attention == "einsum":
+            k_BSHD, v_BSHD = k_BSKD, v_BSKD
+            if K < H:  # Each key/value head serves H / K query heads in a row.
+                k_BSHD, v_BSHD = (
+                    jnp.repeat(z, H // K, axis=2) for z in (k_BSKD, v_BSKD)
+                )
             # Scaled dot-product scores; 1/sqrt(D) keeps their variance near 1.
             att_BHTS = jnp.einsum(
                 "bqhd,bkhd->bhqk", q_BTHD, k_BSHD, preferred_element_type=jnp.float32
@@ -64,8 +87,8 @@ class CausalSelfAttention(nn.Module):
         else:  # The same math in one call (cuDNN's flash attention can serve it).
             y_BTHD = jax.nn.dot_product_attention(
                 q_BTHD,
-                k_BSHD,
-                v_BSHD,
+                k_BSKD,
+                v_BSKD,
                 mask=causal_TS[None, None] if decode else None,
                 is_causal=not decode,
                 implementation="cudnn" if use_cudnn(cfg, decode) else None,
@@ -73,39 +96,57 @@ class CausalSelfAttention(nn.Module):
         y_BTC = dense(cfg, C, residual_init(cfg), "c_proj")(y_BTHD.reshape(B, T, C))
         return nn.Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)
 
-    def append_to_cache(self, k_BTHD: jax.Array, v_BTHD: jax.Array, start):
-        """Writes k, v at positions start .. start + T - 1 of the cache; returns it all.
+    def append_to_cache(self, k_BTKD: jax.Array, v_BTKD: jax.Array, start):
+        """Writes the keys and values of positions start .. start + T - 1 into the
+        cache's S = block_size slots, position p in slot p % S; returns all S
+        slots and the position each holds (k_pos_S).
 
-        The cache holds block_size positions; slots past start + T hold zeros or
-        stale values that the causal mask hides. Callers keep start + T within
-        block_size (generate.py does).
+        A ring buffer: past S positions (with rotary positions only: generate.py
+        keeps learned ones below S) a position overwrites the one S before it,
+        so the cache holds the last S keys, a sliding window. Unwritten slots
+        get position INT32_MAX, which the causal mask hides. A call of T > 1
+        tokens must not wrap around (generate.py prefills from position 0).
         """
-        B, _, H, D = k_BTHD.shape
-        shape_BSHD = (B, self.config.block_size, H, D)
-        k_cache = self.variable("cache", "k", jnp.zeros, shape_BSHD, k_BTHD.dtype)
-        v_cache = self.variable("cache", "v", jnp.zeros, shape_BSHD, v_BTHD.dtype)
-        at = (0, start, 0, 0)
-        k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BTHD, at)
-        v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BTHD, at)
-        return k_cache.value, v_cache.value
+        B, T, K, D = k_BTKD.shape
+        S = self.config.block_size
+        k_cache = self.variable("cache", "k", jnp.zeros, (B, S, K, D), k_BTKD.dtype)
+        v_cache = self.variable("cache", "v", jnp.zeros, (B, S, K, D), v_BTKD.dtype)
+        at = (0, start % S, 0, 0)
+        k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BTKD, at)
+        v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BTKD, at)
+        slot_S = jnp.arange(S)  # Holds the last position p < start + T, p % S = slot.
+        k_pos_S = slot_S + S * ((start + T - 1 - slot_S) // S)
+        k_pos_S = jnp.where(k_pos_S >= 0, k_pos_S, jnp.iinfo(jnp.int32).max)
+        return k_cache.value, v_cache.value, k_pos_S
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: C -> 4C -> GELU -> C."""
+    """Position-wise feed-forward: C -> F -> activation -> C (GPT-2: F = 4C, GELU).
+
+    SwiGLU's two input matrices (gate, then up) are one [C, 2F] kernel."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
-        h_BTF = dense(cfg, 4 * cfg.n_embd, init_normal, "c_fc")(x_BTC)
-        h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # GPT-2's tanh GELU.
+        F = cfg.hidden_dim
+        if cfg.mlp == "swiglu":  # SiLU(x W_gate) * (x W_up).
+            h_BT2F = dense(cfg, 2 * F, init_normal, "c_fc")(x_BTC)
+            gate_BTF, up_BTF = jnp.split(h_BT2F, 2, axis=-1)
+            h_BTF = jax.nn.silu(gate_BTF) * up_BTF
+        else:
+            h_BTF = dense(cfg, F, init_normal, "c_fc")(x_BTC)
+            if cfg.mlp == "gelu":
+                h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # GPT-2's tanh GELU.
+            else:  # relu2: ReLU squared.
+                h_BTF = jnp.square(jax.nn.relu(h_BTF))
         y_BTC = dense(cfg, cfg.n_embd, residual_init(cfg), "c_proj")(h_BTF)
         return nn.Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     config: ModelConfig
 
@@ -114,9 +155,7 @@ class Block(nn.Module):
         self, x_BTC: jax.Array, deterministic: bool, decode: bool = False, start=0
     ) -> jax.Array:
         cfg = self.config
-        ln = lambda name: nn.LayerNorm(
-            epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), name=name
-        )
+        ln = lambda name: norm(cfg, name, cfg.dtype)
         x_BTC = x_BTC + CausalSelfAttention(cfg, name="attn")(
             ln("ln_1")(x_BTC), deterministic, decode, start
         )
@@ -134,7 +173,8 @@ class ScannedBlock(Block):
 
 
 class GPT(nn.Module):
-    """Token + position embeddings, L blocks, final LayerNorm, tied output layer."""
+    """Token (+ learned position) embeddings, L blocks, a final norm, the output
+    layer (tied to the token embedding, or its own), optionally soft-capped."""
 
     config: ModelConfig
 
@@ -152,10 +192,12 @@ class GPT(nn.Module):
         wte = nn.Embed(
             cfg.vocab_size, cfg.n_embd, embedding_init=init_normal, name="wte"
         )
-        wpe = nn.Embed(
-            cfg.block_size, cfg.n_embd, embedding_init=init_normal, name="wpe"
-        )
-        x_BTC = wte(idx_BT) + wpe(start + jnp.arange(T))[None]
+        x_BTC = wte(idx_BT)
+        if cfg.position == "learned":  # (rope turns queries and keys instead.)
+            wpe = nn.Embed(
+                cfg.block_size, cfg.n_embd, embedding_init=init_normal, name="wpe"
+            )
+            x_BTC = x_BTC + wpe(start + jnp.arange(T))[None]
         x_BTC = nn.Dropout(cfg.dropout)(x_BTC, deterministic=deterministic)
         block = ScannedBlock if cfg.scan_layers else Block
         if cfg.remat:  # Keep only each block's input; recompute the rest for grads.
@@ -173,9 +215,18 @@ class GPT(nn.Module):
         else:
             for i in range(cfg.n_layer):
                 x_BTC = block(cfg, name=f"h_{i}")(x_BTC, deterministic, decode, start)
-        x_BTC = nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, name="ln_f")(x_BTC)
-        B, T, C = x_BTC.shape  # Tied to the token embedding; rows as in Dense.
-        return wte.attend(x_BTC.reshape(B * T, C)).reshape(B, T, -1)  # float32
+        x_BTC = norm(cfg, "ln_f")(x_BTC)  # float32 from here on.
+        B, T, C = x_BTC.shape
+        if cfg.tie_embeddings:  # The token embedding's transpose; rows as in Dense.
+            logits_BTV = wte.attend(x_BTC.reshape(B * T, C)).reshape(B, T, -1)
+        else:
+            lm_head = Dense(
+                cfg.vocab_size, use_bias=False, kernel_init=init_normal, name="lm_head"
+            )
+            logits_BTV = lm_head(x_BTC)
+        if cfg.logit_cap:  # Smoothly into (-cap, cap).
+            logits_BTV = cfg.logit_cap * jnp.tanh(logits_BTV / cfg.logit_cap)
+        return logits_BTV
 
 
 class Bigram(nn.Module):
@@ -247,6 +298,36 @@ def dense(cfg: ModelConfig, features: int, kernel_init, name: str) -> Dense:
         dtype=jnp.dtype(cfg.dtype),
         name=name,
     )
+
+
+def norm(cfg: ModelConfig, name: str, dtype: str | None = None) -> nn.Module:
+    """The norm --norm names, over the last axis: LayerNorm (GPT-2's) or RMSNorm,
+    with a learned scale unless --nonorm_scale; statistics in float32."""
+    dtype = jnp.dtype(dtype) if dtype else None
+    if cfg.norm == "rmsnorm":  # x / sqrt(mean(x^2) + eps) * scale.
+        return nn.RMSNorm(
+            epsilon=cfg.norm_eps, use_scale=cfg.norm_scale, dtype=dtype, name=name
+        )
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        use_bias=cfg.bias,
+        use_scale=cfg.norm_scale,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def rope(x_BTND: jax.Array, pos_T: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al., 2021) in Llama's rotate-half layout:
+    channels i and i + D/2 of each head form a pair, turned by the angle
+    pos * theta^(-2i/D). Computed in float32, returned in x's dtype."""
+    D = x_BTND.shape[-1]
+    inv_freq_F = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # D/2.
+    angle_TF = pos_T.astype(jnp.float32)[:, None] * inv_freq_F[None, :]
+    cos_T1F, sin_T1F = jnp.cos(angle_TF)[:, None], jnp.sin(angle_TF)[:, None]
+    x1, x2 = jnp.split(x_BTND.astype(jnp.float32), 2, axis=-1)
+    turned = [x1 * cos_T1F - x2 * sin_T1F, x2 * cos_T1F + x1 * sin_T1F]
+    return jnp.concatenate(turned, axis=-1).astype(x_BTND.dtype)
 
 
 def use_cudnn(cfg: ModelConfig, decode: bool) -> bool:

@@ -156,16 +156,21 @@ def flops_per_token(config: ModelConfig) -> float:
     """Training FLOPs per token, 6N + 12*L*C*T, counted from the parameter tree.
 
     N: the parameters of the matmuls a token passes through, i.e. all but the
-    position table (the tied token embedding counts once, as the output
-    layer), as nanoGPT's estimate_mfu counts them; 6N is their forward (2N)
-    and backward (4N) FLOPs. 12LCT: the attention scores and values. An
-    option that changes the parameter tree changes N with it; tests check the
-    total against XLA's count of the compiled gradient.
+    tables it only looks up: the position table (absent with rope) and, with
+    an untied output layer, the token embedding (tied, it counts once, as the
+    output layer), as nanoGPT's estimate_mfu counts them; 6N is their forward
+    (2N) and backward (4N) FLOPs. So grouped-query attention's smaller key
+    and value projections, SwiGLU's third matrix and an untied lm_head enter
+    through N. 12LCT: the attention scores and values, H query heads of D =
+    C / H channels against T keys (K < H key/value heads do not change it).
+    Norms, activations, RoPE and the soft-cap are elementwise and not counted.
+    Tests check the total against XLA's count of the compiled gradient.
     """
     if config.model != "gpt":  # The bigram, and the lecture's steps: not counted.
         return 0.0
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    n = count_params(params) - count_params(params.get("wpe", {}))
+    lookups = [params.get("wpe", {}), {} if config.tie_embeddings else params["wte"]]
+    n = count_params(params) - count_params(lookups)
     C, L, T = config.n_embd, config.n_layer, config.block_size
     return 6.0 * n + 12.0 * L * C * T
 

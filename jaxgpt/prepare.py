@@ -511,6 +511,13 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
                 f"--tokenizer={spec} cannot be read ({reason}): name a tokenizer"
                 " .json that jaxgpt wrote (a dataset's or an export's)."
             ) from e
+    if os.path.isdir(spec) or "/" in spec:  # A model folder or Hub repository.
+        from jaxgpt import llama  # (Imports JAX, which preparing needs not.)
+
+        try:
+            return llama.load_tokenizer(llama.find(spec)[1])
+        except ValueError as e:
+            raise ConfigError(f"--tokenizer={spec}: {e}") from e
     if spec == "char":  # The distinct characters of the whole corpus.
         chars = set()
         for doc in documents(cfg, recipe):
@@ -533,7 +540,8 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
 def unknown_tokenizer(spec: str) -> ConfigError:
     return ConfigError(
         f"--tokenizer={spec} is unknown: use char, gpt2, bpe:<vocab size> (e.g."
-        " bpe:4096, trained on the dataset) or a tokenizer .json file."
+        " bpe:4096, trained on the dataset), a tokenizer .json file, or a model"
+        " folder or Hub repository holding a tokenizer.json."
     )
 
 
@@ -586,7 +594,11 @@ _worker = {}  # The tokenizer and end-of-text ids of a pool worker.
 
 
 def end_of_text(tok) -> np.ndarray:
-    """The ids that end a document: <|endoftext|> if the tokenizer has it."""
+    """The ids that end a document: <|endoftext|> if the tokenizer has it (a
+    Hugging Face tokenizer: its eos token)."""
+    eos = getattr(tok, "eos_token", None)  # tokenizer_io.HFTokenizer's.
+    if eos is not None and tok.token_id(eos) is not None:
+        return np.array([tok.token_id(eos)], np.int32)
     enc = getattr(tok, "encoding", None)  # Char tokenizers have no specials.
     if enc is None or tokenizer.ENDOFTEXT not in enc.special_tokens_set:
         return np.zeros(0, np.int32)

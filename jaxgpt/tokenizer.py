@@ -391,7 +391,10 @@ def from_json(d: Mapping):
 
 def token_bytes(tok) -> np.ndarray:
     """int32 [vocab_size]: the UTF-8 bytes of each id (0 for special tokens,
-    which are not text), for bits per byte."""
+    which are not text), for bits per byte. A tokenizer with a token_bytes()
+    method of its own (a Hugging Face tokenizer.json's) counts them itself."""
+    if hasattr(tok, "token_bytes"):
+        return tok.token_bytes()
     if isinstance(tok, CharTokenizer):
         return np.array([len(ch.encode("utf-8")) for ch in tok.vocab], np.int32)
     specials = set(tok.bpe.special_tokens.values())

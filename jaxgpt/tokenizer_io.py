@@ -1,5 +1,6 @@
 """Tokenizers on disk: GPT-2's released files, Hugging Face's spelling of a
-BPE, and any tokenizer from the JSON a checkpoint or dataset stores.
+BPE, Hugging Face `tokenizers`' tokenizer.json (HFTokenizer: Llama-family
+models' own), and any tokenizer from the JSON a checkpoint or dataset stores.
 
 GPT-2's tokenizer is found offline whenever its files are on the machine
 (`load_gpt2`): a folder holding encoder.json and vocab.bpe, the
@@ -14,10 +15,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
+
+import numpy as np
 
 from jaxgpt import tokenizer
 from jaxgpt.tokenizer import BPE, ENDOFTEXT, GPT2_PATTERN, BPETokenizer
@@ -31,7 +35,8 @@ GPT2_URLS = (
 
 
 def from_json(d: Mapping):
-    """Rebuilds the tokenizer that `to_json` saved: char, bpe or gpt2."""
+    """Rebuilds the tokenizer that `to_json` saved: char, bpe, gpt2 or hf; or
+    reads a Hugging Face tokenizer.json itself."""
     if not isinstance(d, Mapping):
         raise ValueError(  # noqa: TRY004 (callers catch ValueError)
             f"a tokenizer is saved as a JSON object, not {type(d).__name__}."
@@ -39,11 +44,15 @@ def from_json(d: Mapping):
     name = d.get("name")
     if name == "gpt2":
         return load_gpt2()
-    if name not in ("char", "bpe"):
+    if "model" in d and "added_tokens" in d:  # A tokenizer.json of HF tokenizers.
+        return HFTokenizer(d)
+    if name not in ("char", "bpe", HFTokenizer.name):
         raise ValueError(
-            f"unknown tokenizer {name!r}; expected 'char', 'bpe' or 'gpt2'."
+            f"unknown tokenizer {name!r}; expected 'char', 'bpe', 'gpt2' or 'hf'."
         )
     try:
+        if name == HFTokenizer.name:
+            return HFTokenizer(d["tokenizer"], d.get("bos_token"), d.get("eos_token"))
         return tokenizer.from_json(d)
     except KeyError as e:
         raise ValueError(f"a {name} tokenizer's JSON lacks {e}.") from None
@@ -205,3 +214,73 @@ def to_hf_files(bpe: BPE) -> dict[str, str]:
         "vocab.json": json.dumps(vocab, ensure_ascii=False),
         "merges.txt": "\n".join(["#version: 0.2", *merges]) + "\n",
     }
+
+
+# --- Hugging Face tokenizers -----------------------------------------------------
+
+
+class HFTokenizer:
+    """A tokenizer.json of Hugging Face's `tokenizers` library (Llama-family
+    models' BPE or SentencePiece-style vocabularies), behind jaxgpt's interface.
+
+    encode adds no special tokens (no <s> or BOS): text in, its ids out, as
+    the other tokenizers. to_json stores the whole tokenizer.json, so a
+    checkpoint samples with no file beside it; bos_token and eos_token (from
+    the model's tokenizer_config.json) go with it, for an export.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        tokenizer_json: Mapping,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ):
+        import tokenizers  # Only a run with such a tokenizer needs the library.
+
+        self.json = dict(tokenizer_json)
+        self.bos_token, self.eos_token = bos_token, eos_token
+        try:
+            self.tok = tokenizers.Tokenizer.from_str(json.dumps(self.json))
+        except Exception as e:  # noqa: BLE001 (the Rust library raises Exception)
+            raise ValueError(f"tokenizer.json cannot be read: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str):
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, np.int32)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_json(self) -> dict:
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        specials = {k: v for k, v in specials.items() if v is not None}
+        return {"name": self.name, "tokenizer": self.json, **specials}
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tok.token_to_id(token)
+
+    def token_bytes(self):
+        """int32 [vocab_size]: the UTF-8 bytes each id stands for (0 for special
+        tokens), for bits per byte: a byte-level vocabulary spells each byte
+        with one character (bytes_to_unicode); a SentencePiece-style one spells
+        a space as U+2581 and a lone byte as <0xNN>."""
+        byte_level = "ByteLevel" in json.dumps(self.json.get("decoder"))
+        added = self.tok.get_added_tokens_decoder()
+        out = np.zeros(self.vocab_size, np.int32)
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                n = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+            elif byte_level:
+                n = len(token)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                n = 1
+            else:
+                n = len(token.replace("\u2581", " ").encode("utf-8"))
+            out[i] = n
+        return out

@@ -7,6 +7,7 @@ smoke run, tests/test_accelerators.py.)"""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -72,6 +73,9 @@ def test_vs_torch_step_compares_the_two_loops(data_flags):
 
 @needs_torch
 def test_vs_torch_run_times_both_commands(data_flags, tmp_path):
+    modern = tmp_path / "modern.cfg"  # Another recipe: the modern one, as tiny.
+    lines = ["--flagfile=experiments/shakespeare_cpu_modern.cfg", *MODEL, *SHORT]
+    modern.write_text("\n".join([*lines, "--eval_interval=6", "--max_new_tokens=8"]))
     out = bench(
         "vs_torch.py",
         *TINY,
@@ -82,10 +86,13 @@ def test_vs_torch_run_times_both_commands(data_flags, tmp_path):
         "--bench=run",
         "--bench_rounds=1",
         "--target_loss=10",
+        f"--jaxgpt_flagfiles={modern}",
     )
-    for name in ("jaxgpt", "torch twin"):  # Each reached the (easy) target loss.
+    for name in ("jaxgpt", "jaxgpt modern", "torch twin"):
+        # Each reached the (easy) target loss.
         assert re.search(rf"round 0: {name}: [\d.]+ s, .* at [\d.]+ s \(step 0\)", out)
     assert "median wall" in out
+    assert "median time to val <= 10.0: jaxgpt modern" in out
 
 
 @needs_torch
@@ -147,3 +154,22 @@ def test_tokenizer_trains_and_encodes(corpus_path):
         "--small_vocab_size=280", "--encode_mb=0.05", "--skip_hf", "--num_workers=1",
     )  # fmt: skip
     assert "MB/s" in out
+
+
+def test_ablation_runs_the_variants_and_tabulates_them(data_flags, tmp_path):
+    results = tmp_path / "ablation.json"
+    args = ["--seeds=1", f"--results={results}", f"--data_dir={tmp_path / 'data'}"]
+    extra = [*MODEL, *SHORT, "--eval_interval=6", "--max_new_tokens=2", data_flags[0]]
+    out = bench("ablation.py", "--variants=gpt2,modern", *args, *extra)
+    row = r"^\| (gpt2|modern) \| .* \| [\d.]+ \| [\d.]+ \| not run \|"
+    assert re.findall(row, out, re.MULTILINE) == ["gpt2", "modern"], out[-2000:]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ablation  # --mode=time's schedule: the baseline's time at its own speed.
+
+    done = json.loads(results.read_text())
+    done["modern"]["steps"][0]["ms_per_step"] = (
+        2 * done["gpt2"]["steps"][0]["ms_per_step"]
+    )
+    assert ablation.time_flags("modern", done) == [
+        "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=6"
+    ]  # fmt: skip

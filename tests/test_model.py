@@ -223,8 +223,26 @@ def xla_flops_per_token(cfg: ModelConfig, B: int = 2) -> float:
             "vocab_size": 300,
             "bias": True,
         },
+        # The architecture options: no position table, an untied head (the
+        # token embedding only looked up), fewer key/value heads, SwiGLU.
+        {
+            "n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 64,
+            "vocab_size": 65, "position": "rope", "norm": "rmsnorm",
+            "norm_scale": False, "qk_norm": True, "mlp": "relu2", "n_kv_head": 2,
+            "tie_embeddings": False, "logit_cap": 15.0,
+        },
+        {
+            "n_layer": 2, "n_head": 8, "n_embd": 128, "block_size": 32,
+            "vocab_size": 1024, "position": "rope", "norm": "rmsnorm",
+            "mlp": "swiglu", "n_kv_head": 1, "tie_embeddings": False,
+        },
+        {
+            "n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 64,
+            "vocab_size": 300, "mlp": "swiglu", "mlp_hidden": 256,
+        },
     ],
-)
+    ids=["gpt2_a", "gpt2_b", "gpt2_bias", "modern", "llama_mqa", "swiglu_tied"],
+)  # fmt: skip
 def test_flops_per_token_matches_xlas_count(shape):
     """6N + 12LCT against the FLOPs XLA counts in the lowered gradient (matmuls
     plus the elementwise work, a few percent at these sizes)."""

@@ -32,6 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 # n_embd 36 divides by 4 but not by 8, vocab 65 by neither: some leaves stay
 # replicated under --mesh_fsdp=8.
 MODEL = ModelConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=36)
+# The architecture options: q | k | v of 2 + 1 + 1 heads of 18 (72 columns),
+# SwiGLU's gate | up, an untied lm_head, no position table or norm scales.
+MODERN = dataclasses.replace(
+    MODEL, position="rope", norm="rmsnorm", norm_scale=False, qk_norm=True,
+    mlp="swiglu", n_kv_head=1, tie_embeddings=False, logit_cap=15.0,
+)  # fmt: skip
 TRAIN = TrainConfig(batch_size=16, warmup_iters=0)
 STEPS, T = 3, MODEL.block_size
 LEAVES = {  # Name in the report -> path in the parameters.
@@ -181,6 +187,15 @@ def eight_device_report() -> dict:
         }
         if name == "2x4":
             report["restore"] = restore_report(MODEL, state)
+    ref_state, ref_losses, _ = run_steps(MODERN, TRAIN, tokens, one_device_mesh())
+    state, losses, _ = run_steps(MODERN, TRAIN, tokens, sharding.make_mesh(2, 4))
+    report["modern_2x4"] = {
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+        "param_diff": max_diff(state.params, ref_state.params),
+        "opt_state_diff": max_diff(state.opt_state, ref_state.opt_state),
+        "c_attn": str(state.params["h_0"]["attn"]["c_attn"]["kernel"].sharding.spec),
+        "lm_head": str(state.params["lm_head"]["kernel"].sharding.spec),
+    }
     report["errors"] = error_report(tokens)
     return report
 
@@ -250,6 +265,15 @@ def test_sharded_steps_match_one_device(report, case):
     assert r["opt_state_diff"] < 1e-5, r
     assert r["batch_spec"] == str(P(("data", "fsdp")))
     assert r["batch_rows_per_device"] == 16 // 8
+
+
+def test_the_architecture_options_shard_like_gpt2(report):
+    """FSDP over 4 on the modern model (fused q|k|v of GQA, untied lm_head):
+    the same steps as on one device, its new kernels split too."""
+    r = report["modern_2x4"]
+    assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-5, r
+    assert r["opt_state_diff"] < 1e-5, r
+    assert r["c_attn"] == str(P(None, "fsdp")) and r["lm_head"] == str(P("fsdp", None))
 
 
 @pytest.mark.parametrize(

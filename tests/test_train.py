@@ -213,7 +213,7 @@ class RecordingLog(metrics.TrainLog):
         self.evals.append({"step": step, **losses})
 
 
-def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
+def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12, **model_kw):
     """The training program of main.run_train on a tiny model, stopped at `stop_at`."""
     vocab, splits = tokens
     model_cfg = ModelConfig(
@@ -223,6 +223,7 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
         n_head=2,
         n_embd=16,
         dropout=0.1,
+        **model_kw,
     )
     cfg = TrainConfig(
         batch_size=4,
@@ -257,12 +258,19 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12):
     return state, {"losses": log.losses, "evals": log.evals, "stopped_by": stopped_by}
 
 
-def test_resume_is_bitwise_exact(tmp_path, tokens):
+MODERN = {  # The architecture options (experiments/shakespeare_cpu_modern.cfg).
+    "position": "rope", "norm": "rmsnorm", "norm_scale": False, "qk_norm": True,
+    "mlp": "swiglu", "n_kv_head": 1, "tie_embeddings": False, "logit_cap": 15.0,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_kw", [{}, MODERN], ids=["gpt2", "modern"])
+def test_resume_is_bitwise_exact(tmp_path, tokens, model_kw):
     """12 steps in one go == 6 steps (stopped by flag), then resumed to 12."""
-    full_state, full = run(tmp_path / "full", tokens)
-    _, first = run(tmp_path / "split", tokens, stop_at=6)
+    full_state, full = run(tmp_path / "full", tokens, **model_kw)
+    _, first = run(tmp_path / "split", tokens, stop_at=6, **model_kw)
     assert first["stopped_by"] == "stop_at" and len(first["losses"]) == 6
-    resumed_state, second = run(tmp_path / "split", tokens)
+    resumed_state, second = run(tmp_path / "split", tokens, **model_kw)
     assert full["losses"] == first["losses"] + second["losses"]  # Bitwise.
     assert full["evals"] == first["evals"] + second["evals"]
     chex.assert_trees_all_equal(full_state.params, resumed_state.params)
