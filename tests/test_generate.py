@@ -267,7 +267,9 @@ def test_padded_prompts_draw_what_the_prompts_alone_do(params2, kv_cache, sampli
     before = generate.generate._cache_size()
     for p in (1, 5, 8, 12):
         key = jax.random.PRNGKey(p)
-        tokens, logits = draw(padded_BP, key, prompt_len=jnp.int32(p), kv_cache=kv_cache)
+        tokens, logits = draw(
+            padded_BP, key, prompt_len=jnp.int32(p), kv_cache=kv_cache
+        )
         want, want_logits = draw(padded_BP[:, :p], key, kv_cache=kv_cache)
         chex.assert_trees_all_equal(np.asarray(tokens)[:, : p + 10], want)
         np.testing.assert_allclose(logits, want_logits, atol=2e-5)
