@@ -134,3 +134,14 @@ def test_tokenizer_trains_and_encodes(corpus_path):
         "--small_vocab_size=280", "--encode_mb=0.05", "--skip_hf", "--num_workers=1",
     )  # fmt: skip
     assert "MB/s" in out
+
+
+def test_evals_reports_examples_per_second():
+    """The in-loop table (the harness's path is tests/test_evals.py's)."""
+    out = bench(
+        "evals.py",
+        "--bench_models=tiny_gpt2",
+        "--bench_examples=2",
+        "--nobench_harness",
+    )
+    assert re.search(r"\| tiny_gpt2 \| [\d.]+M \| 2 \| \d+ \|( [\d.,]+ \|){6}", out)
