@@ -28,9 +28,10 @@ from jaxgpt.train import abstract_params
 
 
 def lengths(block_size: int) -> tuple[int, ...]:
-    """The lengths rows are padded to: powers of two from 32, then block_size."""
-    powers = {min(block_size, 2**k) for k in range(5, block_size.bit_length() + 1)}
-    return tuple(sorted(powers | {block_size}))
+    """The lengths rows are padded to: 32, 48, 64, 96, 128, 192, ... (a row
+    takes at most 1.5x its length), up to block_size."""
+    steps = {n * 2**k for n in (32, 48) for k in range(block_size.bit_length())}
+    return tuple(sorted({n for n in steps if n < block_size} | {block_size}))
 
 
 def padded_length(n: int, block_size: int) -> int:

@@ -309,7 +309,9 @@ def test_task_accuracies_equal_hflm(harness_results):
             [np.array([r[0] for r in s["resps"]]).ravel() for s in res["samples"][task]]
             for res in (ours, theirs)
         ]
-        assert np.abs(np.array(lls[0]) - np.array(lls[1])).max() < TOL
+        diff = np.abs(np.array(lls[0]) - np.array(lls[1])).max()
+        print(f"{task}: acc, acc_norm equal; max |jaxgpt - HFLM| = {diff:.2e}")
+        assert diff < TOL
     gen = [
         [s["filtered_resps"] for s in r["samples"]["tiny_gen"]] for r in (ours, theirs)
     ]
@@ -337,6 +339,9 @@ def test_in_loop_hellaswag_equals_the_harness_acc_norm(
     ll_EK = hellaswag.make_log_likelihoods(cfg, tok, rows, mesh, 8)(params)
     docs = sorted(theirs["samples"]["tiny_hellaswag"], key=lambda d: d["doc_id"])
     want_EK = [[r[0][0] for r in doc["resps"]] for doc in docs]
+    print(
+        f"in-loop hellaswag: max |jaxgpt - HFLM| = {np.abs(ll_EK - want_EK).max():.2e}"
+    )
     np.testing.assert_allclose(ll_EK, want_EK, atol=TOL, rtol=0)
     assert (
         max(len(w[0]) for ex in hellaswag.windows(rows, tok, CONTEXT) for w in ex)
