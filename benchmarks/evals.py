@@ -14,7 +14,8 @@ Rows: --eval_data_path's HellaSwag rows, else synthetic rows of HellaSwag's
 lengths (contexts of 30-60 words, endings of 10-30; random words, seeded).
 
 For each model, the in-loop evaluation (hellaswag.make_evaluate: one compiled
-scan): its first call (compile included) and examples/s when warm. With
+scan): its first call (compile included), then --bench_repeats warm calls
+(median and best). With
 --bench_harness, for the GPT-2 tokenizer models, the same rows as a local
 lm-eval task through lm_eval.simple_evaluate, twice each: jaxgpt.evals.JaxGPTLM
 on the parameters, and the harness's HFLM (PyTorch) on the model jaxgpt/hf.py
@@ -52,6 +53,9 @@ _MODELS = flags.DEFINE_list(
     "bench_models", ["cpu_recipe", "gpt2_124m"], "cpu_recipe, gpt2_124m, tiny_gpt2."
 )
 _EXAMPLES = flags.DEFINE_integer("bench_examples", 64, "HellaSwag examples scored.")
+_REPEATS = flags.DEFINE_integer(
+    "bench_repeats", 3, "Warm in-loop evaluations timed (median and best)."
+)
 _HARNESS = flags.DEFINE_bool(
     "bench_harness", True, "Also time lm-eval (JaxGPTLM and HFLM) on GPT-2 models."
 )
@@ -107,14 +111,17 @@ def in_loop(name: str, cfg, params, tok, rows, batch_rows: int) -> None:
     t0 = time.perf_counter()
     evaluate(params)
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores = evaluate(params)
-    warm = time.perf_counter() - t0
-    E = len(rows)
+    warm = []
+    for _ in range(_REPEATS.value):
+        t0 = time.perf_counter()
+        scores = evaluate(params)
+        warm.append(time.perf_counter() - t0)
+    E, median, best = len(rows), float(np.median(warm)), min(warm)
     print(
         f"| {name} | {model.count_params(params) / 1e6:.1f}M | {E} | {T} |"
-        f" {setup:.1f} | {first:.1f} | {warm:.2f} | {E / warm:,.1f} |"
-        f" {1000 * warm / (4 * E):.2f} | {scores['hellaswag_acc_norm']:.3f} |",
+        f" {setup:.1f} | {first:.1f} | {median:.2f} ({best:.2f}) |"
+        f" {E / median:,.1f} ({E / best:,.1f}) | {1000 * median / (4 * E):.2f} |"
+        f" {scores['hellaswag_acc_norm']:.3f} |",
         flush=True,
     )
 
@@ -207,8 +214,9 @@ def main(argv):
     loaded = {name: model_and_tokenizer(name) for name in _MODELS.value}
     print("\nIn the loop (hellaswag.make_evaluate):\n")
     print(
-        "| model | params | examples | T | setup (s) | first call (s) | warm (s) |"
-        " examples/s | s per 1,000 requests | acc_norm |"
+        "| model | params | examples | T | setup (s) | first call (s) |"
+        " warm (s): median (best) | examples/s: median (best) |"
+        " s per 1,000 requests | acc_norm |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (cfg, params, tok) in loaded.items():

@@ -325,10 +325,9 @@ def test_in_loop_hellaswag_equals_the_harness_acc_norm(
     cut to the model's window) on the imported model gives the harness's HFLM
     acc and acc_norm, and each ending's log-likelihood within 1e-4."""
     _, theirs = harness_results
-    cfg, params = hf.load_gpt2(str(reference))
-    rows = hellaswag.read_examples(tasks / "hellaswag.jsonl")
     mesh = sharding.make_mesh()
-    tok = hf.load_tokenizer(str(reference), cfg.vocab_size)
+    cfg, params, tok = evals.load_checkpoint(None, str(reference), "latest", mesh)
+    rows = hellaswag.read_examples(tasks / "hellaswag.jsonl")
     got = hellaswag.make_evaluate(cfg, tok, rows, mesh, batch_rows=8)(params)
     assert got == {
         "hellaswag_acc": metric(theirs, "tiny_hellaswag", "acc"),
@@ -375,6 +374,24 @@ def test_main_mode_eval_tasks_prints_the_table_and_writes_json(
     _, theirs = harness_results
     for task in ("tiny_arc", "tiny_hellaswag"):
         assert metric(results, task, "acc_norm") == metric(theirs, task, "acc_norm")
+
+
+def test_main_mode_eval_prints_in_loop_hellaswag_beside_the_losses(
+    reference, tasks, harness_results, tmp_path, corpus_path, capsys, parsed_flags
+):
+    """--mode=eval --eval_tasks=hellaswag: the in-loop scores, on the command line."""
+    with flagsaver.flagsaver(
+        mode="eval", init_from=str(reference), dataset="shakespeare",
+        data_path=str(corpus_path), data_dir=str(tmp_path), eval_iters=1,
+        batch_size=2, eval_tasks="hellaswag",
+        eval_data_path=str(tasks / "hellaswag.jsonl"),
+    ):  # fmt: skip
+        assert main.main(["jaxgpt.main"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("train: loss ") and lines[1].startswith("val: loss ")
+    _, theirs = harness_results
+    acc, acc_norm = (metric(theirs, "tiny_hellaswag", m) for m in ("acc", "acc_norm"))
+    assert lines[2] == f"hellaswag: acc {acc:.4f}, acc_norm {acc_norm:.4f}"
 
 
 def test_lm_eval_command_line_runs_jaxgpt(reference, tasks, harness_results, tmp_path):

@@ -22,6 +22,7 @@ from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+COMPILE = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's event.
 CFG = ModelConfig(vocab_size=60, block_size=32, n_layer=2, n_head=2, n_embd=32)
 # Letters and a few signs: HellaSwag's digits and brackets are not in it.
 TOK = CharTokenizer(" ,.:'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!?")
@@ -89,6 +90,23 @@ def test_scores_equal_a_direct_computation(one_device):
     chars, labels = hellaswag.answers(rows())
     assert got["hellaswag_acc"] == np.mean(ll.argmax(1) == labels)
     assert got["hellaswag_acc_norm"] == np.mean((ll / chars).argmax(1) == labels)
+
+
+def test_one_compilation_serves_every_evaluation():
+    """New parameters at each evaluation (as training makes them) compile nothing."""
+    compiles = []
+    listener = lambda event, secs, **kw: compiles.append(event)
+    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    later = jax.tree.map(lambda x: x * 1.5, params)
+    evaluate = hellaswag.make_evaluate(CFG, TOK, rows(), sharding.make_mesh(), 8)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        evaluate(params)
+        n_first = compiles.count(COMPILE)
+        evaluate(later)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert n_first >= 1 and compiles.count(COMPILE) == n_first
 
 
 def test_cleaning_is_the_harness_hellaswag_cleaning():
