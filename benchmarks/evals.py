@@ -13,15 +13,16 @@ Models, with random weights (the speed does not depend on them):
 Rows: --eval_data_path's HellaSwag rows, else synthetic rows of HellaSwag's
 lengths (contexts of 30-60 words, endings of 10-30; random words, seeded).
 
-For each model, the in-loop evaluation (hellaswag.make_evaluate: one compiled
-scan): its first call (compile included), then --bench_repeats warm calls
-(median and best). With
---bench_harness, for the GPT-2 tokenizer models, the same rows as a local
-lm-eval task through lm_eval.simple_evaluate, twice each: jaxgpt.evals.JaxGPTLM
-on the parameters, and the harness's HFLM (PyTorch) on the model jaxgpt/hf.py
-exports. Reported: seconds per 1,000 loglikelihood requests (4 per example),
-all of simple_evaluate and the model's calls alone (_loglikelihood_tokens);
-the difference is the harness's own work (building requests, metrics).
+Paths, for each model: the in-loop evaluation (hellaswag.make_evaluate: one
+compiled scan); with --bench_harness, for the GPT-2 tokenizer models, the same
+rows as a local lm-eval task through lm_eval.simple_evaluate, with
+jaxgpt.evals.JaxGPTLM on the parameters and with the harness's HFLM (PyTorch)
+on the model jaxgpt/hf.py exports. Each path runs once (compiling, warming
+up), then --bench_repeats rounds in which the paths take turns. Reported,
+medians over the rounds: examples/s, seconds per 1,000 loglikelihood
+requests (4 per example), and of them the model's calls
+(_loglikelihood_tokens) and the harness's own work (building requests,
+metrics). The paths must agree on acc_norm.
 """
 
 from __future__ import annotations
@@ -100,30 +101,17 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
     ]
 
 
-def in_loop(name: str, cfg, params, tok, rows, batch_rows: int) -> None:
-    mesh = sharding.make_mesh()
-    t0 = time.perf_counter()
-    evaluate = hellaswag.make_evaluate(cfg, tok, rows, mesh, batch_rows)
-    setup = time.perf_counter() - t0
-    T = max(
-        len(w[0]) for ex in hellaswag.windows(rows, tok, cfg.block_size) for w in ex
-    )
-    t0 = time.perf_counter()
-    evaluate(params)
-    first = time.perf_counter() - t0
-    warm = []
-    for _ in range(_REPEATS.value):
+def in_loop(cfg, params, tok, rows, batch_rows: int):
+    """A call running the in-loop evaluation: (seconds, model seconds, acc_norm)."""
+    evaluate = hellaswag.make_evaluate(cfg, tok, rows, sharding.make_mesh(), batch_rows)
+
+    def call():
         t0 = time.perf_counter()
-        scores = evaluate(params)
-        warm.append(time.perf_counter() - t0)
-    E, median, best = len(rows), float(np.median(warm)), min(warm)
-    print(
-        f"| {name} | {model.count_params(params) / 1e6:.1f}M | {E} | {T} |"
-        f" {setup:.1f} | {first:.1f} | {median:.2f} ({best:.2f}) |"
-        f" {E / median:,.1f} ({E / best:,.1f}) | {1000 * median / (4 * E):.2f} |"
-        f" {scores['hellaswag_acc_norm']:.3f} |",
-        flush=True,
-    )
+        acc_norm = evaluate(params)["hellaswag_acc_norm"]
+        seconds = time.perf_counter() - t0
+        return seconds, seconds, acc_norm
+
+    return call
 
 
 def timed(lm):
@@ -140,7 +128,9 @@ def timed(lm):
     return lm
 
 
-def harness(name: str, cfg, params, tok, rows, batch_rows: int) -> None:
+def through_harness(cfg, params, tok, rows, batch_rows: int):
+    """Calls running the rows as a local lm-eval task through simple_evaluate,
+    with JaxGPTLM and with HFLM on the exported model."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -159,33 +149,55 @@ def harness(name: str, cfg, params, tok, rows, batch_rows: int) -> None:
     hf.save_gpt2(params, cfg, str(folder / "hf"), hf.tokenizer_files(tok)[0])
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     lms = {
-        "jaxgpt (JaxGPTLM)": evals.JaxGPTLM(loaded=(cfg, params, tok), batch_size=batch_rows),
-        "transformers (HFLM)": HFLM(
+        "lm-eval, JaxGPTLM": evals.JaxGPTLM(loaded=(cfg, params, tok), batch_size=batch_rows),
+        "lm-eval, HFLM on the export": HFLM(
             pretrained=str(folder / "hf"), batch_size=batch_rows, device="cpu",
             dtype="float32",
         ),
     }  # fmt: skip
-    n = 4 * len(rows)
-    accs = {}
-    for path, lm in lms.items():
-        timed(lm)
-        for run in ("first", "warm"):
+
+    def runner(lm):
+        def call():
             lm.model_seconds = 0.0
             t0 = time.perf_counter()
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=["bench_hellaswag"], task_manager=manager,
                 bootstrap_iters=0, log_samples=False,
             )  # fmt: skip
-            total = time.perf_counter() - t0
-            accs[path] = out["results"]["bench_hellaswag"]["acc_norm,none"]
-            print(
-                f"| {name} | {path} | {run} | {n} | {total:.1f} |"
-                f" {lm.model_seconds:.1f} | {1000 * total / n:.2f} |"
-                f" {1000 * lm.model_seconds / n:.2f} |"
-                f" {1000 * (total - lm.model_seconds) / n:.2f} |",
-                flush=True,
-            )
-    assert len(set(accs.values())) == 1, accs  # The two models score alike.
+            acc_norm = out["results"]["bench_hellaswag"]["acc_norm,none"]
+            return time.perf_counter() - t0, lm.model_seconds, acc_norm
+
+        return call
+
+    return {path: runner(timed(lm)) for path, lm in lms.items()}
+
+
+def bench(name: str, cfg, params, tok, rows, batch_rows: int) -> None:
+    """A first run of each path, then --bench_repeats rounds, the paths taking
+    turns in each (so a load that comes and goes falls on all of them)."""
+    paths = {"in the loop": in_loop(cfg, params, tok, rows, batch_rows)}
+    if _HARNESS.value and tok.name == "gpt2":
+        paths |= through_harness(cfg, params, tok, rows, batch_rows)
+    first = {path: call() for path, call in paths.items()}
+    rounds = [{p: call() for p, call in paths.items()} for _ in range(_REPEATS.value)]
+    scores = {round(r[2], 9) for r in first.values()}
+    assert len(scores) == 1, f"the paths score differently: {first}"
+    E, n = len(rows), 4 * len(rows)
+    T = max(
+        len(w[0]) for ex in hellaswag.windows(rows, tok, cfg.block_size) for w in ex
+    )
+    for path in paths:
+        total = [r[path][0] for r in rounds]
+        median = float(np.median(total))
+        model_s = float(np.median([r[path][1] for r in rounds]))
+        harness_s = float(np.median([r[path][0] - r[path][1] for r in rounds]))
+        print(
+            f"| {name} | {model.count_params(params) / 1e6:.1f}M | {path} | {E} | {T} |"
+            f" {first[path][0]:.1f} | {median:.2f} ({min(total):.2f}) |"
+            f" {E / median:,.1f} | {1000 * median / n:.2f} | {1000 * model_s / n:.2f} |"
+            f" {1000 * harness_s / n:.2f} |",
+            flush=True,
+        )
 
 
 def machine() -> str:
@@ -211,26 +223,14 @@ def main(argv):
         f"{machine()}; jax {jax.__version__}; {len(rows)} HellaSwag examples"
         f" ({'from ' + path if path else 'synthetic'}), {B} rows per call"
     )
-    loaded = {name: model_and_tokenizer(name) for name in _MODELS.value}
-    print("\nIn the loop (hellaswag.make_evaluate):\n")
     print(
-        "| model | params | examples | T | setup (s) | first call (s) |"
-        " warm (s): median (best) | examples/s: median (best) |"
-        " s per 1,000 requests | acc_norm |"
+        "\n| model | params | path | examples | T | first run (s) |"
+        " warm run (s): median (best) | examples/s | s per 1,000 requests |"
+        " of which the model's calls | and the harness's own |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (cfg, params, tok) in loaded.items():
-        in_loop(name, cfg, params, tok, rows, B)
-    gpt2 = {n: m for n, m in loaded.items() if m[2].name == "gpt2"}
-    if _HARNESS.value and gpt2:
-        print("\nThrough lm-evaluation-harness (simple_evaluate), s = seconds:\n")
-        print(
-            "| model | LM | run | requests | total (s) | model calls (s) |"
-            " s per 1,000 requests | model, per 1,000 | harness, per 1,000 |"
-        )
-        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-        for name, (cfg, params, tok) in gpt2.items():
-            harness(name, cfg, params, tok, rows, B)
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in _MODELS.value:
+        bench(name, *model_and_tokenizer(name), rows, B)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,14 @@ def cached_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / "hellaswag" / "validation.jsonl"
 
 
-def read_examples(path: str | Path, flag: str = "--eval_data_path") -> list[dict]:
+def read_examples(path: str | Path, source: str | None = None) -> list[dict]:
     """The rows of a jsonl in Rowan/hellaswag's schema; ConfigError naming the
-    flag, the line and the field if a row is not."""
+    file (as `source`, default --eval_data_path=path), the line and the field
+    if a row is not."""
     path = Path(path)
+    flag = source or f"--eval_data_path={path}"
     if not path.is_file():
-        raise ConfigError(f"{flag}={path} is not a file.")
+        raise ConfigError(f"{flag} is not a file.")
     rows = []
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -66,12 +68,12 @@ def read_examples(path: str | Path, flag: str = "--eval_data_path") -> list[dict
                     raise ValueError(f"label {row['label']!r} is not 0 .. 3")
             except (ValueError, TypeError) as e:
                 raise ConfigError(
-                    f"{flag}={path}, line {i}: not a HellaSwag row ({e}); each line"
+                    f"{flag}, line {i}: not a HellaSwag row ({e}); each line"
                     f" holds {DATASET}'s fields: {', '.join(FIELDS)}."
                 ) from None
             rows.append(row)
     if not rows:
-        raise ConfigError(f"{flag}={path} holds no examples.")
+        raise ConfigError(f"{flag} holds no examples.")
     return rows
 
 
@@ -83,7 +85,7 @@ def load_examples(data_path: str | None, data_dir: str | Path) -> list[dict]:
     path = cached_path(data_dir)
     if not path.is_file():
         fetch(path)
-    return read_examples(path, flag="the kept copy")
+    return read_examples(path, f"{path} (delete it to read the split again)")
 
 
 def fetch(path: Path) -> None:

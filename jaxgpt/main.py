@@ -441,6 +441,11 @@ def main(argv: list[str]) -> int:
             if not hosts.is_main_process():
                 logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
             mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
+            if from_flags(EvalConfig).tasks and run.mode != "eval":
+                raise ConfigError(
+                    f"--tasks scores a checkpoint with --mode=eval, not --mode="
+                    f"{run.mode}; a run scores HellaSwag with --eval_tasks=hellaswag."
+                )
             modes = {"train": run_train, "sample": run_sample, "eval": run_eval}
             return modes[run.mode](run, sample_cfg, mesh)
         except (

@@ -213,6 +213,23 @@ def test_a_run_without_the_data_says_how_to_get_it(
     assert not (tmp_path / "wd" / "metrics.jsonl").exists()  # Nothing trained.
 
 
+@pytest.mark.parametrize(
+    "settings,words",
+    [
+        ({"tasks": "hellaswag"}, ["--tasks", "--mode=eval", "--eval_tasks=hellaswag"]),
+        ({"eval_tasks": "hellaswag,mmlu"}, ["'mmlu'", "--mode=eval --tasks"]),
+        ({"eval_tasks": " , "}, ["--eval_tasks is empty"]),
+        ({"eval_task_examples": 0}, ["--eval_task_examples=0"]),
+    ],
+)
+def test_task_flags_end_in_one_clear_message(settings, words, parsed_flags):
+    with flagsaver.flagsaver(**settings), pytest.raises(SystemExit) as exit_:
+        main.main(["jaxgpt.main"])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert all(w in message for w in words), message
+
+
 if __name__ == "__main__":  # 4 fake CPU devices: the meshes the tests above read.
     jax.config.update("jax_num_cpu_devices", 4)
     report = {
