@@ -77,7 +77,8 @@ class RunConfig:
         "train",
         "train (resumes from --workdir if it holds a checkpoint), sample from the"
         " checkpoint in --workdir (or --init_from's weights), or eval: its loss and"
-        " bits per byte on --dataset.",
+        " bits per byte on --dataset (and --eval_tasks), or with --tasks its"
+        " lm-evaluation-harness scores.",
     )
     init_from: str | None = option(
         None,
@@ -623,6 +624,78 @@ class MeshConfig:
         return self.coordinator_address is not None
 
 
+EVAL_TASKS = ("hellaswag",)  # Downstream tasks a training run can score itself.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Downstream tasks: HellaSwag while training, lm-evaluation-harness tasks."""
+
+    tasks: str | None = option(
+        None,
+        "--mode=eval: lm-evaluation-harness tasks (comma-separated names, e.g."
+        " hellaswag,arc_easy, or task yaml files) scored by lm_eval.simple_evaluate"
+        " instead of the loss; the harness's table is printed and its JSON written"
+        " to <workdir>/lm_eval_results_<date>.json. Needs the eval extra.",
+    )
+    include_path: str | None = option(
+        None, "A folder of lm-eval task yamls that --tasks may name too."
+    )
+    num_fewshot: int | None = option(
+        None, "Few-shot examples per --tasks prompt (default: each task's own)."
+    )
+    limit: float | None = option(
+        None,
+        "Score only the first this many examples of each of --tasks (below 1: that"
+        " fraction of them); for a quick look, not for reported scores.",
+    )
+    eval_batch_size: int = option(
+        16,
+        "Rows (sequences) per compiled call when scoring tasks: --tasks' requests,"
+        " and --eval_tasks' endings (4 per HellaSwag example).",
+    )
+    eval_tasks: str | None = option(
+        None,
+        "Also score these downstream tasks at each evaluation of a run (and in"
+        " --mode=eval): hellaswag, its acc and acc_norm scored completion-style as"
+        " lm-evaluation-harness scores them.",
+    )
+    eval_task_examples: int | None = option(
+        None,
+        "Score only the first this many examples of --eval_tasks (default: all"
+        " 10,042 of HellaSwag's validation split).",
+    )
+    eval_data_path: str | None = option(
+        None,
+        "HellaSwag's validation split as a local jsonl (Rowan/hellaswag's rows),"
+        " for a machine offline. Default: <data_dir>/hellaswag/validation.jsonl,"
+        " read once through HF datasets and kept there.",
+    )
+
+    def __post_init__(self):
+        require_positive(eval_batch_size=self.eval_batch_size)
+        for name in ("tasks", "eval_tasks"):
+            if getattr(self, name) is not None and not self.task_list(name):
+                raise ConfigError(f"--{name} is empty: name at least one task.")
+        unknown = [t for t in self.task_list("eval_tasks") if t not in EVAL_TASKS]
+        if unknown:
+            raise ConfigError(
+                f"--eval_tasks={self.eval_tasks}: {unknown[0]!r} is not one a run"
+                f" scores itself ({', '.join(EVAL_TASKS)}); use --mode=eval --tasks"
+                " for lm-evaluation-harness's tasks."
+            )
+        if self.eval_task_examples is not None:
+            require_positive(eval_task_examples=self.eval_task_examples)
+        if self.limit is not None:
+            require_positive(limit=self.limit)
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"--num_fewshot={self.num_fewshot} must be >= 0.")
+
+    def task_list(self, name: str = "tasks") -> list[str]:
+        """--tasks (or --eval_tasks) as a list of names."""
+        return [t.strip() for t in (getattr(self, name) or "").split(",") if t.strip()]
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """Writing a trained model in Hugging Face's layout (python -m jaxgpt.export)."""
@@ -647,5 +720,6 @@ ALL = (
     TrainConfig,
     SampleConfig,
     MeshConfig,
+    EvalConfig,
     ExportConfig,
 )

@@ -32,6 +32,11 @@ when the cache is full depends on the positions (`rolling`):
 
 Without the cache (nanoGPT's loop), each step re-runs the model on the last
 min(S, A) positions. Up to S tokens all give the same logits (to rounding).
+
+With `prompt_len`, the rows' prompts are their first prompt_len tokens and the
+rest of prompt_BP is padding: one program (for a traced prompt_len) serves
+prompts of every length up to P. The prefill reads the padding too, but the
+causal mask hides it and the next tokens overwrite it in the cache.
 """
 
 from __future__ import annotations
@@ -113,17 +118,25 @@ def generate(
     kv_cache: bool = True,
     rolling: bool = False,
     return_logits: bool = False,
+    prompt_len: jax.Array | None = None,
 ):
     """Extends each prompt row by `max_new_tokens` sampled tokens: returns [B, P + N].
 
     rolling: the model has rotary positions, so a full cache rolls on (see
     above); False re-encodes, which any model allows. With return_logits,
     also returns the [B, N, V] float32 logits each new token was drawn from
-    (before temperature, top-k and top-p).
+    (before temperature, top-k and top-p). With `prompt_len` (an int32 scalar
+    <= P), the prompts end there: the new tokens fill columns prompt_len ..
+    prompt_len + N - 1, and the columns after them hold padding.
     """
     B, P = prompt_BP.shape
     A = P + max_new_tokens
     S, K = block_size, max(1, block_size // 2)  # Cache length; tokens kept when full.
+    if prompt_len is None:  # The schedule below is fixed by the shapes.
+        p, lo, hi = P, min, max
+    else:  # It depends on the traced prompt length.
+        p, lo, hi = prompt_len, jnp.minimum, jnp.maximum
+    end = p + max_new_tokens  # One past the last token drawn.
     variables = {"params": params}
     V = jax.eval_shape(lambda: apply_fn(variables, prompt_BP[:, :1])).shape[-1]
 
@@ -134,7 +147,7 @@ def generate(
         )
         buf_BA = buf_BA.at[:, t].set(next_B.astype(jnp.int32))
         if return_logits:
-            logits_BNV = logits_BNV.at[:, t - P].set(logits_BV)
+            logits_BNV = logits_BNV.at[:, t - p].set(logits_BV)
         return buf_BA, logits_BNV
 
     def window_step(t, carry):  # No cache: re-run the model on the last W tokens.
@@ -147,10 +160,14 @@ def generate(
         )
         return draw(t, logits_BV, carry)
 
-    def prefill(t, n, buf_BA):  # The n tokens before t, at positions 0 .. n-1.
-        window_Bn = jax.lax.dynamic_slice(buf_BA, (0, t - n), (B, n))
-        logits_BnV, new = apply_fn(variables, window_Bn, decode=True, mutable="cache")
-        return logits_BnV[:, -1], new.get("cache", {})
+    def prefill(t, n, W, buf_BA):  # The n tokens before t, at positions 0 .. n-1,
+        # read as W >= n tokens (the padding past n is hidden, then overwritten).
+        window_BW = jax.lax.dynamic_slice(buf_BA, (0, t - n), (B, W))
+        logits_BWV, new = apply_fn(variables, window_BW, decode=True, mutable="cache")
+        cache = new.get("cache", {})
+        if "index" in cache:  # The next token takes position n.
+            cache = {**cache, "index": jnp.asarray(n, jnp.int32)}
+        return jax.lax.dynamic_index_in_dim(logits_BWV, n - 1, 1, False), cache
 
     def extend(t, buf_BA, cache):  # Token t - 1, at the cache's next position.
         token_B1 = jax.lax.dynamic_slice(buf_BA, (0, t - 1), (B, 1))
@@ -159,11 +176,11 @@ def generate(
         )
         return logits_B1V[:, -1], new.get("cache", {})
 
-    def segment(t, n, carry, end=None):
+    def segment(t, n, W, carry, stop=None):
         """Draws tokens t, t+1, ... from a fresh cache of the n tokens before t,
-        one token per step, until the cache is full or the buffer is (or, given
-        an `end`, until token end - 1: a rolling cache)."""
-        logits_BV, cache = prefill(t, n, carry[0])
+        one token per step, until the cache is full or all are drawn (or, given
+        `stop`, until token stop - 1: a rolling cache)."""
+        logits_BV, cache = prefill(t, n, W, carry[0])
         carry = draw(t, logits_BV, carry)
 
         def step(u, state):
@@ -171,25 +188,26 @@ def generate(
             logits_BV, cache = extend(u, carry[0], cache)
             return draw(u, logits_BV, carry), cache
 
-        if end is None:
-            end = jnp.minimum(A, t + 1 + S - n)  # The cache then holds S tokens.
-        carry, _ = jax.lax.fori_loop(t + 1, end, step, (carry, cache))
+        if stop is None:
+            stop = jnp.minimum(end, t + 1 + S - n)  # The cache then holds S tokens.
+        carry, _ = jax.lax.fori_loop(t + 1, stop, step, (carry, cache))
         return carry
 
     buf_BA = jnp.zeros((B, A), jnp.int32).at[:, :P].set(prompt_BP)
     logits_BNV = jnp.zeros((B, max_new_tokens, V)) if return_logits else None
     carry = (buf_BA, logits_BNV)
     if not kv_cache:
-        carry = jax.lax.fori_loop(P, A, window_step, carry)
+        carry = jax.lax.fori_loop(p, end, window_step, carry)
     elif rolling:  # One segment: the ring buffer never needs a refill.
-        carry = segment(P, min(P, S), carry, end=A)
-    else:  # The prompt's segment, then refills of K tokens until the buffer is full.
-        carry = segment(P, min(P, S), carry)
-        first, length = P + 1 + S - min(P, S), S - K + 1  # Tokens per refill.
-        refills = -(-(A - first) // length)  # Rounded up; <= 0 if never full.
-        if refills > 0:
+        carry = segment(p, lo(p, S), min(P, S), carry, stop=end)
+    else:  # The prompt's segment, then refills of K tokens until all are drawn.
+        n = lo(p, S)
+        carry = segment(p, n, min(P, S), carry)
+        first, length = p + 1 + S - n, S - K + 1  # Tokens per refill.
+        refills = hi(0, -(-(end - first) // length))  # Rounded up; 0 if never full.
+        if prompt_len is not None or refills:
             carry = jax.lax.fori_loop(
-                0, refills, lambda i, c: segment(first + i * length, K, c), carry
+                0, refills, lambda i, c: segment(first + i * length, K, K, c), carry
             )
     buf_BA, logits_BNV = carry
     return (buf_BA, logits_BNV) if return_logits else buf_BA

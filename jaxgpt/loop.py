@@ -163,8 +163,12 @@ def check_loss(
     losses: dict[str, Any], step: int, cfg: TrainConfig, checkpointer: Checkpointer
 ) -> None:
     """Raises Diverged if a loss is not finite or exceeds max_loss_ratio x the
-    best val loss so far."""
-    values = {name: float(value) for name, value in losses.items()}
+    best val loss so far (accuracies are not losses: they are not checked)."""
+    values = {
+        name: float(value)
+        for name, value in losses.items()
+        if not name.endswith(("_acc", "_acc_norm"))
+    }
     best = checkpointer.best_val_loss
     bound = cfg.max_loss_ratio * best if cfg.max_loss_ratio else math.inf
     bad = {k: v for k, v in values.items() if not math.isfinite(v) or v > bound}

@@ -33,6 +33,7 @@ from jaxgpt import (
     cli,
     data,
     generate,
+    hellaswag,
     hosts,
     load,
     loop,
@@ -50,6 +51,7 @@ from jaxgpt import checkpoint as ckpt
 from jaxgpt.config import (
     ConfigError,
     DataConfig,
+    EvalConfig,
     MeshConfig,
     ModelConfig,
     RunConfig,
@@ -174,11 +176,14 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     root = train.root_key(run.seed)
     saved = saved_meta(run)
     model_cfg, params, tok = check_model(run, saved, dataset)
+    # Read before the workdir is made, as --eval_tasks' rows are.
+    evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)
     with lock_workdir(run), open_run(run) as checkpointer:
         newest = checkpointer.newest_meta()
         if newest != saved:  # Another run saved there meanwhile.
             saved = newest
             model_cfg, params, tok = check_model(run, saved, dataset)
+            evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)
         checkpointer.update_meta(
             model=model_cfg.to_dict(),
             train=dataclasses.asdict(train_cfg),
@@ -193,7 +198,6 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         log_start(model_cfg, state.params, dataset.splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
         train_step = train.make_train_step(model_cfg, train_cfg, mesh)
-        evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)
         if run.tensorboard:  # A short sample of text beside each evaluation's losses.
             one = dataclasses.replace(
                 sample_cfg,
@@ -248,12 +252,32 @@ def open_run(run: RunConfig) -> ckpt.Checkpointer:
 def make_evaluate(
     model_cfg, train_cfg, dataset: prepare.Dataset, root, mesh, progress=None
 ):
-    """The run's evaluation: loss and bits per byte of each split."""
+    """The run's evaluation: loss and bits per byte of each split, and the
+    accuracies of --eval_tasks."""
     token_bytes = tokenizer.token_bytes(dataset.tokenizer)
     splits = dataset.splits
-    return train.make_evaluate(
+    evaluate = train.make_evaluate(
         model_cfg, train_cfg, splits, root, mesh, token_bytes, progress
     )
+    eval_cfg = from_flags(EvalConfig)
+    if not eval_cfg.eval_tasks:
+        return evaluate
+    rows = read_hellaswag(eval_cfg, from_flags(DataConfig).data_dir)
+    rows = rows[: eval_cfg.eval_task_examples]
+    score = hellaswag.make_evaluate(
+        model_cfg, dataset.tokenizer, rows, mesh, eval_cfg.eval_batch_size
+    )
+    logging.info("hellaswag: %d examples at each evaluation", len(rows))
+    return lambda params: {**evaluate(params), **score(params)}
+
+
+def read_hellaswag(eval_cfg: EvalConfig, data_dir: str) -> list[dict]:
+    """HellaSwag's validation rows (fetched once by process 0 if need be)."""
+    read = lambda: hellaswag.load_examples(eval_cfg.eval_data_path, data_dir)
+    if hosts.is_main_process():
+        rows = read()
+    hosts.sync("jaxgpt.hellaswag")
+    return rows if hosts.is_main_process() else read()
 
 
 def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
@@ -404,8 +428,12 @@ def eval_configs(run: RunConfig, which: str) -> tuple[TrainConfig, DataConfig, s
 
 def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Loss and bits per byte of a checkpoint (or --init_from's weights) on its
-    dataset's splits, evaluated as the run evaluated them (eval_configs); a
-    progress bar counts the batches."""
+    dataset's splits, evaluated as the run evaluated them (eval_configs), with a
+    progress bar counting the batches (and --eval_tasks' accuracies); with
+    --tasks, lm-evaluation-harness's scores."""
+    eval_cfg = from_flags(EvalConfig)
+    if eval_cfg.tasks:
+        return run_tasks(run, sample_cfg, eval_cfg, mesh)
     model_cfg, params, tok = load.load_model(run, sample_cfg.checkpoint, mesh)
     train_cfg, data_cfg, source = eval_configs(run, sample_cfg.checkpoint)
     dataset = load.read_dataset(data_cfg)
@@ -428,6 +456,43 @@ def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
                 f"{split}: loss {losses[f'{split}_loss']:.4f},"
                 f" {losses[f'{split}_bpb']:.4f} bits per byte"
             )
+        for task in eval_cfg.task_list("eval_tasks"):
+            print(
+                f"{task}: acc {losses[f'{task}_acc']:.4f},"
+                f" acc_norm {losses[f'{task}_acc_norm']:.4f}"
+            )
+    return 0
+
+
+def run_tasks(run: RunConfig, sample_cfg: SampleConfig, eval_cfg, mesh) -> int:
+    """--tasks through lm-evaluation-harness: the harness's table, and its JSON
+    written to --workdir."""
+    try:
+        from jaxgpt import evals  # lm-eval: the eval extra.
+    except ImportError as e:
+        raise ConfigError(
+            f"--tasks needs lm-evaluation-harness ({e}): pip install -e '.[eval]'."
+        ) from None
+    if jax.process_count() > 1:
+        raise ConfigError("--tasks runs in one process (it may use many devices).")
+    output = workdir.make(run.workdir) / "lm_eval_results.json"
+    lm = evals.JaxGPTLM(
+        init_from=run.init_from,
+        workdir=None if run.init_from else run.workdir,
+        batch_size=eval_cfg.eval_batch_size,
+        seed=run.seed,
+        loaded=load.load_model(run, sample_cfg.checkpoint, mesh),
+        mesh=mesh,
+    )
+    limit = eval_cfg.limit
+    evals.evaluate(
+        lm,
+        eval_cfg.task_list(),
+        num_fewshot=eval_cfg.num_fewshot,
+        limit=int(limit) if limit is not None and limit >= 1 else limit,
+        include_path=eval_cfg.include_path,
+        output=output,
+    )
     return 0
 
 
@@ -468,6 +533,11 @@ def main(argv: list[str]) -> int:
             if not hosts.is_main_process():
                 logging.set_verbosity(logging.WARNING)  # Process 0 logs for all.
             mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
+            if from_flags(EvalConfig).tasks and run.mode != "eval":
+                raise ConfigError(
+                    f"--tasks scores a checkpoint with --mode=eval, not --mode="
+                    f"{run.mode}; a run scores HellaSwag with --eval_tasks=hellaswag."
+                )
             modes = {"train": run_train, "sample": run_sample, "eval": run_eval}
             return modes[run.mode](run, sample_cfg, mesh)
         except (

@@ -104,7 +104,8 @@ class TrainLog:
         self._write_scalars(step, scalars)
 
     def evaluation(self, step: int, losses: dict[str, float]) -> None:
-        """The losses of the evaluation at `step`: a log line and a metrics.jsonl record."""
+        """The losses (and task accuracies) of the evaluation at `step`: a log
+        line and a metrics.jsonl record."""
         record = {"step": step, **losses, "lr": float(self.schedule(step))}
         if self.is_main:
             with self.path.open("a") as f:
@@ -115,6 +116,9 @@ class TrainLog:
         )
         if "val_bpb" in losses:
             line += f", val {losses['val_bpb']:.4f} bits/byte"
+        for name, value in losses.items():  # Downstream tasks: hellaswag_acc_norm...
+            if name.endswith(("_acc", "_acc_norm")):
+                line += f", {name.replace('_', ' ', 1)} {value:.4f}"
         self.say(line)
         self._write_scalars(step, {f"eval/{k}": v for k, v in losses.items()})
         if self.board is not None:

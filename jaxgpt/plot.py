@@ -8,7 +8,8 @@ Each run is labelled with its folder's name and its model (from the config
 saved beside its checkpoints). The loss is in nats per token, which depends on
 the tokenizer: --bpb plots bits per byte of text instead, the measure that
 compares a character-level run with a BPE one. The image goes beside the first
-run unless --out names it.
+run unless --out names it. Runs that scored downstream tasks
+(--eval_tasks=hellaswag) get a second panel: acc_norm solid, acc dotted.
 """
 
 from __future__ import annotations
@@ -95,6 +96,42 @@ def draw(
     return ax
 
 
+def task_metrics(runs: Sequence[str | Path]) -> list[str]:
+    """The downstream tasks the runs scored ("hellaswag", ...)."""
+    return sorted(
+        {
+            name.removesuffix("_acc_norm")
+            for run in runs
+            for record in read_metrics(run)
+            for name in record
+            if name.endswith("_acc_norm")
+        }
+    )
+
+
+def draw_tasks(ax, runs: Sequence[str | Path], labels: Sequence[str], logx=False):
+    """Draws the runs' task accuracies on `ax`: acc_norm solid, acc dotted."""
+    for i, (run, name) in enumerate(zip(runs, labels)):
+        records, color = read_metrics(run), f"C{i % 10}"
+        for task in task_metrics([run]):
+            scored = [r for r in records if f"{task}_acc_norm" in r]
+            steps = [r["step"] for r in scored]
+            ax.plot(
+                steps,
+                [r[f"{task}_acc_norm"] for r in scored],
+                color=color,
+                label=f"{name}: {task}",
+            )
+            ax.plot(steps, [r[f"{task}_acc"] for r in scored], color=color, ls=":")
+    if logx:
+        ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(title="acc_norm (dotted: acc)", fontsize="small")
+    return ax
+
+
 def plot(
     runs: Sequence[str | Path],
     out: str | Path,
@@ -103,10 +140,15 @@ def plot(
     logx: bool = False,
     metric: str = "loss",
 ) -> Path:
-    """Writes the runs' curves of `metric` to the image `out` (its suffix: png,
-    svg, pdf)."""
-    fig = Figure(figsize=(8, 5))
-    draw(fig.subplots(), runs, labels, logx, metric)
+    """Writes the runs' curves of `metric` (and task accuracies, if they scored
+    any) to the image `out` (its suffix: png, svg, pdf)."""
+    labels = list(labels) if labels else [label(run) for run in runs]
+    tasks = bool(task_metrics(runs))
+    fig = Figure(figsize=(14, 5) if tasks else (8, 5))
+    axes = fig.subplots(1, 2) if tasks else [fig.subplots()]
+    draw(axes[0], runs, labels, logx, metric)
+    if tasks:
+        draw_tasks(axes[1], runs, labels, logx)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

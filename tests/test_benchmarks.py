@@ -173,3 +173,16 @@ def test_ablation_runs_the_variants_and_tabulates_them(data_flags, tmp_path):
     assert ablation.time_flags("modern", done) == [
         "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=6"
     ]  # fmt: skip
+
+
+def test_evals_reports_examples_per_second():
+    """The in-loop path (the harness's is tests/test_evals.py's)."""
+    out = bench(
+        "evals.py",
+        "--bench_models=tiny_gpt2",
+        "--bench_examples=2",
+        "--bench_repeats=1",
+        "--nobench_harness",
+    )
+    row = r"\| tiny_gpt2 \| [\d.]+M \| in the loop \| 2 \| \d+ \| [\d.]+ \| [\d.]+ \("
+    assert re.search(row, out), out[-2000:]

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -244,6 +245,35 @@ def test_cached_loop_is_traced_once_not_per_token(params2):
     call(1, 2)  # Another shape: one more program; 3 tokens never fill the cache.
     assert generate.generate._cache_size() == before + 2
     assert traces[5:] == [False, True, True]
+
+
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 0.0}, {"temperature": 1.0, "top_k": 6}],
+    ids=["greedy", "sampled"],
+)
+def test_padded_prompts_draw_what_the_prompts_alone_do(params2, kv_cache, sampling):
+    """With prompt_len, one program serves prompts of every length up to P: each
+    row draws the tokens (from the same logits) its unpadded prompt draws,
+    including prompts longer than block_size and generation that refills the
+    cache (P = 12, 10 new tokens, block_size 8)."""
+    padded_BP = np.random.default_rng(0).integers(0, 11, (2, 12), dtype=np.int32)
+    padded_BP[1] = padded_BP[1, ::-1]
+    kw = {"block_size": 8, "max_new_tokens": 10, "return_logits": True}
+    draw = functools.partial(
+        generate.generate, model.make_model(CFG2).apply, params2, **kw, **sampling
+    )
+    before = generate.generate._cache_size()
+    for p in (1, 5, 8, 12):
+        key = jax.random.PRNGKey(p)
+        tokens, logits = draw(
+            padded_BP, key, prompt_len=jnp.int32(p), kv_cache=kv_cache
+        )
+        want, want_logits = draw(padded_BP[:, :p], key, kv_cache=kv_cache)
+        chex.assert_trees_all_equal(np.asarray(tokens)[:, : p + 10], want)
+        np.testing.assert_allclose(logits, want_logits, atol=2e-5)
+    assert generate.generate._cache_size() == before + 1 + 4  # Padded: once.
 
 
 # Top-p ------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
 def test_the_import_contracts_are_kept():
     done = lint_imports(REPO)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert "2 kept, 0 broken" in done.stdout
+    n = (REPO / "pyproject.toml").read_text().count("[[tool.importlinter.contracts]]")
+    assert f"{n} kept, 0 broken" in done.stdout
 
 
 def test_a_core_module_importing_the_engine_breaks_a_contract(tmp_path):

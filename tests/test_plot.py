@@ -34,14 +34,30 @@ TINY = [
 ]
 
 
+HELLASWAG = [  # Rows in Rowan/hellaswag's schema, for --eval_tasks=hellaswag.
+    {
+        "activity_label": "Cooking",
+        "ctx_a": f"A man boils {w}.",
+        "ctx_b": "he",
+        "endings": [f"eats the {w}.", "sleeps.", "sings a song.", "leaves."],
+        "label": str(i % 4),
+    }
+    for i, w in enumerate(["eggs", "rice", "tea", "soup", "beans"])
+]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus_path) -> Path:
-    """The workdir of a 40-step run (evaluations at 0, 20, 40), TensorBoard on."""
+    """The workdir of a 40-step run (evaluations at 0, 20, 40), TensorBoard on,
+    HellaSwag scored at each evaluation; its log beside it in log.txt."""
     workdir = tmp_path_factory.mktemp("runs") / "tiny"
+    rows = workdir.parent / "hellaswag.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
     done = subprocess.run(
         [sys.executable, "-m", "jaxgpt.main", *TINY]
         + [f"--data_path={corpus_path}", f"--data_dir={workdir.parent / 'data'}"]
-        + [f"--workdir={workdir}"],
+        + [f"--workdir={workdir}"]
+        + ["--eval_tasks=hellaswag", f"--eval_data_path={rows}"],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
@@ -49,6 +65,7 @@ def run(tmp_path_factory, corpus_path) -> Path:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    (workdir.parent / "log.txt").write_text(done.stderr)
     return workdir
 
 
@@ -61,8 +78,26 @@ def test_plot_writes_an_image_of_the_runs(run, tmp_path, capsys):
     assert plot.main([str(run), str(run), f"--out={out}", "--title=tiny"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     image = matplotlib.image.imread(out)
-    assert image.shape == (600, 960, 4)  # 8 x 5 inches at 120 dpi.
+    assert image.shape == (600, 1680, 4)  # 14 x 5 inches at 120 dpi: two panels.
     assert image[..., :3].std() > 0.05  # Not a blank canvas.
+
+
+def test_task_accuracies_are_logged_and_drawn(run):
+    """--eval_tasks=hellaswag: each evaluation's record, log line and panel."""
+    want = records(run)
+    assert all(0 <= r["hellaswag_acc_norm"] <= 1 for r in want)
+    assert all(r["hellaswag_acc"] * 5 == round(r["hellaswag_acc"] * 5) for r in want)
+    log = (run.parent / "log.txt").read_text()
+    line = f"hellaswag acc {want[-1]['hellaswag_acc']:.4f}, hellaswag acc_norm"
+    assert "step 40: train loss" in log and line in log
+    ax = plot.draw_tasks(Figure().subplots(), [run], ["tiny"])
+    acc_norm, acc = ax.lines
+    np.testing.assert_array_equal(acc_norm.get_xdata(), [0, 20, 40])
+    np.testing.assert_array_equal(
+        acc_norm.get_ydata(), [r["hellaswag_acc_norm"] for r in want]
+    )
+    np.testing.assert_array_equal(acc.get_ydata(), [r["hellaswag_acc"] for r in want])
+    assert acc.get_linestyle() == ":" and plot.task_metrics([run]) == ["hellaswag"]
 
 
 def test_curves_are_the_runs_metrics_labelled_from_its_config(run):
@@ -149,7 +184,7 @@ def test_tensorboard_holds_the_runs_figures_and_samples(run):
     assert RunConfig().tensorboard  # On by default.
     scalars, texts = scalars_and_texts(run)
     want = records(run)
-    for name in ("val_loss", "train_loss"):
+    for name in ("val_loss", "train_loss", "hellaswag_acc", "hellaswag_acc_norm"):
         got = scalars[f"eval/{name}"]
         assert got == {r["step"]: pytest.approx(r[name], rel=1e-6) for r in want}
     logged = [10, 20, 30, 40]
