@@ -10,11 +10,17 @@ then with each option alone, then with all of nanochat's
 Each run records its val loss at every evaluation (deterministic for a
 seed: the same on any machine), its in-loop ms/step (the median of the log
 lines), its wall time and the load average around it.
+--mode=speed: each variant's train step alone (benchmarks/train.py on the
+recipe's model, --bench_steps timed steps), the variants taking turns for
+--rounds rounds so that a load that comes and goes falls on all of them: the
+median ms/step of each. Minutes, where the steps runs take an hour.
 --mode=time: the same variants at equal wall time: each trains
 round(steps x baseline ms/step / its ms/step) steps (the schedule scaled to
-them), its ms/step taken from --results of a steps run on this machine. Run
-it on a quiet machine, after a steps run there. Any other flag goes to every
-run (a shorter schedule, a tiny model for a test).
+them), its ms/step taken from --results (a speed run's, else a steps run's)
+on this machine. A variant whose count is the baseline's is the steps run
+itself (a seed's run is deterministic), so it is not run again. Run it on a
+quiet machine. Any other flag goes to every run (a shorter schedule, a tiny
+model for a test).
 
 Results go to --results (JSON, merged with what is there), and a markdown
 table to stdout (--table prints the table of --results without running).
@@ -109,11 +115,41 @@ def run(flags: list[str], seed: int, data_dir: str, extra: list[str]) -> dict:
     }
 
 
+BENCH_MS = re.compile(r"ms/step \(median\): ([\d.]+)")
+
+
+def speed(flags: list[str], extra: list[str], steps: int) -> float:
+    """The variant's ms/step: benchmarks/train.py on the recipe's model."""
+    cmd = [
+        sys.executable, "benchmarks/train.py", f"--flagfile={RECIPE}", *extra,
+        *flags, f"--bench_steps={steps}", "--peak_tflops=1",  # (No peak to measure.)
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode or not (m := BENCH_MS.search(done.stdout)):
+        sys.exit(
+            f"error: {' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+    return float(m[1])
+
+
+def ms_per_step(name: str, results: dict) -> float:
+    """`name`'s ms/step: its speed run's median, else its steps runs'."""
+    res = results[name]
+    if "speed" in res:
+        return statistics.median(res["speed"]["ms_per_step"])
+    return statistics.median(r["ms_per_step"] for r in res["steps"])
+
+
+def time_steps(name: str, results: dict) -> int:
+    """The steps that give `name` the baseline's wall time."""
+    steps = results["gpt2"]["steps"][0]["evals"][-1][0]
+    ratio = ms_per_step("gpt2", results) / ms_per_step(name, results)
+    return max(1, round(steps * ratio))
+
+
 def time_flags(name: str, results: dict) -> list[str]:
     """The flags that give `name` the baseline's wall time for its steps."""
-    ms = lambda v: statistics.median(r["ms_per_step"] for r in results[v]["steps"])
-    steps = results["gpt2"]["steps"][0]["evals"][-1][0]
-    n = max(1, round(steps * ms("gpt2") / ms(name)))
+    n = time_steps(name, results)
     return [f"--max_iters={n}", f"--lr_decay_iters={n}", f"--eval_interval={n}"]
 
 
@@ -139,7 +175,7 @@ def table(results: dict) -> str:
             f"| {name} | `{shown}` |"
             f" {', '.join(f'{x:.4f}' for x in losses)} |"
             f" {statistics.mean(losses):.4f} |"
-            f" {statistics.median(r['ms_per_step'] for r in steps):.1f} |"
+            f" {ms_per_step(name, results):.1f} |"
             f" {statistics.median(r['wall_s'] for r in steps):.0f} |"
             f" {equal or 'not run'} | {min(loads):.1f}-{max(loads):.1f} |"
         )
@@ -150,7 +186,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], allow_abbrev=False
     )
-    parser.add_argument("--mode", choices=["steps", "time"], default="steps")
+    parser.add_argument("--mode", choices=["steps", "speed", "time"], default="steps")
+    parser.add_argument("--rounds", type=int, default=3, help="--mode=speed's rounds")
+    parser.add_argument("--bench_steps", type=int, default=40, help="--mode=speed's")
     parser.add_argument("--seeds", default="1337,1338")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument(
@@ -160,7 +198,22 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print, do not run")
     args, extra = parser.parse_known_args()  # Other flags go to every run.
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    if not args.table:
+    if not args.table and args.mode == "speed":
+        results["machine"] = machine()
+        names = args.variants.split(",")
+        ms = {name: [] for name in names}
+        for i in range(args.rounds):
+            for name in names:
+                ms[name].append(speed(VARIANTS[name], extra, args.bench_steps))
+                print(f"{name} round {i}: {ms[name][-1]:.2f} ms/step", flush=True)
+        for name in names:
+            load = round(os.getloadavg()[0], 2)
+            results.setdefault(name, {})["speed"] = {
+                "ms_per_step": ms[name],
+                "load": load,
+            }
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
+    elif not args.table:
         results["machine"] = machine()
         for name in args.variants.split(","):
             flags = VARIANTS[name]  # The variant's, then (time) its steps.
@@ -168,7 +221,18 @@ def main() -> None:
                 flags = flags + time_flags(name, results)
             runs = []
             for seed in (int(s) for s in args.seeds.split(",")):
-                runs.append(run(flags, seed, args.data_dir, extra))
+                same = (
+                    args.mode == "time"
+                    and time_steps(name, results)
+                    == (results["gpt2"]["steps"][0]["evals"][-1][0])
+                )
+                steps_run = [
+                    r for r in results[name].get("steps", []) if r["seed"] == seed
+                ]
+                if same and steps_run:  # The steps run itself.
+                    runs.append(steps_run[0])
+                else:
+                    runs.append(run(flags, seed, args.data_dir, extra))
                 r = runs[-1]
                 print(
                     f"{name} seed {seed}: val {r['val_loss']:.4f},"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from typing import Any, Literal
 
@@ -165,8 +166,11 @@ BPE_MIN_VOCAB = 257  # A byte-level BPE's 256 bytes and <|endoftext|>.
 
 def check_tokenizer_spec(spec: str) -> None:
     """--tokenizer names a tokenizer jaxgpt makes: char, gpt2, bpe:<size> (at
-    least its bytes and <|endoftext|>) or a .json file."""
-    if spec in ("char", "gpt2") or spec.endswith(".json"):
+    least its bytes and <|endoftext|>), a .json file, or a model folder or Hub
+    repository (a path or owner/name) holding a tokenizer.json."""
+    if spec in ("char", "gpt2") or spec.endswith(".json") or "/" in spec:
+        return
+    if os.path.isdir(spec):
         return
     if spec.startswith("bpe:") and spec[4:].isdigit():
         if int(spec[4:]) < BPE_MIN_VOCAB:
@@ -176,9 +180,14 @@ def check_tokenizer_spec(spec: str) -> None:
                 f" bpe:{BPE_MIN_VOCAB} (e.g. bpe:4096)."
             )
         return
-    raise ConfigError(
+    raise unknown_tokenizer(spec)
+
+
+def unknown_tokenizer(spec: str) -> ConfigError:
+    return ConfigError(
         f"--tokenizer={spec} is unknown: use char, gpt2, bpe:<vocab size> (e.g."
-        " bpe:4096, trained on the dataset) or a tokenizer .json file."
+        " bpe:4096, trained on the dataset), a tokenizer .json file, or a model"
+        " folder or Hub repository holding a tokenizer.json."
     )
 
 

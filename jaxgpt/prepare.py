@@ -55,7 +55,12 @@ import regex
 from tqdm import tqdm
 
 from jaxgpt import cache, data, tokenizer, tokenizer_io, workdir
-from jaxgpt.config import ConfigError, DataConfig
+from jaxgpt.config import (
+    ConfigError,
+    DataConfig,
+    check_tokenizer_spec,
+    unknown_tokenizer,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +143,7 @@ def meta_problem(meta: Any) -> str | None:
     if meta.get("dtype") not in DTYPES:
         return f"names dtype {meta.get('dtype')!r}, not one of {', '.join(DTYPES)}"
     tok = meta.get("tokenizer")
-    if not isinstance(tok, dict) or tok.get("name") not in ("char", "bpe", "gpt2"):
+    if not isinstance(tok, dict) or tok.get("name") not in ("char", "bpe", "gpt2", "hf"):
         return f"names no tokenizer jaxgpt knows ({str(tok)[:80]})"
     if tok["name"] != "gpt2":  # GPT-2's is built from its own files.
         try:
@@ -378,7 +383,7 @@ def recipe_of(cfg: DataConfig) -> Recipe:
         recipe = dataclasses.replace(recipe, hf=None)  # The local text instead.
     if cfg.tokenizer:
         recipe = dataclasses.replace(recipe, tokenizer=cfg.tokenizer)
-    check_tokenizer(recipe.tokenizer)  # Before any text is found or downloaded.
+    check_tokenizer_spec(recipe.tokenizer)  # Before any text is found or downloaded.
     if recipe.hf is None:  # Tiny shakespeare is found, or downloaded once.
         files = local_files(cfg.data_path) if cfg.data_path else [find_corpus()]
         recipe = dataclasses.replace(recipe, files=tuple(files))
@@ -535,21 +540,6 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
         counts = count_chunks(text, tokenizer.GPT4_PATTERN, (tokenizer.ENDOFTEXT,))
         return tokenizer.BPETokenizer.train(counts, int(spec[4:]))
     raise unknown_tokenizer(spec)
-
-
-def unknown_tokenizer(spec: str) -> ConfigError:
-    return ConfigError(
-        f"--tokenizer={spec} is unknown: use char, gpt2, bpe:<vocab size> (e.g."
-        " bpe:4096, trained on the dataset), a tokenizer .json file, or a model"
-        " folder or Hub repository holding a tokenizer.json."
-    )
-
-
-def check_tokenizer(spec: str) -> None:
-    """Refuses a tokenizer spec that make_tokenizer does not know."""
-    bpe = spec.startswith("bpe:") and spec[4:].isdigit()
-    if not (spec in ("char", "gpt2") or spec.endswith(".json") or bpe):
-        raise unknown_tokenizer(spec)
 
 
 PARALLEL_MIN_CHARS = 4_000_000

@@ -122,7 +122,8 @@ def test_by_default_the_image_goes_beside_the_first_run(
         (run / name).unlink(missing_ok=True)
         assert plot.main([str(run), *extra]) == 0
         assert capsys.readouterr().out.strip() == str(run / name)
-        assert matplotlib.image.imread(run / name).shape == (600, 960, 4)
+        # Two panels (the run scored HellaSwag): 14 x 5 inches at 120 dpi.
+        assert matplotlib.image.imread(run / name).shape == (600, 1680, 4)
     assert list(tmp_path.iterdir()) == []
     assert not [r for r in caplog.records if "/orbax/" in r.pathname]
 
