@@ -227,7 +227,9 @@ def main() -> None:
                     == (results["gpt2"]["steps"][0]["evals"][-1][0])
                 )
                 steps_run = [
-                    r for r in results[name].get("steps", []) if r["seed"] == seed
+                    r
+                    for r in results.get(name, {}).get("steps", [])
+                    if r["seed"] == seed
                 ]
                 if same and steps_run:  # The steps run itself.
                     runs.append(steps_run[0])

@@ -40,13 +40,13 @@ CONTEXT = 64  # The reference models' context: padded lengths 32 and 64.
 
 
 def randomize_(module, seed: int) -> None:
-    """Every parameter ~ N(0, 0.1) (LayerNorm scales ~ N(1, 0.1)): biases and
-    gains that matter, unlike transformers' initialisation."""
+    """Every parameter ~ N(0, 0.1) (LayerNorm and RMSNorm scales ~ N(1, 0.1)):
+    biases and gains that matter, unlike transformers' initialisation."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = 0.1 * torch.randn(p.shape, generator=g)
-            is_scale = ".ln_" in name and name.endswith("weight")
+            is_scale = (".ln_" in name or "norm" in name) and name.endswith("weight")
             p.copy_(1.0 + noise if is_scale else noise)
 
 
@@ -64,9 +64,45 @@ def make_gpt2(folder: Path) -> None:
         (folder / name).write_text(text)
 
 
-# The parametrization point: a maker per model family that hf.py imports,
+def make_llama(folder: Path) -> None:
+    """A random Llama (grouped-query attention, untied head, rope theta 5000)
+    with a byte-level BPE of its own (tokenizer.json, <s> and </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = [json.dumps(row) for row in HELLASWAG + ARC + GENERATION]
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+            }
+        )
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, num_hidden_layers=2,
+        max_position_embeddings=CONTEXT, rope_theta=5000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    randomize_(model, seed=1)
+    model.save_pretrained(folder)
+
+
+# The parametrization point: a maker per model family that jaxgpt imports,
 # writing a random transformers model and its tokenizer into a folder.
-REFERENCE_MODELS = {"gpt2": make_gpt2}
+REFERENCE_MODELS = {"gpt2": make_gpt2, "llama": make_llama}
 
 
 @pytest.fixture(scope="module", autouse=True)
