@@ -274,6 +274,7 @@ class JaxGPTLM(TemplateLM):
             key,
             block_size=self.max_length,
             kv_cache=True,
+            rolling=self.model_cfg.model == "gpt" and self.model_cfg.position == "rope",
             prompt_len=jnp.int32(p),
             **options,
         )

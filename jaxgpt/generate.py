@@ -205,7 +205,7 @@ def generate(
         carry = segment(p, n, min(P, S), carry)
         first, length = p + 1 + S - n, S - K + 1  # Tokens per refill.
         refills = hi(0, -(-(end - first) // length))  # Rounded up; 0 if never full.
-        if prompt_len is not None or refills:
+        if refills if prompt_len is None else A > S:  # (Else the cache never fills.)
             carry = jax.lax.fori_loop(
                 0, refills, lambda i, c: segment(first + i * length, K, K, c), carry
             )

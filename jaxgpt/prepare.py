@@ -143,7 +143,12 @@ def meta_problem(meta: Any) -> str | None:
     if meta.get("dtype") not in DTYPES:
         return f"names dtype {meta.get('dtype')!r}, not one of {', '.join(DTYPES)}"
     tok = meta.get("tokenizer")
-    if not isinstance(tok, dict) or tok.get("name") not in ("char", "bpe", "gpt2", "hf"):
+    if not isinstance(tok, dict) or tok.get("name") not in (
+        "char",
+        "bpe",
+        "gpt2",
+        "hf",
+    ):
         return f"names no tokenizer jaxgpt knows ({str(tok)[:80]})"
     if tok["name"] != "gpt2":  # GPT-2's is built from its own files.
         try:

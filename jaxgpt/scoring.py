@@ -100,15 +100,20 @@ def make_score(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
 
 
 def end_of_text(tok) -> int | None:
-    """The id of <|endoftext|> in a BPE tokenizer that has it (GPT-2's does)."""
+    """The id of the token that ends a text: a Hugging Face tokenizer's eos,
+    <|endoftext|> in a BPE tokenizer that has it (GPT-2's), else None."""
+    if hasattr(tok, "eos_token"):  # tokenizer_io.HFTokenizer
+        return tok.token_id(tok.eos_token)
     bpe = getattr(tok, "bpe", None)
     return None if bpe is None else bpe.special_tokens.get(tokenizer.ENDOFTEXT)
 
 
 def prefix_token(tok) -> int:
-    """The token a text with no context is scored after: <|endoftext|>, else
+    """The token a text with no context is scored after, as the harness's HFLM
+    takes it: a Hugging Face tokenizer's bos (else its eos), <|endoftext|>, else
     (jaxgpt's char and learned tokenizers have none) the newline's, else 0."""
-    eot = end_of_text(tok)
+    bos = tok.token_id(tok.bos_token) if hasattr(tok, "bos_token") else None
+    eot = end_of_text(tok) if bos is None else bos
     if eot is not None:
         return eot
     newline = encoder(tok)("\n")
@@ -123,4 +128,6 @@ def encoder(tok) -> Callable[[str], list[int]]:
         stoi = tok.stoi
         unknown = stoi.get(" ", 0)
         return lambda text: [stoi.get(ch, unknown) for ch in text]
-    return lambda text: tok.encode(text, allowed_special="all").tolist()
+    if isinstance(tok, tokenizer.BPETokenizer):
+        return lambda text: tok.encode(text, allowed_special="all").tolist()
+    return lambda text: tok.encode(text).tolist()  # Hugging Face's: they read them.

@@ -73,7 +73,7 @@ def make_llama(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=2000,  # Of which the texts fill a few hundred.
         special_tokens=["<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -92,7 +92,7 @@ def make_llama(folder: Path) -> None:
     config = transformers.LlamaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=32, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=48, num_hidden_layers=2,
-        max_position_embeddings=CONTEXT, rope_theta=5000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=2 * CONTEXT, rope_theta=5000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config).eval()
@@ -416,11 +416,12 @@ def test_main_mode_eval_prints_in_loop_hellaswag_beside_the_losses(
     reference, tasks, harness_results, tmp_path, corpus_path, capsys, parsed_flags
 ):
     """--mode=eval --eval_tasks=hellaswag: the in-loop scores, on the command line."""
+    own = {} if reference.name.startswith("gpt2") else {"tokenizer": str(reference)}
     with flagsaver.flagsaver(
         mode="eval", init_from=str(reference), dataset="shakespeare",
         data_path=str(corpus_path), data_dir=str(tmp_path), eval_iters=1,
         batch_size=2, eval_tasks="hellaswag",
-        eval_data_path=str(tasks / "hellaswag.jsonl"),
+        eval_data_path=str(tasks / "hellaswag.jsonl"), **own,
     ):  # fmt: skip
         assert main.main(["jaxgpt.main"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -465,8 +466,9 @@ def test_bad_requests_and_arguments_are_clear(models, tmp_path):
     ours, _ = models
     with pytest.raises(ConfigError, match="workdir=.*init_from="):
         evals.JaxGPTLM()
-    with pytest.raises(ValueError, match="max_gen_toks=64 must lie in"):
-        ours.generate_until(requests("generate_until", [("Hi", {"max_gen_toks": 64})]))
+    S = ours.max_length  # No room left for the prompt.
+    with pytest.raises(ValueError, match=f"max_gen_toks={S} must lie in"):
+        ours.generate_until(requests("generate_until", [("Hi", {"max_gen_toks": S})]))
     with pytest.raises(ValueError, match="repetition_penalty"):
         ours.generate_until(
             requests("generate_until", [("Hi", {"repetition_penalty": 1.2})])
