@@ -45,6 +45,11 @@ MODEL = ModelConfig(
     attention="dot_product",
 )
 TRAIN = TrainConfig(batch_size=16, warmup_iters=0)
+# The modern GPT's options (nanochat's set; one key/value head: multi-query).
+MODERN = {
+    "position": "rope", "norm": "rmsnorm", "norm_scale": False, "qk_norm": True,
+    "mlp": "relu2", "n_kv_head": 1, "tie_embeddings": False, "logit_cap": 15.0,
+}  # fmt: skip
 # name: (ModelConfig changes, TrainConfig changes, mesh: "2x4" or "1").
 TRAIN_CASES = {
     "adamw_2x4": ({}, {}, "2x4"),
@@ -58,9 +63,24 @@ TRAIN_CASES = {
     "muon_1": ({}, {"optimizer": "muon"}, "1"),
     "einsum_dropout_2x4": ({"attention": "einsum", "dropout": 0.1}, {}, "2x4"),
     "accum_2x4": ({}, {"grad_accum_steps": 2}, "2x4"),
+    # The modern GPT, then with remat, scan and Muon; SwiGLU on one device.
+    "modern_2x4": (MODERN, {}, "2x4"),
+    "modern_remat_scan_muon_2x4": (
+        {**MODERN, "remat": True, "scan_layers": True}, {"optimizer": "muon"}, "2x4"
+    ),
+    "swiglu_1": ({"mlp": "swiglu", "tie_embeddings": False}, {}, "1"),
+}  # fmt: skip
+EVAL_CASES = {
+    "eval_2x4": ("2x4", {}),
+    "eval_1": ("1", {}),
+    "eval_modern_2x4": ("2x4", MODERN),
 }
-EVAL_CASES = {"eval_2x4": "2x4", "eval_1": "1"}
-SAMPLE_CASES = {"sample_kv_cache": True, "sample_window": False}
+# name: (kv_cache, ModelConfig changes); the rotary model's cache rolls on.
+SAMPLE_CASES = {
+    "sample_kv_cache": (True, {}),
+    "sample_window": (False, {}),
+    "sample_modern_rolling": (True, MODERN),
+}
 CASES = [*TRAIN_CASES, *EVAL_CASES, *SAMPLE_CASES]
 BFLOAT16_CASES = [c for c in CASES if c != "float32_2x4"]
 
@@ -152,23 +172,25 @@ def lowering_report() -> dict:
         report[name] = describe(exported)
         if name in ("adamw_2x4", "adamw_1"):
             report[name]["collectives"] = collectives(step, args)
-    for name, mesh_name in EVAL_CASES.items():
+    for name, (mesh_name, model_changes) in EVAL_CASES.items():
+        model_cfg = dataclasses.replace(MODEL, **model_changes)
         mesh = make_mesh(mesh_name)
         rows = sharding.batch_sharding(mesh, row_axis=1)
         x_KbT = spec((3, TRAIN.batch_size, MODEL.block_size), jnp.int32, rows)
-        params = train.abstract_params(MODEL, mesh)
-        add_losses = train.make_eval_loss(MODEL, mesh)
+        params = train.abstract_params(model_cfg, mesh)
+        add_losses = train.make_eval_loss(model_cfg, mesh)
         total = spec((), jnp.float32, sharding.replicated(mesh))
         exported = jax.export.export(add_losses, platforms=PLATFORMS)(
             params, total, x_KbT, x_KbT
         )
         report[name] = describe(exported)
     # Sampling runs on one device, from whole parameters (sharding.to_local).
-    params = jax.eval_shape(lambda: model.init_params(MODEL, jax.random.PRNGKey(0)))
-    apply_fn = model.make_model(MODEL).apply
-    for name, kv_cache in SAMPLE_CASES.items():
+    for name, (kv_cache, model_changes) in SAMPLE_CASES.items():
+        model_cfg = dataclasses.replace(MODEL, **model_changes)
+        key = jax.random.PRNGKey(0)
+        params = jax.eval_shape(lambda: model.init_params(model_cfg, key))  # noqa: B023
         exported = jax.export.export(generate.generate, platforms=PLATFORMS)(
-            apply_fn,
+            model.make_model(model_cfg).apply,
             params,
             spec((2, 3), jnp.int32),
             spec((2,), jnp.uint32),
@@ -178,6 +200,7 @@ def lowering_report() -> dict:
             top_k=10,
             top_p=0.9,
             kv_cache=kv_cache,
+            rolling=model_cfg.position == "rope",
         )
         report[name] = describe(exported)
     return report

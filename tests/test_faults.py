@@ -1312,7 +1312,7 @@ def test_processes_that_never_all_join_give_up_in_one_line(tmp_path, corpus):
     args = [*multihost.flags(corpus, wd), "--num_processes=2"]
     at = [
         f"--coordinator_address=127.0.0.1:{port} --distributed_timeout={timeout}"
-        for port, timeout in zip(ports, (3, 20))  # The second one sees the first.
+        for port, timeout in zip(ports, (3, 10))  # The second one sees the first.
     ]
     logs = [tmp_path / f"{name}.log" for name in ("alone1", "first0", "second0")]
     alone, first = (
@@ -1320,7 +1320,7 @@ def test_processes_that_never_all_join_give_up_in_one_line(tmp_path, corpus):
         for i in range(2)
     )
     deadline = time.time() + 60
-    while "waiting up to 20 s" not in logs[1].read_text() and time.time() < deadline:
+    while "waiting up to 10 s" not in logs[1].read_text() and time.time() < deadline:
         time.sleep(0.1)
     second = multihost.start([*args, *at[1].split(), "--process_id=0"], 1, logs[2])
     procs = [alone, first, second]
@@ -1340,7 +1340,7 @@ def test_processes_that_never_all_join_give_up_in_one_line(tmp_path, corpus):
     assert "waiting up to 3 s for all 2 processes to join" in errs[0]
     assert "process 1 of 2 gave up after 3 s waiting for process 0" in errs[0]
     assert "raise --distributed_timeout" in errs[0]
-    assert "process 0 of 2 gave up after 20 s waiting for the other" in errs[1]
+    assert "process 0 of 2 gave up after 10 s waiting for the other" in errs[1]
     assert f"port {ports[1]} of --coordinator_address" in errs[2]
     assert "in use on this host" in errs[2]
     assert not wd.exists()
