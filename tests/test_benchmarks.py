@@ -75,6 +75,7 @@ def test_vs_torch_step_compares_the_two_loops(data_flags):
 def test_vs_torch_run_times_both_commands(data_flags, tmp_path):
     modern = tmp_path / "modern.cfg"  # Another recipe: the modern one, as tiny.
     lines = ["--flagfile=experiments/shakespeare_cpu_modern.cfg", *MODEL, *SHORT]
+    lines += data_flags  # Its own recipe: the data too (never the checkout's data/).
     modern.write_text("\n".join([*lines, "--eval_interval=6", "--max_new_tokens=8"]))
     out = bench(
         "vs_torch.py",
