@@ -335,6 +335,8 @@ def stage_tests(runner: Runner, sizes: Sizes, args) -> dict:
         "addopts=",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "no:benchmark",  # (pytest-benchmark's .benchmarks/, where installed.)
         *workers,
         f"--junitxml={junit}",
         *sizes.tests,

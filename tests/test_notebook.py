@@ -180,6 +180,7 @@ def test_notebook_on_eight_devices_rounds_the_batch_and_trains_on_all(
             "--eval_interval=10",
             "--notensorboard",
             f"--data_path={corpus_path}",
+            f"--data_dir={tmp_path}",  # Never the checkout's data/.
         ],
     }
     nb = execute(parameters, tmp_path)
