@@ -183,3 +183,24 @@ def _compilation_cache_stays_off():
 
         jax.config.update("jax_compilation_cache_dir", before)
         compilation_cache.reset_cache()
+
+
+def subprocess_report(test_file: str, timeout: int) -> dict:
+    """Runs a test file as a program (its own JAX, e.g. with 8 fake devices) and
+    returns the JSON report on its last line of output."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, test_file],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

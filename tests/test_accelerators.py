@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_report
 from jax.sharding import Mesh
 
 from jaxgpt import generate, model, sharding, train
@@ -211,18 +211,7 @@ def lowering_report() -> dict:
 
 @pytest.fixture(scope="module")
 def report():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, __file__],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess_report(__file__, timeout=300)
 
 
 @pytest.mark.parametrize("case", CASES)

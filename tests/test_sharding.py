@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import subprocess_report
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -244,18 +245,7 @@ def error_report(tokens) -> dict:
 
 @pytest.fixture(scope="module")
 def report():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, __file__],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess_report(__file__, timeout=400)
 
 
 @pytest.mark.parametrize("case", ["8x1", "2x4", "1x8_accum2"])
