@@ -264,9 +264,11 @@ def make_model(config: ModelConfig) -> nn.Module:
 
 
 def init_params(config: ModelConfig, key: jax.Array):
-    """Initial parameters for `config`, from `key`."""
+    """Initial parameters for `config`, from `key`: one compiled program (op by op,
+    a small model's init takes 2-3 s on a CPU), the same one train.create_state
+    runs."""
     idx_BT = jnp.zeros((1, config.block_size), jnp.int32)
-    return make_model(config).init(key, idx_BT)["params"]
+    return jax.jit(make_model(config).init)(key, idx_BT)["params"]
 
 
 # --- Building blocks ---------------------------------------------------------

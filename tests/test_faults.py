@@ -552,7 +552,8 @@ def test_signals_at_any_moment_of_start_up(tmp_path, start, jaxgpt, pristine):
 
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, start, jaxgpt):
     """The same command twice on one workdir: the second is refused in one line,
-    the first goes on (and stops cleanly on SIGTERM)."""
+    the first goes on (and stops cleanly on SIGTERM, keeping a checkpoint of
+    the step it stopped at, which the same command then resumes)."""
     wd = tmp_path / "wd"
     long = ["--max_iters=100000", "--eval_interval=100000", "--warmup_iters=2"]
     first = start(wd, *long)
@@ -567,6 +568,10 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, start, jaxgpt):
     assert stopped_at >= 10 and f"stopped at step {stopped_at} (SIGTERM)" in err
     assert [r["step"] for r in rows(wd)] == [0]  # The second run wrote nothing.
     assert not (wd / workdir.LOCK_NAME).exists()
+    resumed = jaxgpt(wd, *long, f"--stop_at={stopped_at + 3}")
+    assert_clean(resumed)
+    assert f"resuming from step {stopped_at}" in resumed.stderr
+    assert steps(wd)[-1] == stopped_at + 3
 
 
 def test_a_stop_reaching_one_process_stops_all_at_the_same_step(tmp_path, corpus):

@@ -20,7 +20,7 @@ def params():
 
 def naive_greedy(params, prompt, n):
     """Greedy decoding by re-running the model on the cropped context each step."""
-    apply = model.make_model(CFG).apply
+    apply = jax.jit(model.make_model(CFG).apply)  # One program per context length.
     ids = list(prompt)
     for _ in range(n):
         context = jnp.asarray(ids[-CFG.block_size :])[None]
