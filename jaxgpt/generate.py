@@ -6,29 +6,18 @@ key fold_in(key, t).
 
 With the KV cache (the default), a "prefill" encodes the prompt (its last S
 tokens) in one pass and keeps each layer's keys and values in the model's
-"cache" collection; then each step feeds only the newest token. What happens
-when the cache is full depends on the positions (`rolling`):
+"cache" collection; then each step feeds only the newest token. When the
+cache is full:
 
-- Learned positions (GPT-2's) cannot slide: the table has S rows and a token's
-  embedding carries its absolute position. So the last S // 2 tokens are
-  re-encoded at positions 0 .. S // 2 - 1 (a new prefill) and decoding goes
-  on: past S tokens, a token sees between S // 2 and S tokens of context. The
-  schedule is fixed by the shapes: the prompt's segment (prefill, then
-  one-token steps until the cache is full), then a loop of refill segments.
-  (A lax.cond between refill and step in one loop reads shorter, but copies
-  every layer's cache at every step.)
-- Rotary positions (`rolling=True`, --position=rope) make a score depend on
-  the distance between query and key only, so nothing needs re-encoding: the
-  cache is a ring buffer (model.py's append_to_cache) in which token t's keys
-  overwrite those of token t - S, at position t. Every token then sees the S
-  tokens up to itself (the last S - 1 and its own) for one token's work per
-  step, where re-encoding gives it S // 2 to S for a prefill every S // 2
-  tokens. This is sliding-window attention: the cached keys of a token were
-  computed when it saw its own window, so with several layers a token's
-  context reaches back further than S tokens, and the logits past S differ
-  from re-running the last S tokens from scratch (they agree for one layer).
-  Angles grow with the position in float32 (as in Hugging Face's Llama), so
-  their precision falls slowly over very long generations.
+- Learned positions (GPT-2's) cannot slide, so the last K = S // 2 tokens are
+  re-encoded at positions 0 .. K - 1 (a new prefill) and decoding goes on: a
+  token sees S // 2 to S tokens of context. The schedule is fixed by the
+  shapes: the prompt's segment, then a loop of refill segments (a lax.cond
+  between refill and step would copy every layer's cache at every step).
+- Rotary positions (`rolling=True`) roll on: the cache is a ring buffer
+  (model.py's append_to_cache), every token sees the last S tokens, and no
+  prefill is repeated. This is sliding-window attention, whose logits past S
+  differ from re-running the last S tokens (docs/architecture.md).
 
 Without the cache (nanoGPT's loop), each step re-runs the model on the last
 min(S, A) positions. Up to S tokens all give the same logits (to rounding).

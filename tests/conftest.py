@@ -97,7 +97,21 @@ def pytest_configure(config):
     )
 
 
+# The files that take longest (their tests start programs of their own), longest
+# first: pytest-xdist hands out whole files (--dist loadfile) in collection
+# order, so these go first and the short ones even out the workers' ends.
+LONGEST_FIRST = [
+    "test_faults.py", "test_benchmarks.py", "test_train.py", "test_accelerators.py",
+    "test_evals.py", "test_generate.py", "test_llama.py", "test_notebook.py",
+    "test_main.py", "test_model.py", "test_model_options.py", "test_lecture.py",
+    "test_init_from.py", "test_sharding.py", "test_hf.py", "test_model_variants.py",
+    "test_cache.py", "test_multihost.py", "test_micrograd_tensor.py",
+]  # fmt: skip
+
+
 def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable.
     for item in items:  # Marked by the fixture they use: one list, not two.
         if "shakespeare_path" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.shakespeare)

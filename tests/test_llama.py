@@ -133,7 +133,7 @@ def hf_logits(hf_model, idx_BT) -> np.ndarray:
 
 
 def jax_logits(cfg: ModelConfig, params, idx_BT) -> np.ndarray:
-    return np.asarray(model.make_model(cfg).apply({"params": params}, idx_BT))
+    return np.asarray(jax.jit(model.make_model(cfg).apply)({"params": params}, idx_BT))
 
 
 def random_ids(shape, seed: int = 0) -> np.ndarray:

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import chex
@@ -14,8 +15,15 @@ CFG = ModelConfig(
 )
 
 
+@functools.cache
+def compiled_apply(cfg: ModelConfig):
+    """The model's apply as one program (op by op, each new shape compiles
+    dozens of small ones)."""
+    return jax.jit(model.make_model(cfg).apply, static_argnames="deterministic")
+
+
 def apply(cfg, params, idx, **kw):
-    return model.make_model(cfg).apply({"params": params}, idx, **kw)
+    return compiled_apply(cfg)({"params": params}, idx, **kw)
 
 
 @pytest.fixture(scope="module")
