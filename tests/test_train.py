@@ -45,7 +45,8 @@ def test_weight_decay_skips_masked_leaves():
     )
     state = train.create_state(MODEL, cfg, ROOT)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    updates, _ = train.make_optimizer(cfg).update(zeros, state.opt_state, state.params)
+    update = jax.jit(train.make_optimizer(cfg).update)
+    updates, _ = update(zeros, state.opt_state, state.params)
     new = optax.apply_updates(state.params, updates)
     for old, upd in zip(jax.tree.leaves(state.params), jax.tree.leaves(new)):
         factor = 1 - 0.1 * 0.5 if old.ndim == 2 else 1.0
