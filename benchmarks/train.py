@@ -32,7 +32,7 @@ from jaxgpt import (
 )
 from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, TrainConfig
 from jaxgpt.main import check_backend
-from jaxgpt.perf import keep_freed_memory
+from jaxgpt.perf import keep_freed_memory, unroll_threefry
 
 _STEPS = flags.DEFINE_integer("bench_steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("bench_warmup", 5, "Untimed steps after compiling.")
@@ -42,6 +42,9 @@ _MEASURE = flags.DEFINE_bool(
 _MATMUL_N = flags.DEFINE_integer("peak_matmul_n", 2048, "Size of the peak matmul.")
 _MALLOPT = flags.DEFINE_bool(
     "bench_keep_freed_memory", True, "perf.keep_freed_memory (as main.py), or not."
+)
+_UNROLL = flags.DEFINE_bool(
+    "bench_unroll_threefry", True, "perf.unroll_threefry (as main.py), or not."
 )
 _DROPOUT_RNG = flags.DEFINE_enum(
     "bench_dropout_rng",
@@ -60,6 +63,8 @@ def main(argv):
     del argv
     if _MALLOPT.value:
         keep_freed_memory()
+    if _UNROLL.value:
+        unroll_threefry()
     if not _ROWS.value:  # What model.Dense's one line buys: measured here.
         model.Dense = flax.linen.Dense
     if _DROPOUT_RNG.value != "threefry":  # What another PRNG would buy.

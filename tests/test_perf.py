@@ -94,3 +94,32 @@ def test_allocator_settings_apply_on_linux():
     import sys
 
     assert perf.keep_freed_memory() == sys.platform.startswith("linux")
+
+
+def test_unrolled_threefry_draws_the_same_bits():
+    """perf.unroll_threefry changes how the hash compiles on a CPU (no loop),
+    never what it draws: bits, dropout-style masks, fold_in and categorical."""
+    import chex
+    import jax.numpy as jnp
+    from jax._src.random import threefry2x32 as threefry
+    from jax.interpreters import mlir
+
+    def draw(key):
+        return (
+            jax.random.bits(key, (3, 5), jnp.uint32),
+            jax.random.bernoulli(key, 0.8, (1000,)),
+            jax.random.fold_in(key, 9),
+            jax.random.categorical(key, jnp.zeros((4, 7))),
+        )
+
+    key = jax.random.PRNGKey(7)
+    rolled = jax.jit(draw).lower(key).as_text()
+    want = jax.jit(draw)(key)
+    try:
+        assert perf.unroll_threefry()
+        unrolled = jax.jit(lambda k: draw(k))
+        assert "while" in rolled and "while" not in unrolled.lower(key).as_text()
+        chex.assert_trees_all_equal(unrolled(key), want)
+    finally:  # The default again, for the tests that follow in this process.
+        rule = threefry._threefry2x32_cpu_lowering_rule
+        mlir.register_lowering(threefry.threefry2x32_p, rule, platform="cpu")
