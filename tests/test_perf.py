@@ -112,7 +112,12 @@ def test_unrolled_threefry_draws_the_same_bits():
             jax.random.categorical(key, jnp.zeros((4, 7))),
         )
 
+    def use_jax_default():  # (A test that ran main.main here unrolled it.)
+        rule = threefry._threefry2x32_cpu_lowering_rule
+        mlir.register_lowering(threefry.threefry2x32_p, rule, platform="cpu")
+
     key = jax.random.PRNGKey(7)
+    use_jax_default()
     rolled = jax.jit(draw).lower(key).as_text()
     want = jax.jit(draw)(key)
     try:
@@ -121,5 +126,4 @@ def test_unrolled_threefry_draws_the_same_bits():
         assert "while" in rolled and "while" not in unrolled.lower(key).as_text()
         chex.assert_trees_all_equal(unrolled(key), want)
     finally:  # The default again, for the tests that follow in this process.
-        rule = threefry._threefry2x32_cpu_lowering_rule
-        mlir.register_lowering(threefry.threefry2x32_p, rule, platform="cpu")
+        use_jax_default()
