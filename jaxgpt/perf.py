@@ -223,11 +223,20 @@ def unroll_threefry() -> bool:
     no-op (False) wherever it has moved. Call before the first compilation.
     """
     try:
-        from jax._src.random import threefry2x32 as threefry
         from jax.interpreters import mlir
 
+        threefry = jax_threefry()
         rule = threefry._threefry2x32_lowering_rule
         mlir.register_lowering(threefry.threefry2x32_p, rule, platform="cpu")
     except (ImportError, AttributeError):
         return False
     return True
+
+
+def jax_threefry():
+    """JAX's private module of the Threefry primitive and its lowerings."""
+    try:
+        from jax._src.random import threefry2x32  # JAX 0.10 (checked).
+    except ImportError:
+        from jax._src import prng as threefry2x32  # JAX 0.6 (checked).
+    return threefry2x32
