@@ -25,7 +25,7 @@ from jaxgpt import (
     train,
 )
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.perf import keep_freed_memory, unroll_threefry
+from jaxgpt.perf import cpu_speedups
 
 _LAYERS = flags.DEFINE_list("bench_layers", ["6", "24"], "Depths to compile.")
 _BATCH = flags.DEFINE_integer("bench_batch", 4, "Sequences per step.")
@@ -47,8 +47,7 @@ def compile_times(model_cfg, batch_size: int) -> tuple[float, float]:
 
 def main(argv):
     del argv
-    keep_freed_memory()
-    unroll_threefry()
+    cpu_speedups()
     base = cli.from_flags(ModelConfig, vocab_size=65)
     print(
         f"train step, C={base.n_embd} H={base.n_head} T={base.block_size}"

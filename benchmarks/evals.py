@@ -47,7 +47,7 @@ from jaxgpt import (
     tokenizer_io,
 )
 from jaxgpt.config import EvalConfig, ModelConfig
-from jaxgpt.perf import keep_freed_memory, unroll_threefry
+from jaxgpt.perf import cpu_speedups
 from jaxgpt.tokenizer import CharTokenizer
 
 _MODELS = flags.DEFINE_list(
@@ -213,8 +213,7 @@ def machine() -> str:
 
 def main(argv):
     del argv
-    keep_freed_memory()
-    unroll_threefry()
+    cpu_speedups()
     eval_cfg = cli.from_flags(EvalConfig)
     path = eval_cfg.eval_data_path
     rows = hellaswag.read_examples(path) if path else synthetic_rows(_EXAMPLES.value)

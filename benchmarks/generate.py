@@ -29,7 +29,7 @@ from jaxgpt import (
     train,
 )
 from jaxgpt.config import ModelConfig, SampleConfig
-from jaxgpt.perf import keep_freed_memory, unroll_threefry
+from jaxgpt.perf import cpu_speedups
 
 _BATCHES = flags.DEFINE_list("bench_batch_sizes", ["1", "8"], "Rows sampled at once.")
 _NEW = flags.DEFINE_integer("bench_new_tokens", 500, "Tokens generated per row.")
@@ -48,8 +48,7 @@ def load_model():
 
 def main(argv):
     del argv
-    keep_freed_memory()
-    unroll_threefry()
+    cpu_speedups()
     cfg, params = load_model()
     sampling = cli.from_flags(SampleConfig)
     apply_fn = model.make_model(cfg).apply

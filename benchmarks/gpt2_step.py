@@ -7,9 +7,8 @@
 One configuration per process, since peak RSS only grows. Runs the training
 loop's own program: train.create_state (params + AdamW state) and
 train.make_train_step (the compiled update, state donated) on the default
-mesh, with perf.keep_freed_memory and perf.unroll_threefry applied first as
-main.py does. Random tokens, random initial weights: the numbers do not
-depend on them.
+mesh, with perf.cpu_speedups applied first as main.py does. Random tokens,
+random initial weights: the numbers do not depend on them.
 
 --batch_size=auto takes the largest batch that fits the device's memory: two
 small batches are compiled and XLA's memory analysis of each gives the
@@ -33,7 +32,7 @@ import numpy as np
 
 from jaxgpt import model, perf, sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.perf import keep_freed_memory, unroll_threefry
+from jaxgpt.perf import cpu_speedups
 
 
 def peak_rss_gib() -> float:
@@ -81,8 +80,7 @@ def main() -> None:
     parser.add_argument("--block_size", type=int, default=1024)
     parser.add_argument("--vocab_size", type=int, default=50257)
     args = parser.parse_args()
-    keep_freed_memory()
-    unroll_threefry()
+    cpu_speedups()
     peak, peak_source = perf.peak_flops(
         args.dtype, args.peak_tflops, args.peak_matmul_n
     )

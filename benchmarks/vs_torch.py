@@ -69,7 +69,7 @@ from jaxgpt import (
     train,
 )
 from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
-from jaxgpt.perf import keep_freed_memory, unroll_threefry
+from jaxgpt.perf import cpu_speedups
 
 _BENCH = flags.DEFINE_enum(
     "bench", "step", ["step", "run", "sample", "matmul", "seeds"], "What to measure."
@@ -536,8 +536,7 @@ def bench_seeds():
 
 def main(argv):
     del argv
-    keep_freed_memory()
-    unroll_threefry()
+    cpu_speedups()
     benches = {"step": bench_step, "run": bench_run, "sample": bench_sample}
     benches |= {"matmul": bench_matmul, "seeds": bench_seeds}
     benches[_BENCH.value]()

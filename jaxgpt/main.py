@@ -58,7 +58,7 @@ from jaxgpt.config import (
     SampleConfig,
     TrainConfig,
 )
-from jaxgpt.perf import keep_freed_memory, unroll_threefry
+from jaxgpt.perf import cpu_speedups
 
 FLAGS = cli.FLAGS
 from_flags = cli.from_flags
@@ -521,8 +521,7 @@ def os_error_line(e: OSError, workdir_: str) -> str:
 
 def main(argv: list[str]) -> int:
     quiet.install()  # Other libraries' log lines: one line each, orbax's none.
-    keep_freed_memory()  # Before XLA allocates: no page faults per step.
-    unroll_threefry()  # Before XLA compiles: dropout's masks in one fused pass.
+    cpu_speedups()  # Before XLA allocates and compiles (perf.py).
     cache.enable_compilation_cache()  # A second run loads its compiled programs.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

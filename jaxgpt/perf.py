@@ -211,6 +211,13 @@ def keep_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings.items())
 
 
+def cpu_speedups() -> None:
+    """What main.py applies before XLA starts (the benchmarks too, to time what
+    a run gets): keep_freed_memory and unroll_threefry."""
+    keep_freed_memory()
+    unroll_threefry()
+
+
 def unroll_threefry() -> bool:
     """Compiles JAX's Threefry hash (dropout masks, fold_in, sampling) with its 20
     rounds unrolled on a CPU too, as JAX does on GPU and TPU: the same bits, but
