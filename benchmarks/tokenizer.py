@@ -34,7 +34,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jaxgpt import perf, prepare, tokenizer
+from jaxgpt import perf, prepare, tokenizer, tokenizer_train
 from jaxgpt.tokenizer_io import load_gpt2
 
 _TEXT = flags.DEFINE_string("text", None, "Base corpus (default: tiny shakespeare).")
@@ -114,10 +114,10 @@ def train_ours(text: str, vocab_size: int, pattern: str) -> tuple[tokenizer.BPE,
     """Our trainer, with its two phases timed apart."""
     specials = (tokenizer.ENDOFTEXT,)
     counts, t_count = timed(
-        prepare.count_chunks, text, pattern, specials, _WORKERS.value
+        tokenizer_train.count_chunks, text, pattern, specials, _WORKERS.value
     )
     num_merges = vocab_size - 256 - len(specials)
-    merges, t_merge = timed(tokenizer.learn_merges, counts, num_merges)
+    merges, t_merge = timed(tokenizer_train.learn_merges, counts, num_merges)
     ids = {s: 256 + len(merges) + j for j, s in enumerate(specials)}
     tok = tokenizer.BPE(tuple(merges), pattern, ids)
     return tok, {"count": t_count, "merge": t_merge, "distinct": len(counts)}
@@ -136,7 +136,7 @@ def train_hf(text: str, vocab_size: int):
         special_tokens=[tokenizer.ENDOFTEXT],
         show_progress=False,
     )
-    pieces = prepare.split_at_safe_points(text, max(1, len(text) // 1_000_000))
+    pieces = tokenizer_train.split_at_safe_points(text, max(1, len(text) // 1_000_000))
     tok.train_from_iterator(pieces, trainer)
     return tok
 
@@ -165,7 +165,7 @@ def training_row(what: str, text: str, vocab_size: int, pattern: str, target_s):
 
 def pieces(text: str) -> list[str]:
     """`text` cut at chunk boundaries into pieces of about 100 kB."""
-    return prepare.split_at_safe_points(text, max(1, len(text) // 100_000))
+    return tokenizer_train.split_at_safe_points(text, max(1, len(text) // 100_000))
 
 
 def encoding_rows(text: str, ours: tokenizer.BPE, hf) -> None:

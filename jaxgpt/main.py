@@ -43,7 +43,7 @@ from jaxgpt import (
     prepare,
     quiet,
     sharding,
-    tokenizer,
+    tokenizer_io,
     train,
     workdir,
 )
@@ -254,7 +254,7 @@ def make_evaluate(
 ):
     """The run's evaluation: loss and bits per byte of each split, and the
     accuracies of --eval_tasks."""
-    token_bytes = tokenizer.token_bytes(dataset.tokenizer)
+    token_bytes = tokenizer_io.token_bytes(dataset.tokenizer)
     splits = dataset.splits
     evaluate = train.make_evaluate(
         model_cfg, train_cfg, splits, root, mesh, token_bytes, progress

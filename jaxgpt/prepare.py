@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
@@ -44,17 +43,14 @@ import re
 import sys
 import tempfile
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import regex
 from tqdm import tqdm
 
-from jaxgpt import cache, data, tokenizer, tokenizer_io, workdir
+from jaxgpt import cache, data, tokenizer, tokenizer_io, tokenizer_train, workdir
 from jaxgpt.config import (
     ConfigError,
     DataConfig,
@@ -542,47 +538,10 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
                 if size >= BPE_TRAIN_CHARS:
                     break
         text = "\n".join(sample)
-        counts = count_chunks(text, tokenizer.GPT4_PATTERN, (tokenizer.ENDOFTEXT,))
-        return tokenizer.BPETokenizer.train(counts, int(spec[4:]))
+        specials = (tokenizer.ENDOFTEXT,)
+        counts = tokenizer_train.count_chunks(text, tokenizer.GPT4_PATTERN, specials)
+        return tokenizer.BPETokenizer(tokenizer_train.train_bpe(counts, int(spec[4:])))
     raise unknown_tokenizer(spec)
-
-
-PARALLEL_MIN_CHARS = 4_000_000
-# A newline after a non-space and before a letter ends a chunk under both
-# pre-tokenisers (tokenizer.GPT2_PATTERN, GPT4_PATTERN: no alternative runs
-# from a newline into a letter), and the newline forms the same chunk whether
-# or not the text ends after it. So text cut there has exactly the chunks of
-# the whole.
-SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\p{L})")
-
-
-def split_at_safe_points(text: str, num_pieces: int) -> list[str]:
-    """Cuts `text` into about `num_pieces` pieces at chunk boundaries."""
-    cuts, step = [0], max(1, len(text) // num_pieces)
-    while (m := SAFE_CUT.search(text, cuts[-1] + step)) is not None:
-        cuts.append(m.start())
-    cuts.append(len(text))
-    return [text[a:b] for a, b in pairwise(cuts) if b > a]
-
-
-def count_chunks(
-    text: str, pattern: str, specials=(), num_workers: int | None = None
-) -> Counter:
-    """tokenizer.count_chunks of `text`, by a process pool (`num_workers`,
-    default all cores) for texts over a few MB, cut at safe points."""
-    num_workers = num_workers or os.cpu_count() or 1
-    if num_workers == 1 or len(text) < PARALLEL_MIN_CHARS:
-        return tokenizer.count_chunks(text, pattern, specials)
-    pieces = split_at_safe_points(text, 4 * num_workers)
-    count = functools.partial(
-        tokenizer.count_chunks, pattern=pattern, specials=tuple(specials)
-    )
-    # spawn, not fork: the caller may hold threads (JAX's), which fork breaks.
-    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-        counts = Counter()
-        for piece_counts in pool.imap_unordered(count, pieces):
-            counts.update(piece_counts)
-    return counts
 
 
 _worker = {}  # The tokenizer and end-of-text ids of a pool worker.
@@ -751,7 +710,7 @@ def pieces_of(jobs, max_chars: int = 1_000_000) -> Iterator[tuple]:
     for split, text, document in jobs:
         start = 0
         while len(text) - start > max_chars:
-            cut = SAFE_CUT.search(text, start + max_chars)
+            cut = tokenizer_train.SAFE_CUT.search(text, start + max_chars)
             if cut is None:
                 break
             yield split, text[start : cut.start()], False, document

@@ -1,27 +1,23 @@
 """Tokenizers: text <-> int32 ids, from characters to GPT-2's byte-level BPE.
 
 - `CharTokenizer` ("char"): one id per distinct character of the corpus.
-- `BPETokenizer` ("bpe"): byte-level BPE learned from the corpus, in the order
-  of Karpathy's minbpe lecture: the 256 bytes are ids 0..255; a regex cuts
-  text into chunks (words, numbers, punctuation, spaces) that merges never
-  cross; training merges the most frequent adjacent pair into a new id, again
-  and again; encoding applies the merges in the order they were learned.
+- `BPETokenizer` ("bpe"): byte-level BPE as in Karpathy's minbpe lecture: the
+  256 bytes are ids 0..255; a regex cuts text into chunks (words, numbers,
+  punctuation, spaces) that merges never cross; encoding applies the learned
+  merges (tokenizer_train.py learns them) in the order they were learned.
   Special tokens (<|endoftext|>) come after the merges, only where allowed.
 - GPT-2's is a BPETokenizer named "gpt2" holding OpenAI's 50,000 merges.
 
 The readable `encode` below and tiktoken's Rust encoder built from the same
 merges give the same ids (tested); tokenizers use tiktoken's for speed. Each
-saves itself as a small JSON dict (`to_json`): a checkpoint's meta is all
-that sampling needs (tokenizer_io.py reads it back, and GPT-2's files).
+saves itself as a small JSON dict (`to_json`) that tokenizer_io.py reads back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import heapq
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from itertools import pairwise
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -172,17 +168,7 @@ def split_special(text: str, specials: Iterable[str]) -> list[tuple[str, bool]]:
     return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
 
 
-def count_chunks(text: str, pattern: str, specials: Iterable[str] = ()) -> Counter:
-    """How often each distinct chunk occurs (specials left out): training needs
-    each distinct chunk once (tiny shakespeare: 263k chunks, 15k distinct)."""
-    compiled, counts = regex.compile(pattern), Counter()
-    for part, is_special in split_special(text, specials):
-        if not is_special:
-            counts.update(compiled.findall(part))
-    return counts
-
-
-# --- Training ----------------------------------------------------------------------
+# --- Encoding and decoding ---------------------------------------------------------
 
 
 def merge(ids: list[int], pair: Pair, new_id: int) -> list[int]:
@@ -196,80 +182,6 @@ def merge(ids: list[int], pair: Pair, new_id: int) -> list[int]:
             out.append(ids[i])
             i += 1
     return out
-
-
-def learn_merges(chunk_counts: Mapping[str, int], num_merges: int) -> list[Pair]:
-    """Up to `num_merges` merges learned from chunk -> count (ties: smallest pair).
-
-    minbpe rescans the text for each merge: clear, far too slow for 100 MB.
-    Here pair_counts (pair -> occurrences, weighted by chunk counts), where
-    (pair -> the chunks holding it) and a lazy max-heap are updated only in
-    the chunks a merge touched; stale heap entries are skipped when popped.
-    """
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-    freqs = list(chunk_counts.values())
-    pair_counts: dict[Pair, int] = defaultdict(int)
-    where: dict[Pair, set[int]] = defaultdict(set)
-    for w, ids in enumerate(words):
-        for pair in pairwise(ids):
-            pair_counts[pair] += freqs[w]
-            where[pair].add(w)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-    merges: list[Pair] = []
-    while len(merges) < num_merges:
-        while heap and pair_counts.get(heap[0][1]) != -heap[0][0]:
-            heapq.heappop(heap)  # Out of date: its count changed since.
-        if not heap:  # Every chunk is one token: nothing left to merge.
-            break
-        pair = heapq.heappop(heap)[1]
-        new_id, changed = 256 + len(merges), set()
-        merges.append(pair)
-        for w in where.pop(pair):
-            old_pairs = Counter(pairwise(words[w]))
-            words[w] = merge(words[w], pair, new_id)
-            new_pairs = Counter(pairwise(words[w]))
-            for p, n in old_pairs.items():
-                pair_counts[p] -= n * freqs[w]
-            for p, n in new_pairs.items():
-                pair_counts[p] += n * freqs[w]
-                where[p].add(w)
-            for p in old_pairs.keys() - new_pairs.keys() - {pair}:
-                where[p].discard(w)
-            changed |= old_pairs.keys() | new_pairs.keys()
-        for p in changed:
-            if pair_counts[p] > 0:
-                heapq.heappush(heap, (-pair_counts[p], p))
-            else:  # Gone from every chunk (the merged pair always is).
-                del pair_counts[p]
-                where.pop(p, None)
-    return merges
-
-
-def train_bpe(
-    text: str | Counter,
-    vocab_size: int,
-    pattern: str = GPT4_PATTERN,
-    special_tokens: Sequence[str] = (ENDOFTEXT,),
-) -> BPE:
-    """A byte-level BPE of `vocab_size` ids (256 bytes + merges + specials),
-    learned from `text` (or its `count_chunks`). Fewer merges are learned if
-    the text runs out of pairs."""
-    num_merges = vocab_size - 256 - len(special_tokens)
-    if num_merges < 0:
-        raise ValueError(
-            f"vocab_size={vocab_size} is below 256 bytes + {len(special_tokens)}"
-            " special tokens."
-        )
-    counts = (
-        count_chunks(text, pattern, special_tokens) if isinstance(text, str) else text
-    )
-    merges = learn_merges(counts, num_merges)
-    specials = {s: 256 + len(merges) + j for j, s in enumerate(special_tokens)}
-    return BPE(tuple(merges), pattern, specials)
-
-
-# --- Encoding and decoding ---------------------------------------------------------
 
 
 def encode_chunk(data: bytes, bpe: BPE) -> list[int]:
@@ -295,7 +207,7 @@ def encode(text: str, bpe: BPE, allowed_special: Iterable[str] | str = ()) -> li
             ids.append(bpe.special_tokens[part])
             continue
         for chunk in chunks.findall(part):
-            if chunk not in cache:  # surrogateescape: see encode_bytes.
+            if chunk not in cache:  # (Text decoded with surrogateescape: any bytes.)
                 cache[chunk] = encode_chunk(
                     chunk.encode("utf-8", "surrogateescape"), bpe
                 )
@@ -303,26 +215,17 @@ def encode(text: str, bpe: BPE, allowed_special: Iterable[str] | str = ()) -> li
     return ids
 
 
-def encode_bytes(data: bytes, bpe: BPE) -> list[int]:
-    """Any bytes, valid UTF-8 or not: invalid bytes travel through the regex as
-    Python's surrogateescape stand-ins and turn back into themselves."""
-    return encode(data.decode("utf-8", "surrogateescape"), bpe)
-
-
-def decode_bytes(ids: Iterable[int], bpe: BPE) -> bytes:
+def decode(ids: Iterable[int], bpe: BPE) -> str:
+    """Text; bytes that are not valid UTF-8 (a sample cut inside a character)
+    become U+FFFD rather than an error."""
     try:
-        return b"".join(bpe.vocab[i] for i in ids)
+        data = b"".join(bpe.vocab[i] for i in ids)
     except KeyError as err:
         raise ValueError(
             f"token id {err.args[0]} is not in this tokenizer's vocabulary"
             f" (size {bpe.vocab_size})."
         ) from None
-
-
-def decode(ids: Iterable[int], bpe: BPE) -> str:
-    """Text; bytes that are not valid UTF-8 (a sample cut inside a character)
-    become U+FFFD rather than an error."""
-    return decode_bytes(ids, bpe).decode("utf-8", errors="replace")
+    return data.decode("utf-8", errors="replace")
 
 
 def to_tiktoken(bpe: BPE, name: str = "bpe"):
@@ -349,10 +252,6 @@ class BPETokenizer:
 
     bpe: BPE
     name: str = "bpe"
-
-    @classmethod
-    def train(cls, text: str | Counter, vocab_size: int, **kwargs) -> BPETokenizer:
-        return cls(train_bpe(text, vocab_size, **kwargs))
 
     @property
     def vocab_size(self) -> int:
@@ -387,18 +286,3 @@ def from_json(d: Mapping):
     if d.get("name") == "bpe":
         return BPETokenizer(BPE.from_json(d))
     raise ValueError(f"unknown tokenizer {d.get('name')!r}; expected 'char' or 'bpe'.")
-
-
-def token_bytes(tok) -> np.ndarray:
-    """int32 [vocab_size]: the UTF-8 bytes of each id (0 for special tokens,
-    which are not text), for bits per byte. A tokenizer with a token_bytes()
-    method of its own (a Hugging Face tokenizer.json's) counts them itself."""
-    if hasattr(tok, "token_bytes"):
-        return tok.token_bytes()
-    if isinstance(tok, CharTokenizer):
-        return np.array([len(ch.encode("utf-8")) for ch in tok.vocab], np.int32)
-    specials = set(tok.bpe.special_tokens.values())
-    return np.array(
-        [0 if i in specials else len(tok.bpe.vocab[i]) for i in range(tok.vocab_size)],
-        np.int32,
-    )

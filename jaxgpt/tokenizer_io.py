@@ -284,3 +284,18 @@ class HFTokenizer:
                 n = len(token.replace("\u2581", " ").encode("utf-8"))
             out[i] = n
         return out
+
+
+def token_bytes(tok) -> np.ndarray:
+    """int32 [vocab_size]: the UTF-8 bytes of each id (0 for special tokens,
+    which are not text), for bits per byte. A tokenizer with a token_bytes()
+    method of its own (a Hugging Face tokenizer.json's) counts them itself."""
+    if hasattr(tok, "token_bytes"):
+        return tok.token_bytes()
+    if isinstance(tok, tokenizer.CharTokenizer):
+        return np.array([len(ch.encode("utf-8")) for ch in tok.vocab], np.int32)
+    specials = set(tok.bpe.special_tokens.values())
+    return np.array(
+        [0 if i in specials else len(tok.bpe.vocab[i]) for i in range(tok.vocab_size)],
+        np.int32,
+    )

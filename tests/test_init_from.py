@@ -25,7 +25,6 @@ from jaxgpt import (
     main,
     model,
     sharding,
-    tokenizer,
     tokenizer_io,
     train,
 )
@@ -129,7 +128,7 @@ def test_eval_of_imported_weights_is_transformers_loss(
             logits.reshape(-1, 50257), torch.as_tensor(np.array(y).reshape(-1)).long()
         )
     assert abs(val_loss - float(want)) < 1e-4
-    n_bytes = tokenizer.token_bytes(dataset.tokenizer)[np.asarray(y)].sum()
+    n_bytes = tokenizer_io.token_bytes(dataset.tokenizer)[np.asarray(y)].sum()
     assert abs(val_bpb - float(want) * y.size / (n_bytes * np.log(2))) < 1e-4
 
 

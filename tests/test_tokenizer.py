@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxgpt import tokenizer, tokenizer_io
+from jaxgpt import tokenizer, tokenizer_io, tokenizer_train
 
 Char = tokenizer.CharTokenizer
 
@@ -43,9 +43,9 @@ def test_empty_text_has_no_vocabulary():
 
 
 def test_token_bytes_count_utf8_and_skip_special_tokens():
-    np.testing.assert_array_equal(tokenizer.token_bytes(Char("aé€")), [1, 2, 3])
+    np.testing.assert_array_equal(tokenizer_io.token_bytes(Char("aé€")), [1, 2, 3])
     gpt2 = tokenizer_io.load_gpt2()
-    lengths = tokenizer.token_bytes(gpt2)
+    lengths = tokenizer_io.token_bytes(gpt2)
     assert lengths.shape == (50257,) and lengths[50256] == 0  # <|endoftext|>
     text = "Héllo, wörld! 日本語 text.\n"
     assert lengths[gpt2.encode(text)].sum() == len(text.encode("utf-8"))
@@ -53,7 +53,7 @@ def test_token_bytes_count_utf8_and_skip_special_tokens():
 
 @pytest.fixture(scope="module")
 def bpe_tok(corpus_text):
-    return tokenizer.BPETokenizer.train(corpus_text[:200_000], 512)
+    return tokenizer.BPETokenizer(tokenizer_train.train_bpe(corpus_text[:200_000], 512))
 
 
 @pytest.fixture(scope="module")
