@@ -445,7 +445,7 @@ class TrainConfig:
     )
     optimizer: Literal["adamw", "muon"] = option(
         "adamw",
-        "adamw, or muon: Muon (train.py: optax.contrib.muon's orthogonalised"
+        "adamw, or muon: Muon (muon.py: optax.contrib.muon's orthogonalised"
         " momentum) on the blocks' matrices and AdamW on the embeddings, gains and"
         " biases, one schedule for both.",
     )

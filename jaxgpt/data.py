@@ -36,14 +36,10 @@ def check_long_enough(n_tokens: int, block_size: int, what: str) -> None:
 
 
 class TokenFile:
-    """The token ids of a .bin file (flat, one dtype), read window by window.
-
-    Acts as a 1-D array for what batches need, len() and slices, reading each
-    slice with os.pread: nothing of the file stays mapped, so a process's
-    memory stays flat however large the file. (A np.memmap keeps every page it
-    touches resident: 1.2 GB after 300 batches of 64 windows of a 4 GB file,
-    measured in benchmarks/data.py.)
-    """
+    """The token ids of a .bin file (flat, one dtype) as a 1-D array of len() and
+    slices, each slice read with os.pread: memory stays flat however large the
+    file (a np.memmap keeps the pages it touched resident: 1.2 GB after 300
+    batches of 64 windows of a 4 GB file, benchmarks/data.py)."""
 
     def __init__(self, path: str | Path, dtype):
         self.path, self.dtype = Path(path), np.dtype(dtype)
@@ -79,9 +75,7 @@ def get_batch(
     """`batch_size` random windows: x_BT = tokens[i:i+T], y_BT = x shifted by 1.
 
     All the windows' starts are drawn, but only `rows` of them are read (each
-    process of a multi-host run reads its own devices' rows of the same batch).
-    Reading only the windows, `tokens` may be a TokenFile (or a np.memmap).
-    """
+    host reads its own devices' rows), from a TokenFile or any 1-D array."""
     start_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
     xy_BT1 = np.stack([tokens[i : i + block_size + 1] for i in start_B[rows]])
     xy_BT1 = xy_BT1.astype(np.int32)

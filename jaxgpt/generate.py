@@ -7,25 +7,16 @@ key fold_in(key, t).
 With the KV cache (the default), a "prefill" encodes the prompt (its last S
 tokens) in one pass and keeps each layer's keys and values in the model's
 "cache" collection; then each step feeds only the newest token. When the
-cache is full:
+cache is full, learned positions (GPT-2's) re-encode the last K = S // 2
+tokens at positions 0 .. K - 1 and go on, in a schedule fixed by the shapes
+(a lax.cond between refill and step would copy every layer's cache at every
+step); rotary positions (`rolling=True`) roll on in a ring buffer, a sliding
+window (docs/architecture.md). Without the cache (nanoGPT's loop), each step
+re-runs the model on the last min(S, A) positions.
 
-- Learned positions (GPT-2's) cannot slide, so the last K = S // 2 tokens are
-  re-encoded at positions 0 .. K - 1 (a new prefill) and decoding goes on: a
-  token sees S // 2 to S tokens of context. The schedule is fixed by the
-  shapes: the prompt's segment, then a loop of refill segments (a lax.cond
-  between refill and step would copy every layer's cache at every step).
-- Rotary positions (`rolling=True`) roll on: the cache is a ring buffer
-  (model.py's append_to_cache), every token sees the last S tokens, and no
-  prefill is repeated. This is sliding-window attention, whose logits past S
-  differ from re-running the last S tokens (docs/architecture.md).
-
-Without the cache (nanoGPT's loop), each step re-runs the model on the last
-min(S, A) positions. Up to S tokens all give the same logits (to rounding).
-
-With `prompt_len`, the rows' prompts are their first prompt_len tokens and the
-rest of prompt_BP is padding: one program (for a traced prompt_len) serves
-prompts of every length up to P. The prefill reads the padding too, but the
-causal mask hides it and the next tokens overwrite it in the cache.
+With `prompt_len`, each row's prompt is its first prompt_len tokens and the
+rest of prompt_BP padding (hidden by the causal mask, then overwritten): one
+program serves prompts of every length up to P.
 """
 
 from __future__ import annotations
@@ -210,10 +201,8 @@ def sample(
     cfg: SampleConfig,
     key: jax.Array,
 ) -> jax.Array:
-    """[num_samples, len(prompt) + max_new_tokens] token ids continuing one prompt.
-
-    `key` is the run's sample stream (train.stream(root, "sample")).
-    """
+    """[num_samples, len(prompt) + max_new_tokens] token ids continuing one prompt,
+    drawn from `key` (a run's: train.stream(root, "sample"))."""
     prompt_BP = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (cfg.num_samples, 1))
     options = {
         "block_size": model_cfg.block_size,

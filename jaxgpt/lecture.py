@@ -13,12 +13,11 @@ Each step adds one idea (val losses on tiny shakespeare are the lecture's;
                       (6 layers, 6 heads, 384 wide, T 256, dropout 0.2:
                       the lecture's gpt.py)                               1.48
 
-They differ from model.GPT on purpose, as the lecture builds them: separate
-heads, biases, an untied lm_head, PyTorch's default initialisation
-(embeddings N(0, 1); Linear U(+-1/sqrt(fan_in))), float32 only. For sampling
-they keep the tokens so far in the "cache" collection and re-run the window,
-as the lecture's generate() does. Shapes: B batch, T time, C n_embd, D head
-size, V vocabulary, S block_size.
+As the lecture builds them, they differ from model.GPT: separate heads,
+biases, an untied lm_head, PyTorch's initialisation, float32 only. Sampling
+re-runs the window of tokens kept in the "cache" collection, as the lecture's
+generate() does. Shapes: B batch, T time, C n_embd, D head size, V
+vocabulary, S block_size.
 """
 
 from __future__ import annotations
@@ -69,11 +68,8 @@ class Head(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """n_head heads side by side, their outputs concatenated: x_BTC -> y_BTC.
-
-    `residual`: as built for the residual blocks, with a projection back into
-    the residual stream (and dropout after it).
-    """
+    """n_head heads side by side, their outputs concatenated: x_BTC -> y_BTC;
+    `residual`: with a projection back into the residual stream, and dropout."""
 
     n_head: int
     head_size: int
@@ -82,15 +78,11 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
-        y_BTC = jnp.concatenate(
-            [
-                Head(self.head_size, self.dropout, name=f"heads_{i}")(
-                    x_BTC, deterministic
-                )
-                for i in range(self.n_head)
-            ],
-            axis=-1,
-        )
+        heads = [
+            Head(self.head_size, self.dropout, name=f"heads_{i}")
+            for i in range(self.n_head)
+        ]
+        y_BTC = jnp.concatenate([head(x_BTC, deterministic) for head in heads], axis=-1)
         if not self.residual:
             return y_BTC
         C = y_BTC.shape[-1]
@@ -99,11 +91,8 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Per-position computation: Linear(C, C) and ReLU.
-
-    `residual`: as built for the residual blocks: Linear(C, 4C), ReLU,
-    Linear(4C, C) back into the residual stream, dropout.
-    """
+    """Per-position computation: Linear(C, C) and ReLU; `residual`: Linear(C, 4C),
+    ReLU, Linear(4C, C) back into the residual stream, dropout."""
 
     dropout: float
     residual: bool
@@ -138,10 +127,8 @@ class Block(nn.Module):
 
 
 class LectureModel(nn.Module):
-    """Token and position embeddings, the step's `body`, an untied lm_head.
-
-    Subclasses are the lecture's steps: each defines `body` (x_BTC -> x_BTC).
-    """
+    """Token and position embeddings, the step's `body` (x_BTC -> x_BTC: each
+    subclass is a step of the lecture), an untied lm_head."""
 
     config: ModelConfig
 

@@ -39,6 +39,7 @@ from jaxgpt import (
     loop,
     metrics,
     model,
+    muon,  # noqa: F401 (registers --optimizer=muon)
     perf,
     prepare,
     quiet,

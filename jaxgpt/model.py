@@ -1,34 +1,23 @@
-"""The GPT (nanoGPT's architecture, and a modern one's) and the bigram baseline.
+"""The GPT (nanoGPT's architecture, or a modern one's) and the bigram baseline.
 
 Shapes are suffixes: B batch, T time (sequence), C embedding (n_embd),
 H heads, K key/value heads (H unless grouped-query), D head size (C // H),
 F the feed-forward's hidden width, V vocabulary, L layers, S key positions
 (T, or block_size when decoding from the cache).
 
-Options (ModelConfig) that change the architecture, GPT-2's by default (each
-described in docs/architecture.md): positions learned or rotary (`rope`, no
-table), LayerNorm or RMSNorm (with or without a learned scale), QK-norm, the
-MLP's GELU, ReLU^2 or SwiGLU and its width F, K key/value heads (grouped-query
-attention), a tied or untied output layer, soft-capped logits.
-
-Options (ModelConfig) that leave the math unchanged:
-- dtype: matmuls and activations inside the blocks in float32 or bfloat16.
-  Like torch.autocast in nanoGPT, parameters, the residual stream, norm
-  statistics, the softmax, the logits and the loss stay float32.
-- remat: each block's activations are recomputed in the backward pass.
-- scan_layers: one `nn.scan` over the blocks, so the block is traced and
-  compiled once whatever n_layer; its parameters are stacked along a leading
-  L axis under "h" (plain models have "h_0" ... "h_{L-1}"; see stack_blocks).
-- attention: the einsum below, or jax.nn.dot_product_attention (XLA's, or
-  "cudnn": cuDNN's flash attention on an NVIDIA GPU, in bfloat16).
-`decode=True` runs the model on the next tokens of a sequence whose keys and
-values so far sit in the "cache" collection (see generate.py); GPT keeps the
-one position counter and hands each block the position `start` of its tokens.
-Dense is Flax's, applied to the rows of its input (see the class below).
+ModelConfig's options are GPT-2's by default (docs/architecture.md describes
+each): rotary positions, RMSNorm, QK-norm, ReLU^2 or SwiGLU, grouped-query
+attention, an untied head, soft-capped logits; and, leaving the math as it
+is, bfloat16 matmuls (parameters, norms, softmax, logits and loss stay
+float32, as under torch.autocast), remat, scan_layers (one nn.scan over the
+blocks, their parameters stacked on an L axis under "h"), XLA's or cuDNN's
+fused attention. With decode=True the model runs on the next tokens of a
+sequence whose keys and values sit in the "cache" collection (generate.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -98,15 +87,10 @@ class CausalSelfAttention(nn.Module):
 
     def append_to_cache(self, k_BTKD: jax.Array, v_BTKD: jax.Array, start):
         """Writes the keys and values of positions start .. start + T - 1 into the
-        cache's S = block_size slots, position p in slot p % S; returns all S
-        slots and the position each holds (k_pos_S).
-
-        A ring buffer: past S positions (with rotary positions only: generate.py
-        keeps learned ones below S) a position overwrites the one S before it,
-        so the cache holds the last S keys, a sliding window. Unwritten slots
-        get position INT32_MAX, which the causal mask hides. A call of T > 1
-        tokens must not wrap around (generate.py prefills from position 0).
-        """
+        cache's S = block_size slots, position p in slot p % S (a ring buffer:
+        past S, rotary positions roll on); returns all S slots and the position
+        each holds, k_pos_S (unwritten: INT32_MAX, which the causal mask hides).
+        A call of T > 1 tokens must not wrap around (prefills start at 0)."""
         B, T, K, D = k_BTKD.shape
         S = self.config.block_size
         k_cache = self.variable("cache", "k", jnp.zeros, (B, S, K, D), k_BTKD.dtype)
@@ -239,21 +223,15 @@ class Bigram(nn.Module):
         self, idx_BT: jax.Array, deterministic: bool = True, decode: bool = False
     ) -> jax.Array:
         del deterministic, decode  # No dropout, no context: the table is the model.
-        table = nn.Embed(
-            self.config.vocab_size,
-            self.config.vocab_size,
-            embedding_init=init_normal,
-            name="table",
-        )
-        return table(idx_BT)  # logits_BTV
+        V = self.config.vocab_size
+        return nn.Embed(V, V, embedding_init=init_normal, name="table")(idx_BT)
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy, computed in float32."""
     logits_BTV = logits_BTV.astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV, targets_BT
-    ).mean()
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    return losses_BT.mean()
 
 
 def make_model(config: ModelConfig) -> nn.Module:
@@ -306,17 +284,10 @@ def norm(cfg: ModelConfig, name: str, dtype: str | None = None) -> nn.Module:
     """The norm --norm names, over the last axis: LayerNorm (GPT-2's) or RMSNorm,
     with a learned scale unless --nonorm_scale; statistics in float32."""
     dtype = jnp.dtype(dtype) if dtype else None
-    if cfg.norm == "rmsnorm":  # x / sqrt(mean(x^2) + eps) * scale.
-        return nn.RMSNorm(
-            epsilon=cfg.norm_eps, use_scale=cfg.norm_scale, dtype=dtype, name=name
-        )
-    return nn.LayerNorm(
-        epsilon=cfg.norm_eps,
-        use_bias=cfg.bias,
-        use_scale=cfg.norm_scale,
-        dtype=dtype,
-        name=name,
-    )
+    Norm = nn.RMSNorm  # x / sqrt(mean(x^2) + eps) * scale.
+    if cfg.norm == "layernorm":  # (x - mean) / sqrt(var + eps) * scale + bias.
+        Norm = functools.partial(nn.LayerNorm, use_bias=cfg.bias)
+    return Norm(epsilon=cfg.norm_eps, use_scale=cfg.norm_scale, dtype=dtype, name=name)
 
 
 def rope(x_BTND: jax.Array, pos_T: jax.Array, theta: float) -> jax.Array:
@@ -333,9 +304,8 @@ def rope(x_BTND: jax.Array, pos_T: jax.Array, theta: float) -> jax.Array:
 
 
 def use_cudnn(cfg: ModelConfig, decode: bool) -> bool:
-    """--attention=cudnn on a GPU, outside decoding (one query against a masked
-    cache, which XLA's version serves); elsewhere (e.g. sampling on a laptop
-    from a GPU-trained checkpoint) the same math runs on XLA's version."""
+    """--attention=cudnn on a GPU outside decoding; elsewhere (a masked cache, a
+    laptop sampling a GPU-trained checkpoint) XLA's version does the same math."""
     return cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu"
 
 

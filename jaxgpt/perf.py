@@ -59,6 +59,11 @@ def known_peak(device_kind: str, dtype: str) -> float | None:
 NO_BFLOAT16_GPUS = ("t4", "v100", "p100", "p4", "k80")
 
 
+def round_batch(batch_size: int, devices: int) -> int:
+    """batch_size rounded up to a multiple of `devices`, so that it splits over them."""
+    return devices * -(-batch_size // devices)
+
+
 def compute_dtype(backend: str, device_kind: str) -> str:
     """The dtype to compute in on these devices: bfloat16 on a TPU and on a GPU
     from Ampere on, float32 on a CPU (bfloat16 is slow there) and on older GPUs."""

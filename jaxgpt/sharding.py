@@ -1,24 +1,17 @@
 """Where arrays live: a (data, fsdp) mesh of devices, for one device or many hosts.
 
-The devices form a grid of data x fsdp devices with two named axes:
-
   data  data parallelism: each of the `data` groups of devices holds all the
         parameters and trains on its own share of the batch.
   fsdp  fully sharded data parallelism (ZeRO-3): the `fsdp` devices of a group
         split the parameters, gradients and optimizer state between them.
 
-The global batch is split over both axes, so each of the data * fsdp devices
-gets batch_size / (data * fsdp) sequences. A parameter (and its AdamW moments)
-is split over the fsdp axis along its largest dimension that divides by the
-axis size, and replicated when none does (scalars always are). `jax.jit`
-compiles one program for the whole mesh from these shardings; inside the step
-(train.py) the forward pass gathers whole parameters and the gradients are
-summed back onto their shards, and XLA inserts that communication. With one
-device everything is replicated on it and nothing is communicated.
-
-Several hosts run the same program, one process each (hosts.py joins them);
-`jax.devices()` then lists the devices of all of them and the mesh spans them
-all, and each process reads and puts only its own devices' rows of a batch.
+The batch is split over both axes. A parameter (and its optimizer moments) is
+split over fsdp along its largest dimension that divides by the axis size, or
+replicated. `jax.jit` compiles one program for the whole mesh from these
+shardings, and XLA inserts the communication: the forward pass gathers whole
+parameters, gradients are summed back onto their shards. With several hosts
+(hosts.py joins them) the mesh spans all their devices, and each process reads
+and puts only its own devices' rows of a batch.
 """
 
 from __future__ import annotations
@@ -37,10 +30,8 @@ BATCH_AXES = (DATA, FSDP)  # The batch dimension is split over both.
 
 
 def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
-    """A data x fsdp grid of all devices (on every host).
-
-    `data` defaults to the number of devices / fsdp: pure data parallelism.
-    """
+    """A data x fsdp grid of all devices (on every host); `data` defaults to the
+    number of devices / fsdp: pure data parallelism."""
     n = jax.device_count()
     if data is None and n % fsdp == 0:
         data = n // fsdp
@@ -74,22 +65,14 @@ def check_batch(batch_size: int, grad_accum_steps: int, mesh) -> None:
     )
 
 
-def round_batch(batch_size: int, devices: int) -> int:
-    """batch_size rounded up to a multiple of `devices`, so that it splits over them."""
-    return devices * -(-batch_size // devices)
-
-
 def batch_sharding(mesh: Mesh, row_axis: int = 0) -> NamedSharding:
     """Rows of a batch (axis `row_axis`) split over all devices, each keeping whole rows."""
     return NamedSharding(mesh, P(*(None,) * row_axis, BATCH_AXES))
 
 
 def process_rows(mesh: Mesh, n_rows: int) -> slice:
-    """The rows of a batch of `n_rows` that this process's devices hold.
-
-    jax.make_mesh orders the devices so that each process's devices hold one
-    contiguous range of rows; with one process, all of them.
-    """
+    """The rows of a batch of `n_rows` that this process's devices hold: one
+    contiguous range, as jax.make_mesh orders the devices (one process: all)."""
     index_map = batch_sharding(mesh).addressable_devices_indices_map((n_rows,))
     ranges = {index[0].indices(n_rows)[:2] for index in index_map.values()}
     lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
@@ -123,11 +106,8 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
 
 
 def state_shardings(tree, mesh: Mesh):
-    """NamedShardings for each leaf of `tree` (params, a TrainState, or its shapes).
-
-    The rule depends only on a leaf's shape, so the AdamW moments are laid out
-    like their parameters and the step counter is replicated.
-    """
+    """NamedShardings for each leaf of `tree` (params, a TrainState, or its shapes),
+    by shape alone: the moments are laid out like their parameters."""
     fsdp = mesh.shape[FSDP]
     return jax.tree.map(
         lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree

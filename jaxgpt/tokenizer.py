@@ -149,15 +149,6 @@ class BPE:
             {"byte_ids": list(self.byte_ids)} if self.byte_ids != IDENTITY_BYTES else {}
         )
 
-    @classmethod
-    def from_json(cls, d: Mapping) -> BPE:
-        return cls(
-            merges=tuple((int(a), int(b)) for a, b in d["merges"]),
-            pattern=d["pattern"],
-            special_tokens={str(s): int(i) for s, i in d["special_tokens"].items()},
-            byte_ids=tuple(d.get("byte_ids", IDENTITY_BYTES)),
-        )
-
 
 def split_special(text: str, specials: Iterable[str]) -> list[tuple[str, bool]]:
     """`text` cut around the special-token strings: [(piece, is_special), ...]."""
@@ -277,12 +268,3 @@ class BPETokenizer:
         if self.name == "gpt2":  # Saved by name, not by its 50,000 merges.
             return {"name": "gpt2"}
         return {"name": "bpe", **self.bpe.to_json()}
-
-
-def from_json(d: Mapping):
-    """The char or bpe tokenizer `to_json` saved (gpt2: tokenizer_io.from_json)."""
-    if d.get("name") == "char" and isinstance(d.get("vocab"), str) and d["vocab"]:
-        return CharTokenizer(d["vocab"])
-    if d.get("name") == "bpe":
-        return BPETokenizer(BPE.from_json(d))
-    raise ValueError(f"unknown tokenizer {d.get('name')!r}; expected 'char' or 'bpe'.")

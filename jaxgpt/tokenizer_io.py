@@ -53,7 +53,11 @@ def from_json(d: Mapping):
     try:
         if name == HFTokenizer.name:
             return HFTokenizer(d["tokenizer"], d.get("bos_token"), d.get("eos_token"))
-        return tokenizer.from_json(d)
+        if name == "char":
+            if not isinstance(d["vocab"], str) or not d["vocab"]:
+                raise ValueError("its vocab is not a non-empty string")
+            return tokenizer.CharTokenizer(d["vocab"])
+        return BPETokenizer(bpe_from_json(d))
     except KeyError as e:
         raise ValueError(f"a {name} tokenizer's JSON lacks {e}.") from None
     except (TypeError, ValueError, AttributeError) as e:  # Present, wrongly shaped.
@@ -61,6 +65,16 @@ def from_json(d: Mapping):
             f"a {name} tokenizer's JSON is not as jaxgpt writes it"
             f" ({type(e).__name__}: {e})."
         ) from None
+
+
+def bpe_from_json(d: Mapping) -> BPE:
+    """The BPE that BPE.to_json saved."""
+    return BPE(
+        merges=tuple((int(a), int(b)) for a, b in d["merges"]),
+        pattern=d["pattern"],
+        special_tokens={str(s): int(i) for s, i in d["special_tokens"].items()},
+        byte_ids=tuple(d.get("byte_ids", tokenizer.IDENTITY_BYTES)),
+    )
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -1,21 +1,19 @@
 """Training: the random streams, the optimizer, the one compiled step, evaluation.
 
 A run is a function of (configs, tokens, seed): step s trains on the batch the
-batch stream draws at s, with the dropout stream's key at s, so a run stopped
-at step N and resumed from its checkpoint reproduces the uninterrupted run bit
-for bit. The same program runs on one device or a mesh of many (sharding.py):
-the state and the batch are laid out on the mesh, and jit compiles one program
-for all its devices. loop.py runs these steps with checkpoints and guards.
+batch stream draws at s, with the dropout stream's key at s, so a run resumed
+from its checkpoint at step N reproduces the uninterrupted run bit for bit.
+One program runs on one device or a mesh of many (sharding.py lays out the
+state and the batch). loop.py runs these steps with checkpoints and guards.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections import defaultdict
 from collections.abc import Callable
 from itertools import pairwise
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +28,12 @@ from jaxgpt.model import cross_entropy, init_params, make_model
 
 # --- Random streams: every key of a run from one root ----------------------------
 #
-#     root_key(seed)          = PRNGKey(seed)
-#     stream(root, name)      = fold_in(root, TAGS[name])     one key per stream
+#     stream(root, name)        = fold_in(root, TAGS[name])     one key per stream
 #     stream_key(root, name, i) = fold_in(stream(root, name), i)  draw i of it
 #
-# i counts steps for batch and dropout, batches for eval, tokens for sample
-# (params uses the stream key itself). fold_in hashes (key, i) and each stream
-# hangs off the root under its own tag, so no two streams ever share a key
-# (tests/test_streams.py). Batches are drawn on the host by numpy generators.
+# i counts steps for batch and dropout, batches for eval, tokens for sample.
+# Each stream hangs off the root under its own tag, so no two streams ever
+# share a key (tests/test_streams.py).
 
 TAGS = {"params": 1, "batch": 2, "dropout": 3, "eval": 4, "sample": 5}
 
@@ -86,102 +82,29 @@ def decay_mask(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """After global-norm clipping: AdamW with weight decay on the matrices only,
-    or (--optimizer=muon) Muon on the blocks' matrices and that AdamW on the rest."""
+def adamw(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on lr_schedule, with weight decay on the matrices only."""
     lr, decay = lr_schedule(cfg), cfg.weight_decay
-    adamw = optax.adamw(lr, cfg.beta1, cfg.beta2, weight_decay=decay, mask=decay_mask)
+    return optax.adamw(lr, cfg.beta1, cfg.beta2, weight_decay=decay, mask=decay_mask)
+
+
+# --optimizer's choices: name -> the optimizer a TrainConfig makes. Another one
+# registers here from its own module, which the engine imports (muon.py: "muon").
+OPTIMIZERS: dict[str, Callable[[TrainConfig], optax.GradientTransformation]] = {
+    "adamw": adamw
+}
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (--grad_clip), then the --optimizer."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"--optimizer={cfg.optimizer} is not registered: import the module that"
+            f" registers it first (import jaxgpt.{cfg.optimizer})."
+        )
     # identity() keeps the state's structure the same whether or not we clip.
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else None
-    clip = clip or optax.identity()
-    if cfg.optimizer == "muon":
-        both = {"muon": muon(lr, cfg.beta1, decay), "adamw": adamw}
-        return optax.chain(clip, optax.partition(both, muon_labels))
-    return optax.chain(clip, adamw)
-
-
-def muon_labels(params) -> Any:
-    """ "muon" for the blocks' Dense kernels, "adamw" for every other leaf: the
-    embeddings (the token one is also the output layer), norm scales, biases."""
-
-    def label(path, leaf):
-        names = [getattr(k, "key", "") for k in path]
-        in_block = names[0] == "h" or names[0].startswith("h_")
-        return "muon" if in_block and names[-1] == "kernel" else "adamw"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-# Muon (Jordan et al., 2024): momentum orthogonalised by a Newton-Schulz
-# iteration. The update is optax.contrib.muon's (consistent_rms 0.2; tested
-# equal), with the matrices of one shape in one batched iteration and constant
-# coefficients XLA folds (optax keeps them in the state): on the CPU recipe the
-# update takes 17 ms instead of 23, the step 55 ms instead of 64.
-
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Leave singular values in ~[0.7, 1.2].
-
-
-def orthogonalize(x_GMN: jax.Array, steps: int = 5, eps: float = 1e-8) -> jax.Array:
-    """Newton-Schulz on a stack of matrices [G, m, n] with m <= n: each one's
-    singular values pushed towards 1, its singular vectors kept."""
-    a, b, c = NS_COEFFS
-    x = x_GMN / (jnp.linalg.norm(x_GMN, axis=(-2, -1), keepdims=True) + eps)
-    for _ in range(steps):
-        A_GMM = x @ x.mT
-        x = a * x + (b * A_GMM + c * A_GMM @ A_GMM) @ x
-    return x
-
-
-def orthogonalize_tree(tree: Any) -> Any:
-    """orthogonalize on every leaf [..., m, n], the leaves of one matrix shape
-    in one batch (a tall matrix as its transpose)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    wide = [x.mT if x.shape[-2] > x.shape[-1] else x for x in leaves]
-    groups = defaultdict(list)  # (m, n) -> the leaves with that shape.
-    for i, x in enumerate(wide):
-        groups[x.shape[-2:]].append(i)
-    out = [None] * len(leaves)
-    for (m, n), members in groups.items():
-        x_GMN = jnp.concatenate([wide[i].reshape(-1, m, n) for i in members])
-        sizes = [wide[i].size // (m * n) for i in members]
-        for i, part in zip(
-            members, jnp.split(orthogonalize(x_GMN), np.cumsum(sizes)[:-1])
-        ):
-            part = part.reshape(wide[i].shape)
-            out[i] = part if wide[i] is leaves[i] else part.mT
-    return jax.tree.unflatten(treedef, out)
-
-
-class MuonState(NamedTuple):
-    count: jax.Array  # Updates so far (int32).
-    mu: Any  # The momentum, like Adam's first moment.
-
-
-def muon(lr: optax.ScalarOrSchedule, beta: float, weight_decay: float, rms=0.2):
-    """Nesterov momentum (bias-corrected as in optax.contrib.scale_by_muon),
-    orthogonalised, scaled by rms * sqrt(max(C_in, C_out)) to AdamW's typical
-    RMS, decoupled weight decay, the learning rate."""
-
-    def init(params):
-        return MuonState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))
-
-    def update(grads, state, params=None):
-        mu = optax.tree.update_moment(grads, state.mu, beta, 1)
-        count = optax.safe_increment(state.count)
-        mu_hat = jax.tree.map(
-            lambda m, g: beta * m + (1 - beta) * g,
-            optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
-            optax.tree.bias_correction(grads, beta, count),
-        )
-        return orthogonalize_tree(mu_hat), MuonState(count, mu)
-
-    scale = lambda u: u * (rms * max(u.shape[-2:]) ** 0.5)
-    return optax.chain(
-        optax.GradientTransformation(init, update),
-        optax.stateless(lambda updates, params: jax.tree.map(scale, updates)),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(lr),
-    )
+    return optax.chain(clip or optax.identity(), OPTIMIZERS[cfg.optimizer](cfg))
 
 
 # --- The state and the compiled training step ----------------------------------------
@@ -189,9 +112,8 @@ def muon(lr: optax.ScalarOrSchedule, beta: float, weight_decay: float, rms=0.2):
 
 @struct.dataclass
 class TrainState:
-    """What training changes, and nothing else: arrays only (the model and the
-    optimizer live in the compiled step), so shardings and checkpoints describe
-    data alone."""
+    """What training changes, as arrays only (the model and the optimizer live
+    in the compiled step), so shardings and checkpoints describe data alone."""
 
     step: jax.Array  # The number of updates so far: the next batch's step.
     params: Any
@@ -205,11 +127,9 @@ def create_state(
     mesh: Mesh | None = None,
     params: Any = None,
 ) -> TrainState:
-    """A fresh TrainState: parameters from the params stream (or `params`, e.g.
-    imported GPT-2 weights), AdamW's moments at 0, step 0.
-
-    With a mesh, each device creates (or receives) only its shards of the state.
-    """
+    """A fresh TrainState at step 0: parameters from the params stream (or
+    `params`, e.g. GPT-2's), the optimizer's moments at 0; on a mesh, each
+    device creates (or receives) only its shards."""
 
     def create(params):
         if params is None:
@@ -225,10 +145,8 @@ def create_state(
 
 @functools.lru_cache(maxsize=8)
 def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
-    """The state's shapes, dtypes and shardings on `mesh`: a target to restore into.
-
-    Cached, and built on abstract_params: tracing the model's init takes a
-    noticeable part of start-up, and is done once."""
+    """The state's shapes, dtypes and shardings on `mesh`: a target to restore
+    into (cached: tracing the model's init is a noticeable part of start-up)."""
     params = abstract_params(model_cfg, mesh)
     create = lambda p: create_state(model_cfg, train_cfg, root_key(0), params=p)
     return sharding.on_mesh(jax.eval_shape(create, params), mesh)
@@ -243,11 +161,8 @@ def abstract_params(model_cfg: ModelConfig, mesh: Mesh):
 
 def loss_and_grads(apply_fn, params, x_BT, y_BT, key, mesh: Mesh | None = None):
     """Mean cross-entropy of the batch (with dropout from `key`) and its gradient.
-
-    On a mesh, the model runs on whole parameters (FSDP gathers their shards)
-    and on activations split by batch rows; each gradient is then summed over
-    the devices onto its parameter's shards.
-    """
+    On a mesh the forward pass gathers whole parameters (FSDP), activations
+    are split by rows, and gradients are summed onto their parameter's shards."""
     x_BT, y_BT = sharding.split_batch((x_BT, y_BT), mesh)
 
     def loss_fn(params):
@@ -264,14 +179,10 @@ def loss_and_grads(apply_fn, params, x_BT, y_BT, key, mesh: Mesh | None = None):
 def accumulate(
     apply_fn, params, x_BT, y_BT, key, n_micro: int, mesh: Mesh | None = None
 ):
-    """loss_and_grads of the batch, computed on `n_micro` micro-batches in turn.
-
-    Only one micro-batch's activations are alive at a time (a lax.scan). The
-    mean of the micro-batch means is the mean over the batch, so the result
-    equals one pass over the whole batch, dropout aside: micro-batch a holds
-    rows a, a + n_micro, a + 2 * n_micro, ... (so each device keeps its own
-    rows) and draws its dropout from fold_in(key, a).
-    """
+    """loss_and_grads of the batch, from `n_micro` micro-batches in turn (a
+    lax.scan: one's activations alive at a time); the mean of their means is
+    the batch's. Micro-batch a holds rows a, a + n_micro, ... (each device
+    keeps its own rows) and draws its dropout from fold_in(key, a)."""
     if n_micro == 1:
         return loss_and_grads(apply_fn, params, x_BT, y_BT, key, mesh)
     B, T = x_BT.shape
@@ -293,11 +204,9 @@ def accumulate(
 def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
     """The compiled training step: step(state, x_BT, y_BT, root) -> (state, metrics).
 
-    One AdamW update on the batch; its dropout key is derived inside, from the
-    step number: stream_key(root, "dropout", state.step). The state is laid out
-    by sharding.state_shardings, the batch split by rows over the devices, the
-    root key and the metrics (loss, gradient norm) replicated;
-    the old state is donated: its buffers hold the new one.
+    One optimizer update on the batch, with dropout from stream_key(root,
+    "dropout", state.step). The batch is split by rows over the devices; the
+    old state is donated (its buffers hold the new one).
     """
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     apply_fn, tx = make_model(model_cfg).apply, make_optimizer(train_cfg)
@@ -331,11 +240,9 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
 def make_batches(
     tokens: np.ndarray, root: jax.Array, batch_size: int, block_size: int, mesh: Mesh
 ) -> Callable[[int], tuple[jax.Array, jax.Array]]:
-    """batch(step) -> (x_BT, y_BT) of training step `step`, split over the mesh.
-
-    Drawn on the host from the batch stream (numpy: no JAX work per step); each
-    process reads only its own devices' rows.
-    """
+    """batch(step) -> (x_BT, y_BT) of training step `step`, split over the mesh:
+    drawn on the host from the batch stream (no JAX work per step), each
+    process reading only its own devices' rows."""
     batch_stream = np.asarray(stream(root, "batch"))
     rows = sharding.process_rows(mesh, batch_size)
     shape = (batch_size, block_size)
@@ -373,9 +280,8 @@ def eval_batches(
 
 def make_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
     """The compiled evaluation: add_losses(params, total, x_KbT, y_KbT) -> total
-    plus the losses, without dropout, of K batches of b rows (one lax.scan over
-    them), the rows split over the mesh and FSDP's shards gathered as in
-    training. The running total lets a split go through in pieces."""
+    plus the losses, without dropout, of K batches of b rows (one lax.scan),
+    laid out as in training."""
     apply_fn = make_model(model_cfg).apply
 
     def add_losses(params, total, x_KbT, y_KbT):
@@ -406,13 +312,10 @@ def make_evaluate(
     """evaluate(params) -> {"<split>_loss": mean loss without dropout, and with
     token_bytes (each token's length in UTF-8 bytes) "<split>_bpb": bits per byte}.
 
-    Every evaluation of a run sees the same batches: eval_iters of them per
-    split, each as grad_accum_steps micro-batches as in training. One compiled
-    scan over them gives a split's mean. Bits per byte, loss x tokens / (bytes
-    x ln 2) over the same windows, compare models whatever their tokenizer.
-    With `progress`, a split's batches go through in about 20 pieces, the scan's
-    running total carried from one to the next (the same sum), and progress(k)
-    is called after each piece of k batches: for a progress bar.
+    Every evaluation of a run sees the same eval_iters batches per split (as
+    grad_accum_steps micro-batches each, as in training). Bits per byte, loss
+    x tokens / (bytes x ln 2), compare models whatever their tokenizer. With
+    `progress`, the batches go in about 20 pieces, progress(k) after each.
     """
     n = train_cfg.eval_iters * train_cfg.grad_accum_steps
     b, T = train_cfg.batch_size // train_cfg.grad_accum_steps, model_cfg.block_size

@@ -29,6 +29,7 @@ import pytest
 from conftest import REPO, subprocess_report
 from jax.sharding import Mesh
 
+import jaxgpt.muon  # noqa: F401 (registers --optimizer=muon)
 from jaxgpt import generate, model, sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
 

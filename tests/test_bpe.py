@@ -140,7 +140,7 @@ def test_decode_rejects_unknown_ids(trained):
 @pytest.mark.parametrize("which", ["trained", "gpt2_bpe"])
 def test_json_round_trip(which, request):
     tok = request.getfixturevalue(which)
-    back = tokenizer.BPE.from_json(json.loads(json.dumps(tok.to_json())))
+    back = tokenizer_io.bpe_from_json(json.loads(json.dumps(tok.to_json())))
     assert back == tok
     text = "Wherefore art thou, Ромео? 🌹 <|endoftext|>"
     assert tokenizer.encode(text, back, "all") == tokenizer.encode(text, tok, "all")

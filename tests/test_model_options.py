@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import generate, hf, model, train
+from jaxgpt import generate, hf, model, muon, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 
 BASE = ModelConfig(
@@ -321,7 +321,7 @@ def test_muon_labels_new_kernels_and_trains_the_modern_model():
             lambda c=cfg: model.init_params(c, jax.random.PRNGKey(0))
         )
         for path, label in jax.tree_util.tree_flatten_with_path(
-            train.muon_labels(shapes)
+            muon.muon_labels(shapes)
         )[0]:
             names = [k.key for k in path]
             in_block = names[0].startswith("h_")

@@ -128,3 +128,11 @@ def test_unrolled_threefry_draws_the_same_bits():
         chex.assert_trees_all_equal(unrolled(key), want)
     finally:  # The default again, for the tests that follow in this process.
         use_jax_default()
+
+
+@pytest.mark.parametrize(
+    "batch,devices,rounded",
+    [(12, 8, 16), (16, 8, 16), (1, 8, 8), (5, 1, 5), (65, 4, 68)],
+)
+def test_round_batch_goes_up_to_a_multiple_of_the_devices(batch, devices, rounded):
+    assert perf.round_batch(batch, devices) == rounded

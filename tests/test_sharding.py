@@ -93,14 +93,6 @@ def test_check_batch_needs_micro_batches_that_split_over_devices(
     assert (f"--grad_accum_steps={accum}" in message) == (accum > 1)
 
 
-@pytest.mark.parametrize(
-    "batch,devices,rounded",
-    [(12, 8, 16), (16, 8, 16), (1, 8, 8), (5, 1, 5), (65, 4, 68)],
-)
-def test_round_batch_goes_up_to_a_multiple_of_the_devices(batch, devices, rounded):
-    assert sharding.round_batch(batch, devices) == rounded
-
-
 def test_default_mesh_is_all_devices_on_data():
     mesh = sharding.make_mesh()
     assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1}

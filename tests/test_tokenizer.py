@@ -110,7 +110,7 @@ def test_char_json_holds_the_vocabulary():
 
 def test_from_json_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown tokenizer 'wordpiece'"):
-        tokenizer.from_json({"name": "wordpiece"})
+        tokenizer_io.from_json({"name": "wordpiece"})
 
 
 @pytest.mark.parametrize("which", ["bpe", "gpt2"])

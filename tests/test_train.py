@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, loop, metrics, model, sharding, tokenizer, train
+from jaxgpt import data, loop, metrics, model, muon, sharding, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(
@@ -405,7 +405,7 @@ def test_muon_updates_are_optax_contrib_muons(stacked):
         consistent_rms=0.2,
         muon_weight_dimension_numbers=dims,
     )
-    ours = train.muon(schedule, beta=0.9, weight_decay=0.1)
+    ours = muon.muon(schedule, beta=0.9, weight_decay=0.1)
     state_ref, state_ours = ref.init(kernels), ours.init(kernels)
     leaves, treedef = jax.tree.flatten(kernels)
     for s in range(4):
@@ -446,3 +446,11 @@ def test_muon_trains(tokens):
 def test_unknown_optimizer_names_the_flag():
     with pytest.raises(ConfigError, match="--optimizer"):
         TrainConfig(optimizer="sgd")
+
+
+def test_an_optimizer_not_registered_is_named_with_its_module(monkeypatch):
+    monkeypatch.delitem(train.OPTIMIZERS, "muon")
+    with pytest.raises(
+        ValueError, match=r"--optimizer=muon is not registered.*jaxgpt\.muon"
+    ):
+        train.make_optimizer(TrainConfig(optimizer="muon"))
