@@ -273,8 +273,7 @@ class JaxGPTLM(TemplateLM):
             jnp.asarray(prompt_BP),
             key,
             block_size=self.max_length,
-            kv_cache=True,
-            rolling=self.model_cfg.model == "gpt" and self.model_cfg.position == "rope",
+            **generate.cache_options(self.model_cfg),
             prompt_len=jnp.int32(p),
             **options,
         )

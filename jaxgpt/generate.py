@@ -193,6 +193,15 @@ def generate(
     return (buf_BA, logits_BNV) if return_logits else buf_BA
 
 
+def cache_options(model_cfg: ModelConfig, kv_cache: bool = True) -> dict:
+    """generate's kv_cache and rolling for a model: the lecture's models have no
+    KV cache, and a cache of rotary positions rolls on."""
+    return {
+        "kv_cache": kv_cache and not model_cfg.model.startswith("lecture_"),
+        "rolling": model_cfg.model == "gpt" and model_cfg.position == "rope",
+    }
+
+
 def sample(
     apply_fn,
     params,
@@ -210,7 +219,6 @@ def sample(
         "temperature": float(cfg.temperature),
         "top_k": cfg.top_k or None,
         "top_p": float(cfg.top_p) if cfg.top_p < 1.0 else None,
-        "kv_cache": cfg.kv_cache,
-        "rolling": model_cfg.model == "gpt" and model_cfg.position == "rope",
+        **cache_options(model_cfg, cfg.kv_cache),
     }
     return generate(apply_fn, params, prompt_BP, key, **options)

@@ -14,10 +14,9 @@ Each step adds one idea (val losses on tiny shakespeare are the lecture's;
                       the lecture's gpt.py)                               1.48
 
 As the lecture builds them, they differ from model.GPT: separate heads,
-biases, an untied lm_head, PyTorch's initialisation, float32 only. Sampling
-re-runs the window of tokens kept in the "cache" collection, as the lecture's
-generate() does. Shapes: B batch, T time, C n_embd, D head size, V
-vocabulary, S block_size.
+biases, an untied lm_head, PyTorch's initialisation, float32 only, and no KV
+cache: sampling re-runs the last block_size tokens, as the lecture's
+generate() does. Shapes: B batch, T time, C n_embd, D head size, V vocabulary.
 """
 
 from __future__ import annotations
@@ -136,38 +135,21 @@ class LectureModel(nn.Module):
     def __call__(
         self, idx_BT: jax.Array, deterministic: bool = True, decode: bool = False
     ) -> jax.Array:
+        if decode:
+            raise ValueError("the lecture's models have no KV cache: kv_cache=False.")
         cfg = self.config
         T = idx_BT.shape[1]
         cfg.check_length(T)
-        start, tokens_BS = 0, idx_BT
-        if decode:  # These tokens continue the sequence kept in the cache.
-            start, tokens_BS = self.window(idx_BT)
-        S = tokens_BS.shape[1]
         embed = lambda n, name: nn.Embed(
             n, cfg.n_embd, embedding_init=nn.initializers.normal(1.0), name=name
         )
-        tok_emb_BSC = embed(cfg.vocab_size, "token_embedding_table")(tokens_BS)
-        pos_emb_SC = embed(cfg.block_size, "position_embedding_table")(jnp.arange(S))
-        x_BSC = self.body(tok_emb_BSC + pos_emb_SC, deterministic)
-        logits_BSV = linear(cfg.vocab_size, cfg.n_embd, "lm_head")(x_BSC)
-        return jax.lax.dynamic_slice_in_dim(logits_BSV, start, T, axis=1)
+        tok_emb_BTC = embed(cfg.vocab_size, "token_embedding_table")(idx_BT)
+        pos_emb_TC = embed(cfg.block_size, "position_embedding_table")(jnp.arange(T))
+        x_BTC = self.body(tok_emb_BTC + pos_emb_TC, deterministic)
+        return linear(cfg.vocab_size, cfg.n_embd, "lm_head")(x_BTC)  # logits_BTV
 
     def body(self, x_BTC: jax.Array, deterministic: bool) -> jax.Array:
         raise NotImplementedError
-
-    def window(self, idx_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Writes idx_BT after the tokens so far; returns where it starts and the
-        block_size buffer (slots past the end are masked by causality)."""
-        B, T = idx_BT.shape
-        shape_BS = (B, self.config.block_size)
-        tokens = self.variable("cache", "tokens", jnp.zeros, shape_BS, jnp.int32)
-        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
-        start = index.value
-        tokens.value = jax.lax.dynamic_update_slice(
-            tokens.value, idx_BT.astype(jnp.int32), (0, start)
-        )
-        index.value = start + T
-        return start, tokens.value
 
 
 class OneHead(LectureModel):

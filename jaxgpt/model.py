@@ -173,15 +173,13 @@ class GPT(nn.Module):
         if decode:  # These tokens continue the ones already in the cache.
             index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
             start, index.value = index.value, index.value + T
-        wte = nn.Embed(
-            cfg.vocab_size, cfg.n_embd, embedding_init=init_normal, name="wte"
+        embed = functools.partial(
+            nn.Embed, features=cfg.n_embd, embedding_init=init_normal
         )
+        wte = embed(cfg.vocab_size, name="wte")
         x_BTC = wte(idx_BT)
         if cfg.position == "learned":  # (rope turns queries and keys instead.)
-            wpe = nn.Embed(
-                cfg.block_size, cfg.n_embd, embedding_init=init_normal, name="wpe"
-            )
-            x_BTC = x_BTC + wpe(start + jnp.arange(T))[None]
+            x_BTC = x_BTC + embed(cfg.block_size, name="wpe")(start + jnp.arange(T))
         x_BTC = nn.Dropout(cfg.dropout)(x_BTC, deterministic=deterministic)
         block = ScannedBlock if cfg.scan_layers else Block
         if cfg.remat:  # Keep only each block's input; recompute the rest for grads.

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import generate, ladder, lecture, model
-from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
 
 REPO = Path(__file__).resolve().parent.parent
 V, T, C, H, L = 65, 8, 32, 4, 3
@@ -106,17 +106,22 @@ def test_causal(name):
     assert not np.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
 
 
-def test_sampling_with_the_window_cache():
-    """decode=True (the token buffer in the cache, shared by every step's model)
-    gives the logits of re-running the window, token by token."""
+def test_sampling_re_runs_the_window_as_the_lectures_generate():
+    """generate.sample on a lecture model (kv_cache on, as by default) gives the
+    lecture's generate(): idx[:, -block_size:] through the model, its last
+    logits; here greedy, past block_size tokens so that the window slides."""
     cfg = config("lecture_layernorm")
-    params, apply = init(cfg), model.make_model(cfg).apply
-    prompt, key = jnp.array([[1, 2, 3], [4, 5, 6]]), jax.random.PRNGKey(2)
-    kw = {"block_size": T, "max_new_tokens": T - 3, "return_logits": True}
-    ids_kv, logits_kv = generate.generate(apply, params, prompt, key, **kw)
-    ids, logits = generate.generate(apply, params, prompt, key, kv_cache=False, **kw)
-    np.testing.assert_array_equal(ids_kv, ids)
-    np.testing.assert_allclose(logits_kv, logits, atol=1e-5)
+    params, apply = init(cfg), jax.jit(model.make_model(cfg).apply)
+    prompt, N = [1, 2, 3], 2 * T
+    sample_cfg = SampleConfig(max_new_tokens=N, temperature=0.0, kv_cache=True)
+    got = generate.sample(apply, params, cfg, prompt, sample_cfg, jax.random.key(0))
+    idx = jnp.array([prompt])
+    for _ in range(N):
+        logits = apply({"params": params}, idx[:, -T:])[:, -1]
+        idx = jnp.concatenate([idx, jnp.argmax(logits, -1)[:, None]], axis=1)
+    np.testing.assert_array_equal(got, idx)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model.make_model(cfg).apply({"params": params}, idx[:, :T], decode=True)
 
 
 def test_pytorch_default_initialisation():
