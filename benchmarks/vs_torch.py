@@ -100,18 +100,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def machine() -> str:
     """The CPU's model name, family/model numbers, cores, and the thread counts used."""
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = perf.cpu_name()
-    ids = f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{name} ({ids}), {os.cpu_count()} cores; torch {torch.__version__}"
+        f"{perf.cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}"
         f" ({torch.get_num_threads()} threads), jax {jax.__version__};"
         f" load average {load:.2f}"
     )

@@ -87,15 +87,21 @@ def measure_peak(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> fl
     return 2 * n**3 / best
 
 
-def cpu_name() -> str:
-    """The CPU's model name (as lscpu prints it), else the platform's word."""
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name with its family and model numbers (lscpu's name alone,
+    "AMD EPYC", covers generations 2-3x apart), else the platform's word."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+        cpuinfo = ""
+    info = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']} model {info['model']})"
+    return name or "unknown CPU"
 
 
 def machine_key(dtype: str) -> str:

@@ -136,3 +136,12 @@ def test_unrolled_threefry_draws_the_same_bits():
 )
 def test_round_batch_goes_up_to_a_multiple_of_the_devices(batch, devices, rounded):
     assert perf.round_batch(batch, devices) == rounded
+
+
+def test_the_stored_peak_tells_cpu_generations_apart():
+    """lscpu names a Zen 2 and a Zen 4 EPYC alike; their peaks differ 2-3x."""
+    zen2 = "model name\t: AMD EPYC\ncpu family\t: 23\nmodel\t\t: 49\n"
+    zen4 = "model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n"
+    assert perf.cpu_name(zen2) == "AMD EPYC (family 23 model 49)"
+    assert perf.cpu_name(zen2) != perf.cpu_name(zen4)
+    assert perf.cpu_name("") != ""
