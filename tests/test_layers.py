@@ -55,6 +55,16 @@ def test_the_core_files_are_the_ones_readme_lists():
     for name, count in rows:
         lines = len((REPO / "jaxgpt" / f"{name}.py").read_text().splitlines())
         assert abs(int(count) - lines) <= 0.1 * lines, (name, count, lines)
+    stated = int(re.search(r"\(([\d,]+) lines in all\)", section)[1].replace(",", ""))
+    assert stated == sum(int(count) for _, count in rows)
+
+
+def test_the_core_stays_an_evening_read():
+    """The 7 core files hold about 1,500 lines (a budget: 10% over it fails)."""
+    total = sum(
+        len((REPO / "jaxgpt" / f"{n}.py").read_text().splitlines()) for n in CORE
+    )
+    assert total <= 1_650, f"the core is {total} lines: move what is not the lecture's"
 
 
 def test_the_docs_readme_links_exist():
