@@ -28,10 +28,12 @@ from jaxgpt.model import cross_entropy, init_params, make_model
 
 # --- Random streams: every key of a run from one root ----------------------------
 #
+#     root_key(seed)            = PRNGKey(seed)
 #     stream(root, name)        = fold_in(root, TAGS[name])     one key per stream
 #     stream_key(root, name, i) = fold_in(stream(root, name), i)  draw i of it
 #
-# i counts steps for batch and dropout, batches for eval, tokens for sample.
+# i counts steps for batch and dropout, batches for eval, tokens for sample
+# (params uses the stream key itself; batches are drawn on the host by numpy).
 # Each stream hangs off the root under its own tag, so no two streams ever
 # share a key (tests/test_streams.py).
 
