@@ -19,13 +19,10 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxgpt import (
-    cli,  # Defines the flags.
-    sharding,
-    train,
-)
+from jaxgpt import sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.perf import cpu_speedups
+from jaxgpt.run import cli  # Defines the flags.
+from jaxgpt.run.perf import cpu_speedups
 
 _LAYERS = flags.DEFINE_list("bench_layers", ["6", "24"], "Depths to compile.")
 _BATCH = flags.DEFINE_integer("bench_batch", 4, "Sequences per step.")

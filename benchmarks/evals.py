@@ -16,8 +16,8 @@ lengths (contexts of 30-60 words, endings of 10-30; random words, seeded).
 Paths, for each model: the in-loop evaluation (hellaswag.make_evaluate: one
 compiled scan); with --bench_harness, for the GPT-2 tokenizer models, the same
 rows as a local lm-eval task through lm_eval.simple_evaluate, with
-jaxgpt.evals.JaxGPTLM on the parameters and with the harness's HFLM (PyTorch)
-on the model jaxgpt/hf.py exports. Each path runs once (compiling, warming
+jaxgpt.evals.harness.JaxGPTLM on the parameters and with the harness's HFLM (PyTorch)
+on the model jaxgpt/hub/hf.py exports. Each path runs once (compiling, warming
 up), then --bench_repeats rounds in which the paths take turns. Reported,
 medians over the rounds: examples/s, seconds per 1,000 loglikelihood
 requests (4 per example), and of them the model's calls
@@ -38,16 +38,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from jaxgpt import (
-    cli,  # Defines the flags (--eval_data_path, --eval_batch_size).
-    hellaswag,
-    hf,
-    model,
-    sharding,
-    tokenizer_io,
-)
+from jaxgpt import lecture, model, sharding
 from jaxgpt.config import EvalConfig, ModelConfig
-from jaxgpt.perf import cpu_speedups
+from jaxgpt.evals import hellaswag
+from jaxgpt.hub import hf, tokenizer_io
+from jaxgpt.run import cli  # Defines the flags (--eval_data_path, --eval_batch_size).
+from jaxgpt.run.perf import cpu_speedups
 from jaxgpt.tokenizer import CharTokenizer
 
 _MODELS = flags.DEFINE_list(
@@ -81,7 +77,7 @@ def model_and_tokenizer(name: str):
     tok = tok or tokenizer_io.load_gpt2()
     bias = name != "cpu_recipe"  # GPT-2 has biases; the recipe trains without.
     cfg = ModelConfig(vocab_size=tok.vocab_size, bias=bias, **SHAPES[name])
-    return cfg, model.init_params(cfg, jax.random.PRNGKey(0)), tok
+    return cfg, lecture.init_params(cfg, jax.random.PRNGKey(0)), tok
 
 
 def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
@@ -135,7 +131,7 @@ def through_harness(cfg, params, tok, rows, batch_rows: int):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from jaxgpt import evals
+    from jaxgpt.evals import harness
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # HFLM: a line per cut.
     folder = Path(tempfile.mkdtemp(prefix="jaxgpt_bench_evals_"))
@@ -149,7 +145,7 @@ def through_harness(cfg, params, tok, rows, batch_rows: int):
     hf.save_gpt2(params, cfg, str(folder / "hf"), hf.tokenizer_files(tok)[0])
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     lms = {
-        "lm-eval, JaxGPTLM": evals.JaxGPTLM(loaded=(cfg, params, tok), batch_size=batch_rows),
+        "lm-eval, JaxGPTLM": harness.JaxGPTLM(loaded=(cfg, params, tok), batch_size=batch_rows),
         "lm-eval, HFLM on the export": HFLM(
             pretrained=str(folder / "hf"), batch_size=batch_rows, device="cpu",
             dtype="float32",

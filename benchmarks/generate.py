@@ -20,16 +20,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import (
-    cli,  # Defines the flags.
-    generate,
-    model,
-    sharding,
-    train,
-)
+from jaxgpt import generate, lecture, model, sharding, train
 from jaxgpt.config import ModelConfig, SampleConfig
-from jaxgpt.perf import cpu_speedups
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import cli  # Defines the flags.
+from jaxgpt.run.perf import cpu_speedups
 
 _BATCHES = flags.DEFINE_list("bench_batch_sizes", ["1", "8"], "Rows sampled at once.")
 _NEW = flags.DEFINE_integer("bench_new_tokens", 500, "Tokens generated per row.")
@@ -39,7 +34,7 @@ def load_model():
     """(model config, params): the checkpoint in --workdir if given, else random."""
     if not flags.FLAGS["workdir"].present:
         cfg = cli.from_flags(ModelConfig, vocab_size=65)
-        return cfg, model.init_params(cfg, jax.random.PRNGKey(0))
+        return cfg, lecture.init_params(cfg, jax.random.PRNGKey(0))
     with ckpt.Checkpointer(flags.FLAGS.workdir) as checkpointer:
         cfg = ModelConfig(**checkpointer.read_meta()["model"])
         target = train.abstract_params(cfg, sharding.make_mesh())
@@ -51,7 +46,7 @@ def main(argv):
     cpu_speedups()
     cfg, params = load_model()
     sampling = cli.from_flags(SampleConfig)
-    apply_fn = model.make_model(cfg).apply
+    apply_fn = lecture.make_model(cfg).apply
     N, key = _NEW.value, jax.random.PRNGKey(0)
     print(
         f"model: L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} T={cfg.block_size}"

@@ -15,7 +15,7 @@ small batches are compiled and XLA's memory analysis of each gives the
 memory per sequence (their difference) and the fixed rest; the batch that
 fills --memory_fraction of what is free is compiled next, and a smaller one
 if the device still runs out. MFU divides the model's FLOPs (6N + 12LCT per
-token) by the data sheet's peak for a known device (jaxgpt/perf.py), else by
+token) by the data sheet's peak for a known device (jaxgpt/run/perf.py), else by
 a measured matmul's.
 """
 
@@ -30,9 +30,10 @@ import time
 import jax
 import numpy as np
 
-from jaxgpt import model, perf, sharding, train
+from jaxgpt import model, sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.perf import cpu_speedups
+from jaxgpt.run import perf
+from jaxgpt.run.perf import cpu_speedups
 
 
 def peak_rss_gib() -> float:

@@ -34,8 +34,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jaxgpt import perf, prepare, tokenizer, tokenizer_train
-from jaxgpt.tokenizer_io import load_gpt2
+from jaxgpt import tokenizer
+from jaxgpt.datasets import prepare, tokenizer_train
+from jaxgpt.hub.tokenizer_io import load_gpt2
+from jaxgpt.run import perf
 
 _TEXT = flags.DEFINE_string("text", None, "Base corpus (default: tiny shakespeare).")
 _MB = flags.DEFINE_float("mb", 100, "Size of the large training text, in MB.")

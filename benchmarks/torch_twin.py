@@ -36,13 +36,10 @@ import torch.nn.functional as F
 from absl import app, flags
 from torch import nn
 
-from jaxgpt import (
-    cli,  # Defines the flags.,
-    data,
-    load,
-    train,
-)
+from jaxgpt import data, train
 from jaxgpt.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from jaxgpt.datasets import prepare
+from jaxgpt.run import cli  # Defines the flags.
 
 
 class Block(nn.Module):
@@ -339,7 +336,7 @@ def train_recipe(
 def recipe_data() -> tuple[Any, dict[str, np.ndarray]]:
     """The recipe's tokenizer and its splits as arrays, read (and prepared if
     need be) as `python -m jaxgpt.main` reads them."""
-    dataset = load.read_dataset(cli.from_flags(DataConfig))
+    dataset = prepare.read_dataset(cli.from_flags(DataConfig))
     return dataset.tokenizer, {k: np.asarray(v) for k, v in dataset.splits.items()}
 
 

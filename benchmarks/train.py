@@ -7,7 +7,7 @@ Runs the program the training loop runs: the same mesh, train.make_train_step
 and train.make_batches (host batches from the batch stream), on random tokens
 (no corpus needed). Model FLOPs per token are 6N + 12*L*C*T with N the
 non-embedding parameters (PaLM's accounting, as nanoGPT's MFU); MFU is
-perf.mfu against a peak from jaxgpt/perf.py: measured in this run on a CPU (a
+perf.mfu against a peak from jaxgpt/run/perf.py: measured in this run on a CPU (a
 large jitted matmul in the run's dtype), the data sheet's for a known
 accelerator, or --peak_tflops.
 """
@@ -23,16 +23,14 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from jaxgpt import (
-    cli,  # Defines the flags.
-    model,
-    perf,
-    sharding,
-    train,
-)
+from jaxgpt import model, sharding, train
 from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, TrainConfig
 from jaxgpt.main import check_backend
-from jaxgpt.perf import keep_freed_memory, unroll_threefry
+from jaxgpt.run import (
+    cli,  # Defines the flags.
+    perf,
+)
+from jaxgpt.run.perf import keep_freed_memory, unroll_threefry
 
 _STEPS = flags.DEFINE_integer("bench_steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("bench_warmup", 5, "Untimed steps after compiling.")

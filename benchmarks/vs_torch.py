@@ -57,19 +57,16 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_twin
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import (
+from jaxgpt import generate, lecture, sharding, train
+from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import (
     cli,  # Defines the flags.
-    generate,
     loop,
     metrics,
-    model,
     perf,
-    sharding,
-    train,
 )
-from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
-from jaxgpt.perf import cpu_speedups
+from jaxgpt.run.perf import cpu_speedups
 
 _BENCH = flags.DEFINE_enum(
     "bench", "step", ["step", "run", "sample", "matmul", "seeds"], "What to measure."
@@ -349,8 +346,8 @@ def bench_sample():
     cfg = dataclasses.replace(
         cli.from_flags(SampleConfig), num_samples=1, max_new_tokens=N
     )
-    params = model.init_params(model_cfg, jax.random.PRNGKey(0))
-    apply_fn = model.make_model(model_cfg).apply
+    params = lecture.init_params(model_cfg, jax.random.PRNGKey(0))
+    apply_fn = lecture.make_model(model_cfg).apply
     times = {"jaxgpt (KV cache)": [], "torch generate()": []}
     twin = torch_twin.GPT(model_cfg)
     twin.load_flax(params)

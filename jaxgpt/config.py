@@ -105,7 +105,7 @@ class RunConfig:
     peak_tflops: float | None = option(
         None,
         "Peak TFLOP/s of one device, for the MFU in the log. Default: the data"
-        " sheet's for a known GPU/TPU (jaxgpt/perf.py), else measured with a matmul.",
+        " sheet's for a known GPU/TPU (jaxgpt/run/perf.py), else measured with a matmul.",
     )
     tensorboard: bool = option(
         True,
@@ -707,7 +707,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """Writing a trained model in Hugging Face's layout (python -m jaxgpt.export)."""
+    """Writing a trained model in Hugging Face's layout (python -m jaxgpt.hub.export)."""
 
     out: str | None = option(
         None, "Folder to write (config.json, model.safetensors, the tokenizer)."
@@ -732,3 +732,8 @@ ALL = (
     EvalConfig,
     ExportConfig,
 )
+
+
+# ModelConfig's options that change how, not what, the model computes: a run's
+# flags set them on any checkpoint or imported model.
+RUNTIME_FIELDS = (*free_on_resume(ModelConfig), "scan_layers")

@@ -1,7 +1,7 @@
 """The models of Karpathy's "Let's build GPT", one per step of the lecture.
 
 Each step adds one idea (val losses on tiny shakespeare are the lecture's;
-`python -m jaxgpt.ladder` reproduces them):
+`python -m jaxgpt.tools.ladder` reproduces them):
 
   bigram              model.Bigram: the next token from the current one   2.49
   lecture_head        one self-attention head as wide as the embedding    2.37
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.model import Dense
+from jaxgpt.model import GPT, Bigram, Dense
 
 
 def torch_uniform(fan_in: int):
@@ -204,10 +204,28 @@ class WithLayerNorm(Residual):
         return nn.LayerNorm(epsilon=1e-5, name="ln_f")(x_BTC)
 
 
-MODELS = {
+STEPS = {
     "lecture_head": OneHead,
     "lecture_heads": MultiHead,
     "lecture_ffwd": WithFeedForward,
     "lecture_residual": Residual,
     "lecture_layernorm": WithLayerNorm,
 }
+
+
+# --- Every model jaxgpt builds, by its --model name ---------------------------
+
+MODELS = {"gpt": GPT, "bigram": Bigram, **STEPS}
+
+
+def make_model(config: ModelConfig) -> nn.Module:
+    """The network --model names: GPT, the bigram, or a step of the lecture."""
+    return MODELS[config.model](config)
+
+
+def init_params(config: ModelConfig, key: jax.Array):
+    """Initial parameters for `config`, from `key`: one compiled program (op by op,
+    a small model's init takes 2-3 s on a CPU), the same one train.create_state
+    runs."""
+    idx_BT = jnp.zeros((1, config.block_size), jnp.int32)
+    return jax.jit(make_model(config).init)(key, idx_BT)["params"]

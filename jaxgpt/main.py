@@ -11,7 +11,7 @@ loop (loop.py) -> a sample.
 
 from __future__ import annotations
 
-from jaxgpt import stops
+from jaxgpt.run import stops
 
 if __name__ == "__main__":  # Ctrl-C while JAX is imported ends quietly too.
     stops.quit_at_once()
@@ -28,27 +28,7 @@ import numpy as np
 from absl import app, logging
 from tqdm import tqdm
 
-from jaxgpt import (
-    cache,
-    cli,
-    data,
-    generate,
-    hellaswag,
-    hosts,
-    load,
-    loop,
-    metrics,
-    model,
-    muon,  # noqa: F401 (registers --optimizer=muon)
-    perf,
-    prepare,
-    quiet,
-    sharding,
-    tokenizer_io,
-    train,
-    workdir,
-)
-from jaxgpt import checkpoint as ckpt
+from jaxgpt import data, generate, lecture, model, sharding, train
 from jaxgpt.config import (
     ConfigError,
     DataConfig,
@@ -59,7 +39,22 @@ from jaxgpt.config import (
     SampleConfig,
     TrainConfig,
 )
-from jaxgpt.perf import cpu_speedups
+from jaxgpt.datasets import prepare
+from jaxgpt.evals import hellaswag
+from jaxgpt.hub import load, tokenizer_io
+from jaxgpt.run import (
+    cache,
+    cli,
+    hosts,
+    loop,
+    metrics,
+    muon,  # noqa: F401 (registers --optimizer=muon)
+    perf,
+    quiet,
+    workdir,
+)
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run.perf import cpu_speedups
 
 FLAGS = cli.FLAGS
 from_flags = cli.from_flags
@@ -141,7 +136,7 @@ def check_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
     """The model to train (choose_model), checked against the dataset, this
     machine and the workdir's checkpoint: (model config, parameters, tokenizer)."""
     model_cfg, params, tok = choose_model(run, saved, dataset)
-    load.check_fits(dataset, model_cfg, tok)
+    prepare.check_fits(dataset, model_cfg, tok)
     check_backend(model_cfg.attention)
     if saved is not None:
         check_resumable(saved, model_cfg, tok, run.workdir)
@@ -170,7 +165,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         from_flags(ModelConfig, vocab_size=1)
     warn_unfinished_decay(train_cfg)
     data_cfg = from_flags(DataConfig)
-    dataset = load.read_dataset(data_cfg)
+    dataset = prepare.read_dataset(data_cfg)
     # Every model trains on the dataset's tokenizer (check_fits): the prompt
     # fails now, not after training.
     prompt_ids = encode_prompt(sample_cfg.prompt, dataset.tokenizer)
@@ -277,7 +272,7 @@ def read_hellaswag(eval_cfg: EvalConfig, data_dir: str) -> list[dict]:
     read = lambda: hellaswag.load_examples(eval_cfg.eval_data_path, data_dir)
     if hosts.is_main_process():
         rows = read()
-    hosts.sync("jaxgpt.hellaswag")
+    hosts.sync("jaxgpt.evals.hellaswag")
     return rows if hosts.is_main_process() else read()
 
 
@@ -366,7 +361,7 @@ def draw_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, me
 @functools.lru_cache
 def apply_of(model_cfg: ModelConfig):
     """The model's apply, one per config: compiled sampling is cached by it."""
-    return model.make_model(model_cfg).apply
+    return lecture.make_model(model_cfg).apply
 
 
 def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):
@@ -437,8 +432,8 @@ def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         return run_tasks(run, sample_cfg, eval_cfg, mesh)
     model_cfg, params, tok = load.load_model(run, sample_cfg.checkpoint, mesh)
     train_cfg, data_cfg, source = eval_configs(run, sample_cfg.checkpoint)
-    dataset = load.read_dataset(data_cfg)
-    load.check_fits(dataset, model_cfg, tok)
+    dataset = prepare.read_dataset(data_cfg)
+    prepare.check_fits(dataset, model_cfg, tok)
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     root = train.root_key(run.seed)
     B, T = train_cfg.batch_size, model_cfg.block_size
@@ -469,7 +464,7 @@ def run_tasks(run: RunConfig, sample_cfg: SampleConfig, eval_cfg, mesh) -> int:
     """--tasks through lm-evaluation-harness: the harness's table, and its JSON
     written to --workdir."""
     try:
-        from jaxgpt import evals  # lm-eval: the eval extra.
+        from jaxgpt.evals import harness  # lm-eval: the eval extra.
     except ImportError as e:
         raise ConfigError(
             f"--tasks needs lm-evaluation-harness ({e}): pip install -e '.[eval]'."
@@ -477,7 +472,7 @@ def run_tasks(run: RunConfig, sample_cfg: SampleConfig, eval_cfg, mesh) -> int:
     if jax.process_count() > 1:
         raise ConfigError("--tasks runs in one process (it may use many devices).")
     output = workdir.make(run.workdir) / "lm_eval_results.json"
-    lm = evals.JaxGPTLM(
+    lm = harness.JaxGPTLM(
         init_from=run.init_from,
         workdir=None if run.init_from else run.workdir,
         batch_size=eval_cfg.eval_batch_size,
@@ -486,7 +481,7 @@ def run_tasks(run: RunConfig, sample_cfg: SampleConfig, eval_cfg, mesh) -> int:
         mesh=mesh,
     )
     limit = eval_cfg.limit
-    evals.evaluate(
+    harness.evaluate(
         lm,
         eval_cfg.task_list(),
         num_fewshot=eval_cfg.num_fewshot,

@@ -232,21 +232,6 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return losses_BT.mean()
 
 
-def make_model(config: ModelConfig) -> nn.Module:
-    """The network --model names: GPT, the bigram, or a step of the lecture."""
-    from jaxgpt import lecture  # The lecture's steps, built on this module's layers.
-
-    return {"gpt": GPT, "bigram": Bigram, **lecture.MODELS}[config.model](config)
-
-
-def init_params(config: ModelConfig, key: jax.Array):
-    """Initial parameters for `config`, from `key`: one compiled program (op by op,
-    a small model's init takes 2-3 s on a CPU), the same one train.create_state
-    runs."""
-    idx_BT = jnp.zeros((1, config.block_size), jnp.int32)
-    return jax.jit(make_model(config).init)(key, idx_BT)["params"]
-
-
 # --- Building blocks ---------------------------------------------------------
 
 init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2 initialisation.

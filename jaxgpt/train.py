@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 
 from jaxgpt import data, sharding
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.model import cross_entropy, init_params, make_model
+from jaxgpt.lecture import init_params, make_model
+from jaxgpt.model import cross_entropy
 
 # --- Random streams: every key of a run from one root ----------------------------
 #

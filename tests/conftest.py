@@ -20,7 +20,7 @@ import jax  # (After XLA_FLAGS.)
 import numpy as np
 import pytest
 
-from jaxgpt import prepare
+from jaxgpt.datasets import prepare
 
 REPO = Path(__file__).resolve().parent.parent
 

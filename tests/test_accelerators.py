@@ -29,8 +29,8 @@ import pytest
 from conftest import REPO, subprocess_report
 from jax.sharding import Mesh
 
-import jaxgpt.muon  # noqa: F401 (registers --optimizer=muon)
-from jaxgpt import generate, model, sharding, train
+import jaxgpt.run.muon  # noqa: F401 (registers --optimizer=muon)
+from jaxgpt import generate, lecture, sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
 
 PLATFORMS = ("tpu", "cuda")
@@ -189,9 +189,9 @@ def lowering_report() -> dict:
     for name, (kv_cache, model_changes) in SAMPLE_CASES.items():
         model_cfg = dataclasses.replace(MODEL, **model_changes)
         key = jax.random.PRNGKey(0)
-        params = jax.eval_shape(lambda: model.init_params(model_cfg, key))  # noqa: B023
+        params = jax.eval_shape(lambda: lecture.init_params(model_cfg, key))  # noqa: B023
         exported = jax.export.export(generate.generate, platforms=PLATFORMS)(
-            model.make_model(model_cfg).apply,
+            lecture.make_model(model_cfg).apply,
             params,
             spec((2, 3), jnp.int32),
             spec((2,), jnp.uint32),

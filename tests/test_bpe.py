@@ -15,8 +15,10 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxgpt import tokenizer, tokenizer_io, tokenizer_train
-from jaxgpt.tokenizer_io import GPT2_URLS
+from jaxgpt import tokenizer
+from jaxgpt.datasets import tokenizer_train
+from jaxgpt.hub import tokenizer_io
+from jaxgpt.hub.tokenizer_io import GPT2_URLS
 
 EOT = tokenizer.ENDOFTEXT
 

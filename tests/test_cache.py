@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jaxgpt import cache
+from jaxgpt.run import cache
 
 TINY = [
     "--n_layer=1",

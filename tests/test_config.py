@@ -6,8 +6,9 @@ import typing
 import pytest
 from absl import flags
 
-from jaxgpt import cli, config, main  # noqa: F401  (main: the entry point loads)
+from jaxgpt import config, main  # noqa: F401  (main: the entry point loads)
 from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, SampleConfig
+from jaxgpt.run import cli
 
 FLAG_FIELDS = {
     f.name: (f, hint) for cls in config.ALL for f, hint in config.flag_fields(cls)
@@ -69,9 +70,9 @@ def test_configs_are_frozen():
 
 def test_docs_flags_md_is_made_from_the_configs():
     """docs/flags.md lists every flag as config.py defines it (regenerate it
-    with `python -m jaxgpt.cli > docs/flags.md`)."""
+    with `python -m jaxgpt.run.cli > docs/flags.md`)."""
     from conftest import REPO
 
-    from jaxgpt import cli
+    from jaxgpt.run import cli
 
     assert (REPO / "docs" / "flags.md").read_text() == cli.markdown()

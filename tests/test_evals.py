@@ -1,4 +1,4 @@
-"""jaxgpt.evals against lm-evaluation-harness's own Hugging Face model (HFLM).
+"""jaxgpt.evals.harness against lm-evaluation-harness's own Hugging Face model (HFLM).
 
 The reference models are small random transformers models made here and read
 by jaxgpt's hf.py (REFERENCE_MODELS: a GPT-2 now; a model family hf.py learns
@@ -32,8 +32,10 @@ transformers = pytest.importorskip("transformers")
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
-from jaxgpt import evals, hellaswag, hf, main, scoring, sharding, tokenizer_io
+from jaxgpt import main, sharding
 from jaxgpt.config import ConfigError
+from jaxgpt.evals import harness, hellaswag, scoring
+from jaxgpt.hub import hf, tokenizer_io
 
 TOL = 1e-4  # Log-likelihoods, jaxgpt against HFLM (float32 both).
 CONTEXT = 64  # The reference models' context: padded lengths 32 and 64.
@@ -123,7 +125,7 @@ def reference(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models(reference):
     """(jaxgpt's LM of the imported weights, the harness's HFLM of the folder)."""
-    ours = evals.JaxGPTLM(init_from=str(reference), batch_size=4)
+    ours = harness.JaxGPTLM(init_from=str(reference), batch_size=4)
     theirs = huggingface.HFLM(
         pretrained=str(reference), backend="causal", batch_size=4, device="cpu",
         dtype="float32",
@@ -322,7 +324,7 @@ def test_sampled_generation_is_seeded_and_stops(reference):
         "max_gen_toks": 20,
     }
     args = [("Hello", sampled)] * 4
-    a, b = (evals.JaxGPTLM(init_from=str(reference), batch_size=4) for _ in "ab")
+    a, b = (harness.JaxGPTLM(init_from=str(reference), batch_size=4) for _ in "ab")
     got = a.generate_until(requests("generate_until", args))
     assert b.generate_until(requests("generate_until", args)) == got
     assert len(set(got)) > 1  # Four draws, not four copies.
@@ -362,7 +364,7 @@ def test_in_loop_hellaswag_equals_the_harness_acc_norm(
     acc and acc_norm, and each ending's log-likelihood within 1e-4."""
     _, theirs = harness_results
     mesh = sharding.make_mesh()
-    cfg, params, tok = evals.load_checkpoint(None, str(reference), "latest", mesh)
+    cfg, params, tok = harness.load_checkpoint(None, str(reference), "latest", mesh)
     rows = hellaswag.read_examples(tasks / "hellaswag.jsonl")
     got = hellaswag.make_evaluate(cfg, tok, rows, mesh, batch_rows=8)(params)
     assert got == {
@@ -432,12 +434,12 @@ def test_main_mode_eval_prints_in_loop_hellaswag_beside_the_losses(
 
 
 def test_lm_eval_command_line_runs_jaxgpt(reference, tasks, harness_results, tmp_path):
-    """`python -m jaxgpt.evals` is lm-eval's command line with --model jaxgpt."""
+    """`python -m jaxgpt.evals.harness` is lm-eval's command line with --model jaxgpt."""
     if not reference.name.startswith("gpt2"):  # The same command for any model.
         pytest.skip("one model is enough: the llama model is evaluated in-process")
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.evals", "--model", "jaxgpt",
+        [sys.executable, "-m", "jaxgpt.evals.harness", "--model", "jaxgpt",
          "--model_args", f"init_from={reference}", "--batch_size", "4",
          "--tasks", str(tasks / "tiny_arc.yaml"), "--output_path", str(out)],
         env={**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1",
@@ -454,20 +456,20 @@ def test_lm_eval_command_line_runs_jaxgpt(reference, tasks, harness_results, tmp
 
 def test_entry_point_names_the_registered_model():
     """setup.cfg declares jaxgpt in the harness's lm_eval.models entry-point
-    group, pointing at the class importing jaxgpt.evals registers."""
+    group, pointing at the class importing jaxgpt.evals.harness registers."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     lines = cfg["options.entry_points"]["lm_eval.models"].strip().splitlines()
     (name, value) = (part.strip() for part in lines[0].split("="))
     point = importlib.metadata.EntryPoint(name, value, "lm_eval.models")
     registered = lm_eval.api.registry.get_model("jaxgpt")
-    assert name == "jaxgpt" and point.load() is registered is evals.JaxGPTLM
+    assert name == "jaxgpt" and point.load() is registered is harness.JaxGPTLM
 
 
 def test_bad_requests_and_arguments_are_clear(models, tmp_path):
     ours, _ = models
     with pytest.raises(ConfigError, match="workdir=.*init_from="):
-        evals.JaxGPTLM()
+        harness.JaxGPTLM()
     S = ours.max_length  # No room left for the prompt.
     with pytest.raises(ValueError, match=f"max_gen_toks={S} must lie in"):
         ours.generate_until(requests("generate_until", [("Hi", {"max_gen_toks": S})]))
@@ -476,4 +478,4 @@ def test_bad_requests_and_arguments_are_clear(models, tmp_path):
             requests("generate_until", [("Hi", {"repetition_penalty": 1.2})])
         )
     with pytest.raises(ConfigError, match="no_such.yaml"):
-        evals.evaluate(ours, [str(tmp_path / "no_such.yaml")])
+        harness.evaluate(ours, [str(tmp_path / "no_such.yaml")])

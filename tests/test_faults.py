@@ -30,9 +30,11 @@ import test_multihost as multihost  # The two-process helpers (tests/ is on sys.
 from absl import flags
 from absl.testing import flagsaver
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import loop, main, prepare, sharding, train, workdir
+from jaxgpt import main, sharding, train
 from jaxgpt.config import DataConfig, ModelConfig, TrainConfig
+from jaxgpt.datasets import prepare
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import loop, workdir
 
 TINY = [
     "--n_layer=1",
@@ -872,7 +874,7 @@ REFUSALS = {
     # A dataset's meta.json:
     "meta.json garbage": (
         lambda t, c: prepared_copy(t, c, lambda m: "garbage"),
-        ["meta.json is not JSON", "damaged", "python -m jaxgpt.prepare"],
+        ["meta.json is not JSON", "damaged", "python -m jaxgpt.datasets.prepare"],
     ),
     "meta.json empty": (
         lambda t, c: prepared_copy(t, c, lambda m: ""),
@@ -1061,8 +1063,8 @@ def test_sampling_and_export_read_around_damaged_metas(copy, pristine, monkeypat
     """A flipped digit in the newest latest meta and a garbage best meta:
     sampling and export use the next intact checkpoint of each kind, read
     with its own meta's model; no intact one is called damaged."""
-    from jaxgpt import export, hf, load
     from jaxgpt.config import RunConfig
+    from jaxgpt.hub import export, hf, load
 
     DAMAGE["flipped n_layer"](copy / "checkpoints" / "20")
     DAMAGE["meta {}"](copy / "best" / "20")
@@ -1095,7 +1097,7 @@ def test_sampling_and_export_read_around_damaged_metas(copy, pristine, monkeypat
 
 
 def test_no_intact_meta_is_one_line_in_sample_and_export(copy, main_error, tmp_path):
-    from jaxgpt import export
+    from jaxgpt.hub import export
 
     for folder in [*(copy / "checkpoints").iterdir(), *(copy / "best").iterdir()]:
         DAMAGE["meta [1]"](folder)
@@ -1118,8 +1120,8 @@ def test_a_reader_racing_a_writer_takes_the_newer_checkpoint(copy, monkeypatch):
     """Sampling --checkpoint=best while training replaces best/20 by best/25:
     the read that fails as the folder goes is retried on best/25, and nothing
     is called damaged."""
-    from jaxgpt import load
     from jaxgpt.config import RunConfig
+    from jaxgpt.hub import load
 
     load_params, raced = ckpt.Checkpointer.load_params, []
 
@@ -1141,17 +1143,17 @@ def test_a_reader_racing_a_writer_takes_the_newer_checkpoint(copy, monkeypatch):
 
 
 def test_export_is_quiet_and_refuses_a_read_only_folder(pristine, env, tmp_path):
-    """`python -m jaxgpt.export`: no orbax log lines; a read-only --out is one
+    """`python -m jaxgpt.hub.export`: no orbax log lines; a read-only --out is one
     line, before anything is read."""
     out = tmp_path / "hf"
     done = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.export", f"--workdir={pristine}", f"--out={out}"],
+        [sys.executable, "-m", "jaxgpt.hub.export", f"--workdir={pristine}", f"--out={out}"],
         env=env, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert_clean(done)
     assert "orbax" not in done.stderr.lower() and "read_only" not in done.stderr
     assert (out / "model.safetensors").is_file()
-    from jaxgpt import export
+    from jaxgpt.hub import export
 
     ro = tmp_path / "ro"
     with tmpfs(ro, "ro,size=1m") as mounted:
@@ -1283,7 +1285,7 @@ def full_data_dir(tmp_path: Path, monkeypatch):
 def test_a_full_data_dir_is_one_line_naming_it(
     tmp_path, monkeypatch, main_error, corpus
 ):
-    """The automatic preparation (and python -m jaxgpt.prepare) on a full disk:
+    """The automatic preparation (and python -m jaxgpt.datasets.prepare) on a full disk:
     one line naming the data dir and saying it is full; no token file, no
     temporary file, no workdir is left."""
     stack, mount, reason = full_data_dir(tmp_path, monkeypatch)

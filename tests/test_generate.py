@@ -7,20 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import generate, hf, model
+from jaxgpt import generate, lecture
 from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
+from jaxgpt.hub import hf
 
 CFG = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
 
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_params(CFG, jax.random.PRNGKey(0))
+    return lecture.init_params(CFG, jax.random.PRNGKey(0))
 
 
 def naive_greedy(params, prompt, n):
     """Greedy decoding by re-running the model on the cropped context each step."""
-    apply = jax.jit(model.make_model(CFG).apply)  # One program per context length.
+    apply = jax.jit(lecture.make_model(CFG).apply)  # One program per context length.
     ids = list(prompt)
     for _ in range(n):
         context = jnp.asarray(ids[-CFG.block_size :])[None]
@@ -40,7 +41,7 @@ def test_greedy_matches_step_by_step_decoding(params, prompt_len, new, kv_cache)
     """
     prompt = list(np.arange(prompt_len) % CFG.vocab_size)
     out = generate.generate(
-        model.make_model(CFG).apply,
+        lecture.make_model(CFG).apply,
         params,
         jnp.asarray([prompt]),
         jax.random.PRNGKey(0),
@@ -54,7 +55,7 @@ def test_greedy_matches_step_by_step_decoding(params, prompt_len, new, kv_cache)
 
 
 def test_top_k_one_is_greedy(params):
-    apply = model.make_model(CFG).apply
+    apply = lecture.make_model(CFG).apply
     prompt = jnp.asarray([[1, 2, 3]])
     kw = {"block_size": CFG.block_size, "max_new_tokens": 10}
     greedy = generate.generate(
@@ -81,7 +82,7 @@ def test_temperature_sharpens_the_distribution():
 
 
 def test_sample_shapes_seed_and_single_compilation(params):
-    apply = model.make_model(CFG).apply
+    apply = lecture.make_model(CFG).apply
     cfg = SampleConfig(prompt="x", max_new_tokens=30, num_samples=4)
     key = jax.random.PRNGKey(3)
     before = generate.generate._cache_size()
@@ -102,13 +103,13 @@ CFG2 = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
 @pytest.fixture(scope="module")
 def params2():
-    return model.init_params(CFG2, jax.random.PRNGKey(1))
+    return lecture.init_params(CFG2, jax.random.PRNGKey(1))
 
 
 def run(params, prompt_BP, new, cfg=CFG2, **kw):
     """generate() on cfg's model, returning (tokens, logits)."""
     return generate.generate(
-        model.make_model(cfg).apply,
+        lecture.make_model(cfg).apply,
         params,
         jnp.asarray(prompt_BP),
         jax.random.PRNGKey(7),
@@ -128,7 +129,7 @@ def policy_reference(params, prompt_BP, new, cfg=CFG2):
     are zero-padded to block_size so one compiled forward serves them all; the
     padding comes after the last position read, so causality hides it.)
     """
-    forward = jax.jit(model.make_model(cfg).apply)
+    forward = jax.jit(lecture.make_model(cfg).apply)
     S, K = cfg.block_size, cfg.block_size // 2
     ids_BS = np.asarray(prompt_BP)
     context_BT = ids_BS[:, -S:]
@@ -214,7 +215,7 @@ def test_cache_with_model_variants(params2, variant):
 def test_bigram_decodes_with_and_without_cache():
     """The bigram model has no cache to fill: both paths draw the same tokens."""
     cfg = ModelConfig(vocab_size=11, block_size=4, model="bigram")
-    p = model.init_params(cfg, jax.random.PRNGKey(0))
+    p = lecture.init_params(cfg, jax.random.PRNGKey(0))
     a, _ = run(p, [[1, 2]], 9, cfg=cfg, kv_cache=True)
     b, _ = run(p, [[1, 2]], 9, cfg=cfg, kv_cache=False)
     chex.assert_trees_all_equal(a, b)
@@ -228,7 +229,7 @@ def test_cached_loop_is_traced_once_not_per_token(params2):
 
     def apply_fn(*args, **kw):
         traces.append(kw.get("decode", False))
-        return model.make_model(CFG2).apply(*args, **kw)
+        return lecture.make_model(CFG2).apply(*args, **kw)
 
     def call(prompt_len, new):
         prompt = jnp.ones((2, prompt_len), jnp.int32)
@@ -261,7 +262,7 @@ def test_padded_prompts_draw_what_the_prompts_alone_do(params2, kv_cache, sampli
     padded_BP[1] = padded_BP[1, ::-1]
     kw = {"block_size": 8, "max_new_tokens": 10, "return_logits": True}
     draw = functools.partial(
-        generate.generate, model.make_model(CFG2).apply, params2, **kw, **sampling
+        generate.generate, lecture.make_model(CFG2).apply, params2, **kw, **sampling
     )
     before = generate.generate._cache_size()
     for p in (1, 5, 8, 12):

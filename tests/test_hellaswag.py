@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from absl.testing import flagsaver
 
-from jaxgpt import hellaswag, main, model, sharding
+from jaxgpt import lecture, main, sharding
 from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.evals import hellaswag
 from jaxgpt.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def rows(n: int = 7) -> list[dict]:
 
 def direct_log_likelihoods(params, examples) -> np.ndarray:
     """Each ending's log-likelihood from its own unpadded forward pass."""
-    apply = model.make_model(CFG).apply  # Eagerly: one shape per ending.
+    apply = lecture.make_model(CFG).apply  # Eagerly: one shape per ending.
     encode = lambda s: [TOK.stoi.get(c, TOK.stoi[" "]) for c in s]
     out = []
     for row in examples:
@@ -69,7 +70,7 @@ def direct_log_likelihoods(params, examples) -> np.ndarray:
 
 def scores(mesh, batch_rows: int = 8) -> dict:
     """The endings' log-likelihoods and the accuracies of rows() on `mesh`."""
-    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    params = lecture.init_params(CFG, jax.random.PRNGKey(0))
     fn = hellaswag.make_log_likelihoods(CFG, TOK, rows(), mesh, batch_rows)
     evaluate = hellaswag.make_evaluate(CFG, TOK, rows(), mesh, batch_rows)
     return {"ll": fn(params).tolist(), **evaluate(params)}
@@ -79,7 +80,7 @@ def scores(mesh, batch_rows: int = 8) -> dict:
 def one_device():
     """rows() on one device (7 examples in batches of 2, the last padded;
     contexts cut to the window), and the direct computation."""
-    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    params = lecture.init_params(CFG, jax.random.PRNGKey(0))
     direct = direct_log_likelihoods(params, rows())
     return {**scores(sharding.make_mesh()), "direct": direct}
 
@@ -96,7 +97,7 @@ def test_one_compilation_serves_every_evaluation():
     """New parameters at each evaluation (as training makes them) compile nothing."""
     compiles = []
     listener = lambda event, secs, **kw: compiles.append(event)
-    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    params = lecture.init_params(CFG, jax.random.PRNGKey(0))
     later = jax.tree.map(lambda x: x * 1.5, params)
     evaluate = hellaswag.make_evaluate(CFG, TOK, rows(), sharding.make_mesh(), 8)
     jax.monitoring.register_event_duration_secs_listener(listener)

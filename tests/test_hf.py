@@ -1,4 +1,4 @@
-"""jaxgpt.hf against transformers' GPT-2: logits, greedy decoding, files, errors.
+"""jaxgpt.hub.hf against transformers' GPT-2: logits, greedy decoding, files, errors.
 
 The reference is a small random GPT2LMHeadModel (2 layers, 4 heads, width 64,
 context 64, GPT-2's vocabulary) made here, so no test downloads anything.
@@ -22,8 +22,9 @@ import pytest
 import safetensors
 import safetensors.numpy
 
-from jaxgpt import generate, hf, model
+from jaxgpt import generate, lecture, model
 from jaxgpt.config import ModelConfig
+from jaxgpt.hub import hf
 
 # The reference is transformers on PyTorch (the test extra; a CPU build is all
 # it needs): without them these tests skip, and the rest of the suite runs.
@@ -58,7 +59,9 @@ def hf_logits(hf_model, idx_BT: np.ndarray) -> np.ndarray:
 
 
 def jax_logits(cfg: ModelConfig, params, idx_BT: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.jit(model.make_model(cfg).apply)({"params": params}, idx_BT))
+    return np.asarray(
+        jax.jit(lecture.make_model(cfg).apply)({"params": params}, idx_BT)
+    )
 
 
 def random_ids(vocab_size: int, shape=(2, 64), seed: int = 0) -> np.ndarray:
@@ -147,7 +150,7 @@ def test_imported_logits_match_transformers(hf_gpt2, imported):
 
 def param_count(cfg: ModelConfig) -> int:
     """The parameter count of `cfg`'s tree, from its shapes alone."""
-    init = lambda: model.init_params(cfg, jax.random.PRNGKey(0))
+    init = lambda: lecture.init_params(cfg, jax.random.PRNGKey(0))
     return model.count_params(jax.eval_shape(init))
 
 
@@ -181,7 +184,7 @@ def test_greedy_generation_matches_transformers(hf_gpt2, imported):
             max_new_tokens=n_new,
         ).numpy()
     got = generate.generate(
-        model.make_model(cfg).apply,
+        lecture.make_model(cfg).apply,
         params,
         jnp.asarray(prompt_BP),
         jax.random.PRNGKey(0),
@@ -232,8 +235,8 @@ def test_pytorch_model_bin_legacy_format(tmp_path):
 
 
 def random_jaxgpt(cfg: ModelConfig, seed: int = 0):
-    """model.init_params plus N(0, 0.1) noise on every leaf (non-zero biases)."""
-    params = model.init_params(cfg, jax.random.PRNGKey(seed))
+    """lecture.init_params plus N(0, 0.1) noise on every leaf (non-zero biases)."""
+    params = lecture.init_params(cfg, jax.random.PRNGKey(seed))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     noisy = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
@@ -289,7 +292,7 @@ def test_export_gpt2_vocabulary_names_endoftext(tmp_path):
         model="gpt",
         scan_layers=False,
     )
-    hf.save_gpt2(model.init_params(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path))
+    hf.save_gpt2(lecture.init_params(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path))
     config = transformers.GPT2Config.from_pretrained(str(tmp_path))
     assert (config.bos_token_id, config.eos_token_id) == (50256, 50256)
     assert (config.n_positions, config.n_layer, config.n_head, config.n_embd) == (

@@ -1,5 +1,5 @@
 """GPT-2 weights through the command line: --init_from to sample, evaluate and
-finetune, and `python -m jaxgpt.export` back to transformers.
+finetune, and `python -m jaxgpt.hub.export` back to transformers.
 
 The GPT-2 is a small random GPT2LMHeadModel made here (GPT-2's vocabulary and
 tokenizer, 2 layers, width 64, context 64): nothing is downloaded.
@@ -18,17 +18,11 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import (
-    hf,
-    load,
-    main,
-    model,
-    sharding,
-    tokenizer_io,
-    train,
-)
+from jaxgpt import lecture, main, sharding, train
 from jaxgpt.config import DataConfig, RunConfig
+from jaxgpt.datasets import prepare
+from jaxgpt.hub import hf, load, tokenizer_io
+from jaxgpt.run import checkpoint as ckpt
 
 # The reference is transformers on PyTorch (the test extra; a CPU build is all
 # it needs): without them these tests skip, and the rest of the suite runs.
@@ -78,9 +72,9 @@ def parsed_flags():
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
-    """`python -m jaxgpt.export` with `args`, as a user runs it."""
+    """`python -m jaxgpt.hub.export` with `args`, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "jaxgpt.export", *args],
+        [sys.executable, "-m", "jaxgpt.hub.export", *args],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
 
@@ -117,7 +111,7 @@ def test_eval_of_imported_weights_is_transformers_loss(
         float(v.split()[0].rstrip(",")) for v in losses["val"].split(", ")
     )
     # The same windows through transformers: eval_batches draws them from the seed.
-    dataset = load.read_dataset(DataConfig(**data_flags))
+    dataset = prepare.read_dataset(DataConfig(**data_flags))
     x, y = train.eval_batches(
         dataset.splits["val"], train.root_key(3), 2, 4, 64, sharding.make_mesh()
     )
@@ -175,7 +169,7 @@ def test_finetune_resume_and_export_to_transformers(
     ids = np.random.default_rng(0).integers(0, 50257, (2, 64))
     with torch.no_grad():
         want = hf_model(torch.as_tensor(ids)).logits.numpy()
-    got = model.make_model(model_cfg).apply({"params": params}, ids)
+    got = lecture.make_model(model_cfg).apply({"params": params}, ids)
     assert np.abs(np.asarray(got) - want).max() < 1e-4
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "To be, or not to be: that is the question."

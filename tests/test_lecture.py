@@ -1,4 +1,4 @@
-"""The lecture's models (jaxgpt/lecture.py) and its ladder (python -m jaxgpt.ladder)."""
+"""The lecture's models (jaxgpt/lecture.py) and its ladder (python -m jaxgpt.tools.ladder)."""
 
 import json
 import os
@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import generate, ladder, lecture, model
+from jaxgpt import generate, lecture, model
 from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
+from jaxgpt.tools import ladder
 
 REPO = Path(__file__).resolve().parent.parent
 V, T, C, H, L = 65, 8, 32, 4, 3
@@ -26,7 +27,7 @@ def config(name: str, **kw) -> ModelConfig:
 
 
 def init(cfg: ModelConfig, seed: int = 0):
-    return jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
+    return jax.jit(lecture.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
 
 
 def test_parameter_counts_are_the_lectures():
@@ -42,7 +43,7 @@ def test_parameter_counts_are_the_lectures():
         "lecture_residual": outer + L * block,
         "lecture_layernorm": outer + L * (block + 4 * C) + 2 * C,
     }
-    assert set(want) == set(lecture.MODELS)
+    assert set(want) == set(lecture.STEPS)
     for name, count in want.items():
         shapes = jax.eval_shape(lambda n=name: init(config(n)))
         assert model.count_params(shapes) == count, name
@@ -89,16 +90,16 @@ def test_forward_matches_a_numpy_reference(name):
     cfg = config(name)
     params = init(cfg)
     idx = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, V)
-    logits = jax.jit(model.make_model(cfg).apply)({"params": params}, idx)
+    logits = jax.jit(lecture.make_model(cfg).apply)({"params": params}, idx)
     chex.assert_shape(logits, (2, T, V))
     np.testing.assert_allclose(logits, reference(params, idx, name), atol=2e-4)
 
 
-@pytest.mark.parametrize("name", list(lecture.MODELS))
+@pytest.mark.parametrize("name", list(lecture.STEPS))
 def test_causal(name):
     """Changing tokens after position t leaves the logits up to t unchanged."""
     cfg = config(name)
-    params, apply = init(cfg), jax.jit(model.make_model(cfg).apply)
+    params, apply = init(cfg), jax.jit(lecture.make_model(cfg).apply)
     idx = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, V)
     changed = idx.at[:, 5:].set((idx[:, 5:] + 3) % V)
     a, b = apply({"params": params}, idx), apply({"params": params}, changed)
@@ -111,7 +112,7 @@ def test_sampling_re_runs_the_window_as_the_lectures_generate():
     lecture's generate(): idx[:, -block_size:] through the model, its last
     logits; here greedy, past block_size tokens so that the window slides."""
     cfg = config("lecture_layernorm")
-    params, apply = init(cfg), jax.jit(model.make_model(cfg).apply)
+    params, apply = init(cfg), jax.jit(lecture.make_model(cfg).apply)
     prompt, N = [1, 2, 3], 2 * T
     sample_cfg = SampleConfig(max_new_tokens=N, temperature=0.0, kv_cache=True)
     got = generate.sample(apply, params, cfg, prompt, sample_cfg, jax.random.key(0))
@@ -121,7 +122,7 @@ def test_sampling_re_runs_the_window_as_the_lectures_generate():
         idx = jnp.concatenate([idx, jnp.argmax(logits, -1)[:, None]], axis=1)
     np.testing.assert_array_equal(got, idx)
     with pytest.raises(ValueError, match="no KV cache"):
-        model.make_model(cfg).apply({"params": params}, idx[:, :T], decode=True)
+        lecture.make_model(cfg).apply({"params": params}, idx[:, :T], decode=True)
 
 
 def test_pytorch_default_initialisation():
@@ -154,7 +155,7 @@ def flags_of(path: Path) -> dict[str, str]:
 
 
 def test_every_step_has_a_flagfile_for_its_model():
-    models = {"bigram", *lecture.MODELS}
+    models = {"bigram", *lecture.STEPS}
     for step in ladder.STEPS:
         for name in filter(None, (step.name, step.cpu_name)):
             flags = flags_of(REPO / "experiments" / "lecture" / f"{name}.cfg")
@@ -181,7 +182,7 @@ def test_the_ladder_trains_its_steps_and_writes_a_table_and_a_plot(
         [
             sys.executable,
             "-m",
-            "jaxgpt.ladder",
+            "jaxgpt.tools.ladder",
             f"--out={out}",
             "--steps=2_head",
             "--",
@@ -230,7 +231,7 @@ def test_ladder_lists_its_steps_from_a_non_editable_install(tmp_path, monkeypatc
     build = [sys.executable, "-c", "import setuptools; setuptools.setup()"]
     subprocess.run([*build, "-q", "build_py", "-d", str(site)], cwd=src, check=True)
     done = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.ladder", "--help"],
+        [sys.executable, "-m", "jaxgpt.tools.ladder", "--help"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(site)},
         capture_output=True,

@@ -1,4 +1,4 @@
-"""jaxgpt.llama against transformers' LlamaForCausalLM: logits both ways, the
+"""jaxgpt.hub.llama against transformers' LlamaForCausalLM: logits both ways, the
 bitwise round trip, greedy decoding with the KV cache, sharded and bfloat16
 files, the tokenizer, errors.
 
@@ -25,8 +25,9 @@ import pytest
 import torch
 import transformers
 
-from jaxgpt import generate, hf, llama, main, model, tokenizer_io
+from jaxgpt import generate, lecture, main, model
 from jaxgpt.config import ModelConfig
+from jaxgpt.hub import hf, llama, tokenizer_io
 
 TOL = 1e-4  # float32 logits, jaxgpt against transformers.
 VOCAB = 320
@@ -133,7 +134,9 @@ def hf_logits(hf_model, idx_BT) -> np.ndarray:
 
 
 def jax_logits(cfg: ModelConfig, params, idx_BT) -> np.ndarray:
-    return np.asarray(jax.jit(model.make_model(cfg).apply)({"params": params}, idx_BT))
+    return np.asarray(
+        jax.jit(lecture.make_model(cfg).apply)({"params": params}, idx_BT)
+    )
 
 
 def random_ids(shape, seed: int = 0) -> np.ndarray:
@@ -194,7 +197,7 @@ def test_greedy_decoding_with_the_cache_matches_transformers(hf_llama):
             max_new_tokens=n_new,
         ).numpy()
     got = generate.generate(
-        model.make_model(cfg).apply,
+        lecture.make_model(cfg).apply,
         params,
         jnp.asarray(prompt_BP),
         jax.random.PRNGKey(0),
@@ -230,7 +233,9 @@ def test_round_trip_is_bitwise(hf_llama, tmp_path):
 
 
 def noisy_params(cfg: ModelConfig, seed: int = 0):
-    params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
+    params = jax.jit(lecture.init_params, static_argnums=0)(
+        cfg, jax.random.PRNGKey(seed)
+    )
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     return jax.tree.unflatten(
@@ -334,7 +339,7 @@ def test_exporting_what_a_layout_cannot_hold_names_the_option(tmp_path, kw, opti
     cfg = ModelConfig(
         vocab_size=VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16, **modern
     )
-    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    params = jax.eval_shape(lambda: lecture.init_params(cfg, jax.random.PRNGKey(0)))
     with pytest.raises(hf.HuggingFaceError) as e:
         llama.save_llama(params, cfg, str(tmp_path / "llama"))
     assert_one_line(e, option, "Llama")
@@ -471,8 +476,9 @@ def test_sample_and_eval_of_an_imported_llama_are_transformers(
 ):
     """--mode=sample: greedy text as transformers' generate(); --mode=eval: the
     loss transformers gives on the same windows."""
-    from jaxgpt import load, sharding, train
+    from jaxgpt import sharding, train
     from jaxgpt.config import DataConfig
+    from jaxgpt.datasets import prepare
 
     out = run_main(
         capsys, mode="sample", init_from=str(llama_folder), prompt="ROMEO:",
@@ -490,7 +496,7 @@ def test_sample_and_eval_of_an_imported_llama_are_transformers(
         batch_size=4, seed=3, block_size=16, **llama_data,
     )  # fmt: skip
     val = dict(line.split(": loss ") for line in out.strip().splitlines())["val"]
-    dataset = load.read_dataset(DataConfig(**llama_data))
+    dataset = prepare.read_dataset(DataConfig(**llama_data))
     x, y = train.eval_batches(
         dataset.splits["val"], train.root_key(3), 2, 4, 16, sharding.make_mesh()
     )
@@ -507,9 +513,10 @@ def test_finetuning_an_imported_llama_resumes_exactly_and_exports(
 ):
     """6 steps in one go == 3 steps, then resumed to 6 with the folder gone;
     the export loads in transformers with the same logits and tokenizer."""
-    from jaxgpt import checkpoint as ckpt
-    from jaxgpt import load, sharding
+    from jaxgpt import sharding
     from jaxgpt.config import RunConfig
+    from jaxgpt.hub import load
+    from jaxgpt.run import checkpoint as ckpt
 
     settings = dict(
         init_from=str(llama_folder), batch_size=4, block_size=16, learning_rate=1e-3,
@@ -546,7 +553,7 @@ def test_finetuning_an_imported_llama_resumes_exactly_and_exports(
     assert meta["tokenizer"]["name"] == "hf" and meta["model"]["n_kv_head"] == 2
     assert model_cfg.block_size == 16 and model_cfg.dropout == 0.1
 
-    from jaxgpt import export
+    from jaxgpt.hub import export
 
     out = tmp_path / "exported"
     how = export.export(RunConfig(workdir=str(tmp_path / "split")), "latest", str(out))
@@ -567,7 +574,7 @@ def test_finetuning_an_imported_llama_resumes_exactly_and_exports(
 def test_documents_end_with_the_models_eos(tokenizer_json, tmp_path):
     """A dataset of documents prepared with a model's tokenizer separates them
     with its eos token, as GPT-2's <|endoftext|>."""
-    from jaxgpt import prepare
+    from jaxgpt.datasets import prepare
 
     write_tokenizer(tmp_path, tokenizer_json)
     tok = llama.load_tokenizer(str(tmp_path))
@@ -584,7 +591,7 @@ def test_a_char_models_llama_export_imports_back_with_its_tokenizer(tmp_path):
         vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16,
         position="rope", norm="rmsnorm", mlp="swiglu",
     )  # fmt: skip
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    params = lecture.init_params(cfg, jax.random.PRNGKey(0))
     llama.save_llama(params, cfg, str(tmp_path), hf.tokenizer_files(tok)[0])
     assert llama.find(str(tmp_path)) == ("llama", str(tmp_path))
     assert llama.load_tokenizer(str(tmp_path)).to_json() == tok.to_json()

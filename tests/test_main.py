@@ -13,7 +13,7 @@ from absl import flags
 from absl.testing import flagsaver
 from conftest import REPO
 
-from jaxgpt import cli, main
+from jaxgpt import main
 from jaxgpt.config import (
     DataConfig,
     ModelConfig,
@@ -21,6 +21,7 @@ from jaxgpt.config import (
     SampleConfig,
     TrainConfig,
 )
+from jaxgpt.run import cli
 
 TINY = """\
 --n_layer=2

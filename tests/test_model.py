@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import model, perf
+from jaxgpt import lecture, model
 from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.run import perf
 
 CFG = ModelConfig(
     vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=True
@@ -19,7 +20,7 @@ CFG = ModelConfig(
 def compiled_apply(cfg: ModelConfig):
     """The model's apply as one program (op by op, each new shape compiles
     dozens of small ones)."""
-    return jax.jit(model.make_model(cfg).apply, static_argnames="deterministic")
+    return jax.jit(lecture.make_model(cfg).apply, static_argnames="deterministic")
 
 
 def apply(cfg, params, idx, **kw):
@@ -28,7 +29,7 @@ def apply(cfg, params, idx, **kw):
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_params(CFG, jax.random.PRNGKey(0))
+    return lecture.init_params(CFG, jax.random.PRNGKey(0))
 
 
 def test_logits_shape(params):
@@ -89,7 +90,7 @@ def test_param_count_matches_closed_form(bias, n_layer, n_embd, block_size):
         n_embd=n_embd,
         bias=bias,
     )
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    params = lecture.init_params(cfg, jax.random.PRNGKey(0))
     V, T, C, L = 65, block_size, n_embd, n_layer
     per_block = 4 * C * C + 8 * C * C + (2 * C if not bias else 13 * C)
     expected = V * C + T * C + L * per_block + (2 * C if bias else C)
@@ -101,7 +102,7 @@ def test_baby_gpt_size():
     cfg = ModelConfig(
         vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False
     )
-    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    params = jax.eval_shape(lambda: lecture.init_params(cfg, jax.random.PRNGKey(0)))
     n = model.count_params(params) - 256 * 384
     assert round(n / 1e6, 2) == 10.65
 
@@ -114,7 +115,7 @@ def test_gpt2_initialisation():
     cfg = ModelConfig(
         vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=256, bias=True
     )
-    p = model.init_params(cfg, jax.random.PRNGKey(0))
+    p = lecture.init_params(cfg, jax.random.PRNGKey(0))
     assert abs(float(p["wte"]["embedding"].std()) - 0.02) < 2e-3
     assert abs(float(p["h_0"]["mlp"]["c_fc"]["kernel"].std()) - 0.02) < 2e-3
     residual = 0.02 / math.sqrt(2 * cfg.n_layer)
@@ -132,7 +133,7 @@ def test_initial_loss_near_log_vocab(kind, corpus_text):
     cfg = ModelConfig(
         vocab_size=len(vocab), block_size=32, n_layer=2, n_head=2, n_embd=32, model=kind
     )
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    params = lecture.init_params(cfg, jax.random.PRNGKey(0))
     tokens = tok.encode(corpus_text[:20000])
     x, y = data.get_batch(tokens, np.random.default_rng(0), 16, 32)
     loss = float(model.cross_entropy(apply(cfg, params, x), y))
@@ -141,7 +142,7 @@ def test_initial_loss_near_log_vocab(kind, corpus_text):
 
 def test_bigram_is_a_lookup_table():
     cfg = ModelConfig(vocab_size=5, block_size=4, model="bigram")
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    params = lecture.init_params(cfg, jax.random.PRNGKey(0))
     assert model.count_params(params) == 25
     idx = jnp.array([[3, 1, 3]])
     logits = apply(cfg, params, idx)
@@ -153,7 +154,7 @@ def test_dropout_only_when_training():
     cfg = ModelConfig(
         vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.5
     )
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    params = lecture.init_params(cfg, jax.random.PRNGKey(0))
     idx = jnp.arange(16)[None] % 65
     eval_a, eval_b = apply(cfg, params, idx), apply(cfg, params, idx)
     chex.assert_trees_all_equal(eval_a, eval_b)
@@ -203,8 +204,8 @@ def test_dense_on_rows_equals_flax_dense():
 
 def xla_flops_per_token(cfg: ModelConfig, B: int = 2) -> float:
     """XLA's own count of the FLOPs of the compiled loss gradient, per token."""
-    apply = model.make_model(cfg).apply
-    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    apply = lecture.make_model(cfg).apply
+    params = jax.eval_shape(lambda: lecture.init_params(cfg, jax.random.PRNGKey(0)))
     x_BT = jax.ShapeDtypeStruct((B, cfg.block_size), jnp.int32)
     loss = lambda p, x: model.cross_entropy(apply({"params": p}, x), x)
     cost = jax.jit(jax.grad(loss)).lower(params, x_BT).compile().cost_analysis()

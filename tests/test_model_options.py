@@ -17,9 +17,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import generate, hf, model, muon, train
+from jaxgpt import generate, lecture, model, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
+from jaxgpt.hub import hf
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import muon
 
 BASE = ModelConfig(
     vocab_size=13, block_size=12, n_layer=2, n_head=4, n_embd=32, bias=True
@@ -64,7 +66,9 @@ def config(**kw) -> ModelConfig:
 
 def noisy_params(cfg: ModelConfig, seed: int = 0):
     """init_params plus N(0, 0.1) on every leaf: biases and gains away from 0 and 1."""
-    params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
+    params = jax.jit(lecture.init_params, static_argnums=0)(
+        cfg, jax.random.PRNGKey(seed)
+    )
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
     noise = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
@@ -192,7 +196,7 @@ def test_each_option_computes_its_formula(name):
     cfg = config(**FORMULA_COMBOS[name])
     params = noisy_params(cfg)
     idx_BT = jax.random.randint(jax.random.PRNGKey(1), (2, cfg.block_size), 0, 13)
-    got_BTV = jax.jit(model.make_model(cfg).apply)({"params": params}, idx_BT)
+    got_BTV = jax.jit(lecture.make_model(cfg).apply)({"params": params}, idx_BT)
     for b in range(2):
         want_TV = ref_logits(cfg, params, np.asarray(idx_BT[b]))
         assert np.std(want_TV) > 0.1
@@ -223,20 +227,20 @@ def expected_count(cfg: ModelConfig) -> int:
 @pytest.mark.parametrize("name", COMBOS)
 def test_param_count_matches_closed_form(name):
     cfg = config(**COMBOS[name])
-    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(lambda: lecture.init_params(cfg, jax.random.PRNGKey(0)))
     assert model.count_params(shapes) == expected_count(cfg)
 
 
 def test_gpt2_choices_keep_gpt2s_parameter_tree():
     """Defaults: the tree nanoGPT's GPT has (hf.py's GPT-2 mapping reads it)."""
-    params = jax.eval_shape(lambda: model.init_params(BASE, jax.random.PRNGKey(0)))
+    params = jax.eval_shape(lambda: lecture.init_params(BASE, jax.random.PRNGKey(0)))
     assert set(params) == {"wte", "wpe", "ln_f", "h_0", "h_1"}
     block = jax.tree.map(lambda x: x.shape, params["h_0"])
     assert block["attn"]["c_attn"]["kernel"] == (32, 96)
     assert block["mlp"]["c_fc"]["kernel"] == (32, 128)
     assert set(block) == {"ln_1", "attn", "ln_2", "mlp"}
     modern = config(**MODERN)
-    p = jax.eval_shape(lambda: model.init_params(modern, jax.random.PRNGKey(0)))
+    p = jax.eval_shape(lambda: lecture.init_params(modern, jax.random.PRNGKey(0)))
     assert set(p) == {"wte", "lm_head", "h_0", "h_1"}  # No table, no norm scales.
     assert p["h_0"]["attn"]["c_attn"]["kernel"].shape == (32, 32 + 2 * 2 * 8)
 
@@ -283,7 +287,7 @@ def tokens(step: int, batch: int = 8):
 @functools.cache
 def grad_fn(cfg: ModelConfig):
     x_BT, y_BT = tokens(0)
-    apply = model.make_model(cfg).apply
+    apply = lecture.make_model(cfg).apply
 
     def loss_fn(params, key):
         det = cfg.dropout == 0
@@ -318,7 +322,7 @@ def test_muon_labels_new_kernels_and_trains_the_modern_model():
     for kw in (MODERN, COMBOS["llama"], {"qk_norm": True, "mlp": "swiglu"}):
         cfg = config(**kw)
         shapes = jax.eval_shape(
-            lambda c=cfg: model.init_params(c, jax.random.PRNGKey(0))
+            lambda c=cfg: lecture.init_params(c, jax.random.PRNGKey(0))
         )
         for path, label in jax.tree_util.tree_flatten_with_path(
             muon.muon_labels(shapes)
@@ -328,8 +332,8 @@ def test_muon_labels_new_kernels_and_trains_the_modern_model():
             assert label == ("muon" if in_block and names[-1] == "kernel" else "adamw")
     cfg = config(**MODERN)
     tc = TrainConfig(optimizer="muon", learning_rate=1e-2, warmup_iters=2, max_iters=30)
-    tx, apply = train.make_optimizer(tc), model.make_model(cfg).apply
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    tx, apply = train.make_optimizer(tc), lecture.make_model(cfg).apply
+    params = lecture.init_params(cfg, jax.random.PRNGKey(0))
 
     @jax.jit
     def step(params, opt_state, x_BT, y_BT):
@@ -350,7 +354,7 @@ def test_muon_labels_new_kernels_and_trains_the_modern_model():
 
 def run(cfg, params, prompt_BP, new, **kw):
     return generate.generate(
-        model.make_model(cfg).apply,
+        lecture.make_model(cfg).apply,
         params,
         jnp.asarray(prompt_BP),
         jax.random.PRNGKey(7),
@@ -405,7 +409,9 @@ def test_sampling_a_rotary_model_rolls_its_cache(monkeypatch):
 
     sample_cfg = SampleConfig(max_new_tokens=2, temperature=0.0)
     for cfg in (BASE, config(**MODERN)):
-        params = model.init_params(cfg, jax.random.PRNGKey(0))
+        params = lecture.init_params(cfg, jax.random.PRNGKey(0))
         key = jax.random.PRNGKey(0)
-        generate.sample(model.make_model(cfg).apply, params, cfg, [1], sample_cfg, key)
+        generate.sample(
+            lecture.make_model(cfg).apply, params, cfg, [1], sample_cfg, key
+        )
     assert seen == [False, True]

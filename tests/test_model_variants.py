@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import hf, model, train
+from jaxgpt import lecture, model, train
 from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.hub import hf
+from jaxgpt.run import checkpoint as ckpt
 
 CFG = ModelConfig(
     vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True
@@ -22,7 +23,7 @@ CFG = ModelConfig(
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.PRNGKey(0))
+    return jax.jit(lecture.init_params, static_argnums=0)(CFG, jax.random.PRNGKey(0))
 
 
 def tokens(step: int, batch: int = 8):
@@ -36,7 +37,7 @@ def tokens(step: int, batch: int = 8):
 def grad_fn(cfg: ModelConfig, dropout: bool):
     """jit(value_and_grad) of the loss on tokens(0), with dropout from a key."""
     x_BT, y_BT = tokens(0)
-    apply = model.make_model(cfg).apply
+    apply = lecture.make_model(cfg).apply
 
     def loss_fn(params, key):
         rngs = {"dropout": key} if dropout else {}
@@ -57,14 +58,14 @@ def loss_and_grads(cfg, params, dropout_key=None):
 def test_bfloat16_computes_in_bfloat16_with_float32_params_and_logits(params):
     cfg = dataclasses.replace(CFG, dtype="bfloat16")
     x_BT, _ = tokens(0)
-    apply = partial(model.make_model(cfg).apply, capture_intermediates=True)
+    apply = partial(lecture.make_model(cfg).apply, capture_intermediates=True)
     logits, state = jax.jit(apply)({"params": params}, x_BT)
     inner = state["intermediates"]["h_0"]
     assert inner["attn"]["c_attn"]["__call__"][0].dtype == jnp.bfloat16
     assert inner["mlp"]["c_fc"]["__call__"][0].dtype == jnp.bfloat16
     assert logits.dtype == jnp.float32
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(lambda: lecture.init_params(cfg, jax.random.PRNGKey(0)))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
 
 
@@ -80,7 +81,7 @@ def test_bfloat16_training_tracks_float32():
     """
 
     def train(cfg):
-        apply = model.make_model(cfg).apply
+        apply = lecture.make_model(cfg).apply
         tx = optax.adamw(1e-2)
 
         @jax.jit
@@ -90,7 +91,7 @@ def test_bfloat16_training_tracks_float32():
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
-        params = model.init_params(CFG, jax.random.PRNGKey(0))
+        params = lecture.init_params(CFG, jax.random.PRNGKey(0))
         opt_state, losses = tx.init(params), []
         for s in range(20):
             params, opt_state, loss = step(params, opt_state, *tokens(s))
@@ -132,7 +133,7 @@ def test_stack_and_unstack_blocks_are_inverse(params):
     )
     chex.assert_trees_all_equal(hf.unstack_blocks(stacked), params)
     cfg = dataclasses.replace(CFG, scan_layers=True)
-    scanned = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    scanned = jax.eval_shape(lambda: lecture.init_params(cfg, jax.random.PRNGKey(0)))
     chex.assert_trees_all_equal_shapes_and_dtypes(scanned, stacked)
     with pytest.raises(ValueError, match="already stacked"):
         hf.stack_blocks(stacked)
@@ -153,7 +154,7 @@ def test_scanned_model_splits_dropout_masks_per_layer(params):
     stacked = hf.stack_blocks(params)
     same = jax.tree.map(lambda x: jnp.stack([x[0], x[0]]), stacked["h"])
     x_BT, _ = tokens(0, batch=1)
-    _, state = model.make_model(cfg).apply(
+    _, state = lecture.make_model(cfg).apply(
         {"params": {**stacked, "h": same}},
         x_BT,
         deterministic=False,
@@ -171,10 +172,10 @@ def test_scan_keeps_the_traced_program_flat_in_n_layer(params):
 
     def size(n_layer, scan):
         cfg = dataclasses.replace(CFG, n_layer=n_layer, scan_layers=scan)
-        p = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+        p = jax.eval_shape(lambda: lecture.init_params(cfg, jax.random.PRNGKey(0)))
         x_BT, y_BT = tokens(0)
         loss = lambda p: model.cross_entropy(
-            model.make_model(cfg).apply({"params": p}, x_BT), y_BT
+            lecture.make_model(cfg).apply({"params": p}, x_BT), y_BT
         )
         return len(jax.make_jaxpr(jax.grad(loss))(p).eqns)
 
@@ -208,7 +209,7 @@ def test_dot_product_attention_matches_einsum(params, monkeypatch):
         loss_and_grads(cfg, params), loss_and_grads(CFG, params), atol=1e-6
     )
     x_BT, _ = tokens(1)
-    logits = lambda c: jax.jit(model.make_model(c).apply)({"params": params}, x_BT)
+    logits = lambda c: jax.jit(lecture.make_model(c).apply)({"params": params}, x_BT)
     chex.assert_trees_all_close(logits(cfg), logits(CFG), atol=1e-5)
     assert calls and all(calls)  # jax.nn's causal attention did the work.
 
@@ -233,7 +234,7 @@ def test_cudnn_checkpoints_sample_off_the_gpu_with_xla_attention(params):
     cfg = dataclasses.replace(bf16, attention="cudnn")
     assert not model.use_cudnn(cfg, decode=False)
     x_BT, _ = tokens(1)
-    logits = lambda c: jax.jit(model.make_model(c).apply)({"params": params}, x_BT)
+    logits = lambda c: jax.jit(lecture.make_model(c).apply)({"params": params}, x_BT)
     chex.assert_trees_all_close(logits(cfg), logits(bf16), atol=0.05)
 
 

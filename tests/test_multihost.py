@@ -19,9 +19,9 @@ from pathlib import Path
 
 import chex
 
-from jaxgpt import checkpoint as ckpt
 from jaxgpt import sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
+from jaxgpt.run import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300  # Per run; a stuck collective fails the test instead of hanging.

@@ -15,8 +15,8 @@ import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import perf
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import perf
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "experiments" / "colab_tpu.ipynb"

@@ -1,7 +1,7 @@
 import jax
 import pytest
 
-from jaxgpt import perf
+from jaxgpt.run import perf
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Looking at a run: loss plots (python -m jaxgpt.plot) and TensorBoard event files,
+"""Looking at a run: loss plots (python -m jaxgpt.tools.plot) and TensorBoard event files,
 from a real short run of python -m jaxgpt.main."""
 
 import json
@@ -14,8 +14,10 @@ import pytest
 from matplotlib.figure import Figure
 from tensorboardX.proto import event_pb2
 
-from jaxgpt import metrics, plot, train
+from jaxgpt import train
 from jaxgpt.config import ModelConfig, RunConfig, TrainConfig
+from jaxgpt.run import metrics
+from jaxgpt.tools import plot
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [

@@ -11,8 +11,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from jaxgpt import data, prepare, tokenizer_io
+from jaxgpt import data
 from jaxgpt.config import ConfigError, DataConfig
+from jaxgpt.datasets import prepare
+from jaxgpt.hub import tokenizer_io
 
 
 def cfg(tmp_path, **kw) -> DataConfig:

@@ -24,9 +24,9 @@ from conftest import subprocess_report
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt import checkpoint as ckpt
 from jaxgpt import sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
+from jaxgpt.run import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 

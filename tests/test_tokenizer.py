@@ -5,7 +5,9 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxgpt import tokenizer, tokenizer_io, tokenizer_train
+from jaxgpt import tokenizer
+from jaxgpt.datasets import tokenizer_train
+from jaxgpt.hub import tokenizer_io
 
 Char = tokenizer.CharTokenizer
 

@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import data, loop, metrics, model, muon, sharding, tokenizer, train
+from jaxgpt import data, lecture, sharding, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import loop, metrics, muon
 
 MODEL = ModelConfig(
     vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True
@@ -123,7 +124,7 @@ def test_train_step_draws_dropout_from_the_stream_at_its_step():
     params = jax.tree.map(jnp.copy, state.params)  # The step donates the state's.
     x, y = batch_of(jax.random.randint(jax.random.PRNGKey(0), (4, 8), 0, 65), mesh)
     _, got = train.make_train_step(model_cfg, cfg, mesh)(state, x, y, ROOT)
-    apply_fn = model.make_model(model_cfg).apply
+    apply_fn = lecture.make_model(model_cfg).apply
     loss_and_grads = jax.jit(train.loss_and_grads, static_argnums=0)
     loss_at = lambda key: loss_and_grads(apply_fn, params, x, y, key)[0]
     np.testing.assert_allclose(
@@ -156,7 +157,7 @@ def test_micro_batches_are_strided_rows_with_folded_dropout_keys():
     """With dropout, micro-batch a is rows a, a + 2, ... under fold_in(key, a)."""
     model_cfg = dataclasses.replace(SMALL, dropout=0.5)
     params = train.create_state(model_cfg, TrainConfig(), ROOT).params
-    apply_fn = model.make_model(model_cfg).apply
+    apply_fn = lecture.make_model(model_cfg).apply
     x = jax.random.randint(jax.random.PRNGKey(0), (4, 8), 0, 65)
     y = jnp.roll(x, -1, axis=1)
     key = jax.random.PRNGKey(7)
@@ -356,7 +357,7 @@ def test_muon_orthogonalises_block_matrices_and_adamw_takes_the_rest():
     cfg = TrainConfig(
         learning_rate=1e-2, min_lr=1e-2, warmup_iters=0, grad_clip=0, weight_decay=0
     )
-    params = model.init_params(MODEL, ROOT)
+    params = lecture.init_params(MODEL, ROOT)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
     grads = treedef.unflatten(
@@ -384,7 +385,7 @@ def test_muon_updates_are_optax_contrib_muons(stacked):
     """muon.py orthogonalises same-shaped matrices in one batch with constant
     coefficients; over four steps its updates are optax.contrib.muon's (with
     consistent_rms) up to float rounding, for per-layer and stacked [L, ...] kernels."""
-    params = model.init_params(MODEL, ROOT)
+    params = lecture.init_params(MODEL, ROOT)
     kernels = {  # Every block's kernels, by layer ...
         f"h_{i}": {
             part: {k: v["kernel"] for k, v in params[f"h_{i}"][part].items()}

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxgpt import data, prepare, tokenizer
+from jaxgpt import data, tokenizer
+from jaxgpt.datasets import prepare
 from jaxgpt.micrograd.optim import AdamW
 from jaxgpt.micrograd.tensor import Tensor, cross_entropy, embedding, no_grad
 

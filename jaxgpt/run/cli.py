@@ -1,6 +1,6 @@
 """The command line: one absl flag per option of the configs in config.py.
 
-Every entry point (jaxgpt.main, jaxgpt.prepare, jaxgpt.export, the benchmarks)
+Every entry point (jaxgpt.main, jaxgpt.datasets.prepare, jaxgpt.hub.export, the benchmarks)
 imports this module for its flags, and it is the only reader of FLAGS: the
 flags are made from the config fields (`--n_layer` is ModelConfig.n_layer),
 and `from_flags` builds a frozen config from their values.
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from absl import flags
 
-from jaxgpt import config, hf
+from jaxgpt import config
 
 FLAGS = flags.FLAGS
 
@@ -51,12 +51,12 @@ def from_flags(cls: type, **given: Any):
 
 def markdown() -> str:
     """Every flag as a markdown table per config: docs/flags.md is this text
-    (`python -m jaxgpt.cli > docs/flags.md`; a test keeps them equal)."""
+    (`python -m jaxgpt.run.cli > docs/flags.md`; a test keeps them equal)."""
     lines = [
         "# Every flag",
         "",
         "Made from the config dataclasses in `jaxgpt/config.py` (the one definition of"
-        + " each option); regenerate with `python -m jaxgpt.cli > docs/flags.md`.",
+        + " each option); regenerate with `python -m jaxgpt.run.cli > docs/flags.md`.",
     ]
     for cls in config.ALL:
         lines += ["", f"## {cls.__name__}: {cls.__doc__.strip()}", ""]
@@ -77,7 +77,7 @@ def given(*names: str) -> dict[str, Any]:
 
 def runtime_options() -> dict[str, Any]:
     """The ModelConfig fields that change how, not what, the model computes."""
-    return {name: FLAGS[name].value for name in hf.RUNTIME_FIELDS}
+    return {name: FLAGS[name].value for name in config.RUNTIME_FIELDS}
 
 
 if __name__ == "__main__":

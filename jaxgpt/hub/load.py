@@ -6,39 +6,11 @@ from __future__ import annotations
 
 from absl import logging
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import cli, data, hf, hosts, llama, prepare, tokenizer_io, train
-from jaxgpt.config import ConfigError, DataConfig, ModelConfig, RunConfig
-
-
-def read_dataset(data_cfg: DataConfig) -> prepare.Dataset:
-    """The dataset's tokenizer and splits, token files read by window (prepared
-    first if need be, by process 0 while the others wait)."""
-    if hosts.is_main_process():
-        dataset = prepare.ensure(data_cfg)
-    hosts.sync("jaxgpt.prepare")
-    if not hosts.is_main_process():
-        dataset = prepare.ensure(data_cfg)  # Prepared now: this only reads.
-    return dataset
-
-
-def check_fits(dataset: prepare.Dataset, model_cfg: ModelConfig, tok) -> None:
-    """The model reads the dataset's tokens, and each split holds a window."""
-    if tok.to_json() != dataset.tokenizer.to_json():
-        how = (
-            "--tokenizer=<the model's folder or Hub name> (its tokenizer.json) and"
-            " another --dataset or --data_dir"
-            if tok.name == tokenizer_io.HFTokenizer.name
-            else "e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2"
-        )
-        raise ConfigError(
-            f"the model's {tok.name} tokenizer is not --dataset={dataset.meta['dataset']}'s"
-            f" {dataset.tokenizer.name} tokenizer: prepare a dataset with the model's"
-            f" ({how}."
-        )
-    for split, tokens in dataset.splits.items():
-        what = f"{split} split of --dataset={dataset.meta['dataset']}"
-        data.check_long_enough(len(tokens), model_cfg.block_size, what)
+from jaxgpt import train
+from jaxgpt.config import ConfigError, ModelConfig, RunConfig
+from jaxgpt.hub import hf, llama, tokenizer_io
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import cli, hosts
 
 
 def say(line: str) -> None:

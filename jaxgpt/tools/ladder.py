@@ -1,7 +1,7 @@
 """The lecture's ladder: each step's flagfile trained in turn, then a table and a plot.
 
-  python -m jaxgpt.ladder                        # every step, into out/lecture
-  python -m jaxgpt.ladder --steps=1_bigram,2_head -- --max_iters=100
+  python -m jaxgpt.tools.ladder                        # every step, into out/lecture
+  python -m jaxgpt.tools.ladder --steps=1_bigram,2_head -- --max_iters=100
 
 Each step is `python -m jaxgpt.main --flagfile=experiments/lecture/<step>.cfg`
 (in its own process, in the current folder as that command would be, so the
@@ -28,10 +28,12 @@ from pathlib import Path
 
 import jax
 
-from jaxgpt import checkpoint, model, perf, plot, quiet
+from jaxgpt import lecture, model
 from jaxgpt.config import ModelConfig
+from jaxgpt.run import checkpoint, perf, quiet
+from jaxgpt.tools import plot
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # jaxgpt/
 # Where experiments/lecture/ lies: the checkout (an editable install), else the
 # package (setup.cfg installs the flagfiles with it). Flagfiles name their
 # includes from here.
@@ -129,7 +131,7 @@ def train_step(name: str, run: Path, extra: Sequence[str]) -> float:
 def count_parameters(run: Path) -> int:
     """The parameter count of the model saved in `run`, from its shapes alone."""
     model_cfg = ModelConfig(**checkpoint.read_meta(run)["model"])
-    shapes = jax.eval_shape(lambda: model.init_params(model_cfg, jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: lecture.init_params(model_cfg, jax.random.key(0)))
     return model.count_params(shapes)
 
 
@@ -186,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in STEPS
     )
     parser = argparse.ArgumentParser(
-        prog="python -m jaxgpt.ladder",
+        prog="python -m jaxgpt.tools.ladder",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"steps (experiments/lecture/<step>.cfg, in {FLAGFILES}):\n"

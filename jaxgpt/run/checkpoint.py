@@ -55,9 +55,9 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt import hosts
-from jaxgpt import workdir as workdir_lib
 from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.run import hosts
+from jaxgpt.run import workdir as workdir_lib
 
 LATEST, BEST = "latest", "best"
 FOLDERS = {LATEST: "checkpoints", BEST: "best"}  # Under the workdir.
@@ -415,7 +415,7 @@ class Checkpointer:
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(0.1)
-        hosts.sync("jaxgpt.checkpoint.delete_unfinished")
+        hosts.sync("jaxgpt.run.checkpoint.delete_unfinished")
         return found
 
     def _unfinished(self) -> list[Path]:
@@ -585,7 +585,7 @@ class Checkpointer:
             while dest.exists():
                 dest, n = dest.with_name(f"{FOLDERS[which]}-{step}.{n}"), n + 1
             source.rename(dest)
-        hosts.sync("jaxgpt.checkpoint.move_aside")
+        hosts.sync("jaxgpt.run.checkpoint.move_aside")
         self._managers[which].reload()
         say(f"moved {source} to {dest}")
 
@@ -687,7 +687,7 @@ def clear(workdir: str | Path) -> None:
         for folder in (*FOLDERS.values(), DAMAGED):
             shutil.rmtree(workdir / folder, ignore_errors=True)
         (workdir / workdir_lib.METRICS_NAME).unlink(missing_ok=True)
-    hosts.sync("jaxgpt.checkpoint.clear")
+    hosts.sync("jaxgpt.run.checkpoint.clear")
 
 
 def check_run_meta(meta: dict[str, Any]) -> None:

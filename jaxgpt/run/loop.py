@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxgpt import hosts
-from jaxgpt.checkpoint import Checkpointer, on_host
 from jaxgpt.config import ConfigError, TrainConfig, free_on_resume
-from jaxgpt.stops import StopRequest
+from jaxgpt.run import hosts
+from jaxgpt.run.checkpoint import Checkpointer, on_host
+from jaxgpt.run.stops import StopRequest
 from jaxgpt.train import TrainState
 
 Hook = Callable[[int, TrainState, dict], bool]

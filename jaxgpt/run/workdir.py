@@ -24,8 +24,8 @@ from pathlib import Path
 
 from absl import logging
 
-from jaxgpt import stops
 from jaxgpt.config import ConfigError
+from jaxgpt.run import stops
 
 LOCK_NAME = "lock"
 METRICS_NAME = "metrics.jsonl"

@@ -27,9 +27,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxgpt import scoring, sharding
+from jaxgpt import sharding
 from jaxgpt.config import ConfigError, ModelConfig
-from jaxgpt.model import make_model
+from jaxgpt.evals import scoring
+from jaxgpt.lecture import make_model
 from jaxgpt.train import abstract_params
 
 DATASET = "Rowan/hellaswag"

@@ -1,12 +1,12 @@
 """Write a trained run in Hugging Face's layout, for transformers to load.
 
-  python -m jaxgpt.export --workdir=out/shakespeare --out=hf/shakespeare
-  python -m jaxgpt.export --workdir=out/shakespeare --checkpoint=best --out=...
+  python -m jaxgpt.hub.export --workdir=out/shakespeare --out=hf/shakespeare
+  python -m jaxgpt.hub.export --workdir=out/shakespeare --checkpoint=best --out=...
 
 then, in Python: transformers.AutoModelForCausalLM.from_pretrained("hf/shakespeare").
 The folder holds config.json and model.safetensors in GPT-2's layout
-(GPT2LMHeadModel, jaxgpt/hf.py maps the parameters) for a model with GPT-2's
-architecture, in Llama's (LlamaForCausalLM, jaxgpt/llama.py) for one with
+(GPT2LMHeadModel, jaxgpt/hub/hf.py maps the parameters) for a model with GPT-2's
+architecture, in Llama's (LlamaForCausalLM, jaxgpt/hub/llama.py) for one with
 rotary positions, RMSNorm and SwiGLU (--format picks; a model neither holds is
 refused, naming the option). Beside them, the run's tokenizer: GPT-2's as
 vocab.json and merges.txt, a Llama-family model's as tokenizer.json, both of
@@ -22,18 +22,16 @@ from pathlib import Path
 
 from absl import app, logging
 
-from jaxgpt import checkpoint as ckpt
-from jaxgpt import (
+from jaxgpt import sharding
+from jaxgpt.config import ConfigError, ExportConfig, RunConfig, SampleConfig
+from jaxgpt.hub import hf, llama, load
+from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import (
     cli,  # Defines the flags.,
-    hf,
     hosts,
-    llama,
-    load,
     quiet,
-    sharding,
     workdir,
 )
-from jaxgpt.config import ConfigError, ExportConfig, RunConfig, SampleConfig
 
 
 def check_writable(out: str) -> None:

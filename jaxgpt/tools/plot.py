@@ -1,7 +1,7 @@
 """Loss curves of one or several runs, from their metrics.jsonl.
 
-  python -m jaxgpt.plot out/shakespeare_cpu                 # out/shakespeare_cpu/loss.png
-  python -m jaxgpt.plot out/char out/bpe --bpb --out=cmp.png
+  python -m jaxgpt.tools.plot out/shakespeare_cpu                 # out/shakespeare_cpu/loss.png
+  python -m jaxgpt.tools.plot out/char out/bpe --bpb --out=cmp.png
 
 One color per run: val loss solid, train loss dashed, at each evaluation.
 Each run is labelled with its folder's name and its model (from the config
@@ -22,7 +22,7 @@ from typing import Any
 
 from matplotlib.figure import Figure  # No pyplot: no backend, no display needed.
 
-from jaxgpt import quiet, workdir
+from jaxgpt.run import quiet, workdir
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
@@ -58,7 +58,7 @@ def describe(model: dict[str, Any]) -> str:
 
 def label(run: str | Path) -> str:
     """The run's folder name and its model, read from its checkpoint's meta."""
-    from jaxgpt import checkpoint  # Orbax: imported only to read a label.
+    from jaxgpt.run import checkpoint  # Orbax: imported only to read a label.
 
     name = Path(run).resolve().name
     try:
@@ -160,7 +160,7 @@ def plot(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jaxgpt.plot", description=__doc__.splitlines()[0]
+        prog="python -m jaxgpt.tools.plot", description=__doc__.splitlines()[0]
     )
     parser.add_argument("runs", nargs="+", help="Workdirs of runs (--workdir).")
     parser.add_argument(

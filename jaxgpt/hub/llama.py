@@ -56,8 +56,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jaxgpt import hf, tokenizer_io
-from jaxgpt.config import ModelConfig
+from jaxgpt.config import RUNTIME_FIELDS, ModelConfig
+from jaxgpt.hub import hf, tokenizer_io
 
 HuggingFaceError = hf.HuggingFaceError
 PREFIX = "model."  # LlamaForCausalLM's name for its LlamaModel.
@@ -455,7 +455,7 @@ def load_llama(folder: str, **overrides: Any) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of a LlamaForCausalLM folder. overrides set the
     fields config.json leaves open (dropout, dtype, remat, scan_layers,
     attention) and a shorter block_size (no table depends on it with rope)."""
-    bad = sorted(set(overrides) - {*hf.RUNTIME_FIELDS, "block_size"})
+    bad = sorted(set(overrides) - {*RUNTIME_FIELDS, "block_size"})
     if bad:
         raise HuggingFaceError(
             f"load_llama cannot override {bad[0]!r}: config.json fixes it."

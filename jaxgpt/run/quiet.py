@@ -26,7 +26,7 @@ class QuietLibraries(pylogging.Filter):
     without their tracebacks; nothing of orbax's (jaxgpt reports what a save or
     a restore did, and a failure in one line). With --verbosity=1, everything."""
 
-    package_dir = str(Path(__file__).resolve().parent)
+    package_dir = str(Path(__file__).resolve().parents[1])  # jaxgpt/
 
     @staticmethod
     @functools.lru_cache(maxsize=256)

@@ -26,9 +26,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxgpt import workdir
 from jaxgpt.config import ModelConfig
-from jaxgpt.model import count_params, init_params
+from jaxgpt.lecture import init_params
+from jaxgpt.model import count_params
+from jaxgpt.run import workdir
 
 # Dense peak TFLOP/s per chip from the vendors' data sheets, by compute dtype.
 KNOWN_PEAKS = {

@@ -20,10 +20,10 @@ from pathlib import Path
 from absl import logging
 from tqdm import tqdm
 
-from jaxgpt import hosts, perf
-from jaxgpt import workdir as workdir_lib
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.perf import flops_per_token
+from jaxgpt.run import hosts, perf
+from jaxgpt.run import workdir as workdir_lib
+from jaxgpt.run.perf import flops_per_token
 
 
 class TrainLog:

@@ -1,13 +1,13 @@
 """Every jaxgpt model as a model of EleutherAI's lm-evaluation-harness.
 
   python -m jaxgpt.main --mode=eval --workdir=out/run --tasks=hellaswag,arc_easy
-  python -m jaxgpt.evals --model jaxgpt --model_args workdir=out/run --tasks hellaswag
+  python -m jaxgpt.evals.harness --model jaxgpt --model_args workdir=out/run --tasks hellaswag
   lm_eval --model jaxgpt --model_args init_from=gpt2 --tasks hellaswag
 
 `JaxGPTLM` is registered under the name "jaxgpt": importing this module
 registers it, and setup.cfg declares it in the `lm_eval.models` entry-point
 group, which harness versions with plugin discovery read (so that the plain
-`lm_eval` command finds it); `python -m jaxgpt.evals` is the harness's own
+`lm_eval` command finds it); `python -m jaxgpt.evals.harness` is the harness's own
 command line with jaxgpt registered, for any harness version. Its model_args:
 workdir (a run's checkpoint; checkpoint=latest|best) or init_from (anything
 --init_from takes), batch_size (rows per compiled call), max_gen_toks, seed.
@@ -46,8 +46,11 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from jaxgpt import generate, hf, hosts, load, model, scoring, sharding, train
+from jaxgpt import generate, lecture, model, sharding, train
 from jaxgpt.config import ConfigError, RunConfig
+from jaxgpt.evals import scoring
+from jaxgpt.hub import hf, load
+from jaxgpt.run import hosts
 
 DEFAULT_ROWS = 16  # Rows per compiled call when the harness says "auto".
 SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "until", "max_gen_toks")
@@ -76,7 +79,7 @@ def rows_per_call(batch_size: Any, mesh) -> int:
 @functools.lru_cache
 def apply_of(model_cfg):
     """The model's apply, one per config: generate() caches its programs by it."""
-    return model.make_model(model_cfg).apply
+    return lecture.make_model(model_cfg).apply
 
 
 @register_model("jaxgpt")
@@ -355,7 +358,7 @@ def main() -> None:
     """The harness's command line (`lm_eval ...`), with jaxgpt registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    from jaxgpt import cache
+    from jaxgpt.run import cache
 
     cache.enable_compilation_cache()
     try:

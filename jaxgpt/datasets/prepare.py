@@ -1,10 +1,10 @@
 """Datasets as token files: <data_dir>/<name>/{train.bin, val.bin, meta.json}.
 
-  python -m jaxgpt.prepare --dataset=shakespeare_char     # tiny shakespeare, characters
-  python -m jaxgpt.prepare --dataset=shakespeare          # tiny shakespeare, GPT-2 BPE
-  python -m jaxgpt.prepare --dataset=openwebtext          # Hugging Face datasets, streamed
-  python -m jaxgpt.prepare --dataset=fineweb_edu --max_documents=100000
-  python -m jaxgpt.prepare --dataset=notes --data_path=notes/ --tokenizer=bpe:4096
+  python -m jaxgpt.datasets.prepare --dataset=shakespeare_char     # tiny shakespeare, characters
+  python -m jaxgpt.datasets.prepare --dataset=shakespeare          # tiny shakespeare, GPT-2 BPE
+  python -m jaxgpt.datasets.prepare --dataset=openwebtext          # Hugging Face datasets, streamed
+  python -m jaxgpt.datasets.prepare --dataset=fineweb_edu --max_documents=100000
+  python -m jaxgpt.datasets.prepare --dataset=notes --data_path=notes/ --tokenizer=bpe:4096
 
 nanoGPT's layout: train.bin and val.bin hold the token ids back to back,
 uint16 when the vocabulary fits in 16 bits, else uint32, so nanoGPT's own
@@ -50,13 +50,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxgpt import cache, data, tokenizer, tokenizer_io, tokenizer_train, workdir
+from jaxgpt import data, tokenizer
 from jaxgpt.config import (
     ConfigError,
     DataConfig,
+    ModelConfig,
     check_tokenizer_spec,
     unknown_tokenizer,
 )
+from jaxgpt.datasets import tokenizer_train
+from jaxgpt.hub import tokenizer_io
+from jaxgpt.run import cache, workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +113,7 @@ class Dataset:
 def again(folder: Path) -> str:
     """How to prepare the dataset of `folder` again (the fix of its damage)."""
     return (
-        f"prepare it again (python -m jaxgpt.prepare --dataset={folder.name}"
+        f"prepare it again (python -m jaxgpt.datasets.prepare --dataset={folder.name}"
         f" --data_dir={folder.parent}, with the --data_path it was made from)"
     )
 
@@ -518,7 +522,7 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
                 " .json that jaxgpt wrote (a dataset's or an export's)."
             ) from e
     if os.path.isdir(spec) or "/" in spec:  # A model folder or Hub repository.
-        from jaxgpt import llama  # (Imports JAX, which preparing needs not.)
+        from jaxgpt.hub import llama  # (Imports JAX, which preparing needs not.)
 
         try:
             return llama.load_tokenizer(llama.find(spec)[1])
@@ -742,8 +746,40 @@ def fingerprint(files) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+def read_dataset(data_cfg: DataConfig) -> Dataset:
+    """The dataset's tokenizer and splits, token files read by window (prepared
+    first if need be, by process 0 while the others wait)."""
+    from jaxgpt.run import hosts  # JAX, which preparing alone needs not.
+
+    if hosts.is_main_process():
+        dataset = ensure(data_cfg)
+    hosts.sync("jaxgpt.datasets.prepare")
+    if not hosts.is_main_process():
+        dataset = ensure(data_cfg)  # Prepared now: this only reads.
+    return dataset
+
+
+def check_fits(dataset: Dataset, model_cfg: ModelConfig, tok) -> None:
+    """The model reads the dataset's tokens, and each split holds a window."""
+    if tok.to_json() != dataset.tokenizer.to_json():
+        how = (
+            "--tokenizer=<the model's folder or Hub name> (its tokenizer.json) and"
+            " another --dataset or --data_dir"
+            if tok.name == tokenizer_io.HFTokenizer.name
+            else "e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2"
+        )
+        raise ConfigError(
+            f"the model's {tok.name} tokenizer is not --dataset={dataset.meta['dataset']}'s"
+            f" {dataset.tokenizer.name} tokenizer: prepare a dataset with the model's"
+            f" ({how}."
+        )
+    for split, tokens in dataset.splits.items():
+        what = f"{split} split of --dataset={dataset.meta['dataset']}"
+        data.check_long_enough(len(tokens), model_cfg.block_size, what)
+
+
 def main(argv: list[str]) -> None:
-    from jaxgpt import cli  # Defines the flags.
+    from jaxgpt.run import cli  # Defines the flags.
 
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
@@ -758,6 +794,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app
 
-    from jaxgpt import cli  # noqa: F401  (defines the flags)
+    from jaxgpt.run import cli  # noqa: F401  (defines the flags)
 
     app.run(main)

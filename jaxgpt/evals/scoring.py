@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jaxgpt import sharding, tokenizer
 from jaxgpt.config import ModelConfig
-from jaxgpt.model import make_model
+from jaxgpt.lecture import make_model
 from jaxgpt.train import abstract_params
 
 

@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jaxgpt import tokenizer, tokenizer_io
-from jaxgpt.config import ModelConfig, free_on_resume
+from jaxgpt import tokenizer
+from jaxgpt.config import RUNTIME_FIELDS, ModelConfig
+from jaxgpt.hub import tokenizer_io
 
 # The released GPT-2 sizes and the Hub repositories that hold them.
 HUB_REPOS = {
@@ -57,8 +58,6 @@ GPT2_VOCAB_SIZES = (50257, 50304)  # GPT-2's BPE, and nanoGPT's padding of it.
 GPT2_EOS = 50256  # <|endoftext|>, GPT-2's bos and eos token.
 PREFIX = "transformer."  # GPT2LMHeadModel's name for its GPT2Model.
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-# ModelConfig fields config.json does not fix: load_gpt2's overrides may set them.
-RUNTIME_FIELDS = (*free_on_resume(ModelConfig), "scan_layers")
 
 
 class HuggingFaceError(ValueError):
@@ -530,7 +529,7 @@ def tokenizer_files(tok) -> tuple[dict[str, str], str]:
     files = {TOKENIZER_JSON: json.dumps(tok.to_json())}
     return files, (
         f"jaxgpt's own {tok.name} tokenizer: {TOKENIZER_JSON} (transformers cannot"
-        " read it; jaxgpt.tokenizer_io.from_json does)"
+        " read it; jaxgpt.hub.tokenizer_io.from_json does)"
     )
 
 
