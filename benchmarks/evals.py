@@ -39,10 +39,11 @@ import numpy as np
 from absl import app, flags
 
 from jaxgpt import lecture, model, sharding
-from jaxgpt.config import EvalConfig, ModelConfig
+from jaxgpt.config import ModelConfig
 from jaxgpt.evals import hellaswag
 from jaxgpt.hub import hf, tokenizer_io
 from jaxgpt.run import cli  # Defines the flags (--eval_data_path, --eval_batch_size).
+from jaxgpt.run.configs import EvalConfig
 from jaxgpt.run.perf import cpu_speedups
 from jaxgpt.tokenizer import CharTokenizer
 

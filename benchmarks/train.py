@@ -24,12 +24,13 @@ import numpy as np
 from absl import app, flags
 
 from jaxgpt import model, sharding, train
-from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, TrainConfig
+from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.main import check_backend
 from jaxgpt.run import (
     cli,  # Defines the flags.
     perf,
 )
+from jaxgpt.run.configs import MeshConfig, RunConfig
 from jaxgpt.run.perf import keep_freed_memory, unroll_threefry
 
 _STEPS = flags.DEFINE_integer("bench_steps", 50, "Timed steps.")

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_twin
 
 from jaxgpt import generate, lecture, sharding, train
-from jaxgpt.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
+from jaxgpt.config import ModelConfig, SampleConfig, TrainConfig
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import (
     cli,  # Defines the flags.
@@ -66,6 +66,7 @@ from jaxgpt.run import (
     metrics,
     perf,
 )
+from jaxgpt.run.configs import RunConfig
 from jaxgpt.run.perf import cpu_speedups
 
 _BENCH = flags.DEFINE_enum(

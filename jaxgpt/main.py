@@ -29,16 +29,7 @@ from absl import app, logging
 from tqdm import tqdm
 
 from jaxgpt import data, generate, lecture, model, sharding, train
-from jaxgpt.config import (
-    ConfigError,
-    DataConfig,
-    EvalConfig,
-    MeshConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-    TrainConfig,
-)
+from jaxgpt.config import ConfigError, ModelConfig, SampleConfig, TrainConfig
 from jaxgpt.datasets import prepare
 from jaxgpt.evals import hellaswag
 from jaxgpt.hub import load, tokenizer_io
@@ -54,6 +45,7 @@ from jaxgpt.run import (
     workdir,
 )
 from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run.configs import DataConfig, EvalConfig, MeshConfig, RunConfig
 from jaxgpt.run.perf import cpu_speedups
 
 FLAGS = cli.FLAGS

@@ -7,17 +7,20 @@ import pytest
 from absl import flags
 
 from jaxgpt import config, main  # noqa: F401  (main: the entry point loads)
-from jaxgpt.config import ConfigError, MeshConfig, ModelConfig, RunConfig, SampleConfig
-from jaxgpt.run import cli
+from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
+from jaxgpt.run import cli, configs
+from jaxgpt.run.configs import MeshConfig, RunConfig
 
 FLAG_FIELDS = {
-    f.name: (f, hint) for cls in config.ALL for f, hint in config.flag_fields(cls)
+    f.name: (f, hint) for cls in configs.ALL for f, hint in config.flag_fields(cls)
 }
 
 
 def test_every_option_is_a_flag_with_its_default_and_help():
     """77 options, one flag each, whose default and help are the field's."""
-    assert len(FLAG_FIELDS) == sum(len(config.flag_fields(c)) for c in config.ALL) == 77
+    assert (
+        len(FLAG_FIELDS) == sum(len(config.flag_fields(c)) for c in configs.ALL) == 77
+    )
     main_flags = {
         name
         for name, flag in flags.FLAGS._flags().items()

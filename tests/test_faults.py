@@ -31,10 +31,11 @@ from absl import flags
 from absl.testing import flagsaver
 
 from jaxgpt import main, sharding, train
-from jaxgpt.config import DataConfig, ModelConfig, TrainConfig
+from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.datasets import prepare
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import loop, workdir
+from jaxgpt.run.configs import DataConfig
 
 TINY = [
     "--n_layer=1",
@@ -1063,8 +1064,8 @@ def test_sampling_and_export_read_around_damaged_metas(copy, pristine, monkeypat
     """A flipped digit in the newest latest meta and a garbage best meta:
     sampling and export use the next intact checkpoint of each kind, read
     with its own meta's model; no intact one is called damaged."""
-    from jaxgpt.config import RunConfig
     from jaxgpt.hub import export, hf, load
+    from jaxgpt.run.configs import RunConfig
 
     DAMAGE["flipped n_layer"](copy / "checkpoints" / "20")
     DAMAGE["meta {}"](copy / "best" / "20")
@@ -1120,8 +1121,8 @@ def test_a_reader_racing_a_writer_takes_the_newer_checkpoint(copy, monkeypatch):
     """Sampling --checkpoint=best while training replaces best/20 by best/25:
     the read that fails as the folder goes is retried on best/25, and nothing
     is called damaged."""
-    from jaxgpt.config import RunConfig
     from jaxgpt.hub import load
+    from jaxgpt.run.configs import RunConfig
 
     load_params, raced = ckpt.Checkpointer.load_params, []
 

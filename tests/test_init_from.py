@@ -19,10 +19,10 @@ from absl import flags
 from absl.testing import flagsaver
 
 from jaxgpt import lecture, main, sharding, train
-from jaxgpt.config import DataConfig, RunConfig
 from jaxgpt.datasets import prepare
 from jaxgpt.hub import hf, load, tokenizer_io
 from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run.configs import DataConfig, RunConfig
 
 # The reference is transformers on PyTorch (the test extra; a CPU build is all
 # it needs): without them these tests skip, and the rest of the suite runs.

@@ -477,8 +477,8 @@ def test_sample_and_eval_of_an_imported_llama_are_transformers(
     """--mode=sample: greedy text as transformers' generate(); --mode=eval: the
     loss transformers gives on the same windows."""
     from jaxgpt import sharding, train
-    from jaxgpt.config import DataConfig
     from jaxgpt.datasets import prepare
+    from jaxgpt.run.configs import DataConfig
 
     out = run_main(
         capsys, mode="sample", init_from=str(llama_folder), prompt="ROMEO:",
@@ -514,9 +514,9 @@ def test_finetuning_an_imported_llama_resumes_exactly_and_exports(
     """6 steps in one go == 3 steps, then resumed to 6 with the folder gone;
     the export loads in transformers with the same logits and tokenizer."""
     from jaxgpt import sharding
-    from jaxgpt.config import RunConfig
     from jaxgpt.hub import load
     from jaxgpt.run import checkpoint as ckpt
+    from jaxgpt.run.configs import RunConfig
 
     settings = dict(
         init_from=str(llama_folder), batch_size=4, block_size=16, learning_rate=1e-3,

@@ -14,14 +14,9 @@ from absl.testing import flagsaver
 from conftest import REPO
 
 from jaxgpt import main
-from jaxgpt.config import (
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-    TrainConfig,
-)
+from jaxgpt.config import ModelConfig, SampleConfig, TrainConfig
 from jaxgpt.run import cli
+from jaxgpt.run.configs import DataConfig, RunConfig
 
 TINY = """\
 --n_layer=2

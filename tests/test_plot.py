@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 from tensorboardX.proto import event_pb2
 
 from jaxgpt import train
-from jaxgpt.config import ModelConfig, RunConfig, TrainConfig
+from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.run import metrics
+from jaxgpt.run.configs import RunConfig
 from jaxgpt.tools import plot
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from jaxgpt import data
-from jaxgpt.config import ConfigError, DataConfig
+from jaxgpt.config import ConfigError
 from jaxgpt.datasets import prepare
 from jaxgpt.hub import tokenizer_io
+from jaxgpt.run.configs import DataConfig
 
 
 def cfg(tmp_path, **kw) -> DataConfig:

@@ -51,16 +51,11 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import data, tokenizer
-from jaxgpt.config import (
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    check_tokenizer_spec,
-    unknown_tokenizer,
-)
+from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.datasets import tokenizer_train
 from jaxgpt.hub import tokenizer_io
 from jaxgpt.run import cache, workdir
+from jaxgpt.run.configs import DataConfig, check_tokenizer_spec, unknown_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,10 +47,11 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from jaxgpt import generate, lecture, model, sharding, train
-from jaxgpt.config import ConfigError, RunConfig
+from jaxgpt.config import ConfigError
 from jaxgpt.evals import scoring
 from jaxgpt.hub import hf, load
 from jaxgpt.run import hosts
+from jaxgpt.run.configs import RunConfig
 
 DEFAULT_ROWS = 16  # Rows per compiled call when the harness says "auto".
 SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "until", "max_gen_toks")

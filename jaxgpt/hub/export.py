@@ -23,7 +23,7 @@ from pathlib import Path
 from absl import app, logging
 
 from jaxgpt import sharding
-from jaxgpt.config import ConfigError, ExportConfig, RunConfig, SampleConfig
+from jaxgpt.config import ConfigError, SampleConfig
 from jaxgpt.hub import hf, llama, load
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import (
@@ -32,6 +32,7 @@ from jaxgpt.run import (
     quiet,
     workdir,
 )
+from jaxgpt.run.configs import ExportConfig, RunConfig
 
 
 def check_writable(out: str) -> None:

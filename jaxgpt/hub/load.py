@@ -7,10 +7,11 @@ from __future__ import annotations
 from absl import logging
 
 from jaxgpt import train
-from jaxgpt.config import ConfigError, ModelConfig, RunConfig
+from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.hub import hf, llama, tokenizer_io
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import cli, hosts
+from jaxgpt.run.configs import RunConfig
 
 
 def say(line: str) -> None:

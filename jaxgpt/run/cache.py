@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
-
 
 def cache_dir() -> Path:
     """$XDG_CACHE_HOME/jaxgpt, else ~/.cache/jaxgpt."""
@@ -41,6 +39,8 @@ def enable_compilation_cache() -> Path:
     are kept: on a CPU even the small ones take a noticeable part of start-up.
     A directory already set (JAX_COMPILATION_CACHE_DIR) is kept.
     """
+    import jax  # Here only: preparing a dataset reads cache_dir() without JAX.
+
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
     directory = compilation_cache_dir()

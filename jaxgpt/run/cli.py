@@ -1,4 +1,4 @@
-"""The command line: one absl flag per option of the configs in config.py.
+"""The command line: one absl flag per option of the configs (config.py, configs.py).
 
 Every entry point (jaxgpt.main, jaxgpt.datasets.prepare, jaxgpt.hub.export, the benchmarks)
 imports this module for its flags, and it is the only reader of FLAGS: the
@@ -15,6 +15,7 @@ from typing import Any, Literal
 from absl import flags
 
 from jaxgpt import config
+from jaxgpt.run import configs
 
 FLAGS = flags.FLAGS
 
@@ -37,7 +38,7 @@ def define_flags(cls: type) -> None:
         define(name, default, help_)
 
 
-for _cls in config.ALL:
+for _cls in configs.ALL:
     define_flags(_cls)
 
 
@@ -55,10 +56,11 @@ def markdown() -> str:
     lines = [
         "# Every flag",
         "",
-        "Made from the config dataclasses in `jaxgpt/config.py` (the one definition of"
-        + " each option); regenerate with `python -m jaxgpt.run.cli > docs/flags.md`.",
+        "Made from the config dataclasses in `jaxgpt/config.py` (the core's) and"
+        + " `jaxgpt/run/configs.py` (the engine's), the one definition of"
+        + " each option; regenerate with `python -m jaxgpt.run.cli > docs/flags.md`.",
     ]
-    for cls in config.ALL:
+    for cls in configs.ALL:
         lines += ["", f"## {cls.__name__}: {cls.__doc__.strip()}", ""]
         lines += ["| flag | default | |", "|---|---|---|"]
         for field, _ in config.flag_fields(cls):

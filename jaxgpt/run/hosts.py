@@ -27,7 +27,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxgpt.config import ConfigError, MeshConfig
+from jaxgpt.config import ConfigError
+from jaxgpt.run.configs import MeshConfig
 from jaxgpt.sharding import replicated
 
 JAX_GRACE_S = 60  # JAX's deadline comes this long after ours: ours speaks first.
