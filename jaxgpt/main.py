@@ -104,7 +104,7 @@ def choose_model(run: RunConfig, saved: dict | None, dataset: prepare.Dataset):
         model_cfg = ModelConfig(**{**saved["model"], **cli.runtime_options()})
         return model_cfg, None, dataset.tokenizer
     if saved is None and run.init_from:
-        return load.import_weights(run.init_from)
+        return load.import_weights(run.init_from, cli.model_overrides())
     tok = dataset.tokenizer
     return from_flags(ModelConfig, vocab_size=tok.vocab_size), None, tok
 
@@ -156,7 +156,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     if not run.init_from:  # The flags' model, checked before any data is read.
         from_flags(ModelConfig, vocab_size=1)
     warn_unfinished_decay(train_cfg)
-    data_cfg = from_flags(DataConfig)
+    data_cfg, eval_cfg = from_flags(DataConfig), from_flags(EvalConfig)
     dataset = prepare.read_dataset(data_cfg)
     # Every model trains on the dataset's tokenizer (check_fits): the prompt
     # fails now, not after training.
@@ -165,13 +165,17 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     saved = saved_meta(run)
     model_cfg, params, tok = check_model(run, saved, dataset)
     # Read before the workdir is made, as --eval_tasks' rows are.
-    evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)
+    evaluate = make_evaluate(
+        model_cfg, train_cfg, dataset, root, mesh, eval_cfg, data_cfg.data_dir
+    )
     with lock_workdir(run), open_run(run) as checkpointer:
         newest = checkpointer.newest_meta()
         if newest != saved:  # Another run saved there meanwhile.
             saved = newest
             model_cfg, params, tok = check_model(run, saved, dataset)
-            evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh)
+            evaluate = make_evaluate(
+                model_cfg, train_cfg, dataset, root, mesh, eval_cfg, data_cfg.data_dir
+            )
         checkpointer.update_meta(
             model=model_cfg.to_dict(),
             train=dataclasses.asdict(train_cfg),
@@ -238,7 +242,14 @@ def open_run(run: RunConfig) -> ckpt.Checkpointer:
 
 
 def make_evaluate(
-    model_cfg, train_cfg, dataset: prepare.Dataset, root, mesh, progress=None
+    model_cfg,
+    train_cfg,
+    dataset: prepare.Dataset,
+    root,
+    mesh,
+    eval_cfg: EvalConfig,
+    data_dir: str,
+    progress=None,
 ):
     """The run's evaluation: loss and bits per byte of each split, and the
     accuracies of --eval_tasks."""
@@ -247,10 +258,9 @@ def make_evaluate(
     evaluate = train.make_evaluate(
         model_cfg, train_cfg, splits, root, mesh, token_bytes, progress
     )
-    eval_cfg = from_flags(EvalConfig)
     if not eval_cfg.eval_tasks:
         return evaluate
-    rows = read_hellaswag(eval_cfg, from_flags(DataConfig).data_dir)
+    rows = read_hellaswag(eval_cfg, data_dir)
     rows = rows[: eval_cfg.eval_task_examples]
     score = hellaswag.make_evaluate(
         model_cfg, dataset.tokenizer, rows, mesh, eval_cfg.eval_batch_size
@@ -376,7 +386,9 @@ def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, m
 
 def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     """Samples from the workdir's checkpoint, or from --init_from's weights."""
-    model_cfg, params, tok = load.load_model(run, sample_cfg.checkpoint, mesh)
+    model_cfg, params, tok = load.load_model(
+        run, sample_cfg.checkpoint, mesh, cli.model_overrides()
+    )
     prompt_ids = encode_prompt(sample_cfg.prompt, tok)
     root = train.root_key(run.seed)
     print_samples(params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
@@ -422,7 +434,9 @@ def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     eval_cfg = from_flags(EvalConfig)
     if eval_cfg.tasks:
         return run_tasks(run, sample_cfg, eval_cfg, mesh)
-    model_cfg, params, tok = load.load_model(run, sample_cfg.checkpoint, mesh)
+    model_cfg, params, tok = load.load_model(
+        run, sample_cfg.checkpoint, mesh, cli.model_overrides()
+    )
     train_cfg, data_cfg, source = eval_configs(run, sample_cfg.checkpoint)
     dataset = prepare.read_dataset(data_cfg)
     prepare.check_fits(dataset, model_cfg, tok)
@@ -436,7 +450,16 @@ def run_eval(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     total = train_cfg.eval_iters * train_cfg.grad_accum_steps * len(dataset.splits)
     quiet_here = not hosts.is_main_process()
     with tqdm(total=total, desc="evaluating", unit="batch", disable=quiet_here) as bar:
-        evaluate = make_evaluate(model_cfg, train_cfg, dataset, root, mesh, bar.update)
+        evaluate = make_evaluate(
+            model_cfg,
+            train_cfg,
+            dataset,
+            root,
+            mesh,
+            eval_cfg,
+            data_cfg.data_dir,
+            bar.update,
+        )
         losses = evaluate(params)
     if hosts.is_main_process():
         for split in dataset.splits:
@@ -469,7 +492,7 @@ def run_tasks(run: RunConfig, sample_cfg: SampleConfig, eval_cfg, mesh) -> int:
         workdir=None if run.init_from else run.workdir,
         batch_size=eval_cfg.eval_batch_size,
         seed=run.seed,
-        loaded=load.load_model(run, sample_cfg.checkpoint, mesh),
+        loaded=load.load_model(run, sample_cfg.checkpoint, mesh, cli.model_overrides()),
         mesh=mesh,
     )
     limit = eval_cfg.limit

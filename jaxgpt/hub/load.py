@@ -4,13 +4,17 @@ Llama-family weights) with its config and tokenizer."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
 from absl import logging
 
 from jaxgpt import train
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.hub import hf, llama, tokenizer_io
 from jaxgpt.run import checkpoint as ckpt
-from jaxgpt.run import cli, hosts
+from jaxgpt.run import hosts
 from jaxgpt.run.configs import RunConfig
 
 
@@ -20,19 +24,19 @@ def say(line: str) -> None:
         logging.warning(line)
 
 
-def import_weights(init_from: str):
+def import_weights(init_from: str, overrides: Mapping[str, Any] = MappingProxyType({})):
     """(model config, parameters, tokenizer) of --init_from's GPT-2 (hf.py) or
-    Llama-family model (llama.py; --block_size, if given, shortens its context)."""
+    Llama-family model (llama.py). `overrides` sets ModelConfig's runtime
+    fields (config.RUNTIME_FIELDS) and, for a Llama-family model, a shorter
+    block_size; everything else comes from the model's config.json."""
     try:
         kind, where = llama.find(init_from)
         if kind == "llama":
-            given = cli.given("block_size")
-            model_cfg, params = llama.load_llama(
-                where, **cli.runtime_options(), **given
-            )
+            model_cfg, params = llama.load_llama(where, **overrides)
             tok = llama.load_tokenizer(where)
         else:
-            model_cfg, params = hf.load_gpt2(where, **cli.runtime_options())
+            runtime = {k: v for k, v in overrides.items() if k != "block_size"}
+            model_cfg, params = hf.load_gpt2(where, **runtime)
             tok = hf.load_tokenizer(where, model_cfg.vocab_size)
     except ValueError as e:  # hf.HuggingFaceError, or no GPT-2 tokenizer offline.
         raise ConfigError(f"--init_from={init_from}: {e}") from e
@@ -45,14 +49,19 @@ def import_weights(init_from: str):
     return model_cfg, params, tok
 
 
-def load_model(run: RunConfig, which: str, mesh):
+def load_model(
+    run: RunConfig,
+    which: str,
+    mesh,
+    overrides: Mapping[str, Any] = MappingProxyType({}),
+):
     """(model config, parameters, tokenizer) to sample or evaluate: --init_from's
     weights, else the newest intact `which` checkpoint in --workdir (its parameters
     and meta only). Reads only: a training run may be writing the workdir; a
     damaged checkpoint is named and the next older one of the same kind used.
     Each checkpoint is read with the model its own (verified) meta describes."""
     if run.init_from:
-        return import_weights(run.init_from)
+        return import_weights(run.init_from, overrides)
     check = ckpt.check_run_meta
     with ckpt.Checkpointer(run.workdir, read_only=True, check=check) as checkpointer:
         if not checkpointer.steps(which):

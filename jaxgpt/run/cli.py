@@ -82,5 +82,11 @@ def runtime_options() -> dict[str, Any]:
     return {name: FLAGS[name].value for name in config.RUNTIME_FIELDS}
 
 
+def model_overrides() -> dict[str, Any]:
+    """What the flags set on an imported model (hub.load): its runtime options,
+    and --block_size where given."""
+    return {**runtime_options(), **given("block_size")}
+
+
 if __name__ == "__main__":
     print(markdown(), end="")
