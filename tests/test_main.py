@@ -170,6 +170,27 @@ def test_unknown_mode_is_one_clear_message():
     assert "Traceback" not in done.stderr
 
 
+def test_help_lists_every_flag_by_config_and_exits_0():
+    """--help: jaxgpt's flags under their configs, in configs.ALL's order (as
+    docs/flags.md), none of absl's or orbax's, and where those are."""
+    from jaxgpt import config
+    from jaxgpt.run import configs
+
+    for flag in ("--help", "-?"):
+        done = run_main(flag, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = done.stdout
+        assert out.startswith(main.__doc__.strip().splitlines()[0])
+        headers = [out.index(f"\n{cls.__name__}: ") for cls in configs.ALL]
+        assert headers == sorted(headers)
+        for cls, start, end in zip(configs.ALL, headers, headers[1:] + [len(out)]):
+            for field, _ in config.flag_fields(cls):
+                assert f"\n  --{field.name}=" in out[start:end], (cls, field.name)
+        named = set(re.findall(r"^  --(\w+)=", out, re.MULTILINE))
+        assert "logtostderr" not in named and not any("orbax" in n for n in named)
+        assert "--helpfull" in out and "Traceback" not in done.stderr
+
+
 @pytest.fixture
 def parsed_flags():
     flags.FLAGS.mark_as_parsed()

@@ -8,11 +8,14 @@ and `from_flags` builds a frozen config from their values.
 
 from __future__ import annotations
 
+import shutil
+import sys
+import textwrap
 import types
 import typing
 from typing import Any, Literal
 
-from absl import flags
+from absl import app, flags
 
 from jaxgpt import config
 from jaxgpt.run import configs
@@ -68,6 +71,87 @@ def markdown() -> str:
             help_ = field.metadata["help"].replace("|", "\\|")
             lines.append(f"| `--{field.name}` | `{field.default!r}` | {help_}{free} |")
     return "\n".join(lines) + "\n"
+
+
+def help_text(main_doc: str | None = None) -> str:
+    """What --help prints: the program's docstring, jaxgpt's flags grouped by
+    config (in docs/flags.md's order), the program's own flags, and where the
+    rest are (--helpfull: absl's logging flags and the libraries')."""
+    width = min(shutil.get_terminal_size((100, 24)).columns, 100)
+
+    def entry(flag, help_: str, choices=()) -> str:
+        default = "" if flag.default is None else str(flag.default)
+        default = default.lower() if isinstance(flag.default, bool) else default
+        head = f"--{flag.name}={default}"
+        head += f" [{'|'.join(map(str, choices))}]" if choices else ""
+        return textwrap.fill(
+            f"{head}  {help_}",
+            width,
+            initial_indent="  ",
+            subsequent_indent="      ",
+            break_on_hyphens=False,
+        )
+
+    lines = [
+        (main_doc or "").strip(),
+        "",
+        "jaxgpt's flags, by config (as in docs/flags.md):",
+    ]
+    own = set()
+    for cls in configs.ALL:
+        lines += ["", f"{cls.__name__}: {cls.__doc__.strip()}"]
+        for field, hint in config.flag_fields(cls):
+            own.add(field.name)
+            literal = typing.get_origin(hint) is Literal
+            choices = typing.get_args(hint) if literal else ()
+            lines.append(entry(FLAGS[field.name], field.metadata["help"], choices))
+    # The program's own flags (benchmarks' --bench_*): absl files them under argv[0].
+    defined_here = FLAGS.get_key_flags_for_module(sys.argv[0]) if sys.argv else []
+    skip = own.union(HELP_FLAGS)
+    programs = sorted((f for f in defined_here if f.name not in skip), key=str)
+    if programs:
+        lines += ["", "This program's own flags:"]
+        lines += [entry(flag, flag.help) for flag in programs]
+    rest = (
+        "Also --flagfile=FILE (flags, one a line: experiments/*.cfg) and"
+        " --verbosity=1 (every library's log lines); absl's and the libraries'"
+        " other flags: --helpfull."
+    )
+    lines += ["", textwrap.fill(rest, width)]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "only_check_args", "?")
+
+
+class Help(app.HelpFlag):
+    """--help (-?, --helpshort): help_text() on stdout, exit 0."""
+
+    def parse(self, arg) -> None:
+        if self._parse(arg):
+            main = sys.modules.get("__main__")
+            print(help_text(getattr(main, "__doc__", None)), end="")
+            sys.exit(0)
+
+
+class HelpShort(Help):
+    NAME, SHORT_NAME = "helpshort", None
+
+
+def install_help() -> None:
+    """Replaces absl's --help (the main module's flags only, which are none in
+    jaxgpt.main, and exit 1) with Help. Installing twice changes nothing."""
+    app.define_help_flags()  # absl's, which app.run would define later.
+    for flag_cls in (Help, HelpShort):
+        if isinstance(FLAGS[flag_cls.NAME], flag_cls):
+            continue
+        names = [flag_cls.NAME] + ([flag_cls.SHORT_NAME] if flag_cls.SHORT_NAME else [])
+        for name in names:
+            delattr(FLAGS, name)
+        flags.DEFINE_flag(flag_cls())
+
+
+install_help()
 
 
 def given(*names: str) -> dict[str, Any]:
