@@ -19,13 +19,25 @@ class ConfigError(ValueError):
     """A configuration value the user must change (the message names the flag)."""
 
 
-def option(default: Any, help: str, free_on_resume: bool = False) -> Any:
+def option(
+    default: Any, help: str, free_on_resume: bool = False, role: str | None = None
+) -> Any:
     """A field that is also a command-line flag: its default and its help text.
 
     `free_on_resume`: the option changes how, not what, a run trains (the
-    logging cadence, the compute dtype...), so a resume may change it freely."""
-    metadata = {"help": help, "free_on_resume": free_on_resume}
+    logging cadence, the compute dtype...), so a resume may change it freely.
+    `role`, for ModelConfig's fields: "choice", an architecture choice beyond
+    GPT-2's (GPT only); "runtime", how (not what) the network computes, which a
+    run's flags set on any checkpoint or imported model."""
+    metadata = {"help": help, "free_on_resume": free_on_resume, "role": role}
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def with_role(cls: type, role: str) -> tuple[str, ...]:
+    """The names of `cls`'s fields of `role` (option's), in definition order."""
+    return tuple(
+        f.name for f in dataclasses.fields(cls) if f.metadata.get("role") == role
+    )
 
 
 def free_on_resume(cls: type) -> tuple[str, ...]:
@@ -89,7 +101,9 @@ class ModelConfig:
     n_layer: int = option(6, "L: transformer blocks.")
     n_head: int = option(6, "H: attention heads per block.")
     n_embd: int = option(384, "C: embedding width (divisible by n_head).")
-    dropout: float = option(0.0, "Dropout rate while training.", free_on_resume=True)
+    dropout: float = option(
+        0.0, "Dropout rate while training.", free_on_resume=True, role="runtime"
+    )
     bias: bool = option(
         False, "Biases in Dense and LayerNorm layers (nanoGPT trains without)."
     )
@@ -99,44 +113,60 @@ class ModelConfig:
         "learned",
         "Positions: a learned table added to the token embeddings (GPT-2), or"
         " rope: rotary embeddings of the queries and keys (no table).",
+        role="choice",
     )
     rope_theta: float = option(
-        10000.0, "RoPE's base: channel pair i turns by rope_theta^(-2i/D) per position."
+        10000.0,
+        "RoPE's base: channel pair i turns by rope_theta^(-2i/D) per position.",
+        role="choice",
     )
     norm: Literal["layernorm", "rmsnorm"] = option(
-        "layernorm", "The norms: LayerNorm (GPT-2) or RMSNorm (no mean, no bias)."
+        "layernorm",
+        "The norms: LayerNorm (GPT-2) or RMSNorm (no mean, no bias).",
+        role="choice",
     )
     norm_scale: bool = option(
         True,
         "A learned per-channel scale in every norm (--nonorm_scale: none, as"
         " nanochat's RMSNorm).",
+        role="choice",
     )
-    norm_eps: float = option(1e-5, "Epsilon added to the variance in every norm.")
+    norm_eps: float = option(
+        1e-5, "Epsilon added to the variance in every norm.", role="choice"
+    )
     qk_norm: bool = option(
-        False, "Normalise each head's queries and keys (with --norm) before RoPE."
+        False,
+        "Normalise each head's queries and keys (with --norm) before RoPE.",
+        role="choice",
     )
     mlp: Literal["gelu", "relu2", "swiglu"] = option(
         "gelu",
         "Feed-forward activation: gelu (tanh, GPT-2's), relu2 (ReLU squared), or"
         " swiglu (SiLU(x W_gate) * x W_up: two input matrices).",
+        role="choice",
     )
     mlp_hidden: int | None = option(
         None,
         "F: the feed-forward's hidden width. Default 4C; with swiglu 8C/3 rounded"
         " up to a multiple of 32 (about the parameters of 4C).",
+        role="choice",
     )
     n_kv_head: int | None = option(
         None,
         "Key/value heads, dividing n_head: default n_head; fewer is grouped-query"
         " attention (1: multi-query).",
+        role="choice",
     )
     tie_embeddings: bool = option(
         True,
         "The output layer is the token embedding (GPT-2); --notie_embeddings: an"
         " lm_head matrix of its own.",
+        role="choice",
     )
     logit_cap: float = option(
-        0.0, "Soft-cap the logits at cap * tanh(logits / cap) (nanochat: 15; 0: off)."
+        0.0,
+        "Soft-cap the logits at cap * tanh(logits / cap) (nanochat: 15; 0: off).",
+        role="choice",
     )
     # How the same network computes (none of these changes the math):
     dtype: Literal["float32", "bfloat16"] = option(
@@ -144,16 +174,19 @@ class ModelConfig:
         "Compute dtype of the blocks; parameters, softmax, logits and loss stay"
         " float32.",
         free_on_resume=True,
+        role="runtime",
     )
     remat: bool = option(
         False,
         "Recompute each block's activations in the backward pass.",
         free_on_resume=True,
+        role="runtime",
     )
     scan_layers: bool = option(
         False,
         "nn.scan over the blocks: compile time flat in n_layer (parameters stacked"
         " on a layer axis, so checkpoints differ).",
+        role="runtime",
     )
     attention: Literal["einsum", "dot_product", "cudnn"] = option(
         "einsum",
@@ -161,6 +194,7 @@ class ModelConfig:
         " cudnn (its cuDNN flash attention: NVIDIA GPU, bfloat16). The last two have"
         " no attention dropout.",
         free_on_resume=True,
+        role="runtime",
     )
 
     def __post_init__(self):
@@ -220,22 +254,14 @@ class ModelConfig:
                 " --attention=dot_product."
             )
         if self.model.startswith("lecture_"):  # None of GPT's ways to compute.
-            gpt_only = {
-                "dtype=bfloat16": self.dtype != "float32",
-                "remat": self.remat,
-                "scan_layers": self.scan_layers,
-                f"attention={self.attention}": self.attention != "einsum",
-                **{
-                    f"{name}={value}": True
-                    for name, value in self.architecture_choices().items()
-                },
-            }
-            for option, given in gpt_only.items():
-                if given:
-                    raise ConfigError(
-                        f"--model={self.model} (a step of the lecture) has no"
-                        f" --{option}: drop it, or use --model=gpt."
-                    )
+            gpt_only = {**self.changed("runtime"), **self.architecture_choices()}
+            gpt_only.pop("dropout", None)  # The lecture's models have dropout.
+            for name, value in gpt_only.items():
+                shown = name if value is True else f"{name}={value}"
+                raise ConfigError(
+                    f"--model={self.model} (a step of the lecture) has no"
+                    f" --{shown}: drop it, or use --model=gpt."
+                )
 
     @property
     def head_dim(self) -> int:
@@ -255,6 +281,14 @@ class ModelConfig:
         if self.mlp == "swiglu":  # Two input matrices: 3CF = 8C^2 at F = 8C/3.
             return -(-8 * self.n_embd // (3 * 32)) * 32
         return 4 * self.n_embd
+
+    def changed(self, role: str) -> dict[str, Any]:
+        """The fields of `role` (option's) whose values are not their defaults."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("role") == role and getattr(self, f.name) != f.default
+        }
 
     def architecture_choices(self) -> dict[str, Any]:
         """The architecture options whose values are not GPT-2's (name -> value)."""
@@ -291,19 +325,7 @@ class ModelConfig:
 
 
 # ModelConfig's architecture options beyond nanoGPT's (GPT-2's choices by default).
-ARCHITECTURE_CHOICES = (
-    "position",
-    "rope_theta",
-    "norm",
-    "norm_scale",
-    "norm_eps",
-    "qk_norm",
-    "mlp",
-    "mlp_hidden",
-    "n_kv_head",
-    "tie_embeddings",
-    "logit_cap",
-)
+ARCHITECTURE_CHOICES = with_role(ModelConfig, "choice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,4 +487,4 @@ class SampleConfig:
 
 # ModelConfig's options that change how, not what, the model computes: a run's
 # flags set them on any checkpoint or imported model.
-RUNTIME_FIELDS = (*free_on_resume(ModelConfig), "scan_layers")
+RUNTIME_FIELDS = with_role(ModelConfig, "runtime")
