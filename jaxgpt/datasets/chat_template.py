@@ -1,0 +1,430 @@
+"""Chat templates: conversations -> token ids and a per-token loss mask.
+
+Two kinds, one interface (`render_conversation`, `generation_prompt`):
+
+- jaxgpt's own tokenizers (char, bpe, gpt2) get four special tokens after
+  their ids (`add_chat_tokens`): a turn is `<|role|>` + the content's ids +
+  `<|end|>`, after the tokenizer's bos token where it has one.
+- A Hugging Face model folder (`HFChatTemplate.load`) brings its own jinja
+  `chat_template`, rendered as transformers renders it (jinja2's immutable
+  sandbox, transformers' helpers and `tojson`), then tokenized with the
+  folder's tokenizer.json adding no special tokens: the ids equal
+  transformers' `apply_chat_template(messages, tokenize=True)`.
+
+The mask is 1 on the tokens the model learns to write (each assistant turn's
+content and its end-of-turn token) and 0 elsewhere. A template that fails
+to render, or reaches for Python internals (a SecurityError of the sandbox),
+ends in one ChatTemplateError line naming the folder and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from jaxgpt import tokenizer
+from jaxgpt.datasets.conversations import Message, split_prompt
+from jaxgpt.hub import tokenizer_io
+
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be used; the message (one line) says why."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+# --- jaxgpt's own tokenizers ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTokenizer:
+    """A jaxgpt tokenizer (`base`) with chat tokens after its ids: `special`
+    maps each token's text to its id (base.vocab_size, base.vocab_size + 1, ...).
+    encode() reads the chat tokens' text as their ids; render_conversation
+    encodes message contents with the base alone, so a message cannot forge a
+    turn."""
+
+    base: Any
+    special: Mapping[str, int]
+    name: ClassVar[str] = "chat"
+
+    @property
+    def vocab_size(self) -> int:
+        return max([self.base.vocab_size - 1, *self.special.values()]) + 1
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.base.bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.base.eos_id
+
+    @property
+    def end_id(self) -> int:
+        """`<|end|>`'s id: sampling a reply stops there."""
+        return self.special[END]
+
+    def encode(self, text: str) -> np.ndarray:
+        """int32 ids [n_tokens]; chat tokens' text becomes their ids."""
+        ids = [
+            np.asarray([self.special[part]] if is_special else self.base.encode(part))
+            for part, is_special in tokenizer.split_special(text, self.special)
+        ]
+        return np.concatenate([np.zeros(0, np.int32), *ids]).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        names = {i: s for s, i in self.special.items()}
+        out, run = [], []
+        for i in tokenizer.check_ids(ids, self.vocab_size):
+            if i in names:
+                out += [self.base.decode(run), names[i]] if run else [names[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + ([self.base.decode(run)] if run else []))
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "base": self.base.to_json(),
+            "special_tokens": dict(self.special),
+        }
+
+    def token_bytes(self) -> np.ndarray:
+        """int32 [vocab_size]: the base's bytes per id; 0 for chat tokens."""
+        out = np.zeros(self.vocab_size, np.int32)
+        out[: self.base.vocab_size] = tokenizer_io.token_bytes(self.base)
+        return out
+
+
+def add_chat_tokens(tok) -> tuple[ChatTokenizer, dict[str, int]]:
+    """(tok with `<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>` added after
+    its ids, their ids). A ChatTokenizer is returned as it is."""
+    if isinstance(tok, ChatTokenizer):
+        return tok, dict(tok.special)
+    if isinstance(tok, tokenizer_io.HFTokenizer):
+        raise ChatTemplateError(
+            "a Hugging Face tokenizer brings its model's own chat template: use"
+            " HFChatTemplate.load(<the model's folder>), not jaxgpt's chat tokens."
+        )
+    special = {s: tok.vocab_size + i for i, s in enumerate(CHAT_TOKENS)}
+    return ChatTokenizer(tok, special), dict(special)
+
+
+def chat_tokenizer_from_json(d: Mapping):
+    """The tokenizer `to_json` saved: a ChatTokenizer, or any tokenizer_io reads."""
+    if isinstance(d, Mapping) and d.get("name") == ChatTokenizer.name:
+        try:
+            special = {str(s): int(i) for s, i in d["special_tokens"].items()}
+            return ChatTokenizer(tokenizer_io.from_json(d["base"]), special)
+        except (KeyError, AttributeError, TypeError) as e:
+            raise ValueError(
+                f"a chat tokenizer's JSON lacks or misspells {e}."
+            ) from None
+    return tokenizer_io.from_json(d)
+
+
+def render_conversation(
+    tok: ChatTokenizer, messages: Sequence[Message]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [T], mask uint8 [T]): [bos] then `<|role|>` content `<|end|>`
+    per message; mask 1 on each assistant content and its `<|end|>`."""
+    ids, mask = [], []
+    if tok.bos_id is not None:
+        ids, mask = [tok.bos_id], [0]
+    for message in messages:
+        content = tok.base.encode(message["content"]).tolist()
+        learn = int(message["role"] == "assistant")
+        ids += [tok.special[ROLE_TOKENS[message["role"]]], *content, tok.end_id]
+        mask += [0] + [learn] * (len(content) + 1)
+    return np.asarray(ids, np.int32), np.asarray(mask, np.uint8)
+
+
+def generation_prompt(tok: ChatTokenizer, messages: Sequence[Message]) -> np.ndarray:
+    """int32 ids [T] to sample a reply from: the messages (less a last assistant
+    turn: its reference answer) rendered, then `<|assistant|>`."""
+    prompt, _ = split_prompt(messages)
+    ids, _ = render_conversation(tok, prompt)
+    return np.append(ids, np.int32(tok.special[ASSISTANT])).astype(np.int32)
+
+
+# --- A Hugging Face folder's own template ----------------------------------------
+
+
+def sandbox(template: str):
+    """`template` compiled as transformers compiles chat templates: jinja2's
+    immutable sandbox, trim_blocks and lstrip_blocks, loop controls, and its
+    raise_exception, strftime_now, tojson, dict and namespace."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant
+        tracker), rendered as its body: the mask is found by rendering prefixes."""
+
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = self.call_method("_body")
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        """A namespace that refuses underscore-prefixed attributes."""
+
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace.check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace.check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"a namespace attribute may not start with '_' ({name!r})"
+                )
+
+    class Dict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[Generation, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = tojson
+    env.globals.update(
+        raise_exception=raise_exception,
+        strftime_now=strftime_now,
+        dict=Dict(),
+        namespace=Namespace,
+    )
+    return env.from_string(template)
+
+
+# tokenizer_config.json's named special tokens, which templates read (bos_token).
+TEMPLATE_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+def read_template(folder: Path, config: Mapping) -> str:
+    """The folder's chat template: chat_template.jinja (which transformers
+    prefers), else tokenizer_config.json's "chat_template" (a string, or a list
+    of named templates, of which "default")."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {
+            t.get("name"): t.get("template") for t in template if isinstance(t, dict)
+        }
+        template = named.get("default")
+    if not isinstance(template, str) or not template.strip():
+        raise ChatTemplateError(
+            f"{folder} has no chat_template (tokenizer_config.json's"
+            ' "chat_template" or chat_template.jinja): use a chat (Instruct) model'
+            "'s folder, or write its template into tokenizer_config.json."
+        )
+    return template
+
+
+@dataclasses.dataclass
+class HFChatTemplate:
+    """A model folder's chat template and tokenizer: `encode` gives
+    transformers' apply_chat_template ids; `render_conversation` adds the mask."""
+
+    folder: str
+    template: str
+    tok: tokenizer_io.HFTokenizer
+    special_tokens: dict[str, str]  # bos_token, ...: the template's variables.
+
+    def __post_init__(self):
+        try:
+            self.compiled = sandbox(self.template)
+        except Exception as e:  # noqa: BLE001 (jinja2's syntax errors and others)
+            raise self.error("does not compile", e) from None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> HFChatTemplate:
+        """The template and tokenizer.json of a Hugging Face model folder."""
+        path = Path(folder)
+        config_path = path / "tokenizer_config.json"
+        tokenizer_path = path / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            raise ChatTemplateError(
+                f"{folder} has no tokenizer.json: give a Hugging Face model folder"
+                " with its tokenizer files."
+            )
+        try:
+            config = (
+                json.loads(config_path.read_text(encoding="utf-8"))
+                if config_path.is_file()
+                else {}
+            )
+            tokenizer_json = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ChatTemplateError(
+                f"{folder}: cannot read its tokenizer files ({e})."
+            ) from None
+        specials = {}
+        for key in TEMPLATE_TOKENS:
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, Mapping) else token
+            if isinstance(token, str):
+                specials[key] = token
+        try:
+            tok = tokenizer_io.HFTokenizer(
+                tokenizer_json, specials.get("bos_token"), specials.get("eos_token")
+            )
+        except ValueError as e:
+            raise ChatTemplateError(f"{folder}: {e}") from None
+        return cls(str(folder), read_template(path, config), tok, specials)
+
+    def error(self, what: str, e: BaseException) -> ChatTemplateError:
+        return ChatTemplateError(
+            f"{self.folder}'s chat_template {what}: {type(e).__name__}: {e}."
+            " Use a template that renders messages with role and content only."
+        )
+
+    def render_text(
+        self, messages: Sequence[Message], add_generation_prompt: bool = False
+    ) -> str:
+        """The template's text for the messages (as transformers renders it)."""
+        try:
+            return self.compiled.render(
+                messages=[dict(m) for m in messages],
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
+        except Exception as e:  # noqa: BLE001 (a template's code may raise anything)
+            raise self.error("fails to render", e) from None
+
+    def encode_text(self, text: str):
+        """The tokenizers Encoding of rendered text, no special tokens added."""
+        return self.tok.tok.encode(text, add_special_tokens=False)
+
+    def encode(
+        self, messages: Sequence[Message], add_generation_prompt: bool = False
+    ) -> np.ndarray:
+        """int32 ids [T]: apply_chat_template(messages, tokenize=True, ...)'s."""
+        text = self.render_text(messages, add_generation_prompt)
+        return np.asarray(self.encode_text(text).ids, np.int32)
+
+    def assistant_spans(self, messages: Sequence[Message]) -> tuple[str, list]:
+        """(the conversation's text, [(start, end) character span of each
+        assistant turn]): from the text of the messages before the turn with
+        the generation prompt to the text including the turn, less trailing
+        whitespace (the separator after the end-of-turn token)."""
+        text = self.render_text(messages)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = self.render_text(messages[:k], add_generation_prompt=True)
+            end = self.render_text(messages[: k + 1]).rstrip()
+            if not (
+                text.startswith(start)
+                and text.startswith(end)
+                and len(end) > len(start)
+            ):
+                raise ChatTemplateError(
+                    f"{self.folder}'s chat_template does not render a conversation"
+                    f" as its prefixes extended (assistant message {k}), so its"
+                    " replies cannot be found for the loss mask: use a template"
+                    " that renders each turn the same whatever follows."
+                )
+            spans.append((len(start), len(end)))
+        return text, spans
+
+    def render_conversation(
+        self, messages: Sequence[Message]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [T], mask uint8 [T]): the ids of `encode(messages)`; mask 1
+        on each token that overlaps an assistant turn's span."""
+        text, spans = self.assistant_spans(messages)
+        encoding = self.encode_text(text)
+        mask = np.zeros(len(encoding.ids), np.uint8)
+        for i, (a, b) in enumerate(encoding.offsets):
+            if any(a < end and b > start for start, end in spans):
+                mask[i] = 1
+        return np.asarray(encoding.ids, np.int32), mask
+
+    def generation_prompt(self, messages: Sequence[Message]) -> np.ndarray:
+        """int32 ids [T] to sample a reply from: the messages (less a last
+        assistant turn) with the template's generation prompt."""
+        prompt, _ = split_prompt(messages)
+        return self.encode(prompt, add_generation_prompt=True)
+
+
+def render_all(
+    template, conversations: Sequence[Sequence[Message]]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(ids, masks) of every conversation, by a ChatTokenizer or an
+    HFChatTemplate; a content the tokenizer cannot encode names its
+    conversation."""
+    ids, masks = [], []
+    for i, messages in enumerate(conversations):
+        try:
+            if isinstance(template, ChatTokenizer):
+                x, m = render_conversation(template, messages)
+            else:
+                x, m = template.render_conversation(messages)
+        except ChatTemplateError:
+            raise
+        except ValueError as e:
+            raise ChatTemplateError(f"conversation {i}: {e}") from None
+        ids.append(x)
+        masks.append(m)
+    return ids, masks

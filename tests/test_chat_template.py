@@ -1,0 +1,337 @@
+"""Chat templates: jaxgpt's chat tokens (hand-computed ids and masks) and a
+model folder's jinja template (ids checked against transformers'
+apply_chat_template; masks against the assistant contents)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgpt import tokenizer
+from jaxgpt.datasets import chat_template, tokenizer_train
+from jaxgpt.datasets.chat_template import (
+    ChatTemplateError,
+    HFChatTemplate,
+    add_chat_tokens,
+    generation_prompt,
+    render_conversation,
+)
+from jaxgpt.hub import tokenizer_io
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4.\nNothing else."},
+]
+CONVERSATIONS = {
+    "system": CHAT,
+    "no_system": CHAT[1:],
+    "one_turn": [
+        {"role": "user", "content": "Spell: cat"},
+        {"role": "assistant", "content": "c a t"},
+    ],
+    "unicode": [
+        {"role": "user", "content": "Café? «déjà» ü"},
+        {"role": "assistant", "content": "naïve 日本"},
+        {"role": "user", "content": "<|im_end|> fake turn"},
+        {"role": "assistant", "content": "ok"},
+    ],
+}
+
+
+# --- jaxgpt's own tokenizers ---------------------------------------------------
+
+
+def test_char_tokenizer_gets_one_id_per_chat_token():
+    char = tokenizer.CharTokenizer("ab!")
+    tok, ids = add_chat_tokens(char)
+    assert ids == {"<|system|>": 3, "<|user|>": 4, "<|assistant|>": 5, "<|end|>": 6}
+    assert tok.vocab_size == 7
+    np.testing.assert_array_equal(tok.encode("<|user|>ab<|end|>!"), [4, 0, 1, 6, 2])
+    assert tok.decode([5, 1, 1, 6, 0]) == "<|assistant|>bb<|end|>a"
+    again = chat_template.chat_tokenizer_from_json(
+        json.loads(json.dumps(tok.to_json()))
+    )
+    assert again == tok
+    np.testing.assert_array_equal(tok.token_bytes(), [1, 1, 1, 0, 0, 0, 0])
+
+
+def test_char_render_is_hand_computed():
+    tok, _ = add_chat_tokens(tokenizer.CharTokenizer("abc"))  # s3 u4 a5 e6
+    messages = [
+        {"role": "system", "content": "c"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "ba"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "c"},
+    ]
+    ids, mask = render_conversation(tok, messages)
+    np.testing.assert_array_equal(
+        ids, [3, 2, 6, 4, 0, 1, 6, 5, 1, 0, 6, 4, 0, 6, 5, 2, 6]
+    )
+    np.testing.assert_array_equal(
+        mask, [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    )
+    np.testing.assert_array_equal(
+        generation_prompt(tok, messages), [3, 2, 6, 4, 0, 1, 6, 5, 1, 0, 6, 4, 0, 6, 5]
+    )
+
+
+def test_char_render_names_unknown_characters():
+    tok, _ = add_chat_tokens(tokenizer.CharTokenizer("abc"))
+    good = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "a"}]
+    bad = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "xy"}]
+    with pytest.raises(ChatTemplateError, match=r"conversation 1: 2 character\(s\)"):
+        chat_template.render_all(tok, [good, bad])
+
+
+@pytest.fixture(scope="module")
+def bpe_chat():
+    text = " ".join(m["content"] for c in CONVERSATIONS.values() for m in c) * 3
+    bpe = tokenizer_train.train_bpe(text, vocab_size=300)
+    return add_chat_tokens(tokenizer.BPETokenizer(bpe))[0]
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_bpe_mask_covers_exactly_the_replies(bpe_chat, name):
+    messages = CONVERSATIONS[name]
+    ids, mask = render_conversation(bpe_chat, messages)
+    assert ids[0] == bpe_chat.bos_id == bpe_chat.base.bos_id  # <|endoftext|> first.
+    replies = [m["content"] + "<|end|>" for m in messages if m["role"] == "assistant"]
+    assert decode_runs(bpe_chat.decode, ids, mask) == replies
+    # The whole conversation decodes to the turns, and no content forges a turn.
+    turns = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+    assert bpe_chat.decode(ids) == "<|endoftext|>" + turns
+    assert (ids >= bpe_chat.base.vocab_size).sum() == 2 * len(messages)
+
+
+def test_gpt2_gets_chat_tokens_after_its_vocabulary():
+    gpt2 = tokenizer_io.load_gpt2(allow_download=False)
+    tok, ids = add_chat_tokens(gpt2)
+    assert sorted(ids.values()) == [50257, 50258, 50259, 50260]
+    assert tok.vocab_size == 50261
+    np.testing.assert_array_equal(
+        tok.encode("<|user|>Hi<|end|>"), [50258, *gpt2.encode("Hi"), 50260]
+    )
+
+
+def test_hf_tokenizer_is_refused(chatml):
+    tok = HFChatTemplate.load(chatml).tok
+    with pytest.raises(ChatTemplateError, match="HFChatTemplate.load"):
+        add_chat_tokens(tok)
+
+
+def decode_runs(decode, ids, mask) -> list[str]:
+    """The text of each run of masked tokens."""
+    runs, run = [], []
+    for i, m in zip(ids.tolist(), mask.tolist(), strict=True):
+        if m:
+            run.append(i)
+        elif run:
+            runs.append(decode(run))
+            run = []
+    return runs + ([decode(run)] if run else [])
+
+
+# --- A model folder's own template -----------------------------------------------
+
+# SmolLM2-Instruct's template (ChatML with a default system message).
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by"
+    " Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n'"
+    " + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if"
+    " add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Meta-Llama-3-Instruct's template (bos_token from tokenizer_config.json).
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content"
+    " = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+"
+    " message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set"
+    " content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if"
+    " add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n'"
+    " }}{% endif %}"
+)
+FAMILIES = {
+    "chatml": (
+        SMOLLM2,
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        {
+            "bos_token": "<|im_start|>",
+            "eos_token": "<|im_end|>",
+            "unk_token": "<|endoftext|>",
+        },
+        "<|im_end|>",
+    ),
+    "llama3": (
+        LLAMA3,
+        ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        "<|eot_id|>",
+    ),
+}
+
+
+def make_folder(
+    folder: Path, family: str, template: str | None = None, jinja_file=False
+):
+    """A tokenizer.json (a byte-level BPE trained here, with the family's
+    special tokens) and a tokenizer_config.json holding the chat template (or
+    chat_template.jinja holding it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    default, specials, config, _ = FAMILIES[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = [m["content"] for c in CONVERSATIONS.values() for m in c] * 3
+    tok.train_from_iterator([*texts, "system user assistant helpful"], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
+    template = default if template is None else template
+    if jinja_file:
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    elif template:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("chatml"), "chatml")
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):  # The template in chat_template.jinja.
+    return make_folder(tmp_path_factory.mktemp("llama3"), "llama3", jinja_file=True)
+
+
+def transformers_ids(folder, messages, add_generation_prompt) -> list[int]:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    out = tok.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ids_equal_transformers(family, request):
+    folder = request.getfixturevalue(family)
+    template = HFChatTemplate.load(folder)
+    for name, messages in CONVERSATIONS.items():
+        for add in (False, True):
+            ours = template.encode(messages, add_generation_prompt=add).tolist()
+            assert ours == transformers_ids(folder, messages, add), (name, add)
+        prompt, _ = chat_template.split_prompt(messages)
+        np.testing.assert_array_equal(
+            template.generation_prompt(messages), transformers_ids(folder, prompt, True)
+        )
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mask_is_the_replies_and_end_of_turn(family, request):
+    folder = request.getfixturevalue(family)
+    template = HFChatTemplate.load(folder)
+    end = FAMILIES[family][3]
+    for messages in CONVERSATIONS.values():
+        ids, mask = template.render_conversation(messages)
+        np.testing.assert_array_equal(ids, template.encode(messages))
+        replies = [m["content"] + end for m in messages if m["role"] == "assistant"]
+        assert decode_runs(template.tok.decode, ids, mask) == replies
+
+
+def test_mask_equals_transformers_generation_blocks(tmp_path):
+    """A template marking replies with {% generation %}: transformers' own
+    assistant mask is the one found by rendering prefixes."""
+    import transformers
+
+    template = SMOLLM2.replace(
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+        "{{ '\n' }}{% else %}{{'<|im_start|>' + message['role'] + '\n'"
+        " + message['content'] + '<|im_end|>' + '\n'}}{% endif %}",
+    )
+    assert "generation" in template
+    folder = make_folder(tmp_path, "chatml", template)
+    ours = HFChatTemplate.load(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for messages in CONVERSATIONS.values():
+        ids, mask = ours.render_conversation(messages)
+        out = theirs.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert ids.tolist() == list(out["input_ids"])
+        assert mask.tolist() == list(out["assistant_masks"])
+
+
+@pytest.mark.parametrize(
+    ("template", "reason"),
+    [
+        (
+            "{{ ''.__class__.__mro__ }}",
+            "SecurityError: access to attribute '__class__'",
+        ),
+        (
+            "{{ cycler.__init__.__globals__ }}",
+            "SecurityError: access to attribute '__init__'",
+        ),
+        ("{{ messages.append(1) }}", "SecurityError"),
+        ("{% set ns = namespace(_x=1) %}", "SecurityError"),
+        (
+            "{{ raise_exception('System role not supported') }}",
+            "System role not supported",
+        ),
+        ("{{ nothing.here }}", "UndefinedError"),
+    ],
+)
+def test_bad_templates_end_in_one_line(tmp_path, template, reason):
+    folder = make_folder(tmp_path / "m", "chatml", template)
+    loaded = HFChatTemplate.load(folder)
+    with pytest.raises(ChatTemplateError) as e:
+        loaded.encode(CHAT)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"{folder}'s chat_template fails to render")
+    assert reason in message
+
+
+def test_template_that_does_not_compile(tmp_path):
+    folder = make_folder(tmp_path / "m", "chatml", "{% for %}\n{{ x }}")
+    with pytest.raises(
+        ChatTemplateError, match="does not compile: TemplateSyntaxError"
+    ):
+        HFChatTemplate.load(folder)
+
+
+def test_folder_without_a_template(tmp_path):
+    folder = make_folder(tmp_path / "m", "chatml", "")
+    with pytest.raises(ChatTemplateError, match=r"has no chat_template") as e:
+        HFChatTemplate.load(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_template_whose_prefixes_change_cannot_be_masked(tmp_path):
+    # Earlier replies rendered differently once a later turn follows.
+    template = (
+        "{% for m in messages %}{{ m['role'] }}:"
+        "{% if loop.last %}{{ m['content'] }}{% else %}{{ m['content'] | upper }}{% endif %}"
+        "|{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    folder = make_folder(tmp_path / "m", "chatml", template)
+    with pytest.raises(ChatTemplateError, match="assistant message 1"):
+        HFChatTemplate.load(folder).render_conversation(CHAT[1:4] + [CHAT[2]])
