@@ -8,14 +8,21 @@ non-empty string; every conversation has an assistant turn, the only text
 the chat stage trains on. Other keys (on a line or a message) are kept and
 ignored. `read_conversations` checks every line before returning any, and
 ends with one `ConversationError` naming the file, the line and the fix.
+
+`pack` lays tokenized conversations (chat_template.py renders them) into
+training rows of block_size + 1 tokens, with a segment id and a loss mask
+per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROLES = ("system", "user", "assistant")
 EXAMPLE = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}'
@@ -146,3 +153,89 @@ def split_prompt(messages: Sequence[Message]) -> tuple[list[Message], str | None
     if messages and messages[-1]["role"] == "assistant":
         return messages[:-1], messages[-1]["content"]
     return messages, None
+
+
+# --- Rows: tokenized conversations packed for training ------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Rows of block_size + 1 tokens: inputs are row[:-1], targets row[1:].
+
+    segments_RL numbers the conversations of a row 1, 2, ... (0: padding), so
+    attention stays within one conversation; mask_RL is 1 on the tokens the
+    model learns to write (0 on padding). The counts are for logging: cut
+    (at the end of an assistant turn, to fit), truncated (inside a turn: no
+    turn ended within the context) and dropped (nothing to learn within it)."""
+
+    tokens_RL: np.ndarray  # int32 [rows, block_size + 1]
+    segments_RL: np.ndarray  # int32 [rows, block_size + 1]
+    mask_RL: np.ndarray  # uint8 [rows, block_size + 1]
+    n_cut: int
+    n_truncated: int
+    n_dropped: int
+
+
+def fit(ids: np.ndarray, mask: np.ndarray, length: int) -> tuple[int, str]:
+    """(how many of the tokens to keep, and how: "whole", "cut", "truncated" or
+    "dropped") for a conversation in `length` tokens: whole if it fits, else up
+    to the last assistant turn's end (mask 1 -> 0) within it, else the first
+    `length` tokens; dropped if what is kept has no token to learn."""
+    keep, how = len(ids), "whole"
+    if len(ids) > length:
+        ends = np.flatnonzero((mask[:length] == 1) & (mask[1 : length + 1] == 0)) + 1
+        keep, how = (int(ends[-1]), "cut") if ends.size else (length, "truncated")
+    return (keep, how) if mask[:keep].any() else (0, "dropped")
+
+
+def pack(
+    conversations_ids: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    block_size: int,
+    pad_id: int = 0,
+) -> Packed:
+    """Conversations, in order, into rows of block_size + 1 tokens: each goes in
+    the current row if it fits, else starts a new one (the rest of the row is
+    padding: pad_id, segment 0, mask 0). Shuffle the conversations first."""
+    if len(conversations_ids) != len(masks):
+        raise ValueError(
+            f"{len(conversations_ids)} conversations but {len(masks)} masks."
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, not {block_size}.")
+    length = block_size + 1
+    rows, row, counts = [], [], {"cut": 0, "truncated": 0, "dropped": 0}
+    filled = 0
+    for i, (ids, mask) in enumerate(zip(conversations_ids, masks, strict=True)):
+        ids, mask = np.asarray(ids), np.asarray(mask)
+        if ids.shape != mask.shape or ids.ndim != 1:
+            raise ValueError(
+                f"conversation {i}: ids {ids.shape} and mask {mask.shape} must be"
+                " one-dimensional and of one length."
+            )
+        keep, how = fit(ids, mask, length)
+        counts[how] = counts.get(how, 0) + 1
+        if how == "dropped":
+            continue
+        if filled + keep > length:
+            rows.append(row)
+            row, filled = [], 0
+        row.append((ids[:keep], mask[:keep]))
+        filled += keep
+    if row:
+        rows.append(row)
+    tokens_RL = np.full((len(rows), length), pad_id, np.int32)
+    segments_RL = np.zeros((len(rows), length), np.int32)
+    mask_RL = np.zeros((len(rows), length), np.uint8)
+    for r, pieces in enumerate(rows):
+        start = 0
+        for segment, (ids, mask) in enumerate(pieces, 1):
+            end = start + len(ids)
+            tokens_RL[r, start:end] = ids
+            segments_RL[r, start:end] = segment
+            mask_RL[r, start:end] = mask
+            start = end
+    return Packed(
+        tokens_RL, segments_RL, mask_RL,
+        counts["cut"], counts["truncated"], counts["dropped"],
+    )  # fmt: skip
