@@ -242,6 +242,24 @@ def test_ids_equal_transformers(family, request):
         )
 
 
+def test_helpers_as_transformers_defines_them(tmp_path):
+    """tojson without HTML escaping (and its options), dict, namespace, loop
+    controls and strftime_now's format."""
+    template = (
+        "{% set ns = namespace(n=0) %}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+        "{% set ns.n = ns.n + 1 %}{{ m | tojson }}|{{ dict(a=m['content']) | tojson(indent=1) }}"
+        "{% endfor %}{{ ns.n }}{{ strftime_now('%Y') | length }}"
+    )
+    folder = make_folder(tmp_path, "chatml", template)
+    ours = HFChatTemplate.load(folder)
+    assert '"<|im_end|> fake turn"' in ours.render_text(CONVERSATIONS["unicode"])
+    for name, messages in CONVERSATIONS.items():
+        assert ours.encode(messages).tolist() == transformers_ids(
+            folder, messages, False
+        ), name
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_mask_is_the_replies_and_end_of_turn(family, request):
     folder = request.getfixturevalue(family)
@@ -335,3 +353,13 @@ def test_template_whose_prefixes_change_cannot_be_masked(tmp_path):
     folder = make_folder(tmp_path / "m", "chatml", template)
     with pytest.raises(ChatTemplateError, match="assistant message 1"):
         HFChatTemplate.load(folder).render_conversation(CHAT[1:4] + [CHAT[2]])
+
+
+def test_old_jinja2_is_refused(chatml, monkeypatch):
+    import jinja2
+
+    monkeypatch.setattr(jinja2, "__version__", "3.1.4")
+    with pytest.raises(
+        ChatTemplateError, match=r"jinja2 3.1.4 has known sandbox escapes"
+    ):
+        HFChatTemplate.load(chatml)

@@ -171,6 +171,15 @@ def test_pack_is_hand_computed():
     )
     assert (packed.n_cut, packed.n_truncated, packed.n_dropped) == (1, 1, 2)
     assert packed.tokens_RL.dtype == np.int32
+    np.testing.assert_array_equal(
+        conversations.segment_positions(packed.segments_RL),
+        [
+            [0, 1, 2, 0, 1, 0],
+            [0, 1, 2, 3, 0, 1],
+            [0, 1, 2, 3, 4, 5],
+            [0, 1, 2, 3, 4, 5],
+        ],
+    )
 
 
 def test_pack_exact_fit_and_nothing():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -170,6 +171,12 @@ def sandbox(template: str):
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if tuple(map(int, re.findall(r"\d+", jinja2.__version__)[:3])) < (3, 1, 6):
+        raise ChatTemplateError(
+            f"jinja2 {jinja2.__version__} has known sandbox escapes, and a chat"
+            " template is a model's code: pip install 'jinja2>=3.1.6'."
+        )
 
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` (transformers' assistant

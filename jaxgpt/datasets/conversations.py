@@ -239,3 +239,15 @@ def pack(
         tokens_RL, segments_RL, mask_RL,
         counts["cut"], counts["truncated"], counts["dropped"],
     )  # fmt: skip
+
+
+def segment_positions(segments_RL: np.ndarray) -> np.ndarray:
+    """int32 [rows, L]: each token's position within its conversation (0 at its
+    first token; padding counts on from 0 too), so a packed conversation sees
+    the positions it would alone."""
+    segments_RL = np.asarray(segments_RL)
+    index_L = np.arange(segments_RL.shape[-1])
+    new_RL = np.ones(segments_RL.shape, bool)
+    new_RL[:, 1:] = segments_RL[:, 1:] != segments_RL[:, :-1]
+    start_RL = np.maximum.accumulate(np.where(new_RL, index_L, 0), axis=-1)
+    return (index_L - start_RL).astype(np.int32)
