@@ -58,6 +58,9 @@ def test_char_tokenizer_gets_one_id_per_chat_token():
         json.loads(json.dumps(tok.to_json()))
     )
     assert again == tok
+    clash = {**tok.to_json(), "special_tokens": {**ids, "<|end|>": 2}}
+    with pytest.raises(ValueError, match="distinct ids from 3"):
+        chat_template.chat_tokenizer_from_json(clash)
     np.testing.assert_array_equal(tok.token_bytes(), [1, 1, 1, 0, 0, 0, 0])
 
 

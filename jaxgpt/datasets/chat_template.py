@@ -129,11 +129,22 @@ def chat_tokenizer_from_json(d: Mapping):
     if isinstance(d, Mapping) and d.get("name") == ChatTokenizer.name:
         try:
             special = {str(s): int(i) for s, i in d["special_tokens"].items()}
-            return ChatTokenizer(tokenizer_io.from_json(d["base"]), special)
+            base = tokenizer_io.from_json(d["base"])
         except (KeyError, AttributeError, TypeError) as e:
             raise ValueError(
                 f"a chat tokenizer's JSON lacks or misspells {e}."
             ) from None
+        ids = sorted(special.values())
+        if (
+            set(special) != set(CHAT_TOKENS)
+            or ids[0] < base.vocab_size
+            or len(set(ids)) < 4
+        ):
+            raise ValueError(
+                f"a chat tokenizer's JSON has special tokens {special}: expected"
+                f" {', '.join(CHAT_TOKENS)}, with distinct ids from {base.vocab_size}."
+            )
+        return ChatTokenizer(base, special)
     return tokenizer_io.from_json(d)
 
 
