@@ -28,14 +28,15 @@ one onto jaxgpt's parameters (L layers, C = n_embd):
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import huggingface_hub
 import jax
@@ -278,7 +279,10 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """The tensors of a `torch.save`d state dict (zip format), without torch.
 
     Unpickles only what a state dict holds (an OrderedDict of tensors over
-    storages); any other object is refused, so a file cannot run code.
+    storages); any other object is refused, so a file cannot run code. Every
+    tensor's view (offset, size, stride) must lie inside its storage, and every
+    storage's zip entry must hold exactly numel * itemsize bytes, which the
+    archive can hold, before anything is read.
     """
     if not zipfile.is_zipfile(path):
         raise HuggingFaceError(
@@ -289,9 +293,14 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         )
     try:
         with zipfile.ZipFile(path) as archive:
-            pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-            root = pkl[: -len("data.pkl")]
-            return _TorchUnpickler(archive, root).load()
+            pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            if pkl is None:
+                raise HuggingFaceError(
+                    f"{path} has no data.pkl: not a torch.save'd state dict."
+                )
+            _check_entry(archive.getinfo(pkl), PICKLE_LIMIT, path)
+            unpickler = _TorchUnpickler(archive, pkl[: -len("data.pkl")], path)
+            return unpickler.tensors(unpickler.load())
     except HuggingFaceError:
         raise
     except Exception as e:  # noqa: BLE001 Damaged bytes fail in many ways.
@@ -303,76 +312,372 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 # torch storage classes -> numpy dtypes (those a float checkpoint may use).
 TORCH_STORAGE_DTYPES = {
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": jax.numpy.bfloat16,
-    "DoubleStorage": np.float64,
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(jax.numpy.bfloat16),
+    "DoubleStorage": np.dtype(np.float64),
 }
+PICKLE_LIMIT = 1 << 30  # data.pkl's largest declared size (a state dict's: KBs).
+MAX_RATIO = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}  # Out / in, at most.
+MAX_DIMS = 32  # numpy's limit is 64; a weight has at most a few.
+MAX_EXTENT = 1 << 56  # The largest size or stride read (numpy's are 64-bit bytes).
+
+
+def physical_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_entry(info: zipfile.ZipInfo, limit: int, path: str) -> None:
+    """Refuses a zip entry whose declared size is over `limit` or more than its
+    compressed bytes (inside the archive) can hold: a decompression bomb or a
+    lying header."""
+    most = MAX_RATIO.get(info.compress_type)
+    if most is None:
+        raise HuggingFaceError(
+            f"{path}: entry {info.filename!r} uses zip compression method"
+            f" {info.compress_type}, which torch.save never writes: the file is"
+            " not a torch checkpoint."
+        )
+    archive_size = os.path.getsize(path)
+    if (
+        info.file_size > limit
+        or info.compress_size > archive_size
+        or info.file_size > most * info.compress_size + 1024 * (most > 1)
+    ):
+        raise HuggingFaceError(
+            f"{path}: entry {info.filename!r} claims {info.file_size} bytes from"
+            f" {info.compress_size} stored (the archive has {archive_size}, the most"
+            f" it may hold is {limit}): the file is damaged or a decompression bomb."
+        )
+
+
+class _StorageType(NamedTuple):
+    """A torch storage class, as named by the pickle (its dtype, if known)."""
+
+    name: str
+    dtype: np.dtype | None
+
+
+class _Storage(NamedTuple):
+    """A persistent id: ('storage', storage type, key, location, numel)."""
+
+    type: Any
+    key: Any
+    numel: Any
+
+
+class _Tensor(NamedTuple):
+    """A tensor as the pickle describes it: a view of a storage (not yet read)."""
+
+    storage: Any
+    offset: Any
+    size: Any
+    stride: Any
 
 
 class _TorchUnpickler(pickle.Unpickler):
     """Rebuilds torch tensors as numpy arrays from a torch.save zip archive."""
 
-    def __init__(self, archive: zipfile.ZipFile, root: str):
+    def __init__(self, archive: zipfile.ZipFile, root: str, path: str):
         super().__init__(archive.open(root + "data.pkl"))
-        self.archive, self.root = archive, root
+        self.archive, self.root, self.path = archive, root, path
+        self.storages: dict[tuple[str, str], np.ndarray] = {}  # (key, dtype) -> data
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor
-        if module == "torch" and name in TORCH_STORAGE_DTYPES:
-            return np.dtype(TORCH_STORAGE_DTYPES[name])
+        if module == "torch" and name.endswith("Storage"):
+            return _StorageType(f"torch.{name}", TORCH_STORAGE_DTYPES.get(name))
         raise HuggingFaceError(
-            f"the checkpoint holds a {module}.{name}, not only tensors: convert it"
-            " to model.safetensors."
+            f"{self.path}: the checkpoint holds a {module}.{name}, not only tensors:"
+            " convert it to model.safetensors."
         )
 
-    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
-        _, dtype, key, _, _ = pid
-        return np.frombuffer(self.archive.read(f"{self.root}data/{key}"), dtype)
+    def persistent_load(self, pid):  # ('storage', storage type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise HuggingFaceError(
+                f"{self.path}: the checkpoint holds a persistent object {_show(pid)},"
+                " not a torch storage: it is damaged or not a state dict."
+            )
+        return _Storage(pid[1], pid[2], pid[4])
+
+    def tensors(self, state_dict: Any) -> dict[str, np.ndarray]:
+        """The arrays of an unpickled state dict, each view checked first."""
+        if not isinstance(state_dict, dict):
+            raise HuggingFaceError(
+                f"{self.path} holds a {type(state_dict).__name__}, not a state dict"
+                " (names -> tensors): save model.state_dict()."
+            )
+        out, budget = {}, physical_memory()
+        for name, tensor in state_dict.items():
+            if not isinstance(name, str) or not isinstance(tensor, _Tensor):
+                raise HuggingFaceError(
+                    f"{self.path}: entry {_show(name)} is a {type(tensor).__name__},"
+                    " not a tensor: the file is not a state dict of tensors."
+                )
+            out[name] = self.array(name, tensor)
+            budget -= out[name].nbytes
+            if budget < 0:
+                raise HuggingFaceError(
+                    f"{self.path}: its tensors, up to {name!r}, need more than this"
+                    f" machine's {physical_memory() / 1e9:.1f} GB of memory."
+                )
+        return out
+
+    def array(self, name: str, tensor: _Tensor) -> np.ndarray:
+        """tensor's values: refused, naming it, unless its view lies inside its
+        storage and the storage's entry holds exactly its bytes."""
+
+        def bad(why: str) -> HuggingFaceError:
+            return HuggingFaceError(
+                f"{self.path}: tensor {_show(name)} {why}: the file is damaged; save the"
+                " model again, as model.safetensors."
+            )
+
+        storage, offset, size, stride = tensor
+        if not isinstance(storage, _Storage):
+            raise bad(f"is a view of a {type(storage).__name__}, not a storage")
+        kind, key, numel = storage
+        if not isinstance(kind, _StorageType) or kind.dtype is None:
+            known = ", ".join(f"torch.{k}" for k in TORCH_STORAGE_DTYPES)
+            shown = kind.name if isinstance(kind, _StorageType) else _show(kind)
+            raise bad(f"has storage type {shown}; jaxgpt reads {known}")
+        dtype = kind.dtype
+        if not _count(numel):
+            raise bad(f"has a storage of {_show(numel)} elements")
+        if not isinstance(key, str):
+            raise bad(f"names storage {_show(key)}, not a storage key")
+        try:
+            info = self.archive.getinfo(f"{self.root}data/{key}")
+        except KeyError:
+            raise bad(f"names storage {_show(key)}, which the archive lacks") from None
+        if info.file_size != numel * dtype.itemsize:
+            raise bad(
+                f"has a storage {_show(key)} of {_show(numel)} {dtype.name} elements"
+                f" ({_show(numel * dtype.itemsize)} bytes), but its entry holds"
+                f" {info.file_size} bytes"
+            )
+        if not (
+            isinstance(size, tuple)
+            and isinstance(stride, tuple)
+            and len(size) == len(stride) <= MAX_DIMS
+            and all(map(_count, (offset, *size, *stride)))
+            and max((*size, *stride), default=0) <= MAX_EXTENT
+        ):
+            raise bad(
+                f"has offset {_show(offset)}, size {_show(size)} and stride"
+                f" {_show(stride)}; they must be non-negative integers (sizes and"
+                f" strides at most 2^56), one stride per dimension (at most"
+                f" {MAX_DIMS})"
+            )
+        n = math.prod(size)
+        last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+        if offset > numel or (n and last >= numel) or n > numel:
+            raise bad(
+                f"(offset {_show(offset)}, size {_show(size)}, stride"
+                f" {_show(stride)}) reaches past its storage of {numel} elements"
+                if n <= numel
+                else f"has {_show(n)} elements, more than its storage's {numel}"
+            )
+        _check_entry(info, physical_memory(), self.path)
+        data = self.storages.get((key, dtype.name))
+        if data is None:
+            try:
+                with self.archive.open(info) as f:
+                    raw = f.read(info.file_size)  # The declared size, and no more.
+            except Exception as e:  # noqa: BLE001 A bad CRC, a broken stream...
+                raise bad(f"has a storage {key!r} that cannot be read ({e})") from None
+            if len(raw) != info.file_size:
+                raise bad(f"has a storage {key!r} shorter than its entry declares")
+            data = self.storages[key, dtype.name] = np.frombuffer(raw, dtype)
+        strides = [s * dtype.itemsize for s in stride]
+        view = np.lib.stride_tricks.as_strided(data[offset:], size, strides)
+        return np.array(view)  # A copy: the storage buffer is read-only.
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_):
-    strides = [s * storage.itemsize for s in stride]
-    view = np.lib.stride_tricks.as_strided(storage[offset:], size, strides)
-    return np.array(view)  # A copy: the storage buffer is read-only.
+def _show(x: Any, depth: int = 0) -> str:
+    """A short repr of a value from a file (huge ints and deep tuples included)."""
+    if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 64:
+        return f"<a {x.bit_length()}-bit integer>"
+    if isinstance(x, tuple) and len(x) <= 8 and depth < 3:
+        return "(" + ", ".join(_show(v, depth + 1) for v in x) + ")"
+    if isinstance(x, (int, float, str, type(None))):
+        return repr(x[:40] if isinstance(x, str) else x)
+    return f"<a {type(x).__name__}>"
+
+
+def _count(x: Any) -> bool:
+    """x is a non-negative int (not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_) -> _Tensor:
+    """torch._utils._rebuild_tensor_v2's arguments, kept to be checked."""
+    return _Tensor(storage, offset, size, stride)
+
+
+JSON_LIMIT = 64 << 20  # config.json's and an index's largest size (theirs: KBs).
+ST_INDEX = "model.safetensors.index.json"  # Sharded checkpoints' tables of contents.
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def read_json(path: str) -> Any:
+    """A small JSON file of a model folder (config.json, an index), refused in
+    one line if it is too big or not JSON."""
+    if os.path.getsize(path) > JSON_LIMIT:
+        raise HuggingFaceError(
+            f"{path} has {os.path.getsize(path)} bytes, more than such a file's"
+            f" {JSON_LIMIT} at most: it is not a Hugging Face model's."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise HuggingFaceError(f"{path} is not JSON ({e}).") from None
+
+
+def size_fields(c: Mapping[str, Any], defaults: Mapping[str, int], path: str) -> dict:
+    """config.json's sizes (defaults where absent), each a positive integer."""
+    sizes = {}
+    for key, default in defaults.items():
+        value = c.get(key)
+        value = default if value is None else value
+        if not _count(value) or value == 0:
+            raise HuggingFaceError(
+                f"{path} has {key}={_show(value)}: it must be a positive integer."
+            )
+        sizes[key] = value
+    return sizes
+
+
+def check_fits_memory(n_params: int, path: str) -> None:
+    """Refuses, before anything is allocated, a model whose float32 parameters
+    (4 bytes each) cannot fit in this machine's physical memory."""
+    need, have = 4 * n_params, physical_memory()
+    if need > have:
+        gb = f"{need / 1e9:,.1f}" if need < 10**18 else f"10^{math.log10(need) - 9:.0f}"
+        raise HuggingFaceError(
+            f"{path} describes a model of about {gb} GB in float32 (4 bytes a"
+            f" parameter), more than this machine's {have / 1e9:.1f} GB of memory:"
+            " check its sizes (n_layer, n_embd, vocab_size...)."
+        )
+
+
+def gpt2_params(c: Mapping[str, Any], path: str) -> int:
+    """The parameter count of the GPT2Config `c` (refused unless its sizes are
+    positive integers)."""
+    s = size_fields(
+        c,
+        {"vocab_size": 50257, "n_positions": 1024, "n_layer": 12, "n_embd": 768},
+        path,
+    )
+    V, T, L, C = s["vocab_size"], s["n_positions"], s["n_layer"], s["n_embd"]
+    return (V + T) * C + L * (12 * C * C + 13 * C) + 2 * C
+
+
+def in_folder(folder: str, name: Any, index: str) -> str:
+    """The path of the shard `index` names, refused unless it is a bare file
+    name whose file (symlinks followed) lies in `folder`, or in the blobs of the
+    Hub cache's repository when `folder` is one of its snapshots."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or (os.path.basename(name) != name)
+    ):
+        raise HuggingFaceError(
+            f"{index} names shard {_show(name)}, which is not a file name in"
+            f" {folder}: refused (a shard must lie in the model's folder)."
+        )
+    path = os.path.join(folder, name)
+    real, roots = os.path.realpath(path), [os.path.realpath(folder)]
+    if os.path.basename(os.path.dirname(roots[0])) == "snapshots":  # The Hub's.
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(roots[0])), "blobs"))
+    if not any(os.path.dirname(real) == root for root in roots):
+        raise HuggingFaceError(
+            f"{index} names shard {name!r}, which links to {real}, outside {folder}:"
+            " refused (a shard must lie in the model's folder)."
+        )
+    if not os.path.isfile(path):
+        raise HuggingFaceError(f"{index} names shard {name!r}, not in {folder}.")
+    return path
+
+
+def read_shards(
+    folder: str, index_name: str, read_one: Callable[[str], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """The tensors of the shards a sharded checkpoint's index names, each read
+    with `read_one` (every shard checked to lie in `folder` first)."""
+    index = os.path.join(folder, index_name)
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise HuggingFaceError(
+            f"{index} has no weight_map of tensor names to shard files: it is"
+            " damaged; save the model again (save_pretrained)."
+        )
+    shards = [in_folder(folder, s, index) for s in sorted(set(weight_map.values()))]
+    tensors = {}
+    for path in shards:
+        tensors.update(read_one(path))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise HuggingFaceError(
+            f"tensor {missing[0]!r} is not in the shard {index} names for it."
+        )
+    return tensors
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """The tensors of one .safetensors file as numpy arrays (bfloat16 included),
+    read through the safetensors library, which checks its header."""
+    try:
+        with safetensors.safe_open(path, framework="flax") as f:
+            return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 SafetensorError, or a dtype numpy lacks.
+        raise HuggingFaceError(
+            f"{path} cannot be read ({e}): it is damaged or not a safetensors"
+            " file; save the model again (save_pretrained)."
+        ) from None
+
+
+def read_weights(folder: str) -> dict[str, np.ndarray]:
+    """The tensors of a model folder: model.safetensors, pytorch_model.bin, or
+    the shards one of their indexes names."""
+    st_path = os.path.join(folder, "model.safetensors")
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(st_path):
+        return read_safetensors(st_path)
+    if os.path.isfile(bin_path):
+        return read_torch_state_dict(bin_path)
+    if os.path.isfile(os.path.join(folder, ST_INDEX)):
+        return read_shards(folder, ST_INDEX, read_safetensors)
+    if os.path.isfile(os.path.join(folder, BIN_INDEX)):
+        return read_shards(folder, BIN_INDEX, read_torch_state_dict)
+    raise HuggingFaceError(
+        f"{folder} has neither model.safetensors nor pytorch_model.bin (nor"
+        f" {ST_INDEX} or {BIN_INDEX} naming shards of them)."
+    )
 
 
 def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """config.json and the tensors of a GPT-2 folder in Hugging Face's layout."""
+    """config.json and the tensors of a GPT-2 folder in Hugging Face's layout
+    (the config's sizes checked to fit in memory before any tensor is read)."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise HuggingFaceError(f"{folder} has no config.json: not a HF model folder.")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config_json = json.load(f)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise HuggingFaceError(f"{config_path} is not JSON ({e}).") from None
+    config_json = read_json(config_path)
     if not isinstance(config_json, dict):
         raise HuggingFaceError(
             f"{config_path} is a JSON {type(config_json).__name__}, not a GPT2Config"
             " object."
         )
-    st_path = os.path.join(folder, "model.safetensors")
-    bin_path = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(st_path):
-        try:
-            tensors = safetensors.numpy.load_file(st_path)
-        except (safetensors.SafetensorError, OSError, ValueError) as e:
-            raise HuggingFaceError(
-                f"{st_path} cannot be read ({e}): it is damaged or not a"
-                " safetensors file; save the model again (save_pretrained)."
-            ) from None
-    elif os.path.isfile(bin_path):
-        tensors = read_torch_state_dict(bin_path)
-    else:
-        raise HuggingFaceError(
-            f"{folder} has neither model.safetensors nor pytorch_model.bin"
-            " (sharded checkpoints are not read)."
-        )
-    return config_json, tensors
+    check_fits_memory(gpt2_params(config_json, config_path), config_path)
+    return config_json, read_weights(folder)
 
 
 def download_gpt2(name: str) -> str:

@@ -53,15 +53,13 @@ from typing import Any
 import huggingface_hub
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from jaxgpt.config import RUNTIME_FIELDS, ModelConfig
 from jaxgpt.hub import hf, tokenizer_io
 
 HuggingFaceError = hf.HuggingFaceError
 PREFIX = "model."  # LlamaForCausalLM's name for its LlamaModel.
-INDEX = "model.safetensors.index.json"  # A sharded checkpoint's table of contents.
+INDEX = hf.ST_INDEX  # A sharded checkpoint's table of contents.
 # Files a Hub download fetches: the weights, config and tokenizer only.
 HUB_FILES = [
     "config.json",
@@ -92,12 +90,44 @@ def rope_theta(c: Mapping[str, Any]) -> float:
     return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
+def llama_params(c: Mapping[str, Any], path: str = "config.json") -> int:
+    """The parameter count of the LlamaConfig `c` (refused unless its sizes are
+    positive integers and its key/value heads divide its heads)."""
+    s = hf.size_fields(c, LLAMA_SIZES, path)
+    V, C, L, F = (s[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                 "intermediate_size"))  # fmt: skip
+    H = s["num_attention_heads"]
+    K = hf.size_fields(c, {"num_key_value_heads": H}, path)["num_key_value_heads"]
+    D = hf.size_fields(c, {"head_dim": max(C // H, 1)}, path)["head_dim"]
+    if H % K:
+        raise HuggingFaceError(
+            f"{path} has num_key_value_heads={K} (jaxgpt's n_kv_head={K}), which"
+            f" must divide num_attention_heads={H}: each key/value head serves"
+            " num_attention_heads / num_key_value_heads query heads."
+        )
+    head = 1 if c.get("tie_word_embeddings", False) else 2
+    return head * V * C + L * ((2 * H + 2 * K) * D * C + 3 * C * F + 2 * C) + C
+
+
+# A LlamaConfig's sizes and transformers' defaults for them.
+LLAMA_SIZES = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 2048,
+}
+
+
 def config_from_llama(c: Mapping[str, Any]) -> ModelConfig:
     """The ModelConfig of a Hugging Face LlamaConfig (as read from config.json).
 
-    Refuses the options jaxgpt's GPT cannot compute, naming them. dropout is 0
-    (inference); pass another with dataclasses.replace to finetune.
+    Refuses the options jaxgpt's GPT cannot compute, naming them, and sizes that
+    are not positive integers. dropout is 0 (inference); pass another with
+    dataclasses.replace to finetune.
     """
+    llama_params(c)  # The sizes are positive integers.
     C, H = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
     bias = c.get("attention_bias", False)
     # (option, value jaxgpt computes, value in this config); absent = HF default.
@@ -131,7 +161,8 @@ def config_from_llama(c: Mapping[str, Any]) -> ModelConfig:
             mlp_hidden=c.get("intermediate_size", 11008),
             tie_embeddings=c.get("tie_word_embeddings", False),
         )
-    except ValueError as e:  # A ConfigError: sizes that do not fit together.
+    except (ValueError, TypeError, AttributeError) as e:  # A ConfigError (sizes
+        # that do not fit together), or a value of the wrong type.
         raise HuggingFaceError(f"config.json: {e}") from None
 
 
@@ -372,39 +403,13 @@ def _tree_to_jnp(tree):
 # ---------------------------------------------------------------- files
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """The tensors of one .safetensors file as numpy arrays (bfloat16 included)."""
-    with safetensors.safe_open(path, framework="flax") as f:
-        return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+read_safetensors = hf.read_safetensors  # One .safetensors file, header checked.
 
 
 def read_tensors(folder: str) -> dict[str, np.ndarray]:
-    """The tensors of a folder: model.safetensors, or the shards its index names."""
-    single, index = (
-        os.path.join(folder, "model.safetensors"),
-        os.path.join(folder, INDEX),
-    )
-    if os.path.isfile(single):
-        return read_safetensors(single)
-    if not os.path.isfile(index):
-        raise HuggingFaceError(
-            f"{folder} has neither model.safetensors nor {INDEX} (a torch"
-            " pytorch_model.bin Llama is not read: save it as safetensors)."
-        )
-    with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-    tensors = {}
-    for shard in sorted(set(weight_map.values())):
-        path = os.path.join(folder, shard)
-        if os.path.basename(shard) != shard or not os.path.isfile(path):
-            raise HuggingFaceError(f"{INDEX} names shard {shard!r}, not in {folder}.")
-        tensors.update(read_safetensors(path))
-    missing = sorted(set(weight_map) - set(tensors))
-    if missing:
-        raise HuggingFaceError(
-            f"tensor {missing[0]!r} is not in the shard {INDEX} names for it."
-        )
-    return tensors
+    """The tensors of a folder: model.safetensors (or pytorch_model.bin), or the
+    shards an index names (each checked to lie in the folder)."""
+    return hf.read_weights(folder)
 
 
 def download(repo_id: str) -> str:
@@ -437,8 +442,7 @@ def find(name_or_path: str) -> tuple[str, str]:
             f" (owner/name), nor one of {', '.join(hf.HUB_REPOS)}."
         )
     try:
-        with open(os.path.join(folder, "config.json")) as f:
-            model_type = json.load(f).get("model_type")
+        model_type = hf.read_json(os.path.join(folder, "config.json")).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None  # hf.load_gpt2 names what is wrong.
     if model_type == "llama":
@@ -460,8 +464,15 @@ def load_llama(folder: str, **overrides: Any) -> tuple[ModelConfig, dict]:
         raise HuggingFaceError(
             f"load_llama cannot override {bad[0]!r}: config.json fixes it."
         )
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = config_from_llama(json.load(f))
+    config_path = os.path.join(folder, "config.json")
+    config_json = hf.read_json(config_path)
+    if not isinstance(config_json, dict):
+        raise HuggingFaceError(
+            f"{config_path} is a JSON {type(config_json).__name__}, not a"
+            " LlamaConfig object."
+        )
+    hf.check_fits_memory(llama_params(config_json, config_path), config_path)
+    cfg = config_from_llama(config_json)
     if overrides.get("block_size", 0) > cfg.block_size:
         raise HuggingFaceError(
             f"--block_size={overrides['block_size']} exceeds the model's"
