@@ -772,3 +772,27 @@ def test_memory_estimate_names_gigabytes(tmp_path, monkeypatch):
     with pytest.raises(hf.HuggingFaceError) as e:
         hf.load_gpt2(str(tmp_path))
     assert_one_error(e, "about 0.5 GB in float32", "this machine's 0.4 GB")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"rms_norm_eps": "x"},
+        {"rope_parameters": [1]},
+        {"rope_scaling": "linear"},
+        {"rope_theta": "fast"},
+        {"hidden_size": 15},  # Not divisible by its heads.
+    ],
+)
+def test_llama_config_values_that_are_not_options(change):
+    with pytest.raises(hf.HuggingFaceError) as e:
+        llama.config_from_llama({**LLAMA, **change})
+    assert_one_error(e, "config.json")
+
+
+def test_llama_tokenizer_config_that_is_not_an_object(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(hf.HuggingFaceError) as e:
+        llama.load_tokenizer(str(tmp_path))
+    assert_one_error(e, "tokenizer_config.json", "not an object")

@@ -501,8 +501,11 @@ def load_tokenizer(folder: str):
     specials = {}
     config_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = hf.read_json(config_path)
+        if not isinstance(config, dict):
+            raise HuggingFaceError(
+                f"{config_path} is a JSON {type(config).__name__}, not an object."
+            )
         for key in ("bos_token", "eos_token"):
             token = config.get(key)
             token = token.get("content") if isinstance(token, Mapping) else token
