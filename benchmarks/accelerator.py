@@ -416,7 +416,7 @@ def recipe_run(runner: Runner, sizes: Sizes, args, attention: str, limit) -> dic
     result["dropout"] = 0.0 if attention != "einsum" else None  # None: the cfg's.
     reached = [v for v in vals if v[0] > 0 and v[2] <= args.target_loss]
     timed = steps[1:] or steps  # The first interval holds the compilation.
-    peak = re.search(r"\] peak (.*)", child.out)
+    peak = re.search(r"^\d\d:\d\d:\d\d peak (.*)", child.out, re.MULTILINE)
     result.update(
         target_loss=args.target_loss,
         time_to_target_s=reached[0][1] if reached else None,

@@ -5,11 +5,13 @@
 
 Runs the program the training loop runs: the same mesh, train.make_train_step
 and train.make_batches (host batches from the batch stream), on random tokens
-(no corpus needed). Model FLOPs per token are 6N + 12*L*C*T with N the
-non-embedding parameters (PaLM's accounting, as nanoGPT's MFU); MFU is
-perf.mfu against a peak from jaxgpt/run/perf.py: measured in this run on a CPU (a
-large jitted matmul in the run's dtype), the data sheet's for a known
-accelerator, or --peak_tflops.
+(no corpus needed). FLOPs, peak and MFU are the training log's
+(jaxgpt/run/perf.py): model FLOPs per token 6N + 12*L*C*T, N the parameters
+of the matmuls (all but the position table; a tied token table counts once,
+as the output layer: nanoGPT's estimate_mfu); the peak is --peak_tflops, the
+data sheet's for a known accelerator, or on a CPU the best matmul FLOP/s
+stored for this machine (measured again when old or measured under load;
+--measure_peak measures it now), so the MFU here is the MFU a run logs.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from jaxgpt import model, sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.main import check_backend
 from jaxgpt.run import (
+    cache,
     cli,  # Defines the flags.
     perf,
+    quiet,
 )
 from jaxgpt.run.configs import MeshConfig, RunConfig
 from jaxgpt.run.perf import keep_freed_memory, unroll_threefry
@@ -36,7 +40,10 @@ from jaxgpt.run.perf import keep_freed_memory, unroll_threefry
 _STEPS = flags.DEFINE_integer("bench_steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("bench_warmup", 5, "Untimed steps after compiling.")
 _MEASURE = flags.DEFINE_bool(
-    "measure_peak", False, "Measure the peak even on a device in the data-sheet table."
+    "measure_peak",
+    False,
+    "Measure the peak now (stored for the runs if it is the best yet), even on a"
+    " device in the data-sheet table.",
 )
 _MATMUL_N = flags.DEFINE_integer("peak_matmul_n", 2048, "Size of the peak matmul.")
 _MALLOPT = flags.DEFINE_bool(
@@ -60,6 +67,7 @@ _ROWS = flags.DEFINE_bool(
 
 def main(argv):
     del argv
+    quiet.install()  # jaxgpt's log format; other libraries' notices dropped.
     if _MALLOPT.value:
         keep_freed_memory()
     if _UNROLL.value:
@@ -90,7 +98,11 @@ def main(argv):
         sys.exit(f"error: {e}")
     # The peak first, while the machine is otherwise idle.
     peak, source = perf.peak_flops(
-        model_cfg.dtype, run.peak_tflops, _MATMUL_N.value, measure=_MEASURE.value
+        model_cfg.dtype,
+        run.peak_tflops,
+        _MATMUL_N.value,
+        measure=_MEASURE.value,
+        store=cache.peak_file(),
     )
 
     mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
@@ -116,6 +128,7 @@ def main(argv):
     step_s = statistics.median(times)
 
     flops_token = perf.flops_per_token(model_cfg)
+    n_matmul = perf.matmul_params(model_cfg)
     tokens_s = B * T / step_s
     n_params = model.count_params(state.params)
     shape = (
@@ -134,7 +147,10 @@ def main(argv):
         ("tokens/s", f"{tokens_s:,.0f}"),
         (
             "model FLOPs/token",
-            f"{flops_token / 1e6:.2f} M (6N + 12LCT, N = non-embedding params)",
+            (
+                f"{flops_token / 1e6:.2f} M (6N + 12LCT, N = {n_matmul:,} params"
+                " in matmuls: all but the position table)"
+            ),
         ),
         ("achieved", f"{flops_token * tokens_s / 1e9:.1f} GFLOP/s"),
         ("peak", f"{peak / 1e9:.1f} GFLOP/s per device ({source})"),

@@ -98,6 +98,12 @@ def test_train_checkpoint_and_sample(tmp_path, flagfile, corpus_path):
     )
     assert log and float(log.group(1)) > 0 and 0 < float(log.group(2)) < 100
     assert "GFLOP/s per device (measured" in done.stderr
+    # The first step's time apart (compile included), steps of the total and
+    # the time left; every log line as `HH:MM:SS message`, none of absl's prefix.
+    assert re.search(r"step 1: loss [\d.]+, first step [\d.]+ s \(compile", done.stderr)
+    assert re.search(r"MFU [\d.]+%; 20/40 steps \(50%\), [\d:]+ left", done.stderr)
+    assert re.search(r"^\d\d:\d\d:\d\d step 40: train loss", done.stderr, re.MULTILINE)
+    assert not re.search(r"^[IWEF]\d{4} \d\d:\d\d", done.stderr, re.MULTILINE)
     (text,) = samples(done.stdout)
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 77
 

@@ -1,8 +1,12 @@
 """What a training run reports, and where.
 
-A progress bar; every --log_interval steps a line with the loss, learning
-rate, ms/step, tokens/s, model FLOP/s and MFU; and at every evaluation a line
-that is also appended to <workdir>/metrics.jsonl as one JSON record. With
+On a terminal, a progress bar (steps done of the total, time left, loss and
+tokens/s); after the run's first step a line with its time, which holds the
+compilation (the ms/step of later lines leave it out); every --log_interval
+steps a line with the loss, learning rate, ms/step, tokens/s, model FLOP/s,
+MFU, steps done of the total and the time left; and at every evaluation a
+line that is also appended to <workdir>/metrics.jsonl as one JSON record.
+Lines are `HH:MM:SS message`, as jaxgpt's log lines (run/quiet.py). With
 --tensorboard, the same figures (and the gradient norm, and a sample of text
 at each evaluation) also go to TensorBoard event files in the workdir:
 `tensorboard --logdir out` shows every run under out/. In a multi-process
@@ -21,7 +25,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.run import hosts, perf
+from jaxgpt.run import hosts, perf, quiet
 from jaxgpt.run import workdir as workdir_lib
 from jaxgpt.run.perf import flops_per_token
 
@@ -29,8 +33,11 @@ from jaxgpt.run.perf import flops_per_token
 class TrainLog:
     """The log of one training run from `start_step` on.
 
-    ms/step counts training steps only: the time of evaluations is left out.
-    MFU is per device: model FLOP/s / (peak_flops of one device x devices).
+    ms/step counts training steps only: the time of evaluations is left out,
+    and so is the run's first step (its compilation), reported on its own.
+    The time left is the wall time per step since the first step (evaluations
+    and saves included) times the steps to go. MFU is per device: model
+    FLOP/s / (peak_flops of one device x devices), see perf.mfu.
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class TrainLog:
             disable=None if self.is_main else True,  # None: only on a terminal.
             dynamic_ncols=True,
         )
+        self.first: tuple[float, int] | None = None  # (time, step) after step 1.
         self._restart_clock(start_step)
         self.board = (
             open_board(self.path.parent, start_step)
@@ -70,16 +78,22 @@ class TrainLog:
         self.t_last, self.step_last = time.perf_counter(), step
 
     def say(self, text: str) -> None:
+        """`text` as a log line (`HH:MM:SS text`) on stderr, above the bar."""
         if self.is_main:
-            tqdm.write(text, file=sys.stderr)
+            tqdm.write(quiet.stamp(text), file=sys.stderr)
 
     def step(self, step: int, metrics: dict) -> None:
-        """After training step `step`: every log_interval steps, a log line."""
+        """After training step `step`: after the run's first, a line with its
+        time (compilation included); every log_interval steps, a log line."""
         self.bar.update(1)
+        if self.first is None:
+            self._first_step(step, metrics)
+            return
         if step % self.cfg.log_interval and step != self.cfg.end_step:
             return
         loss = float(metrics["loss"])  # Waits for the step to finish.
-        dt = (time.perf_counter() - self.t_last) / (step - self.step_last)
+        now = time.perf_counter()
+        dt = (now - self.t_last) / (step - self.step_last)
         self._restart_clock(step)
         tokens_per_s = self.tokens_per_step / dt
         lr = float(self.schedule(step - 1))
@@ -99,9 +113,32 @@ class TrainLog:
                 )
                 line += f", MFU {100 * mfu:.1f}%"
                 scalars["perf/mfu"] = mfu
-        self.bar.set_postfix(loss=f"{loss:.4f}")
-        self.say(line)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        self.say(line + "; " + self.progress(step, now))
         self._write_scalars(step, scalars)
+
+    def _first_step(self, step: int, metrics: dict) -> None:
+        """The run's first step: its time holds the compilation (or the load of
+        the compiled program from the cache), so it is reported apart."""
+        loss = float(metrics["loss"])  # Waits for the step to finish.
+        now = time.perf_counter()
+        seconds = now - self.t_last
+        self.first = (now, step)
+        self._restart_clock(step)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        self.say(
+            f"step {step}: loss {loss:.4f}, first step {seconds:.1f} s (compile"
+            " included; ms/step leaves it out); " + self.progress(step, now)
+        )
+
+    def progress(self, step: int, now: float) -> str:
+        """`40/5000 steps (1%), 1:02:03 left` (time left from the second step)."""
+        end, (t_first, step_first) = self.cfg.end_step, self.first
+        text = f"{step}/{end} steps ({step / max(end, 1):.0%})"
+        if step > step_first:
+            left = (now - t_first) / (step - step_first) * (end - step)
+            text += f", {tqdm.format_interval(left)} left"
+        return text
 
     def evaluation(self, step: int, losses: dict[str, float]) -> None:
         """The losses (and task accuracies) of the evaluation at `step`: a log
