@@ -221,7 +221,7 @@ def test_tensorboard_writer_leaves_torch_unimported_and_importable(tmp_path):
     the writer is opened without it, and torch still imports afterwards."""
     code = (
         "import importlib.util, sys\n"
-        "from jaxgpt import metrics\n"
+        "from jaxgpt.run import metrics\n"
         f"writer = metrics.open_board({str(tmp_path)!r}, 0)\n"
         "writer.add_scalar('loss', 1.5, 1); writer.close()\n"
         "assert 'torch' not in sys.modules and 'boto3' not in sys.modules\n"
