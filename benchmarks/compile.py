@@ -19,9 +19,12 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxgpt import sharding, train
+from jaxgpt import sharding
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.run import cli  # Defines the flags.
+from jaxgpt.run import (
+    cli,  # Defines the flags.
+    program,
+)
 from jaxgpt.run.perf import cpu_speedups
 
 _LAYERS = flags.DEFINE_list("bench_layers", ["6", "24"], "Depths to compile.")
@@ -31,10 +34,10 @@ _BATCH = flags.DEFINE_integer("bench_batch", 4, "Sequences per step.")
 def compile_times(model_cfg, batch_size: int) -> tuple[float, float]:
     """Seconds to lower and to compile one train step of `model_cfg`."""
     train_cfg, mesh = TrainConfig(batch_size=batch_size), sharding.make_mesh()
-    state = train.abstract_state(model_cfg, train_cfg, mesh)
+    state = program.abstract_state(model_cfg, train_cfg, mesh)
     x_BT = jax.ShapeDtypeStruct((batch_size, model_cfg.block_size), jnp.int32)
     root = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    step = train.make_train_step(model_cfg, train_cfg, mesh)  # The loop's step.
+    step = program.make_train_step(model_cfg, train_cfg, mesh)  # The loop's step.
     t0 = time.perf_counter()
     lowered = step.lower(state, x_BT, x_BT, root)
     t1 = time.perf_counter()

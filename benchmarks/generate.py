@@ -20,10 +20,13 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxgpt import generate, lecture, model, sharding, train
+from jaxgpt import generate, lecture, model, sharding
 from jaxgpt.config import ModelConfig, SampleConfig
 from jaxgpt.run import checkpoint as ckpt
-from jaxgpt.run import cli  # Defines the flags.
+from jaxgpt.run import (
+    cli,  # Defines the flags.
+    program,
+)
 from jaxgpt.run.perf import cpu_speedups
 
 _BATCHES = flags.DEFINE_list("bench_batch_sizes", ["1", "8"], "Rows sampled at once.")
@@ -37,7 +40,7 @@ def load_model():
         return cfg, lecture.init_params(cfg, jax.random.PRNGKey(0))
     with ckpt.Checkpointer(flags.FLAGS.workdir) as checkpointer:
         cfg = ModelConfig(**checkpointer.read_meta()["model"])
-        target = train.abstract_params(cfg, sharding.make_mesh())
+        target = program.abstract_params(cfg, sharding.make_mesh())
         return cfg, checkpointer.restore_params(target)
 
 

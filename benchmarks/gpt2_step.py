@@ -5,8 +5,8 @@
   python benchmarks/gpt2_step.py --dtype=bfloat16 --attention=cudnn --batch_size=auto
 
 One configuration per process, since peak RSS only grows. Runs the training
-loop's own program: train.create_state (params + AdamW state) and
-train.make_train_step (the compiled update, state donated) on the default
+loop's own program: program.create_state (params + AdamW state) and
+program.make_train_step (the compiled update, state donated) on the default
 mesh, with perf.cpu_speedups applied first as main.py does. Random tokens,
 random initial weights: the numbers do not depend on them.
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxgpt import model, sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.run import perf
+from jaxgpt.run import perf, program
 from jaxgpt.run.perf import cpu_speedups
 
 
@@ -101,7 +101,7 @@ def main() -> None:
         remat=args.remat,
     )
     mesh, root, T = sharding.make_mesh(), train.root_key(0), cfg.block_size
-    new_state = lambda: train.create_state(cfg, TrainConfig(batch_size=1), root, mesh)
+    new_state = lambda: program.create_state(cfg, TrainConfig(batch_size=1), root, mesh)
     state = new_state()
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 100 * T)
     tokens = tokens.astype(np.int32)
@@ -113,8 +113,8 @@ def main() -> None:
         """(the compiled step for B rows, its batches, seconds it took to compile)."""
         if B not in compiled_at:
             t0 = time.perf_counter()
-            batches = train.make_batches(tokens, root, B, T, mesh)
-            step = train.make_train_step(cfg, TrainConfig(batch_size=B), mesh)
+            batches = program.make_batches(tokens, root, B, T, mesh)
+            step = program.make_train_step(cfg, TrainConfig(batch_size=B), mesh)
             compiled = step.lower(state, *batches(0), root).compile()
             compiled_at[B] = compiled, batches, time.perf_counter() - t0
         return compiled_at[B]

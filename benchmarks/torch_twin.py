@@ -312,9 +312,9 @@ def train_recipe(
     if knobs.init:
         model.init_weights(torch.Generator().manual_seed(seed))
     else:  # jaxgpt's initial parameters, drawn from the params stream.
-        from jaxgpt import model as jax_model
+        from jaxgpt import lecture
 
-        model.load_flax(jax_model.init_params(model_cfg, train.stream(root, "params")))
+        model.load_flax(lecture.init_params(model_cfg, train.stream(root, "params")))
     T, B = model_cfg.block_size, train_cfg.batch_size
     step_fn = make_train_step(model, train_cfg)
     if knobs.batches:

@@ -3,8 +3,8 @@
   python benchmarks/train.py --flagfile=experiments/shakespeare_cpu.cfg
   python benchmarks/train.py --flagfile=experiments/shakespeare.cfg --peak_tflops=989
 
-Runs the program the training loop runs: the same mesh, train.make_train_step
-and train.make_batches (host batches from the batch stream), on random tokens
+Runs the program the training loop runs: the same mesh, program.make_train_step
+and program.make_batches (host batches from the batch stream), on random tokens
 (no corpus needed). FLOPs, peak and MFU are the training log's
 (jaxgpt/run/perf.py): model FLOPs per token 6N + 12*L*C*T, N the parameters
 of the matmuls (all but the position table; a tied token table counts once,
@@ -32,6 +32,7 @@ from jaxgpt.run import (
     cache,
     cli,  # Defines the flags.
     perf,
+    program,
     quiet,
 )
 from jaxgpt.run.configs import MeshConfig, RunConfig
@@ -108,10 +109,10 @@ def main(argv):
     mesh = sharding.make_mesh(mesh_cfg.mesh_data, mesh_cfg.mesh_fsdp)
     B, T = train_cfg.batch_size, model_cfg.block_size
     root = train.root_key(run.seed)
-    state = train.create_state(model_cfg, train_cfg, root, mesh)
-    step = train.make_train_step(model_cfg, train_cfg, mesh)
+    state = program.create_state(model_cfg, train_cfg, root, mesh)
+    step = program.make_train_step(model_cfg, train_cfg, mesh)
     tokens = np.random.default_rng(0).integers(0, 65, 100 * T).astype(np.int32)
-    batches = train.make_batches(tokens, root, B, T, mesh)
+    batches = program.make_batches(tokens, root, B, T, mesh)
 
     t0 = time.perf_counter()
     compiled = step.lower(state, *batches(0), root).compile()

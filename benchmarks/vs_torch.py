@@ -65,6 +65,7 @@ from jaxgpt.run import (
     loop,
     metrics,
     perf,
+    program,
 )
 from jaxgpt.run.configs import RunConfig
 from jaxgpt.run.perf import cpu_speedups
@@ -156,8 +157,8 @@ def check_same_losses(model_cfg, train_cfg, batch, root, mesh) -> float:
     """Three steps of both from jaxgpt's initial parameters on the same batches:
     the largest difference of their losses."""
     model_cfg = dataclasses.replace(model_cfg, dropout=0.0)  # Same masks: none.
-    state = train.create_state(model_cfg, train_cfg, root, mesh)
-    step = train.make_train_step(model_cfg, train_cfg, mesh)
+    state = program.create_state(model_cfg, train_cfg, root, mesh)
+    step = program.make_train_step(model_cfg, train_cfg, mesh)
     twin = torch_twin.GPT(model_cfg)
     twin.load_flax(state.params)
     twin_step = torch_twin.make_train_step(twin, train_cfg)
@@ -180,11 +181,11 @@ def bench_step():
     )
     tokens = np.random.default_rng(0).integers(0, 65, 1_000_000).astype(np.int32)
     root, mesh = train.root_key(run.seed), sharding.make_mesh()
-    state = train.create_state(model_cfg, train_cfg, root, mesh)
-    batch = train.make_batches(tokens, root, B, T, mesh)
+    state = program.create_state(model_cfg, train_cfg, root, mesh)
+    batch = program.make_batches(tokens, root, B, T, mesh)
     diff = check_same_losses(model_cfg, train_cfg, batch, root, mesh)
 
-    step = train.make_train_step(model_cfg, train_cfg, mesh)
+    step = program.make_train_step(model_cfg, train_cfg, mesh)
     step_fn = lambda state, x, y: step(state, x, y, root)
     schedule = train.lr_schedule(train_cfg)
     workdir = tempfile.mkdtemp(prefix="vs_torch_")
@@ -511,7 +512,7 @@ def bench_seeds():
         jax_val = float(re.findall(r"val loss ([\d.]+)", out)[-1])
         twin_whole = torch_twin.full_loss(twin, splits["val"], T)
         with ckpt.Checkpointer(workdir) as checkpointer:  # jaxgpt's final model.
-            target = train.abstract_params(model_cfg, sharding.make_mesh())
+            target = program.abstract_params(model_cfg, sharding.make_mesh())
             twin.load_flax(checkpointer.restore_params(target))
         row = [jax_val, torch_twin.full_loss(twin, splits["val"], T)]
         rows[seed] = row + [evals[-1], twin_whole]

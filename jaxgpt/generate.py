@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,87 @@ def sample_logits(
         return jnp.argmax(logits_BV, axis=-1)
     logits_BV = filter_logits(logits_BV, temperature, top_k, top_p)
     return jax.random.categorical(key, logits_BV, axis=-1)
+
+
+class Sampling(NamedTuple):
+    """What every step of one generate call shares: the model, the sampling
+    options, and where the new tokens go (columns p .. end - 1; traced with
+    prompt_len)."""
+
+    apply_fn: Callable
+    variables: dict
+    key: jax.Array
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    return_logits: bool
+    S: int  # The cache's length: block_size.
+    p: Any  # The first new token's column.
+    end: Any  # One past the last.
+
+
+def draw(s: Sampling, t, logits_BV: jax.Array, carry):
+    """Draws token t from its logits into the buffer (and keeps the logits)."""
+    buf_BA, logits_BNV = carry
+    key_t = jax.random.fold_in(s.key, t)
+    next_B = sample_logits(key_t, logits_BV, s.temperature, s.top_k, s.top_p)
+    buf_BA = buf_BA.at[:, t].set(next_B.astype(jnp.int32))
+    if s.return_logits:
+        logits_BNV = logits_BNV.at[:, t - s.p].set(logits_BV)
+    return buf_BA, logits_BNV
+
+
+def window_step(s: Sampling, t, carry):
+    """No cache: re-runs the model on the last W tokens, then draws token t."""
+    B, A = carry[0].shape
+    W = min(s.S, A)
+    start = jnp.clip(t - W, 0, A - W)
+    window_BW = jax.lax.dynamic_slice(carry[0], (0, start), (B, W))
+    logits_BWV = s.apply_fn(s.variables, window_BW, deterministic=True)
+    logits_BV = jax.lax.dynamic_index_in_dim(
+        logits_BWV, t - 1 - start, axis=1, keepdims=False
+    )
+    return draw(s, t, logits_BV, carry)
+
+
+def prefill(s: Sampling, t, n, W: int, buf_BA: jax.Array):
+    """A fresh cache of the n tokens before t, at positions 0 .. n - 1, read as
+    W >= n tokens (the padding past n is hidden, then overwritten); returns
+    token t's logits and the cache."""
+    window_BW = jax.lax.dynamic_slice(buf_BA, (0, t - n), (buf_BA.shape[0], W))
+    logits_BWV, new = s.apply_fn(s.variables, window_BW, decode=True, mutable="cache")
+    cache = new.get("cache", {})
+    if "index" in cache:  # The next token takes position n.
+        cache = {**cache, "index": jnp.asarray(n, jnp.int32)}
+    return jax.lax.dynamic_index_in_dim(logits_BWV, n - 1, 1, False), cache
+
+
+def extend(s: Sampling, t, buf_BA: jax.Array, cache):
+    """Feeds token t - 1 at the cache's next position: token t's logits, the cache."""
+    token_B1 = jax.lax.dynamic_slice(buf_BA, (0, t - 1), (buf_BA.shape[0], 1))
+    logits_B1V, new = s.apply_fn(
+        {**s.variables, "cache": cache}, token_B1, decode=True, mutable="cache"
+    )
+    return logits_B1V[:, -1], new.get("cache", {})
+
+
+def decode_step(s: Sampling, u, state):
+    """One step of a segment: extend by token u - 1, draw token u."""
+    carry, cache = state
+    logits_BV, cache = extend(s, u, carry[0], cache)
+    return draw(s, u, logits_BV, carry), cache
+
+
+def segment(s: Sampling, t, n, W: int, carry, stop=None):
+    """Draws tokens t, t+1, ... from a fresh cache of the n tokens before t, one
+    token per step, until the cache is full or all are drawn (or, given `stop`,
+    until token stop - 1: a rolling cache)."""
+    logits_BV, cache = prefill(s, t, n, W, carry[0])
+    carry = draw(s, t, logits_BV, carry)
+    if stop is None:
+        stop = jnp.minimum(s.end, t + 1 + s.S - n)  # The cache then holds S tokens.
+    carry, _ = jax.lax.fori_loop(t + 1, stop, partial(decode_step, s), (carry, cache))
+    return carry
 
 
 @partial(
@@ -119,76 +201,23 @@ def generate(
     end = p + max_new_tokens  # One past the last token drawn.
     variables = {"params": params}
     V = jax.eval_shape(lambda: apply_fn(variables, prompt_BP[:, :1])).shape[-1]
-
-    def draw(t, logits_BV, carry):  # Writes token t (and its logits).
-        buf_BA, logits_BNV = carry
-        next_B = sample_logits(
-            jax.random.fold_in(key, t), logits_BV, temperature, top_k, top_p
-        )
-        buf_BA = buf_BA.at[:, t].set(next_B.astype(jnp.int32))
-        if return_logits:
-            logits_BNV = logits_BNV.at[:, t - p].set(logits_BV)
-        return buf_BA, logits_BNV
-
-    def window_step(t, carry):  # No cache: re-run the model on the last W tokens.
-        W = min(S, A)
-        start = jnp.clip(t - W, 0, A - W)
-        window_BW = jax.lax.dynamic_slice(carry[0], (0, start), (B, W))
-        logits_BWV = apply_fn(variables, window_BW, deterministic=True)
-        logits_BV = jax.lax.dynamic_index_in_dim(
-            logits_BWV, t - 1 - start, axis=1, keepdims=False
-        )
-        return draw(t, logits_BV, carry)
-
-    def prefill(t, n, W, buf_BA):  # The n tokens before t, at positions 0 .. n-1,
-        # read as W >= n tokens (the padding past n is hidden, then overwritten).
-        window_BW = jax.lax.dynamic_slice(buf_BA, (0, t - n), (B, W))
-        logits_BWV, new = apply_fn(variables, window_BW, decode=True, mutable="cache")
-        cache = new.get("cache", {})
-        if "index" in cache:  # The next token takes position n.
-            cache = {**cache, "index": jnp.asarray(n, jnp.int32)}
-        return jax.lax.dynamic_index_in_dim(logits_BWV, n - 1, 1, False), cache
-
-    def extend(t, buf_BA, cache):  # Token t - 1, at the cache's next position.
-        token_B1 = jax.lax.dynamic_slice(buf_BA, (0, t - 1), (B, 1))
-        logits_B1V, new = apply_fn(
-            {**variables, "cache": cache}, token_B1, decode=True, mutable="cache"
-        )
-        return logits_B1V[:, -1], new.get("cache", {})
-
-    def segment(t, n, W, carry, stop=None):
-        """Draws tokens t, t+1, ... from a fresh cache of the n tokens before t,
-        one token per step, until the cache is full or all are drawn (or, given
-        `stop`, until token stop - 1: a rolling cache)."""
-        logits_BV, cache = prefill(t, n, W, carry[0])
-        carry = draw(t, logits_BV, carry)
-
-        def step(u, state):
-            carry, cache = state
-            logits_BV, cache = extend(u, carry[0], cache)
-            return draw(u, logits_BV, carry), cache
-
-        if stop is None:
-            stop = jnp.minimum(end, t + 1 + S - n)  # The cache then holds S tokens.
-        carry, _ = jax.lax.fori_loop(t + 1, stop, step, (carry, cache))
-        return carry
-
+    options = (temperature, top_k, top_p, return_logits)
+    s = Sampling(apply_fn, variables, key, *options, S, p, end)
     buf_BA = jnp.zeros((B, A), jnp.int32).at[:, :P].set(prompt_BP)
     logits_BNV = jnp.zeros((B, max_new_tokens, V)) if return_logits else None
     carry = (buf_BA, logits_BNV)
     if not kv_cache:
-        carry = jax.lax.fori_loop(p, end, window_step, carry)
+        carry = jax.lax.fori_loop(p, end, partial(window_step, s), carry)
     elif rolling:  # One segment: the ring buffer never needs a refill.
-        carry = segment(p, lo(p, S), min(P, S), carry, stop=end)
+        carry = segment(s, p, lo(p, S), min(P, S), carry, stop=end)
     else:  # The prompt's segment, then refills of K tokens until all are drawn.
         n = lo(p, S)
-        carry = segment(p, n, min(P, S), carry)
+        carry = segment(s, p, n, min(P, S), carry)
         first, length = p + 1 + S - n, S - K + 1  # Tokens per refill.
         refills = hi(0, -(-(end - first) // length))  # Rounded up; 0 if never full.
         if refills if prompt_len is None else A > S:  # (Else the cache never fills.)
-            carry = jax.lax.fori_loop(
-                0, refills, lambda i, c: segment(first + i * length, K, K, c), carry
-            )
+            refill = lambda i, c: segment(s, first + i * length, K, K, c)
+            carry = jax.lax.fori_loop(0, refills, refill, carry)
     buf_BA, logits_BNV = carry
     return (buf_BA, logits_BNV) if return_logits else buf_BA
 

@@ -39,8 +39,8 @@ from jaxgpt.run import (
     hosts,
     loop,
     metrics,
-    muon,  # noqa: F401 (registers --optimizer=muon)
     perf,
+    program,
     quiet,
     workdir,
 )
@@ -76,7 +76,7 @@ def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg
     """The newest intact checkpoint's state (None for a fresh run), with the
     training settings checked against it and best/ and metrics.jsonl made to
     agree with it."""
-    target = train.abstract_state(model_cfg, train_cfg, mesh)
+    target = program.abstract_state(model_cfg, train_cfg, mesh)
     resumed = checkpointer.resume(target, say=load.say)
     current = loop.trained_settings(train_cfg, run.seed)
     step = -1
@@ -186,10 +186,10 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         )
         state = resume(checkpointer, run, model_cfg, train_cfg, mesh)
         if state is None:  # New weights, or --init_from's with a fresh optimizer.
-            state = train.create_state(model_cfg, train_cfg, root, mesh, params)
+            state = program.create_state(model_cfg, train_cfg, root, mesh, params)
         log_start(model_cfg, state.params, dataset.splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
-        train_step = train.make_train_step(model_cfg, train_cfg, mesh)
+        train_step = program.make_train_step(model_cfg, train_cfg, mesh)
         if run.tensorboard:  # A short sample of text beside each evaluation's losses.
             one = dataclasses.replace(
                 sample_cfg,
@@ -206,7 +206,7 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
             state,
             train_cfg,
             lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
-            train.make_batches(dataset.splits["train"], root, B, T, mesh),
+            program.make_batches(dataset.splits["train"], root, B, T, mesh),
             evaluate,
             checkpointer,
             log,
@@ -255,7 +255,7 @@ def make_evaluate(
     accuracies of --eval_tasks."""
     token_bytes = tokenizer_io.token_bytes(dataset.tokenizer)
     splits = dataset.splits
-    evaluate = train.make_evaluate(
+    evaluate = program.make_evaluate(
         model_cfg, train_cfg, splits, root, mesh, token_bytes, progress
     )
     if not eval_cfg.eval_tasks:

@@ -13,6 +13,8 @@ float32, as under torch.autocast), remat, scan_layers (one nn.scan over the
 blocks, their parameters stacked on an L axis under "h"), XLA's or cuDNN's
 fused attention. With decode=True the model runs on the next tokens of a
 sequence whose keys and values sit in the "cache" collection (generate.py).
+The building blocks come first, then the model; the registry of every model
+by its --model name (MODELS, make_model, init_params) ends lecture.py.
 """
 
 from __future__ import annotations
@@ -26,6 +28,73 @@ import jax.numpy as jnp
 import optax
 
 from jaxgpt.config import ModelConfig
+
+# --- Building blocks ---------------------------------------------------------
+
+init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2 initialisation.
+
+
+class Dense(nn.Dense):
+    """nn.Dense on the rows of x_...C: one 2-D [N, C] matmul, same parameters and
+    math. On 3-D input XLA:CPU transposes the weight gradient in a strided copy:
+    the CPU recipe's step takes 57.6 ms instead of 42.7 (2-core AMD EPYC)."""
+
+    def __call__(self, x_NC: jax.Array) -> jax.Array:
+        *lead, C = x_NC.shape
+        return super().__call__(x_NC.reshape(-1, C)).reshape(*lead, self.features)
+
+
+def residual_init(config: ModelConfig):
+    """GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L)."""
+    return nn.initializers.normal(stddev=0.02 / math.sqrt(2 * config.n_layer))
+
+
+def dense(cfg: ModelConfig, features: int, kernel_init, name: str) -> Dense:
+    """A Dense layer that computes in cfg.dtype; its parameters stay float32."""
+    return Dense(
+        features,
+        use_bias=cfg.bias,
+        kernel_init=kernel_init,
+        dtype=jnp.dtype(cfg.dtype),
+        name=name,
+    )
+
+
+def norm(cfg: ModelConfig, name: str, dtype: str | None = None) -> nn.Module:
+    """The norm --norm names, over the last axis: LayerNorm (GPT-2's) or RMSNorm,
+    with a learned scale unless --nonorm_scale; statistics in float32."""
+    dtype = jnp.dtype(dtype) if dtype else None
+    Norm = nn.RMSNorm  # x / sqrt(mean(x^2) + eps) * scale.
+    if cfg.norm == "layernorm":  # (x - mean) / sqrt(var + eps) * scale + bias.
+        Norm = functools.partial(nn.LayerNorm, use_bias=cfg.bias)
+    return Norm(epsilon=cfg.norm_eps, use_scale=cfg.norm_scale, dtype=dtype, name=name)
+
+
+def rope(x_BTND: jax.Array, pos_T: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al., 2021) in Llama's rotate-half layout:
+    channels i and i + D/2 of each head form a pair, turned by the angle
+    pos * theta^(-2i/D). Computed in float32, returned in x's dtype."""
+    D = x_BTND.shape[-1]
+    inv_freq_F = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # D/2.
+    angle_TF = pos_T.astype(jnp.float32)[:, None] * inv_freq_F[None, :]
+    cos_T1F, sin_T1F = jnp.cos(angle_TF)[:, None], jnp.sin(angle_TF)[:, None]
+    x1, x2 = jnp.split(x_BTND.astype(jnp.float32), 2, axis=-1)
+    turned = [x1 * cos_T1F - x2 * sin_T1F, x2 * cos_T1F + x1 * sin_T1F]
+    return jnp.concatenate(turned, axis=-1).astype(x_BTND.dtype)
+
+
+def use_cudnn(cfg: ModelConfig, decode: bool) -> bool:
+    """--attention=cudnn on a GPU outside decoding; elsewhere (a masked cache, a
+    laptop sampling a GPU-trained checkpoint) XLA's version does the same math."""
+    return cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu"
+
+
+def count_params(params) -> int:
+    """The number of parameters in a tree (of arrays or their shapes)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+# --- The model ------------------------------------------------------------------
 
 
 class CausalSelfAttention(nn.Module):
@@ -230,68 +299,3 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     logits_BTV = logits_BTV.astype(jnp.float32)
     losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
     return losses_BT.mean()
-
-
-# --- Building blocks ---------------------------------------------------------
-
-init_normal = nn.initializers.normal(stddev=0.02)  # GPT-2 initialisation.
-
-
-class Dense(nn.Dense):
-    """nn.Dense on the rows of x_...C: one 2-D [N, C] matmul, same parameters and
-    math. On 3-D input XLA:CPU transposes the weight gradient in a strided copy:
-    the CPU recipe's step takes 57.6 ms instead of 42.7 (2-core AMD EPYC)."""
-
-    def __call__(self, x_NC: jax.Array) -> jax.Array:
-        *lead, C = x_NC.shape
-        return super().__call__(x_NC.reshape(-1, C)).reshape(*lead, self.features)
-
-
-def residual_init(config: ModelConfig):
-    """GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L)."""
-    return nn.initializers.normal(stddev=0.02 / math.sqrt(2 * config.n_layer))
-
-
-def dense(cfg: ModelConfig, features: int, kernel_init, name: str) -> Dense:
-    """A Dense layer that computes in cfg.dtype; its parameters stay float32."""
-    return Dense(
-        features,
-        use_bias=cfg.bias,
-        kernel_init=kernel_init,
-        dtype=jnp.dtype(cfg.dtype),
-        name=name,
-    )
-
-
-def norm(cfg: ModelConfig, name: str, dtype: str | None = None) -> nn.Module:
-    """The norm --norm names, over the last axis: LayerNorm (GPT-2's) or RMSNorm,
-    with a learned scale unless --nonorm_scale; statistics in float32."""
-    dtype = jnp.dtype(dtype) if dtype else None
-    Norm = nn.RMSNorm  # x / sqrt(mean(x^2) + eps) * scale.
-    if cfg.norm == "layernorm":  # (x - mean) / sqrt(var + eps) * scale + bias.
-        Norm = functools.partial(nn.LayerNorm, use_bias=cfg.bias)
-    return Norm(epsilon=cfg.norm_eps, use_scale=cfg.norm_scale, dtype=dtype, name=name)
-
-
-def rope(x_BTND: jax.Array, pos_T: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (Su et al., 2021) in Llama's rotate-half layout:
-    channels i and i + D/2 of each head form a pair, turned by the angle
-    pos * theta^(-2i/D). Computed in float32, returned in x's dtype."""
-    D = x_BTND.shape[-1]
-    inv_freq_F = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # D/2.
-    angle_TF = pos_T.astype(jnp.float32)[:, None] * inv_freq_F[None, :]
-    cos_T1F, sin_T1F = jnp.cos(angle_TF)[:, None], jnp.sin(angle_TF)[:, None]
-    x1, x2 = jnp.split(x_BTND.astype(jnp.float32), 2, axis=-1)
-    turned = [x1 * cos_T1F - x2 * sin_T1F, x2 * cos_T1F + x1 * sin_T1F]
-    return jnp.concatenate(turned, axis=-1).astype(x_BTND.dtype)
-
-
-def use_cudnn(cfg: ModelConfig, decode: bool) -> bool:
-    """--attention=cudnn on a GPU outside decoding; elsewhere (a masked cache, a
-    laptop sampling a GPU-trained checkpoint) XLA's version does the same math."""
-    return cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu"
-
-
-def count_params(params) -> int:
-    """The number of parameters in a tree (of arrays or their shapes)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -12,9 +12,16 @@ shardings, and XLA inserts the communication: the forward pass gathers whole
 parameters, gradients are summed back onto their shards. With several hosts
 (hosts.py joins them) the mesh spans all their devices, and each process reads
 and puts only its own devices' rows of a batch.
+
+The core's train step and evaluation are written for one device: their
+layout hints (split_batch, gather, shard_like_params) do nothing there, and
+`jit_on_mesh` compiles them for a mesh, where the hints name its axes.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -124,19 +131,55 @@ def on_mesh(shapes, mesh: Mesh):
     )
 
 
-# Inside jit: layouts for the intermediate values of a step (no-ops without a mesh).
+# Inside jit: layouts for the intermediate values of a step. They apply under
+# jit_on_mesh; elsewhere (one device, no mesh) they leave their values alone.
 
 
-def split_batch(tree, mesh: Mesh | None):
+def constrain(tree, spec_of: Callable[[tuple[int, ...], int], P]):
+    """Each leaf of `tree` laid out as spec_of(its shape, fsdp) on the mesh the
+    step is compiled for; `tree` itself without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return tree
+    fsdp = mesh.shape[FSDP]
+    return jax.tree.map(
+        lambda x: wsc(x, NamedSharding(mesh, spec_of(np.shape(x), fsdp))), tree
+    )
+
+
+def split_batch(tree):
     """Keeps batch-major arrays split by rows over the devices."""
-    return tree if mesh is None else wsc(tree, batch_sharding(mesh))
+    return constrain(tree, lambda shape, fsdp: P(BATCH_AXES))
 
 
-def gather(params, mesh: Mesh | None):
+def gather(params):
     """Whole parameters on every device for the forward pass (FSDP's all-gather)."""
-    return params if mesh is None else wsc(params, replicated(mesh))
+    return constrain(params, lambda shape, fsdp: P())
 
 
-def shard_like_params(grads, mesh: Mesh | None):
+def shard_like_params(grads):
     """Gradients summed onto their parameters' shards (FSDP's reduce-scatter)."""
-    return grads if mesh is None else wsc(grads, state_shardings(grads, mesh))
+    return constrain(grads, param_spec)
+
+
+# --- The core's programs on a mesh -------------------------------------------
+
+
+def jit_on_mesh(
+    fn: Callable, mesh: Mesh, in_shardings, out_shardings, donate_argnums=()
+):
+    """`fn` (a function, or the jax.jit of one) compiled for `mesh`, its
+    arguments and results laid out as given, its layout hints on the mesh."""
+    fn = getattr(fn, "__wrapped__", fn)  # The function a jax.jit wraps.
+
+    @functools.wraps(fn)
+    def on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return jax.jit(
+        on_mesh,
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+        donate_argnums=donate_argnums,
+    )

@@ -29,9 +29,9 @@ import pytest
 from conftest import REPO, subprocess_report
 from jax.sharding import Mesh
 
-import jaxgpt.run.muon  # noqa: F401 (registers --optimizer=muon)
-from jaxgpt import generate, lecture, sharding, train
+from jaxgpt import generate, lecture, sharding
 from jaxgpt.config import ModelConfig, TrainConfig
+from jaxgpt.run import program
 
 PLATFORMS = ("tpu", "cuda")
 # bfloat16 and XLA's attention, as on a TPU or GPU; no dropout (dot_product has none).
@@ -108,7 +108,7 @@ def train_args(model_cfg, train_cfg, mesh):
         sharding.batch_sharding(mesh),
     )
     root = spec((2,), jnp.uint32, sharding.replicated(mesh))
-    return train.abstract_state(model_cfg, train_cfg, mesh), x_BT, x_BT, root
+    return program.abstract_state(model_cfg, train_cfg, mesh), x_BT, x_BT, root
 
 
 # An argument of the module's main function: its sharding on the mesh, its name.
@@ -167,7 +167,7 @@ def lowering_report() -> dict:
         model_cfg = dataclasses.replace(MODEL, **model_changes)
         train_cfg = dataclasses.replace(TRAIN, **train_changes)
         mesh = make_mesh(mesh_name)
-        step = train.make_train_step(model_cfg, train_cfg, mesh)
+        step = program.make_train_step(model_cfg, train_cfg, mesh)
         args = train_args(model_cfg, train_cfg, mesh)
         exported = jax.export.export(step, platforms=PLATFORMS)(*args)
         report[name] = describe(exported)
@@ -178,8 +178,8 @@ def lowering_report() -> dict:
         mesh = make_mesh(mesh_name)
         rows = sharding.batch_sharding(mesh, row_axis=1)
         x_KbT = spec((3, TRAIN.batch_size, MODEL.block_size), jnp.int32, rows)
-        params = train.abstract_params(model_cfg, mesh)
-        add_losses = train.make_eval_loss(model_cfg, mesh)
+        params = program.abstract_params(model_cfg, mesh)
+        add_losses = program.make_eval_loss(model_cfg, mesh)
         total = spec((), jnp.float32, sharding.replicated(mesh))
         exported = jax.export.export(add_losses, platforms=PLATFORMS)(
             params, total, x_KbT, x_KbT

@@ -30,11 +30,11 @@ import test_multihost as multihost  # The two-process helpers (tests/ is on sys.
 from absl import flags
 from absl.testing import flagsaver
 
-from jaxgpt import main, sharding, train
+from jaxgpt import main, sharding
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.datasets import prepare
 from jaxgpt.run import checkpoint as ckpt
-from jaxgpt.run import loop, workdir
+from jaxgpt.run import loop, program, workdir
 from jaxgpt.run.configs import DataConfig
 
 TINY = [
@@ -192,7 +192,7 @@ def saved(wd: Path, which: str = ckpt.LATEST, step: int | None = None):
             ModelConfig(**meta["model"]),
             TrainConfig(**meta["train"]),
         )
-        target = train.abstract_state(model_cfg, train_cfg, sharding.make_mesh())
+        target = program.abstract_state(model_cfg, train_cfg, sharding.make_mesh())
         return checkpointer.load(target, which, step)
 
 
@@ -332,7 +332,7 @@ def resume(wd: Path):
             ModelConfig(**meta["model"]),
             TrainConfig(**meta["train"]),
         )
-        target = train.abstract_state(model_cfg, train_cfg, sharding.make_mesh())
+        target = program.abstract_state(model_cfg, train_cfg, sharding.make_mesh())
         state, meta = checkpointer.resume(target, say=said.append)
     return state, meta, "\n".join(said)
 

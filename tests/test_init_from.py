@@ -112,9 +112,7 @@ def test_eval_of_imported_weights_is_transformers_loss(
     )
     # The same windows through transformers: eval_batches draws them from the seed.
     dataset = prepare.read_dataset(DataConfig(**data_flags))
-    x, y = train.eval_batches(
-        dataset.splits["val"], train.root_key(3), 2, 4, 64, sharding.make_mesh()
-    )
+    x, y = train.eval_batches(dataset.splits["val"], train.root_key(3), 2, 4, 64)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_folder).eval()
     with torch.no_grad():
         logits = hf_model(torch.as_tensor(np.array(x).reshape(8, 64))).logits

@@ -476,7 +476,7 @@ def test_sample_and_eval_of_an_imported_llama_are_transformers(
 ):
     """--mode=sample: greedy text as transformers' generate(); --mode=eval: the
     loss transformers gives on the same windows."""
-    from jaxgpt import sharding, train
+    from jaxgpt import train
     from jaxgpt.datasets import prepare
     from jaxgpt.run.configs import DataConfig
 
@@ -497,9 +497,7 @@ def test_sample_and_eval_of_an_imported_llama_are_transformers(
     )  # fmt: skip
     val = dict(line.split(": loss ") for line in out.strip().splitlines())["val"]
     dataset = prepare.read_dataset(DataConfig(**llama_data))
-    x, y = train.eval_batches(
-        dataset.splits["val"], train.root_key(3), 2, 4, 16, sharding.make_mesh()
-    )
+    x, y = train.eval_batches(dataset.splits["val"], train.root_key(3), 2, 4, 16)
     with torch.no_grad():
         logits = hf_model(torch.as_tensor(np.array(x).reshape(8, 16))).logits
         loss = torch.nn.functional.cross_entropy(

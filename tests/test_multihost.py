@@ -19,9 +19,10 @@ from pathlib import Path
 
 import chex
 
-from jaxgpt import sharding, train
+from jaxgpt import sharding
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import program
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300  # Per run; a stuck collective fails the test instead of hanging.
@@ -114,7 +115,7 @@ def final_state(workdir: Path):
     checkpointer = ckpt.Checkpointer(workdir)
     meta = checkpointer.read_meta()
     model_cfg, train_cfg = ModelConfig(**meta["model"]), TrainConfig(**meta["train"])
-    target = train.abstract_state(model_cfg, train_cfg, sharding.make_mesh())
+    target = program.abstract_state(model_cfg, train_cfg, sharding.make_mesh())
     state = checkpointer.restore(target)
     checkpointer.close()
     return state

@@ -21,12 +21,13 @@ import numpy as np
 import optax
 import pytest
 from conftest import subprocess_report
-from jax.sharding import AbstractMesh, Mesh
+from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt import sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.run import checkpoint as ckpt
+from jaxgpt.run import program
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,11 +107,19 @@ def test_mesh_that_does_not_match_the_devices_is_refused(data, fsdp):
 
 def test_abstract_state_carries_the_shardings():
     mesh = sharding.make_mesh()
-    abstract = train.abstract_state(MODEL, TRAIN, mesh)
-    real = train.create_state(MODEL, TRAIN, train.root_key(0), mesh)
+    abstract = program.abstract_state(MODEL, TRAIN, mesh)
+    real = program.create_state(MODEL, TRAIN, train.root_key(0), mesh)
     for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
         assert (a.shape, a.dtype) == (r.shape, r.dtype)
         assert a.sharding == r.sharding == sharding.replicated(mesh)
+
+
+def test_layout_hints_leave_values_alone_without_a_mesh():
+    """On one device (the core's step, no mesh) split_batch, gather and
+    shard_like_params return what they are given."""
+    tree = {"w": np.ones((4, 2), np.float32)}
+    for hint in (sharding.split_batch, sharding.gather, sharding.shard_like_params):
+        assert hint(tree) is tree
 
 
 # --- On 8 fake CPU devices, in a subprocess ----------------------------------
@@ -122,16 +131,18 @@ def max_diff(a, b) -> float:
     return max(jax.tree.leaves(diffs))
 
 
-def one_device_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), sharding.BATCH_AXES)
-
-
-def run_steps(model_cfg, train_cfg, tokens, mesh):
-    """STEPS steps of the loop's program (its step and batches) laid out on `mesh`."""
-    root = train.root_key(0)
-    state = train.create_state(model_cfg, train_cfg, root, mesh)
-    step = train.make_train_step(model_cfg, train_cfg, mesh)
-    batches = train.make_batches(tokens, root, train_cfg.batch_size, T, mesh)
+def run_steps(model_cfg, train_cfg, tokens, mesh=None):
+    """STEPS steps of the loop's program (its step and batches) laid out on
+    `mesh`; without one, the core's own (train.py's, on one device)."""
+    root, B = train.root_key(0), train_cfg.batch_size
+    if mesh is None:
+        state = train.create_state(model_cfg, train_cfg, root)
+        step = train.make_train_step(model_cfg, train_cfg)
+        batches = train.make_batches(tokens, root, B, T)
+    else:
+        state = program.create_state(model_cfg, train_cfg, root, mesh)
+        step = program.make_train_step(model_cfg, train_cfg, mesh)
+        batches = program.make_batches(tokens, root, B, T, mesh)
     losses = []
     for s in range(STEPS):
         x_BT, y_BT = batches(s)
@@ -160,7 +171,7 @@ def eight_device_report() -> dict:
     assert jax.device_count() == 8, jax.devices()
     tokens = np.random.default_rng(1).integers(0, 65, 4096).astype(np.int32)
     report = {}
-    ref_state, ref_losses, _ = run_steps(MODEL, TRAIN, tokens, one_device_mesh())
+    ref_state, ref_losses, _ = run_steps(MODEL, TRAIN, tokens)
     cases = {  # name: (data, fsdp, grad_accum_steps)
         "8x1": (8, 1, 1),
         "2x4": (2, 4, 1),
@@ -180,7 +191,7 @@ def eight_device_report() -> dict:
         }
         if name == "2x4":
             report["restore"] = restore_report(MODEL, state)
-    ref_state, ref_losses, _ = run_steps(MODERN, TRAIN, tokens, one_device_mesh())
+    ref_state, ref_losses, _ = run_steps(MODERN, TRAIN, tokens)
     state, losses, _ = run_steps(MODERN, TRAIN, tokens, sharding.make_mesh(2, 4))
     report["modern_2x4"] = {
         "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
@@ -202,7 +213,7 @@ def restore_report(model_cfg, state) -> dict:
         checkpointer.wait()
         for data, fsdp in [(4, 2), (8, 1)]:
             mesh = sharding.make_mesh(data, fsdp)
-            target = train.abstract_state(model_cfg, TRAIN, mesh)
+            target = program.abstract_state(model_cfg, TRAIN, mesh)
             restored = checkpointer.restore(target)
             out[f"{data}x{fsdp}"] = {
                 "shardings_match": all(

@@ -31,7 +31,7 @@ from jaxgpt import sharding
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.evals import scoring
 from jaxgpt.lecture import make_model
-from jaxgpt.train import abstract_params
+from jaxgpt.run.program import param_shapes
 
 DATASET = "Rowan/hellaswag"
 FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
@@ -197,7 +197,7 @@ def make_log_likelihoods(
 
         return jax.lax.scan(one, None, (x_NbKT, y_NbKT, m_NbKT))[1]
 
-    params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
+    params = sharding.state_shardings(param_shapes(model_cfg), mesh)
     on_rows = sharding.batch_sharding(mesh, row_axis=1)
     all_ll = jax.jit(
         all_ll,

@@ -10,11 +10,10 @@ from typing import Any
 
 from absl import logging
 
-from jaxgpt import train
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.hub import hf, llama, tokenizer_io
 from jaxgpt.run import checkpoint as ckpt
-from jaxgpt.run import hosts
+from jaxgpt.run import hosts, program
 from jaxgpt.run.configs import RunConfig
 
 
@@ -71,7 +70,7 @@ def load_model(
             )
 
         def target_of(meta: dict):
-            return train.abstract_params(ModelConfig(**meta["model"]), mesh)
+            return program.abstract_params(ModelConfig(**meta["model"]), mesh)
 
         other = ckpt.LATEST if which == ckpt.BEST else ckpt.BEST
         (params, meta), _, step = checkpointer.newest_intact(

@@ -462,7 +462,7 @@ class Checkpointer:
         """(state, meta) of one checkpoint, verified; Damaged if it is not intact.
 
         `target_state` may be abstract (jax.ShapeDtypeStruct leaves with their
-        shardings, see train.abstract_state): each device reads only its shards.
+        shardings, see program.abstract_state): each device reads only its shards.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         restored = self._read(
