@@ -28,10 +28,14 @@ import regex
 @runtime_checkable
 class Tokenizer(Protocol):
     """The interface: name (the kind to_json saves), vocab_size, encode (text
-    -> int32 ids [n_tokens]), decode, to_json."""
+    -> int32 ids [n_tokens], as the tokenizer encodes a text by default),
+    decode, to_json; bos_id and eos_id, the ids that begin and end a text
+    (None where it has none)."""
 
     name: str
     vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
 
     def encode(self, text: str) -> np.ndarray: ...
     def decode(self, ids) -> str: ...
@@ -47,6 +51,8 @@ class CharTokenizer:
 
     vocab: str
     name: ClassVar[str] = "char"
+    bos_id: ClassVar[None] = None  # Every character is text.
+    eos_id: ClassVar[None] = None
 
     @classmethod
     def train(cls, text: str) -> CharTokenizer:
@@ -247,6 +253,13 @@ class BPETokenizer:
     @property
     def vocab_size(self) -> int:
         return self.bpe.vocab_size
+
+    @property
+    def eos_id(self) -> int | None:
+        """<|endoftext|>'s id: it ends a text, and (as GPT-2's) begins one."""
+        return self.bpe.special_tokens.get(ENDOFTEXT)
+
+    bos_id = eos_id
 
     @functools.cached_property
     def encoding(self):

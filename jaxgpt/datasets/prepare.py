@@ -547,15 +547,9 @@ _worker = {}  # The tokenizer and end-of-text ids of a pool worker.
 
 
 def end_of_text(tok) -> np.ndarray:
-    """The ids that end a document: <|endoftext|> if the tokenizer has it (a
-    Hugging Face tokenizer: its eos token)."""
-    eos = getattr(tok, "eos_token", None)  # tokenizer_io.HFTokenizer's.
-    if eos is not None and tok.token_id(eos) is not None:
-        return np.array([tok.token_id(eos)], np.int32)
-    enc = getattr(tok, "encoding", None)  # Char tokenizers have no specials.
-    if enc is None or tokenizer.ENDOFTEXT not in enc.special_tokens_set:
-        return np.zeros(0, np.int32)
-    return np.array([enc.encode_single_token(tokenizer.ENDOFTEXT)], np.int32)
+    """The ids that end a document: the tokenizer's eos (<|endoftext|>, a
+    Hugging Face tokenizer's eos token), if it has one."""
+    return np.array([] if tok.eos_id is None else [tok.eos_id], np.int32)
 
 
 def _init_worker(tokenizer_json: dict) -> None:
@@ -567,7 +561,7 @@ def _encode(job: tuple[str, str, bool, bool]) -> tuple[str, np.ndarray, int, boo
     """(split, ids, UTF-8 bytes, last piece) of one piece of a text; the last piece
     of a document (not of a lone text) ends with <|endoftext|>."""
     split, text, last, document = job
-    ids = _worker["tok"].encode(text)
+    ids = tokenizer_io.encode_plain(_worker["tok"], text)  # No <s> added.
     if last and document and len(_worker["eot"]):
         ids = np.concatenate([ids, _worker["eot"]])
     return split, ids, len(text.encode("utf-8")), last

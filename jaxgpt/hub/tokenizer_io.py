@@ -237,10 +237,14 @@ class HFTokenizer:
     """A tokenizer.json of Hugging Face's `tokenizers` library (Llama-family
     models' BPE or SentencePiece-style vocabularies), behind jaxgpt's interface.
 
-    encode adds no special tokens (no <s> or BOS): text in, its ids out, as
-    the other tokenizers. to_json stores the whole tokenizer.json, so a
-    checkpoint samples with no file beside it; bos_token and eos_token (from
-    the model's tokenizer_config.json) go with it, for an export.
+    encode adds the special tokens of the tokenizer.json's post-processor, as
+    transformers does by default (Llama's and Mistral's <s>, Llama 3's
+    <|begin_of_text|>: the token the model saw first in training);
+    add_special_tokens=False gives the text's own ids (a document in a token
+    file). to_json stores the whole tokenizer.json, so a checkpoint samples
+    with no file beside it; bos_token and eos_token (from the model's
+    tokenizer_config.json, as transformers reads them) go with it, for an
+    export, and give bos_id and eos_id.
     """
 
     name = "hf"
@@ -264,8 +268,18 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str):
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        """int32 ids [n_tokens]: with the post-processor's special tokens, or
+        (add_special_tokens=False) the text's alone."""
+        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
         return np.asarray(ids, np.int32)
 
     def decode(self, ids) -> str:
@@ -298,6 +312,14 @@ class HFTokenizer:
                 n = len(token.replace("\u2581", " ").encode("utf-8"))
             out[i] = n
         return out
+
+
+def encode_plain(tok, text: str) -> np.ndarray:
+    """int32 ids [n_tokens] of the text alone, no special tokens added (a Hugging
+    Face tokenizer's post-processor left out): a document as token files hold it."""
+    if isinstance(tok, HFTokenizer):
+        return tok.encode(text, add_special_tokens=False)
+    return tok.encode(text)
 
 
 def token_bytes(tok) -> np.ndarray:
