@@ -66,10 +66,19 @@ def make_gpt2(folder: Path) -> None:
         (folder / name).write_text(text)
 
 
-def make_llama(folder: Path) -> None:
+def make_llama(folder: Path, template: str | None = None) -> None:
     """A random Llama (grouped-query attention, untied head, rope theta 5000)
-    with a byte-level BPE of its own (tokenizer.json, <s> and </s>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    with a byte-level BPE of its own (tokenizer.json, <s> and </s>); with a
+    template (e.g. "<s> $A"), a post-processor that adds its special tokens
+    to every text, as Llama-2's, Llama-3's and Mistral's tokenizers do."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,6 +90,11 @@ def make_llama(folder: Path) -> None:
     )
     texts = [json.dumps(row) for row in HELLASWAG + ARC + GENERATION]
     tok.train_from_iterator(texts, trainer)
+    if template is not None:
+        specials = [(t, tok.token_to_id(t)) for t in ("<s>", "</s>") if t in template]
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=specials
+        )
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
@@ -479,3 +493,149 @@ def test_bad_requests_and_arguments_are_clear(models, tmp_path):
         )
     with pytest.raises(ConfigError, match="no_such.yaml"):
         harness.evaluate(ours, [str(tmp_path / "no_such.yaml")])
+
+
+# --- Tokenizers that add special tokens ------------------------------------------------
+
+# Post-processors' templates: <s> before every text (Llama-2's, TinyLlama's,
+# Mistral's), and <s> before and </s> after it.
+TEMPLATES = {"bos": "<s> $A", "bos_eos": "<s> $A </s>"}
+ADD_BOS = (None, True, False)  # HFLM's add_bos_token: left out, True, False.
+
+
+@pytest.fixture(scope="module", params=sorted(TEMPLATES))
+def bos_folder(request, tmp_path_factory) -> Path:
+    """A random Llama whose tokenizer has the template's post-processor."""
+    folder = tmp_path_factory.mktemp(request.param)
+    make_llama(folder, TEMPLATES[request.param])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bos_models(bos_folder) -> dict:
+    """add_bos_token -> (JaxGPTLM, HFLM) of the model in bos_folder."""
+    folder, mesh = bos_folder, sharding.make_mesh()
+    loaded = harness.load_checkpoint(None, str(folder), "latest", mesh)
+    out = {}
+    for add_bos in ADD_BOS:
+        theirs = huggingface.HFLM(
+            pretrained=str(folder), backend="causal", batch_size=4, device="cpu",
+            dtype="float32", add_bos_token=add_bos,
+        )  # fmt: skip
+        ours = harness.JaxGPTLM(
+            loaded=loaded, mesh=mesh, batch_size=4, add_bos_token=add_bos
+        )
+        out[add_bos] = ours, theirs
+    return out
+
+
+def test_bos_tokenizers_encode_as_hflm(bos_models):
+    """Texts begin with <s> unless add_bos_token=False; </s> ends them where the
+    template appends it and add_bos_token is left out (transformers rebuilds
+    the post-processor from add_bos_token); special tokens are left out on
+    request and after a text that starts with <s>. --prompt is encoded as
+    the tokenizer does by default."""
+    ours, theirs = bos_models[None]
+    s, e = ours.tok.bos_id, ours.tok.eos_id
+    assert (s, e) == (theirs.tokenizer.bos_token_id, theirs.tokenizer.eos_token_id)
+    plain = ours.encode("Hello world", False)
+    assert theirs.tokenizer.decode(plain) == "Hello world"
+    appends = ours.tok.encode("").tolist()[1:] == [e]  # The template's "</s>".
+    want = {None: [s, *plain] + [e] * appends, True: [s, *plain], False: plain}
+    for add_bos, (ours, theirs) in bos_models.items():
+        for text in ("Hello world", "", "<s>Hello world"):
+            for special in (None, False):
+                got = ours.tok_encode(text, add_special_tokens=special)
+                assert got == theirs.tok_encode(text, add_special_tokens=special)
+        assert ours.tok_encode("Hello world") == want[add_bos]
+    assert main.encode_prompt("Hello world", ours.tok).tolist() == want[None]
+
+
+def test_bos_tokenizers_prepare_documents_without_their_specials(bos_folder, tmp_path):
+    """Token files hold each document's own ids, then eos: no <s> (nor the
+    template's </s>) from the post-processor."""
+    from jaxgpt.datasets import prepare
+    from jaxgpt.run.configs import DataConfig
+
+    docs = [f"The cat sat on the {w}.\n" for w in WORDS[:10]]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    )
+    cfg = DataConfig(
+        data_dir=str(tmp_path / "data"), dataset="docs",
+        data_path=str(tmp_path / "docs"), tokenizer=str(bos_folder),
+    )  # fmt: skip
+    dataset = prepare.ensure(cfg)
+    tok = dataset.tokenizer
+    assert tok.encode(docs[0])[0] == tok.bos_id  # The tokenizer adds <s> itself.
+    want = [[*tok.encode(d, add_special_tokens=False), tok.eos_id] for d in docs]
+    got = np.concatenate([dataset.splits["train"], dataset.splits["val"]])
+    np.testing.assert_array_equal(got, np.concatenate(want))  # Val: the 10th.
+
+
+def test_bos_tokenizers_loglikelihood_equals_hflm(bos_models):
+    """Multiple choice (empty contexts, a trailing space, a context cut to the
+    window), for each add_bos_token: within 1e-4, greedy equal."""
+    args = [
+        ("The cat sat on", " the mat"), ("", "Hello world"),
+        ("Question: what is it? Answer: ", "yes it is"),
+        ("a " * 90, " b c d"), ("One, two, three,", " four"),
+    ]  # fmt: skip
+    lls = {}
+    for add_bos, (ours, theirs) in bos_models.items():
+        got = ours.loglikelihood(requests("loglikelihood", args))
+        want = theirs.loglikelihood(requests("loglikelihood", args))
+        diff = max(abs(g[0] - w[0]) for g, w in zip(got, want))
+        print(f"add_bos_token={add_bos}: max |jaxgpt - HFLM| = {diff:.2e}")
+        assert diff < TOL
+        assert [g[1] for g in got] == [w[1] for w in want]
+        lls[add_bos] = [w[0] for w in want]
+    # <s> changes what the model predicts: the cases tell it apart.
+    assert max(abs(a - b) for a, b in zip(lls[None], lls[False])) > 0.01
+
+
+def test_bos_tokenizers_loglikelihood_rolling_equals_hflm(bos_models):
+    """Texts of one window and of several, for each add_bos_token."""
+    texts = [("Once upon a time there was a tiny model. " * 8,), ("short",)]
+    for add_bos, (ours, theirs) in bos_models.items():
+        got = ours.loglikelihood_rolling(requests("loglikelihood_rolling", texts))
+        want = theirs.loglikelihood_rolling(requests("loglikelihood_rolling", texts))
+        diff = max(abs(g - w) for g, w in zip(got, want))
+        print(f"add_bos_token={add_bos}: rolling max |jaxgpt - HFLM| = {diff:.2e}")
+        for g, w in zip(got, want):
+            assert abs(g - w) < max(TOL, 2e-7 * abs(w))
+
+
+def test_bos_tokenizers_generate_until_equals_hflm_greedy(bos_models):
+    """Greedy continuations of prompts (one cut to the context less
+    max_gen_toks, so that <s> is cut off too), for each add_bos_token."""
+    greedy = {"do_sample": False}
+    args = [
+        ("Hello, my name is", {"until": ["\n"], "max_gen_toks": 8, **greedy}),
+        ("The", {"until": ["zzz"], "max_gen_toks": 12, **greedy}),
+        ("a b c d e f g h " * 8, {"until": ["\n"], "max_gen_toks": 8, **greedy}),
+        ("Once upon", {"until": [" the", ","], "max_gen_toks": 12, **greedy}),
+    ]
+    for add_bos, (ours, theirs) in bos_models.items():
+        got = ours.generate_until(requests("generate_until", args))
+        want = theirs.generate_until(requests("generate_until", args))
+        same = sum(g == w for g, w in zip(got, want))
+        print(f"add_bos_token={add_bos}: {same} of {len(want)} generations equal")
+        assert got == want
+        assert len(set(got)) > 2  # Not all empty: the texts were compared.
+
+
+def test_add_bos_token_takes_true_or_false(bos_models):
+    """lm_eval passes model_args as text when it cannot read them as a bool."""
+    from jaxgpt import tokenizer
+
+    ours, _ = bos_models[None]
+    loaded = (ours.model_cfg, ours.params, ours.tok)
+    lm = harness.JaxGPTLM(loaded=loaded, mesh=ours.mesh, add_bos_token="false")
+    assert lm.tok_encode("Hello") == ours.encode("Hello", False)
+    with pytest.raises(ConfigError, match="add_bos_token=maybe: give True or False"):
+        harness.JaxGPTLM(loaded=loaded, mesh=ours.mesh, add_bos_token="maybe")
+    char = (ours.model_cfg, ours.params, tokenizer.CharTokenizer("ab"))
+    with pytest.raises(ConfigError, match="'char' tokenizer has no beginning"):
+        harness.JaxGPTLM(loaded=char, mesh=ours.mesh, add_bos_token=True)

@@ -10,10 +10,13 @@ group, which harness versions with plugin discovery read (so that the plain
 `lm_eval` command finds it); `python -m jaxgpt.evals.harness` is the harness's own
 command line with jaxgpt registered, for any harness version. Its model_args:
 workdir (a run's checkpoint; checkpoint=latest|best) or init_from (anything
---init_from takes), batch_size (rows per compiled call), max_gen_toks, seed.
+--init_from takes), batch_size (rows per compiled call), max_gen_toks, seed,
+add_bos_token (as HFLM's: left out, texts are encoded as the tokenizer does by
+default, e.g. after Llama's <s>; True, after the tokenizer's bos; False, alone).
 
-The harness tokenises requests through tok_encode (the run's tokenizer) and
-splits context and continuation itself (TemplateLM); jaxgpt scores them:
+The harness tokenises requests through tok_encode (the run's tokenizer, as
+HFLM encodes them) and splits context and continuation itself (TemplateLM);
+jaxgpt scores them:
 - loglikelihood: scoring.make_score on rows sorted by length and padded to a
   few lengths, batch_size rows at a time: one program per length.
 - loglikelihood_rolling: the harness's windows of block_size tokens, each
@@ -69,6 +72,16 @@ def load_checkpoint(workdir, init_from, checkpoint: str, mesh):
     return load.load_model(run, checkpoint, mesh)
 
 
+def as_flag(name: str, value: bool | str | None) -> bool | None:
+    """A true/false model_arg (a bool, or its text), or None; ConfigError else."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ConfigError(f"--model_args {name}={value}: give True or False.")
+    return text == "true"
+
+
 def rows_per_call(batch_size: Any, mesh) -> int:
     """The harness's batch_size (an int, a string, "auto"...) as rows per
     compiled call, a multiple of the mesh's devices."""
@@ -81,6 +94,13 @@ def rows_per_call(batch_size: Any, mesh) -> int:
 def apply_of(model_cfg):
     """The model's apply, one per config: generate() caches its programs by it."""
     return lecture.make_model(model_cfg).apply
+
+
+@functools.lru_cache
+def score_of(model_cfg, mesh):
+    """scoring.make_score, one per (config, mesh): models of one config (another
+    add_bos_token, say) share its compiled programs."""
+    return scoring.make_score(model_cfg, mesh)
 
 
 @register_model("jaxgpt")
@@ -96,11 +116,13 @@ class JaxGPTLM(TemplateLM):
         batch_size: int | str = DEFAULT_ROWS,
         max_gen_toks: int = 256,
         seed: int = 1337,
+        add_bos_token: bool | str | None = None,
         loaded: tuple | None = None,
         mesh=None,
         **ignored: Any,  # max_batch_size, device: JAX places the work.
     ):
         super().__init__()
+        add_bos_token = as_flag("add_bos_token", add_bos_token)
         if jax.process_count() > 1:
             raise ConfigError("lm-eval tasks run in one process (of many devices).")
         self.mesh = mesh or sharding.make_mesh()
@@ -110,9 +132,9 @@ class JaxGPTLM(TemplateLM):
         self.source = str(workdir or init_from or "")
         self.rows = rows_per_call(batch_size, self.mesh)
         self._max_gen_toks = int(max_gen_toks)
-        self.score = scoring.make_score(self.model_cfg, self.mesh)
+        self.score = score_of(self.model_cfg, self.mesh)
         self.apply_fn = apply_of(self.model_cfg)  # generate()'s compiled programs' key.
-        self.encode = scoring.encoder(self.tok)
+        self.encode = scoring.encoder(self.tok, add_bos_token)
         self.sample_key = train.stream(train.root_key(int(seed)), "sample")
         self.draws = 0  # Generation calls so far: draw i samples with key i.
         self.local_params = None  # On this process, for generation; made once.
@@ -136,7 +158,13 @@ class JaxGPTLM(TemplateLM):
         return self.tok.name
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-        return self.encode(string)
+        """As HFLM's: a string that starts with the prefix token's text gets no
+        special tokens added."""
+        if add_special_tokens is None and string.startswith(
+            self.tok_decode([self.prefix_token_id])
+        ):
+            add_special_tokens = False
+        return self.encode(string, add_special_tokens)
 
     def tok_decode(self, tokens) -> str:
         return self.tok.decode(tokens)
@@ -231,14 +259,17 @@ class JaxGPTLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations, cut at the first stop string (or end of text)."""
-        eot = scoring.end_of_text(self.tok)
+        eot, bos = self.tok.eos_id, self.tok.bos_id
         eos = None if eot is None else self.tok_decode([eot])
+        bos = None if bos is None else self.tok_decode([bos])
         groups = defaultdict(list)  # Same options and prompt length: one batch.
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             options = self.sampling(gen_kwargs)
             room = self.max_length - options["max_new_tokens"]
-            ids = self.tok_encode(context)[-room:] or [self.prefix_token_id]
+            # HFLM adds no special tokens to a prompt that starts with bos's text.
+            special = False if bos and context.startswith(bos) else None
+            ids = self.encode(context, special)[-room:] or [self.prefix_token_id]
             until = handle_stop_sequences(gen_kwargs.get("until"), eos=eos)
             key = (json.dumps(options, sort_keys=True), len(ids))
             groups[key].append((i, ids, until))

@@ -22,9 +22,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgpt import sharding, tokenizer
-from jaxgpt.config import ModelConfig
+from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.hub import tokenizer_io
 from jaxgpt.lecture import make_model
-from jaxgpt.run.program import param_shapes
+from jaxgpt.train import abstract_params
 
 
 def lengths(block_size: int) -> tuple[int, ...]:
@@ -87,7 +88,7 @@ def make_score(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
         logits_BTV = apply_fn({"params": params}, x_BT, deterministic=True)
         return continuation_scores(logits_BTV, y_BT, mask_BT)
 
-    params = sharding.state_shardings(param_shapes(model_cfg), mesh)
+    params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
     rows = sharding.batch_sharding(mesh)
     return jax.jit(
         score,
@@ -99,35 +100,60 @@ def make_score(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
 # --- Text to tokens ---------------------------------------------------------------
 
 
-def end_of_text(tok) -> int | None:
-    """The id of the token that ends a text: a Hugging Face tokenizer's eos,
-    <|endoftext|> in a BPE tokenizer that has it (GPT-2's), else None."""
-    if hasattr(tok, "eos_token"):  # tokenizer_io.HFTokenizer
-        return tok.token_id(tok.eos_token)
-    bpe = getattr(tok, "bpe", None)
-    return None if bpe is None else bpe.special_tokens.get(tokenizer.ENDOFTEXT)
-
-
 def prefix_token(tok) -> int:
     """The token a text with no context is scored after, as the harness's HFLM
-    takes it: a Hugging Face tokenizer's bos (else its eos), <|endoftext|>, else
-    (jaxgpt's char and learned tokenizers have none) the newline's, else 0."""
-    bos = tok.token_id(tok.bos_token) if hasattr(tok, "bos_token") else None
-    eot = end_of_text(tok) if bos is None else bos
-    if eot is not None:
-        return eot
+    takes it: the tokenizer's bos (else its eos), else (jaxgpt's char and
+    learned tokenizers may have none) the newline's, else 0."""
+    for token_id in (tok.bos_id, tok.eos_id):
+        if token_id is not None:
+            return token_id
     newline = encoder(tok)("\n")
     return newline[0] if len(newline) == 1 else 0
 
 
-def encoder(tok) -> Callable[[str], list[int]]:
-    """text -> token ids that never fails: special-token strings become their
-    ids (as Hugging Face's tokenizers read them), and a character outside a
-    char tokenizer's vocabulary becomes its space (else its first character)."""
+def encoder(tok, add_bos_token: bool | None = None) -> Callable[..., list[int]]:
+    """encode(text, special=None) -> token ids, as the harness's HFLM encodes
+    with the model's transformers tokenizer (its add_bos_token too), and
+    never failing.
+
+    special=None: the tokenizer's own special tokens (a Hugging Face
+    tokenizer's post-processor, e.g. Llama's <s>; jaxgpt's own add none);
+    with add_bos_token=True, bos then the text, with add_bos_token=False the
+    text alone (transformers rebuilds the post-processor so). special=False:
+    the text alone. Special-token strings in the text become their ids (as
+    Hugging Face's tokenizers read them); a character outside a char
+    tokenizer's vocabulary becomes its space (else its first character).
+    """
+    if add_bos_token and tok.bos_id is None:
+        raise ConfigError(
+            f"add_bos_token=True: the model's {tok.name!r} tokenizer has no"
+            " beginning-of-text token; leave add_bos_token out."
+        )
+    own = None  # The tokenizer's own encode, where it adds special tokens.
     if isinstance(tok, tokenizer.CharTokenizer):
-        stoi = tok.stoi
-        unknown = stoi.get(" ", 0)
-        return lambda text: [stoi.get(ch, unknown) for ch in text]
-    if isinstance(tok, tokenizer.BPETokenizer):
-        return lambda text: tok.encode(text, allowed_special="all").tolist()
-    return lambda text: tok.encode(text).tolist()  # Hugging Face's: they read them.
+        stoi, unknown = tok.stoi, tok.stoi.get(" ", 0)
+
+        def plain(text: str) -> list[int]:
+            return [stoi.get(ch, unknown) for ch in text]
+
+    elif isinstance(tok, tokenizer.BPETokenizer):
+
+        def plain(text: str) -> list[int]:
+            return tok.encode(text, allowed_special="all").tolist()
+
+    else:  # Hugging Face's (they read special-token strings themselves).
+
+        def plain(text: str) -> list[int]:
+            return tokenizer_io.encode_plain(tok, text).tolist()
+
+        def own(text: str) -> list[int]:
+            return tok.encode(text).tolist()
+
+    def encode(text: str, special: bool | None = None) -> list[int]:
+        if special is False or add_bos_token is False:
+            return plain(text)
+        if add_bos_token:
+            return [tok.bos_id, *plain(text)]
+        return plain(text) if own is None else own(text)
+
+    return encode
