@@ -101,7 +101,8 @@ def make_optimizer(
     if cfg.optimizer not in optimizers:
         raise ValueError(
             f"--optimizer={cfg.optimizer} is not in this table ({', '.join(optimizers)}):"
-            " pass jaxgpt.run.muon.OPTIMIZERS, which holds every --optimizer."
+            " jaxgpt.run.muon.make_optimizer(cfg) builds every --optimizer (its"
+            " OPTIMIZERS); pass what it returns as tx."
         )
     # identity() keeps the state's structure the same whether or not we clip.
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else None

@@ -457,5 +457,12 @@ def test_the_engine_table_holds_every_optimizer_choice():
 
 
 def test_the_core_table_names_the_engine_table_for_muon():
-    with pytest.raises(ValueError, match=r"--optimizer=muon .*run\.muon\.OPTIMIZERS"):
+    """The core builds AdamW; --optimizer=muon without the engine's table is a
+    ValueError naming the function that builds it."""
+    with pytest.raises(ValueError, match=r"--optimizer=muon .*run\.muon\.make_optim"):
         train.make_optimizer(TrainConfig(optimizer="muon"))
+    cfg = TrainConfig(optimizer="muon")
+    with pytest.raises(ValueError, match="--optimizer=muon"):
+        train.make_train_step(SMALL, cfg)  # The core's default: its own table.
+    state = train.create_state(SMALL, cfg, ROOT, tx=muon.make_optimizer(cfg))
+    assert isinstance(state.opt_state[1], optax.PartitionState)  # Muon's.
