@@ -25,7 +25,7 @@ from jaxgpt import sharding, tokenizer
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.hub import tokenizer_io
 from jaxgpt.lecture import make_model
-from jaxgpt.train import abstract_params
+from jaxgpt.run.program import param_shapes
 
 
 def lengths(block_size: int) -> tuple[int, ...]:
@@ -88,7 +88,7 @@ def make_score(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
         logits_BTV = apply_fn({"params": params}, x_BT, deterministic=True)
         return continuation_scores(logits_BTV, y_BT, mask_BT)
 
-    params = sharding.state_shardings(abstract_params(model_cfg, mesh), mesh)
+    params = sharding.state_shardings(param_shapes(model_cfg), mesh)
     rows = sharding.batch_sharding(mesh)
     return jax.jit(
         score,
