@@ -361,6 +361,32 @@ def test_storage_types_and_objects_jaxgpt_does_not_read(small_bin, tmp_path):
         assert_one_error(e, str(path), "not a state dict" if root[2] == 93 else "'a'")
 
 
+def test_a_memo_bomb_is_refused(small_bin, tmp_path):
+    """A 6-byte opcode that would make the unpickler grow its memo table to
+    2^26 entries (2^31: 16 GB) is refused before unpickling."""
+    pkl = small_bin.entries[small_bin.pkl_name]
+    assert pkl.count(b"q\x00") == 1  # BINPUT 0: the first memo entry.
+    bomb = pkl.replace(b"q\x00", b"r" + (2**26).to_bytes(4, "little"))
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(zip_bytes({**small_bin.entries, small_bin.pkl_name: bomb}))
+    with pytest.raises(hf.HuggingFaceError) as e:
+        hf.read_torch_state_dict(str(path))
+    assert_one_error(e, str(path), "memo entry 67108864")
+
+
+def test_tensors_of_one_storage_share_its_bytes(tmp_path):
+    """Tied weights and views: each reads as torch has it, none copies the storage."""
+    torch = torch_or_skip()
+    t = torch.arange(12, dtype=torch.float32)
+    state_dict = {"a": t, "b": t[2:8].view(2, 3), "c": t.view(3, 4).T}
+    torch.save(state_dict, tmp_path / "pytorch_model.bin")
+    got = hf.read_torch_state_dict(str(tmp_path / "pytorch_model.bin"))
+    for name, tensor in state_dict.items():
+        np.testing.assert_array_equal(got[name], tensor.numpy())
+    assert np.shares_memory(got["a"], got["b"]) and np.shares_memory(got["a"], got["c"])
+    assert not got["a"].flags.writeable
+
+
 # A value for a field: mostly small ints (many views of the small storages
 # are valid), and huge ints and other types.
 FIELD_VALUES = st.one_of(
@@ -796,3 +822,22 @@ def test_llama_tokenizer_config_that_is_not_an_object(tmp_path):
     with pytest.raises(hf.HuggingFaceError) as e:
         llama.load_tokenizer(str(tmp_path))
     assert_one_error(e, "tokenizer_config.json", "not an object")
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_weight_files_larger_than_memory_are_not_read(tmp_path, monkeypatch, kind):
+    """A sparse file of 2^40 bytes, alone or as a shard, is refused unread."""
+    single = tmp_path / (
+        "model.safetensors" if kind == "safetensors" else "pytorch_model.bin"
+    )
+    with open(single, "wb") as f:
+        f.truncate(2**40)
+    with pytest.raises(hf.HuggingFaceError) as e:
+        hf.read_weights(str(tmp_path))
+    assert_one_error(e, str(single), "1,099.5 GB", "GB of memory")
+    folder, index = sharded_folder(tmp_path, kind, f"shard.{kind}")
+    write_shard(os.path.join(folder, f"shard.{kind}"), kind)
+    monkeypatch.setattr(hf, "physical_memory", lambda: 50)  # Bytes.
+    with pytest.raises(hf.HuggingFaceError) as e:
+        hf.read_weights(folder)
+    assert_one_error(e, f"the shards {index} names hold", "GB of memory")

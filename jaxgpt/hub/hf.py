@@ -27,10 +27,12 @@ one onto jaxgpt's parameters (L layers, C = n_embd):
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import zipfile
 from collections import OrderedDict
@@ -282,7 +284,8 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     storages); any other object is refused, so a file cannot run code. Every
     tensor's view (offset, size, stride) must lie inside its storage, and every
     storage's zip entry must hold exactly numel * itemsize bytes, which the
-    archive can hold, before anything is read.
+    archive can hold, before anything is read. The arrays are read-only views
+    of their storages' bytes (the tensors of one storage share them).
     """
     if not zipfile.is_zipfile(path):
         raise HuggingFaceError(
@@ -305,7 +308,7 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         raise
     except Exception as e:  # noqa: BLE001 Damaged bytes fail in many ways.
         raise HuggingFaceError(
-            f"{path} cannot be read ({type(e).__name__}: {e}): it is damaged;"
+            f"{path} cannot be read ({type(e).__name__}: {_line(e)}): it is damaged;"
             " save the model again, as model.safetensors."
         ) from None
 
@@ -380,9 +383,13 @@ class _TorchUnpickler(pickle.Unpickler):
     """Rebuilds torch tensors as numpy arrays from a torch.save zip archive."""
 
     def __init__(self, archive: zipfile.ZipFile, root: str, path: str):
-        super().__init__(archive.open(root + "data.pkl"))
+        with archive.open(root + "data.pkl") as f:
+            pkl = f.read(PICKLE_LIMIT)  # At most its declared size (checked).
+        _check_memo(pkl, path)
+        super().__init__(io.BytesIO(pkl))
         self.archive, self.root, self.path = archive, root, path
-        self.storages: dict[tuple[str, str], np.ndarray] = {}  # (key, dtype) -> data
+        self.storages: dict[str, bytes] = {}  # key -> the storage's bytes
+        self.budget = physical_memory()  # Bytes the storages may still take.
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("collections", "OrderedDict"):
@@ -411,7 +418,7 @@ class _TorchUnpickler(pickle.Unpickler):
                 f"{self.path} holds a {type(state_dict).__name__}, not a state dict"
                 " (names -> tensors): save model.state_dict()."
             )
-        out, budget = {}, physical_memory()
+        out = {}
         for name, tensor in state_dict.items():
             if not isinstance(name, str) or not isinstance(tensor, _Tensor):
                 raise HuggingFaceError(
@@ -419,12 +426,6 @@ class _TorchUnpickler(pickle.Unpickler):
                     " not a tensor: the file is not a state dict of tensors."
                 )
             out[name] = self.array(name, tensor)
-            budget -= out[name].nbytes
-            if budget < 0:
-                raise HuggingFaceError(
-                    f"{self.path}: its tensors, up to {name!r}, need more than this"
-                    f" machine's {physical_memory() / 1e9:.1f} GB of memory."
-                )
         return out
 
     def array(self, name: str, tensor: _Tensor) -> np.ndarray:
@@ -483,19 +484,39 @@ class _TorchUnpickler(pickle.Unpickler):
                 else f"has {_show(n)} elements, more than its storage's {numel}"
             )
         _check_entry(info, physical_memory(), self.path)
-        data = self.storages.get((key, dtype.name))
-        if data is None:
+        raw = self.storages.get(key)
+        if raw is None:
+            self.budget -= info.file_size
+            if self.budget < 0:
+                raise bad(
+                    f"needs storage {key!r}, and the storages up to it need more than"
+                    f" this machine's {physical_memory() / 1e9:.1f} GB of memory"
+                )
             try:
                 with self.archive.open(info) as f:
                     raw = f.read(info.file_size)  # The declared size, and no more.
             except Exception as e:  # noqa: BLE001 A bad CRC, a broken stream...
-                raise bad(f"has a storage {key!r} that cannot be read ({e})") from None
+                raise bad(
+                    f"has a storage {key!r} that cannot be read ({_line(e)})"
+                ) from None
             if len(raw) != info.file_size:
                 raise bad(f"has a storage {key!r} shorter than its entry declares")
-            data = self.storages[key, dtype.name] = np.frombuffer(raw, dtype)
+            self.storages[key] = raw
         strides = [s * dtype.itemsize for s in stride]
-        view = np.lib.stride_tricks.as_strided(data[offset:], size, strides)
-        return np.array(view)  # A copy: the storage buffer is read-only.
+        data = np.frombuffer(raw, dtype)[offset:]
+        # A read-only view, no copy: tensors of one storage take its bytes once.
+        return np.lib.stride_tricks.as_strided(data, size, strides, writeable=False)
+
+
+def _check_memo(pkl: bytes, path: str) -> None:
+    """Refuses a pickle whose memo indices exceed its length (the C unpickler
+    would grow its memo table to the index: gigabytes from a few bytes)."""
+    for ops, (op, arg, _) in enumerate(pickletools.genops(pkl), 1):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= int(arg) < ops:
+            raise HuggingFaceError(
+                f"{path}: data.pkl stores memo entry {_show(arg)} among {ops}"
+                " opcodes: it is damaged; save the model again, as model.safetensors."
+            )
 
 
 def _show(x: Any, depth: int = 0) -> str:
@@ -507,6 +528,11 @@ def _show(x: Any, depth: int = 0) -> str:
     if isinstance(x, (int, float, str, type(None))):
         return repr(x[:40] if isinstance(x, str) else x)
     return f"<a {type(x).__name__}>"
+
+
+def _line(e: BaseException) -> str:
+    """An exception's message on one line, at most 300 characters."""
+    return " ".join(str(e).split())[:300]
 
 
 def _count(x: Any) -> bool:
@@ -536,7 +562,7 @@ def read_json(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise HuggingFaceError(f"{path} is not JSON ({e}).") from None
+        raise HuggingFaceError(f"{path} is not JSON ({_line(e)}).") from None
 
 
 def size_fields(c: Mapping[str, Any], defaults: Mapping[str, int], path: str) -> dict:
@@ -621,6 +647,7 @@ def read_shards(
             " damaged; save the model again (save_pretrained)."
         )
     shards = [in_folder(folder, s, index) for s in sorted(set(weight_map.values()))]
+    check_weights_fit(shards, f"the shards {index} names")
     tensors = {}
     for path in shards:
         tensors.update(read_one(path))
@@ -632,6 +659,17 @@ def read_shards(
     return tensors
 
 
+def check_weights_fit(paths: list[str], what: str) -> None:
+    """Refuses weight files larger together than this machine's memory (a
+    sparse file can claim terabytes) before any is read."""
+    total, have = sum(os.path.getsize(p) for p in paths), physical_memory()
+    if total > have:
+        raise HuggingFaceError(
+            f"{what} hold {total / 1e9:,.1f} GB, more than this machine's"
+            f" {have / 1e9:.1f} GB of memory."
+        )
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """The tensors of one .safetensors file as numpy arrays (bfloat16 included),
     read through the safetensors library, which checks its header."""
@@ -640,7 +678,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
     except Exception as e:  # noqa: BLE001 SafetensorError, or a dtype numpy lacks.
         raise HuggingFaceError(
-            f"{path} cannot be read ({e}): it is damaged or not a safetensors"
+            f"{path} cannot be read ({_line(e)}): it is damaged or not a safetensors"
             " file; save the model again (save_pretrained)."
         ) from None
 
@@ -651,8 +689,10 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
     st_path = os.path.join(folder, "model.safetensors")
     bin_path = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(st_path):
+        check_weights_fit([st_path], st_path)
         return read_safetensors(st_path)
     if os.path.isfile(bin_path):
+        check_weights_fit([bin_path], bin_path)
         return read_torch_state_dict(bin_path)
     if os.path.isfile(os.path.join(folder, ST_INDEX)):
         return read_shards(folder, ST_INDEX, read_safetensors)
