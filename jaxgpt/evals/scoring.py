@@ -83,15 +83,16 @@ def make_score(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
     apply_fn = make_model(model_cfg).apply
 
     def score(params, x_BT, y_BT, mask_BT):
-        params = sharding.gather(params, mesh)
-        x_BT, y_BT, mask_BT = sharding.split_batch((x_BT, y_BT, mask_BT), mesh)
+        params = sharding.gather(params)
+        x_BT, y_BT, mask_BT = sharding.split_batch((x_BT, y_BT, mask_BT))
         logits_BTV = apply_fn({"params": params}, x_BT, deterministic=True)
         return continuation_scores(logits_BTV, y_BT, mask_BT)
 
     params = sharding.state_shardings(param_shapes(model_cfg), mesh)
     rows = sharding.batch_sharding(mesh)
-    return jax.jit(
+    return sharding.jit_on_mesh(
         score,
+        mesh,
         in_shardings=(params, rows, rows, rows),
         out_shardings=sharding.replicated(mesh),
     )
