@@ -427,6 +427,33 @@ def test_mutated_views_read_correctly_or_fail_in_one_error(
         assert got[spec["name"]].shape == truth.shape
 
 
+@settings(max_examples=500, deadline=None)
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 10**6),
+)
+def test_any_damaged_pickle_reads_or_fails_in_one_error(
+    small_bin, tmp_path_factory, flips, cut
+):
+    """Any bytes of data.pkl changed (and maybe some cut): a dict of arrays or
+    the one error naming the file; never a crash, another exception, or a
+    request for more memory than the file could justify (a MemoryError)."""
+    pkl = bytearray(small_bin.entries[small_bin.pkl_name])
+    for at, value in flips:
+        pkl[at % len(pkl)] = value
+    if cut % 5 == 0:
+        del pkl[cut % len(pkl) : cut % len(pkl) + 1 + cut % 7]
+    path = tmp_path_factory.getbasetemp() / "flipped_pytorch_model.bin"
+    path.write_bytes(zip_bytes({**small_bin.entries, small_bin.pkl_name: bytes(pkl)}))
+    try:
+        got = hf.read_torch_state_dict(str(path))
+    except hf.HuggingFaceError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+        assert "MemoryError" not in str(e), str(e)
+        return
+    assert all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in got.items())
+
+
 # ------------------------------------------------------------ zip entries
 
 
