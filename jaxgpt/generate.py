@@ -17,6 +17,10 @@ re-runs the model on the last min(S, A) positions.
 With `prompt_len`, each row's prompt is its first prompt_len tokens and the
 rest of prompt_BP padding (hidden by the causal mask, then overwritten): one
 program serves prompts of every length up to P.
+
+In reading order: sample_logits picks a token, draw writes it; window_step
+(no cache); prefill, extend, decode_step and segment (the cache); generate
+schedules them in one program; sample is what a run calls.
 """
 
 from __future__ import annotations

@@ -165,11 +165,10 @@ def shard_like_params(grads):
 # --- The core's programs on a mesh -------------------------------------------
 
 
-def jit_on_mesh(
-    fn: Callable, mesh: Mesh, in_shardings, out_shardings, donate_argnums=()
-):
-    """`fn` (a function, or the jax.jit of one) compiled for `mesh`, its
-    arguments and results laid out as given, its layout hints on the mesh."""
+def jit_on_mesh(fn: Callable, mesh: Mesh, **jit_kw):
+    """`fn` (a function, or the jax.jit of one) compiled for `mesh` by jax.jit
+    with `jit_kw` (in_shardings, out_shardings, donate_argnums), its layout
+    hints naming the mesh's axes."""
     fn = getattr(fn, "__wrapped__", fn)  # The function a jax.jit wraps.
 
     @functools.wraps(fn)
@@ -177,9 +176,4 @@ def jit_on_mesh(
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
 
-    return jax.jit(
-        on_mesh,
-        in_shardings=in_shardings,
-        out_shardings=out_shardings,
-        donate_argnums=donate_argnums,
-    )
+    return jax.jit(on_mesh, **jit_kw)

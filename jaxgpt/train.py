@@ -3,9 +3,9 @@
 A run is a function of (configs, tokens, seed): step s trains on the batch the
 batch stream draws at s, with the dropout stream's key at s, so a run resumed
 from its checkpoint at step N reproduces the uninterrupted run bit for bit.
-Everything here runs on one device as it is; sharding.py lays the same step
-and evaluation on a mesh of many, and the engine (run/loop.py) runs the steps
-with checkpoints and guards.
+Everything here runs on one device as it is; the engine lays the same step
+and evaluation on a mesh of many (run/program.py, with sharding.jit_on_mesh)
+and runs the steps with checkpoints and guards (run/loop.py).
 """
 
 from __future__ import annotations

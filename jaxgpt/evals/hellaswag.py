@@ -186,10 +186,10 @@ def make_log_likelihoods(
     apply_fn = make_model(model_cfg).apply
 
     def all_ll(params, x_NbKT, y_NbKT, m_NbKT):
-        params = sharding.gather(params, mesh)
+        params = sharding.gather(params)
 
         def one(_, batch):
-            x_bKT, y_bKT, m_bKT = sharding.split_batch(batch, mesh)
+            x_bKT, y_bKT, m_bKT = sharding.split_batch(batch)
             flat = lambda z: z.reshape(b * ENDINGS, T)
             logits = apply_fn({"params": params}, flat(x_bKT), deterministic=True)
             ll_B, _ = scoring.continuation_scores(logits, flat(y_bKT), flat(m_bKT))
@@ -199,8 +199,9 @@ def make_log_likelihoods(
 
     params = sharding.state_shardings(param_shapes(model_cfg), mesh)
     on_rows = sharding.batch_sharding(mesh, row_axis=1)
-    all_ll = jax.jit(
+    all_ll = sharding.jit_on_mesh(
         all_ll,
+        mesh,
         in_shardings=(params, on_rows, on_rows, on_rows),
         out_shardings=sharding.replicated(mesh),
     )

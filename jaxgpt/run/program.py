@@ -78,7 +78,13 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
     step = train.make_train_step(model_cfg, train_cfg, muon.make_optimizer(train_cfg))
     state = sharding.state_shardings(state_shapes(model_cfg, train_cfg), mesh)
     rows, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return sharding.jit_on_mesh(step, mesh, (state, rows, rows, rep), (state, rep), 0)
+    return sharding.jit_on_mesh(
+        step,
+        mesh,
+        in_shardings=(state, rows, rows, rep),
+        out_shardings=(state, rep),
+        donate_argnums=0,  # The old state's buffers hold the new one.
+    )
 
 
 def make_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
@@ -87,7 +93,10 @@ def make_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
     params = sharding.state_shardings(param_shapes(model_cfg), mesh)
     rows, rep = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
     add_losses = train.make_eval_loss(model_cfg)
-    return sharding.jit_on_mesh(add_losses, mesh, (params, rep, rows, rows), rep)
+    shardings = (params, rep, rows, rows)
+    return sharding.jit_on_mesh(
+        add_losses, mesh, in_shardings=shardings, out_shardings=rep
+    )
 
 
 def make_batches(
