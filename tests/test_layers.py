@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-CORE = ["tokenizer", "data", "model", "lecture", "train", "generate", "sharding"]
+# Every file a reader of the core needs, in reading order.
+CORE = [
+    "tokenizer", "data", "model", "lecture", "train", "generate", "sharding", "config",
+]  # fmt: skip
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
@@ -60,11 +63,11 @@ def test_the_core_files_are_the_ones_readme_lists():
 
 
 def test_the_core_stays_an_evening_read():
-    """The 7 core files hold about 1,500 lines (a budget: 10% over it fails)."""
+    """The 8 core files hold about 1,800 lines (a budget: over 2,000 fails)."""
     total = sum(
         len((REPO / "jaxgpt" / f"{n}.py").read_text().splitlines()) for n in CORE
     )
-    assert total <= 1_650, f"the core is {total} lines: move what is not the lecture's"
+    assert total <= 2_000, f"the core is {total} lines: move what is not the lecture's"
 
 
 def test_the_docs_readme_links_exist():
