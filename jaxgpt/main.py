@@ -17,7 +17,9 @@ if __name__ == "__main__":  # Ctrl-C while JAX is imported ends quietly too.
     stops.quit_at_once()
 
 import dataclasses
+import errno
 import functools
+import os
 import signal
 import sys
 import time
@@ -38,6 +40,7 @@ from jaxgpt.run import (
     cli,
     hosts,
     loop,
+    memory,
     metrics,
     perf,
     program,
@@ -164,6 +167,8 @@ def run_train(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
     root = train.root_key(run.seed)
     saved = saved_meta(run)
     model_cfg, params, tok = check_model(run, saved, dataset)
+    memory.check_train(model_cfg, train_cfg)  # Before any batch is drawn.
+    memory.check_sample(model_cfg, sample_cfg)  # The samples after training.
     # Read before the workdir is made, as --eval_tasks' rows are.
     evaluate = make_evaluate(
         model_cfg, train_cfg, dataset, root, mesh, eval_cfg, data_cfg.data_dir
@@ -390,6 +395,7 @@ def run_sample(run: RunConfig, sample_cfg: SampleConfig, mesh) -> int:
         run, sample_cfg.checkpoint, mesh, cli.model_overrides()
     )
     prompt_ids = encode_prompt(sample_cfg.prompt, tok)
+    memory.check_sample(model_cfg, sample_cfg)
     root = train.root_key(run.seed)
     print_samples(params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
     return 0
@@ -521,13 +527,33 @@ def os_error_line(e: OSError, workdir_: str) -> str:
     where = e.filename or workdir_
     full = e.errno in workdir.FULL
     space = f"; {workdir.free_space(workdir_)} in {workdir_}" if full else ""
-    advice = (
-        " Free space (or choose another --workdir) and run the same command again"
-        " to resume."
-        if full
-        else ""
-    )
+    advice = {
+        errno.EISDIR: f" It is a folder where jaxgpt writes a file: move {where} away"
+        " (or choose another --workdir) and run again.",
+        errno.ENOTDIR: f" A file stands where jaxgpt keeps a folder in {where}: move"
+        " it away (or choose another --workdir) and run again.",
+        errno.EEXIST: f" A file stands where jaxgpt makes a folder: move {where}"
+        " away (or choose another --workdir) and run again.",
+        errno.EACCES: " Choose a --workdir (and files) you can write to.",
+        errno.EROFS: " Choose a --workdir on a writable disk.",
+    }.get(e.errno, " Fix that and run the same command again.")
+    if full:
+        advice = (
+            " Free space (or choose another --workdir) and run the same command"
+            " again to resume."
+        )
     return f"error: cannot use {where} ({e.strerror or e}{space}).{advice}"
+
+
+def quit_now(line: str) -> None:
+    """Ends the process with `line` and exit status 1 without waiting for other
+    threads: after a failed save, orbax's threads of that save may wait for it
+    forever (the checkpoints are closed and cleaned up before this)."""
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def main(argv: list[str]) -> int:
@@ -557,9 +583,19 @@ def main(argv: list[str]) -> int:
             FloatingPointError,
             ckpt.CheckpointError,
         ) as e:
+            if isinstance(e, ckpt.SaveError):  # Orbax's threads may never end.
+                quit_now(one_line(e))
             sys.exit(one_line(e))
         except OSError as e:
             sys.exit(os_error_line(e, FLAGS.workdir))
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            sys.exit(
+                "error: out of device memory ("
+                + " ".join(str(e).split())[:300]
+                + "): lower --batch_size, --block_size or --num_samples."
+            )
 
 
 if __name__ == "__main__":

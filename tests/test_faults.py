@@ -1064,7 +1064,7 @@ def test_sampling_and_export_read_around_damaged_metas(copy, pristine, monkeypat
     """A flipped digit in the newest latest meta and a garbage best meta:
     sampling and export use the next intact checkpoint of each kind, read
     with its own meta's model; no intact one is called damaged."""
-    from jaxgpt.hub import export, hf, load
+    from jaxgpt.hub import export, load
     from jaxgpt.run.configs import RunConfig
 
     DAMAGE["flipped n_layer"](copy / "checkpoints" / "20")
@@ -1091,7 +1091,7 @@ def test_sampling_and_export_read_around_damaged_metas(copy, pristine, monkeypat
     )
     out = copy.parent / "hf"
     export.export(RunConfig(workdir=str(copy)), ckpt.LATEST, str(out))
-    _, params = hf.load_gpt2(str(out))
+    _, params = load.read_model(str(out))
     want = saved(pristine, ckpt.LATEST, 15)[0].params
     chex.assert_trees_all_equal(params["wte"], want["wte"])
     assert (copy / "checkpoints" / "20").is_dir()  # Reading moves nothing.
@@ -1129,8 +1129,9 @@ def test_a_reader_racing_a_writer_takes_the_newer_checkpoint(copy, monkeypatch):
     def racing(self, target, which, step):
         if not raced:  # The writer commits 25, then deletes 20, mid-read.
             raced.append(step)
-            shutil.copytree(self.folder(which, 20), self.folder(which, 25))
-            shutil.rmtree(self.folder(which, 20))
+            state, meta = saved(copy, which, 20)
+            with ckpt.Checkpointer(copy, meta) as writer:  # Keeps one best.
+                writer.save(25, state.replace(step=state.step + 5), val_loss=-1.0)
         return load_params(self, target, which, step)
 
     said = []

@@ -18,6 +18,16 @@ shakespeare, one file) is split 90/10 by characters; a collection of
 documents sends every k-th one to validation. Tokenising runs on all cores
 (a process pool).
 
+A collection of fewer than k documents sends its last one to validation,
+and a preparation that leaves a split without tokens is refused: training
+needs both.
+
+meta.json records a sha256 of each 16 MiB chunk of each token file; opening a
+dataset verifies files up to 1 GiB whole, larger ones in 64 evenly spaced
+chunks. A local source up to 256 MiB is hashed again each time its dataset is
+opened (its path, size and modification time may stay the same while its
+text changes); a larger one is known by those alone.
+
 A dataset appears whole or not at all. Every file is written under a
 temporary name (`.train.bin.tmp-<pid>`) and renamed when complete; before the
 first rename, the marker `.preparing` is written (and an older meta.json
@@ -26,7 +36,8 @@ the marker is not prepared (a killed preparation: it is prepared again), nor
 is one without meta.json unless it is nanoGPT's own. Temporary files of dead
 processes are deleted when the folder is next used. Opening a dataset checks
 meta.json and each file against it, and every token id against the
-vocabulary (`check_ids`).
+vocabulary (`check_ids`). Ctrl-C (or SIGTERM) ends a preparation with one
+line and exit status 130 (143), its unfinished files deleted.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -91,6 +103,10 @@ TMP_NAME = re.compile(r"\..+\.tmp-(\d+)")  # Temporary files, with their pid.
 DTYPES = ("uint16", "uint32")  # Of token files.
 # Token files up to this size have every id checked, larger ones 64 windows.
 SCAN_BYTES = 2**30
+CHUNK_BYTES = 2**24  # Token files have a sha256 per chunk of this size...
+VERIFY_BYTES = 2**30  # ... all checked up to this size, else VERIFY_CHUNKS of them.
+VERIFY_CHUNKS = 64
+SOURCE_HASH_BYTES = 2**28  # Local text up to this size is hashed at each opening.
 
 
 # --- Reading prepared datasets -------------------------------------------------
@@ -150,6 +166,20 @@ def meta_problem(meta: Any) -> str | None:
             tokenizer_io.from_json(tok)
         except ValueError as e:
             return f"holds a tokenizer jaxgpt cannot build ({e})"
+    sums = meta.get("token_sha256")  # (Absent from datasets prepared before.)
+    if sums is not None:
+        chunk = sums.get("chunk_bytes") if isinstance(sums, dict) else None
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
+            return f"has token_sha256 without a chunk size ({str(sums)[:80]})"
+        for split in ("train", "val"):
+            n_bytes = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+            digests = sums.get(split)
+            if not (
+                isinstance(digests, list)
+                and len(digests) == -(-n_bytes // chunk)
+                and all(isinstance(d, str) for d in digests)
+            ):
+                return f"has no sha256 of each chunk of {split}.bin"
     return None
 
 
@@ -166,6 +196,7 @@ def load(folder: Path) -> Dataset:
                 f"{path} is missing or not {expected:,} bytes as {folder}/meta.json"
                 f" says: {again(folder)}, or delete {folder}."
             )
+        verify_tokens(path, meta, split, folder)
         splits[split] = data.TokenFile(path, meta["dtype"])
     try:
         tok = tokenizer_io.from_json(meta["tokenizer"])
@@ -173,6 +204,52 @@ def load(folder: Path) -> Dataset:
         raise data.DataError(f"{folder}/meta.json's tokenizer: {e}") from e
     check_ids(splits, tok.vocab_size, folder)
     return Dataset(tok, splits, meta)
+
+
+class ChunkSums:
+    """The sha256 of each CHUNK_BYTES of a stream of bytes, fed in any pieces."""
+
+    def __init__(self, chunk: int | None = None):
+        self.chunk = chunk or CHUNK_BYTES
+        self.digests, self._sha, self._n = [], hashlib.sha256(), 0
+
+    def update(self, data_: bytes | memoryview) -> None:
+        view = memoryview(data_).cast("B")
+        while len(view):
+            take = min(len(view), self.chunk - self._n)
+            self._sha.update(view[:take])
+            self._n, view = self._n + take, view[take:]
+            if self._n == self.chunk:
+                self.digests.append(self._sha.hexdigest())
+                self._sha, self._n = hashlib.sha256(), 0
+
+    def result(self) -> list[str]:
+        """The digests, the last (partial) chunk's included."""
+        return self.digests + ([self._sha.hexdigest()] if self._n else [])
+
+
+def verify_tokens(path: Path, meta: dict[str, Any], split: str, folder: Path) -> None:
+    """DataError unless the token file's chunks match their sha256 in meta.json:
+    every chunk of a file up to VERIFY_BYTES, else VERIFY_CHUNKS evenly spaced
+    ones. Datasets prepared before checksums were recorded have none to check."""
+    sums = meta.get("token_sha256")
+    if sums is None:
+        return
+    chunk, digests = sums["chunk_bytes"], sums[split]
+    which = range(len(digests))
+    if path.stat().st_size > VERIFY_BYTES:
+        spaced = np.linspace(0, len(digests) - 1, VERIFY_CHUNKS).astype(np.int64)
+        which = sorted(set(spaced.tolist()))
+    with open(path, "rb") as f:
+        for i in which:
+            f.seek(i * chunk)
+            block = f.read(chunk)
+            if hashlib.sha256(block).hexdigest() != digests[i]:
+                raise data.DataError(
+                    f"{path} differs from the sha256 {folder}/meta.json records for"
+                    f" its bytes {i * chunk:,} to {i * chunk + len(block):,}: the"
+                    f" file is damaged; {again(folder)}."
+                )
 
 
 def check_ids(splits: dict[str, data.TokenFile], vocab_size: int, folder: Path) -> None:
@@ -253,6 +330,8 @@ def ensure(cfg: DataConfig) -> Dataset:
         files = local_files(cfg.data_path) if cfg.data_path else ()
         if files and meta.get("fingerprint") != fingerprint(files):
             stale.append(f"--data_path={cfg.data_path} differs from its source")
+        elif files and (changed := source_changed(files, meta)):
+            stale.append(f"--data_path={cfg.data_path} {changed}")
         if cfg.tokenizer and meta.get("tokenizer_spec") != cfg.tokenizer:
             stale.append(f"--tokenizer={cfg.tokenizer} differs from its tokenizer")
         if not cfg.data_path and (other := other_source(cfg.dataset, meta, folder)):
@@ -264,6 +343,21 @@ def ensure(cfg: DataConfig) -> Dataset:
         print(f"re-preparing {folder}: its preparation was cut short.", file=sys.stderr)
     prepare(cfg)
     return load(folder)
+
+
+def source_changed(files: list[Path], meta: dict[str, Any]) -> str | None:
+    """Why local text of the same paths, sizes and modification times as the
+    meta's (its fingerprint) is not the text it was prepared from: its sha256
+    differs, checked for text up to SOURCE_HASH_BYTES (None: the same, or
+    larger)."""
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    if "sha256" not in source or sum(p.stat().st_size for p in files) > (
+        SOURCE_HASH_BYTES
+    ):
+        return None
+    if source_sha256(files) == source["sha256"]:
+        return None
+    return "changed since it was prepared (its sha256 differs; size and time agree)"
 
 
 def looks_like_nanogpt(folder: Path, cfg: DataConfig) -> bool:
@@ -486,13 +580,18 @@ def split_documents(docs: Iterator[str], recipe: Recipe):
     first = next(docs, None)
     if first is None:
         raise data.DataError("the dataset has no documents.")
-    second = next(docs, None)
-    if second is None:
+    head = [first, *itertools.islice(docs, recipe.val_every - 1)]
+    if len(head) == 1:
         train_text, val_text = data.split(first)
         yield "train", train_text, False
         yield "val", val_text, False
         return
-    for i, doc in enumerate(itertools.chain([first, second], docs)):
+    if len(head) < recipe.val_every:  # Fewer than k: the last one validates.
+        for doc in head[:-1]:
+            yield "train", doc, True
+        yield "val", head[-1], True
+        return
+    for i, doc in enumerate(itertools.chain(head, docs)):
         last_of_k = i % recipe.val_every == recipe.val_every - 1
         yield ("val" if last_of_k else "train"), doc, True
 
@@ -538,7 +637,10 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
                     break
         text = "\n".join(sample)
         specials = (tokenizer.ENDOFTEXT,)
-        counts = tokenizer_train.count_chunks(text, tokenizer.GPT4_PATTERN, specials)
+        with signals_blocked((signal.SIGINT,)):  # Its pool's workers ignore Ctrl-C.
+            counts = tokenizer_train.count_chunks(
+                text, tokenizer.GPT4_PATTERN, specials
+            )
         return tokenizer.BPETokenizer(tokenizer_train.train_bpe(counts, int(spec[4:])))
     raise unknown_tokenizer(spec)
 
@@ -593,11 +695,11 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
             if workers is None:  # A pool pays off on large text only.
                 workers = 1 if source_bytes(recipe) < 2**24 else os.cpu_count()
             if workers > 1:
-                pool = stack.enter_context(
-                    multiprocessing.get_context("spawn").Pool(
+                with signals_blocked((signal.SIGINT,)):  # Workers ignore Ctrl-C.
+                    pool = multiprocessing.get_context("spawn").Pool(
                         workers, _init_worker, (tok.to_json(),)
                     )
-                )
+                stack.enter_context(pool)
                 encoded = pool.imap(_encode, pieces, chunksize=16)
             else:
                 _init_worker(tok.to_json())
@@ -608,8 +710,11 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
             files = {
                 s: stack.enter_context(open(path, "wb")) for s, path in tmp.items()
             }
+            sums = {s: ChunkSums() for s in tmp}
             for split, ids, n_bytes, last in encoded:
-                files[split].write(ids.astype(dtype).data)
+                block = ids.astype(dtype).data
+                files[split].write(block)
+                sums[split].update(block)
                 counts[f"{split}_tokens"] += len(ids)
                 counts[f"{split}_bytes"] += n_bytes
                 counts[f"{split}_documents"] += last
@@ -617,6 +722,7 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
             for f in files.values():
                 f.flush()
                 os.fsync(f.fileno())
+        check_splits(counts, cfg, recipe)
         meta = {
             "dataset": cfg.dataset,
             "about": recipe.about,
@@ -626,9 +732,17 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
             **counts,
             "source": source_of(recipe),
             "fingerprint": fingerprint(recipe.files) if cfg.data_path else None,
+            "token_sha256": {
+                "chunk_bytes": CHUNK_BYTES,
+                **{s: chunk_sums.result() for s, chunk_sums in sums.items()},
+            },
         }
-        install(folder, tmp, json.dumps(meta, indent=1))
-        done = True
+        with signals_blocked():  # Ctrl-C waits for the files to be in place.
+            install(folder, tmp, json.dumps(meta, indent=1))
+            done = True
+    except Stopped as e:
+        e.complete = done  # A signal that waited for install: all is written.
+        raise
     except OSError as e:
         written = str(e.filename or "").startswith(str(folder))
         if not (written or e.errno in workdir.FULL):
@@ -647,6 +761,43 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
         file=sys.stderr,
     )
     return folder
+
+
+def check_splits(counts: dict[str, int], cfg: DataConfig, recipe: Recipe) -> None:
+    """DataError unless both splits hold tokens (training needs both)."""
+    train, val = counts["train_tokens"], counts["val_tokens"]
+    if train and val:
+        return
+    documents_ = counts["train_documents"] + counts["val_documents"]
+    how = (
+        f"its {documents_} documents went one in {recipe.val_every} to validation"
+        f" ({counts['train_documents']} train, {counts['val_documents']} val), and"
+        " one of them has no text"
+        if documents_
+        else f"a single text is split 90/10 by characters, and it has"
+        f" {counts['train_bytes'] + counts['val_bytes']:,} bytes"
+    )
+    raise data.DataError(
+        f"--dataset={cfg.dataset} would hold {train:,} train and {val:,} val"
+        f" tokens, and training needs both ({how}): give it more text; nothing was"
+        " written."
+    )
+
+
+@contextlib.contextmanager
+def signals_blocked(signals=None):
+    """`signals` (SIGINT and SIGTERM) wait, pending, until the block ends;
+    processes started meanwhile keep them blocked for good (a pool's workers
+    and SIGINT, the Ctrl-C that reaches them all: the parent alone ends a
+    preparation; SIGTERM still ends the workers when the pool closes)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals or STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def install(folder: Path, tmp: dict[str, Path], meta_json: str) -> None:
@@ -722,12 +873,17 @@ def source_of(recipe: Recipe) -> dict[str, Any]:
     if recipe.hf is not None:
         return {"hf_path": recipe.hf[0], "hf_config": recipe.hf[1]}
     files = recipe.files
+    return {"paths": [str(p) for p in files[:20]], "sha256": source_sha256(files)}
+
+
+def source_sha256(files) -> str:
+    """One file's sha256, or of several the sha256 of their digests and names."""
     if len(files) == 1:
-        return {"paths": [str(files[0])], "sha256": sha256_of(files[0])}
+        return sha256_of(files[0])
     digest = hashlib.sha256()  # Of the files' own digests and names, in order.
     for path in files:
         digest.update(f"{sha256_of(path)}  {path}\n".encode())
-    return {"paths": [str(p) for p in files[:20]], "sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
 def fingerprint(files) -> list:
@@ -772,12 +928,42 @@ def main(argv: list[str]) -> None:
 
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+    previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
+    cfg = None
     try:
-        prepare(cli.from_flags(DataConfig))
+        cfg = cli.from_flags(DataConfig)
+        prepare(cfg)
     except (ConfigError, data.DataError) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # Reading the text.
         raise SystemExit(f"error: cannot read {e.filename} ({e.strerror}).") from None
+    except Stopped as e:  # Its unfinished files are deleted by now.
+        folder = Path(cfg.data_dir) / cfg.dataset if cfg else "the dataset"
+        print(
+            f"error: stopped by {e.name} once {folder} was prepared (it is whole)."
+            if e.complete
+            else f"error: stopped by {e.name} before {folder} was prepared: its"
+            " unfinished files are deleted (a dataset already there is left as it"
+            " was). Run the same command again to prepare it.",
+            file=sys.stderr,
+        )
+        sys.exit(128 + e.signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Stopped(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM during a preparation."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+        self.complete = False  # Whether the dataset was whole when it came.
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)
 
 
 if __name__ == "__main__":

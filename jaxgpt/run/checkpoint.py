@@ -15,6 +15,9 @@ What survives what:
 - A kill, at any moment. Orbax writes into a temporary folder and renames it
   when complete; `resume` deletes the temporary folders a killed run left,
   restores the newest checkpoint, and makes `best/` agree with it.
+- A folder renamed or copied to another step's name. The step the meta and
+  the optimizer state record must be the folder's: one that differs is a
+  damaged checkpoint (a later save of that step is never skipped for it).
 - Corruption. A checksum of each array (computed on the devices, so it does
   not depend on how the array is sharded) is stored in `meta` and checked
   after restoring; the meta has a checksum of its own, checked before anything
@@ -41,6 +44,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -60,9 +64,9 @@ from jaxgpt.run import hosts
 from jaxgpt.run import workdir as workdir_lib
 
 LATEST, BEST = "latest", "best"
-FOLDERS = {LATEST: "checkpoints", BEST: "best"}  # Under the workdir.
+FOLDERS = {LATEST: workdir_lib.CHECKPOINTS, BEST: workdir_lib.BEST}  # In the workdir.
 KEEP = {LATEST: 3, BEST: 1}  # Saves kept of each: older latest ones to fall back to.
-DAMAGED = "damaged"  # Under the workdir: checkpoints that failed verification.
+DAMAGED = workdir_lib.DAMAGED  # In the workdir: checkpoints that failed verification.
 TMP_MARK = ".orbax-checkpoint-tmp"  # In the names of orbax's unfinished saves.
 ITEMS = ("params", "opt_state")  # The array items of a checkpoint.
 META_CHECKSUM = "meta_checksum"  # The meta's key for its own checksum.
@@ -221,14 +225,34 @@ def check_meta(meta: Any, check: Callable[[dict], None] | None = None) -> dict:
     best, step = meta.get("best_val_loss"), meta.get("best_step")
     if not isinstance(best, int | float) or isinstance(best, bool):
         raise Damaged(f"its meta's best_val_loss is {best!r}, not a number")
-    if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
-        raise Damaged(f"its meta's best_step is {step!r}, not a step")
+    for key in ("best_step", "step"):  # (Metas saved before "step" have none.)
+        step = meta.get(key)
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise Damaged(f"its meta's {key} is {step!r}, not a step")
     if check is not None:
         try:
             check(meta)
         except Exception as e:  # Whatever is wrong with it.
             raise Damaged(f"its meta is not a run's meta ({describe(e)})") from e
     return meta
+
+
+def check_step(step: int, meta: Mapping[str, Any], restored=None) -> None:
+    """Damaged unless the step that `meta` (and the restored optimizer state, if
+    any) records is `step`, the one its folder is named after (a folder copied
+    or renamed to another step's name is not that step's checkpoint)."""
+    recorded = [("meta", meta.get("step"))]
+    if restored is not None and "opt_state" in restored:
+        saved = restored["opt_state"]["step"]
+        if isinstance(saved, jax.Array):  # Replicated: any shard holds it.
+            saved = saved.addressable_data(0)
+        recorded.append(("optimizer state", int(np.asarray(saved))))
+    for where, saved in recorded:
+        if saved is not None and saved != step:
+            raise Damaged(
+                f"it holds step {saved} (its {where} says), not step {step} as"
+                " its folder's name says: it was copied or renamed"
+            )
 
 
 # --- The checkpointer -------------------------------------------------------------
@@ -333,6 +357,7 @@ class Checkpointer:
             return  # Already saved (e.g. an evaluation step that is also the last).
         meta = {
             **self._meta,
+            "step": step,
             "best_val_loss": self.best_val_loss,
             "best_step": self.best_step,
             "checksums": _state_sums(state),
@@ -441,7 +466,9 @@ class Checkpointer:
             )
         except Exception as e:  # Any failure to read is damage.
             raise Damaged(describe(e)) from e
-        return check_meta(restored["meta"], self.check_run)
+        meta = check_meta(restored["meta"], self.check_run)
+        check_step(step, meta)
+        return meta
 
     def newest_meta(self, kinds=(LATEST, BEST)) -> dict[str, Any] | None:
         """The meta of the newest checkpoint whose meta is intact, or None."""
@@ -504,7 +531,9 @@ class Checkpointer:
             restored = self._managers[which].restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)
             )
-            sums = check_meta(restored["meta"], self.check_run)["checksums"]
+            meta = check_meta(restored["meta"], self.check_run)
+            check_step(step, meta, restored)
+            sums = meta["checksums"]
             for name in items:
                 verify(sums[name], restored[name], name)
         except Exception as e:  # noqa: BLE001 Any failure to read is damage.
@@ -677,17 +706,64 @@ def read_meta(
         return checkpointer.newest_meta((which,))
 
 
+# What a step folder holds: its items, and orbax's own files (named "_...").
+STEP_FILES = (*ITEMS, "meta", "commit_success.txt")
+DAMAGED_NAME = re.compile(rf"({'|'.join(FOLDERS.values())})-\d+(\.\d+)?")
+
+
+def foreign(workdir: str | Path) -> list[Path]:
+    """What jaxgpt did not write in the workdir's checkpoint folders: anything
+    but step folders (and orbax's unfinished saves) holding a checkpoint's
+    files, and the damaged ones moved aside."""
+    workdir, found = Path(workdir), []
+    for folder in (*FOLDERS.values(), DAMAGED):
+        if not (workdir / folder).is_dir():
+            continue
+        for path in sorted((workdir / folder).iterdir()):
+            if TMP_MARK in path.name:
+                continue  # An unfinished save (of orbax's).
+            named = (
+                DAMAGED_NAME.fullmatch(path.name)
+                if folder == DAMAGED
+                else path.name.isdigit()
+            )
+            if not (named and path.is_dir() and not path.is_symlink()):
+                found.append(path)
+                continue
+            found += [
+                p
+                for p in sorted(path.iterdir())
+                if not (p.name in STEP_FILES or p.name.startswith("_"))
+            ]
+    return found
+
+
 def clear(workdir: str | Path) -> None:
-    """Deletes the checkpoints and metrics of a workdir (for --overwrite).
+    """Deletes the checkpoints and metrics of a workdir (for --overwrite): only
+    what jaxgpt wrote. A file or folder it did not write there refuses it all
+    (ConfigError naming it), before anything is deleted.
 
     Process 0 deletes them; the others wait until it has.
     """
-    workdir = Path(workdir)
+    workdir, error = Path(workdir), None
     if hosts.is_main_process():
-        for folder in (*FOLDERS.values(), DAMAGED):
-            shutil.rmtree(workdir / folder, ignore_errors=True)
-        (workdir / workdir_lib.METRICS_NAME).unlink(missing_ok=True)
-    hosts.sync("jaxgpt.run.checkpoint.clear")
+        found = foreign(workdir)
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            error = ConfigError(
+                f"--overwrite deletes only the checkpoints jaxgpt wrote in"
+                f" --workdir={workdir}, and {found[0]}{more} is not one of them:"
+                f" move it out of {found[0].parent} (or delete it yourself), or"
+                " choose another --workdir."
+            )
+        else:
+            for folder in (*FOLDERS.values(), DAMAGED):
+                shutil.rmtree(workdir / folder, ignore_errors=True)
+            (workdir / workdir_lib.METRICS_NAME).unlink(missing_ok=True)
+    if hosts.process_max(np.array([error is not None]))[0]:
+        raise error or ConfigError(
+            f"process 0 refused to clear --workdir={workdir}: see its log."
+        )
 
 
 def check_run_meta(meta: dict[str, Any]) -> None:

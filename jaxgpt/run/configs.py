@@ -67,6 +67,16 @@ class RunConfig:
         check_choices(self)
         if self.peak_tflops is not None:
             require_positive(peak_tflops=self.peak_tflops)
+        if not self.workdir.strip():  # An unset shell variable: the current folder.
+            raise ConfigError(
+                f"--workdir={self.workdir!r} names no folder (an unset shell"
+                " variable?): name the run's own folder, e.g. --workdir=out."
+            )
+        if not -(2**63) <= self.seed < 2**63:
+            raise ConfigError(
+                f"--seed={self.seed} does not fit in 64 bits: choose a seed in"
+                f" [{-(2**63)}, {2**63 - 1}]."
+            )
 
 
 @dataclasses.dataclass(frozen=True)

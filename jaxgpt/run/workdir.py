@@ -1,6 +1,7 @@
 """The workdir of a training run: usable, used by one run at a time, its metrics truthful.
 
-- `make` creates --workdir or says in one line why it cannot be used.
+- `make` creates --workdir or says in one line why it cannot be used (also
+  when a name jaxgpt keeps there, e.g. `best` or `lock`, is of the wrong kind).
 - `Lock` is the lock file `<workdir>/lock`, holding the owner's host and pid.
   It is taken with flock(2), atomically, and the kernel drops a flock when its
   process dies, however it dies: a lock left by a killed run is found free and
@@ -29,6 +30,14 @@ from jaxgpt.run import stops
 
 LOCK_NAME = "lock"
 METRICS_NAME = "metrics.jsonl"
+# The folders jaxgpt keeps in a workdir (checkpoint.py's), and what each holds.
+CHECKPOINTS, BEST, DAMAGED = "checkpoints", "best", "damaged"
+FOLDERS = {
+    CHECKPOINTS: "the latest checkpoints",
+    BEST: "the best checkpoint",
+    DAMAGED: "the damaged checkpoints moved aside",
+}
+FILES = {LOCK_NAME: "the lock of the run using it", METRICS_NAME: "the metrics"}
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -50,7 +59,22 @@ def make(workdir: str | Path) -> Path:
         raise ConfigError(
             f"--workdir={workdir} is not writable: choose a --workdir you can write to."
         )
+    check_names(path)
     return path
+
+
+def check_names(path: Path) -> None:
+    """Each name jaxgpt keeps in the workdir is absent or of its kind (a folder,
+    or a file): ConfigError naming the first that is not, and the fix."""
+    kinds = [(FOLDERS, Path.is_dir, "a folder"), (FILES, Path.is_file, "a file")]
+    for names, is_kind, kind in kinds:
+        for name, holds in names.items():
+            there = path / name
+            if (there.exists() or there.is_symlink()) and not is_kind(there):
+                raise ConfigError(
+                    f"{there} is not {kind}: jaxgpt keeps {holds} there. Move it"
+                    " away (or delete it) and run again, or choose another --workdir."
+                )
 
 
 def free_space(path: str | Path) -> str:
@@ -213,8 +237,9 @@ class Lock:
             raise
         except OSError as e:
             raise ConfigError(
-                f"cannot write in --workdir={self.workdir} ({e.strerror}): choose a"
-                " --workdir you can write to."
+                f"cannot open the lock {self.path} ({e.strerror}): move it away if"
+                " it is not a file jaxgpt wrote, or choose a --workdir you can"
+                " write to."
             ) from e
 
     def _take(self, fd: int, previous: dict | None) -> None:
