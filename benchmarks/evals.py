@@ -17,7 +17,7 @@ Paths, for each model: the in-loop evaluation (hellaswag.make_evaluate: one
 compiled scan); with --bench_harness, for the GPT-2 tokenizer models, the same
 rows as a local lm-eval task through lm_eval.simple_evaluate, with
 jaxgpt.evals.harness.JaxGPTLM on the parameters and with the harness's HFLM (PyTorch)
-on the model jaxgpt/hub/hf.py exports. Each path runs once (compiling, warming
+on the model jaxgpt/hub/export.py writes. Each path runs once (compiling, warming
 up), then --bench_repeats rounds in which the paths take turns. Reported,
 medians over the rounds: examples/s, seconds per 1,000 loglikelihood
 requests (4 per example), and of them the model's calls
@@ -41,7 +41,7 @@ from absl import app, flags
 from jaxgpt import lecture, model, sharding
 from jaxgpt.config import ModelConfig
 from jaxgpt.evals import hellaswag
-from jaxgpt.hub import hf, tokenizer_io
+from jaxgpt.hub import hf, load, tokenizer_io
 from jaxgpt.run import cli  # Defines the flags (--eval_data_path, --eval_batch_size).
 from jaxgpt.run.configs import EvalConfig
 from jaxgpt.run.perf import cpu_speedups
@@ -143,7 +143,8 @@ def through_harness(cfg, params, tok, rows, batch_rows: int):
         f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    validation:"
         f" {folder / 'rows.jsonl'}\ntraining_split: null\n"
     )
-    hf.save_gpt2(params, cfg, str(folder / "hf"), hf.tokenizer_files(tok)[0])
+    files = hf.tokenizer_files(tok)[0]
+    load.write_model("gpt2", params, cfg, str(folder / "hf"), files)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     lms = {
         "lm-eval, JaxGPTLM": harness.JaxGPTLM(loaded=(cfg, params, tok), batch_size=batch_rows),

@@ -24,7 +24,7 @@ import safetensors.numpy
 
 from jaxgpt import generate, lecture, model
 from jaxgpt.config import ModelConfig
-from jaxgpt.hub import hf
+from jaxgpt.hub import gpt2, hf, load
 
 # The reference is transformers on PyTorch (the test extra; a CPU build is all
 # it needs): without them these tests skip, and the rest of the suite runs.
@@ -99,7 +99,7 @@ def hf_gpt2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(hf_gpt2):
-    return hf.load_gpt2(hf_gpt2[1])
+    return load.read_model(hf_gpt2[1])
 
 
 def folder_with(tmp_path, config_json: dict, tensors: dict) -> str:
@@ -205,7 +205,7 @@ def test_hub_layout_without_prefix_with_buffers(tmp_path, hf_gpt2, imported):
         hub[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
     hub["lm_head.weight"] = hub["wte.weight"]
     assert "wte.weight" in hub and "transformer.wte.weight" not in hub
-    _, params = hf.load_gpt2(folder_with(tmp_path, config_json, hub))
+    _, params = load.read_model(folder_with(tmp_path, config_json, hub))
     assert leaves_equal(params, imported[1])
 
 
@@ -213,7 +213,7 @@ def test_pytorch_model_bin_is_read_without_torch(tmp_path, hf_gpt2, imported):
     hf_model, folder = hf_gpt2
     shutil.copy(os.path.join(folder, "config.json"), tmp_path)
     torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
-    _, params = hf.load_gpt2(str(tmp_path))
+    _, params = load.read_model(str(tmp_path))
     assert leaves_equal(params, imported[1])
 
 
@@ -258,7 +258,8 @@ def test_exported_model_loads_in_transformers(tmp_path, bias):
     )
     params = random_jaxgpt(cfg)
     vocab = {"a": 0, "b": 1}
-    hf.save_gpt2(
+    load.write_model(
+        "gpt2",
         params,
         cfg,
         str(tmp_path),
@@ -277,7 +278,7 @@ def test_exported_model_loads_in_transformers(tmp_path, bias):
     print(f"export (bias={bias}): max |logit difference| = {diff:.2e}")
     assert diff <= TOL
     if not bias:  # Zero biases come back into a bias-free model unchanged.
-        back = hf.params_from_hf(hf_files(str(tmp_path))[1], cfg)
+        back = gpt2.params_from_hf(hf_files(str(tmp_path))[1], cfg)
         assert leaves_equal(back, params)
 
 
@@ -292,7 +293,9 @@ def test_export_gpt2_vocabulary_names_endoftext(tmp_path):
         model="gpt",
         scan_layers=False,
     )
-    hf.save_gpt2(lecture.init_params(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path))
+    load.write_model(
+        "gpt2", lecture.init_params(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path)
+    )
     config = transformers.GPT2Config.from_pretrained(str(tmp_path))
     assert (config.bos_token_id, config.eos_token_id) == (50256, 50256)
     assert (config.n_positions, config.n_layer, config.n_head, config.n_embd) == (
@@ -306,8 +309,8 @@ def test_export_gpt2_vocabulary_names_endoftext(tmp_path):
 
 def test_round_trip_is_bitwise(tmp_path, hf_gpt2, imported):
     cfg, params = imported
-    hf.save_gpt2(params, cfg, str(tmp_path))
-    cfg2, params2 = hf.load_gpt2(str(tmp_path))
+    load.write_model("gpt2", params, cfg, str(tmp_path))
+    cfg2, params2 = load.read_model(str(tmp_path))
     assert cfg2 == cfg
     assert leaves_equal(params2, params)
     _, original = hf_files(hf_gpt2[1])  # And the tensors are the original file's.
@@ -318,11 +321,11 @@ def test_round_trip_is_bitwise(tmp_path, hf_gpt2, imported):
 def test_scan_layers_imports_and_exports_equal(hf_gpt2, imported):
     hf_model, folder = hf_gpt2
     cfg, params = imported
-    scan_cfg, scan_params = hf.load_gpt2(folder, scan_layers=True)
+    scan_cfg, scan_params = load.read_model(folder, scan_layers=True)
     assert scan_cfg == dataclasses.replace(cfg, scan_layers=True)
     assert leaves_equal(scan_params, hf.stack_blocks(params))
     assert leaves_equal(
-        hf.params_to_hf(scan_params, scan_cfg), hf.params_to_hf(params, cfg)
+        gpt2.params_to_hf(scan_params, scan_cfg), gpt2.params_to_hf(params, cfg)
     )
     idx_BT = random_ids(cfg.vocab_size, shape=(1, 64), seed=2)
     diff = np.abs(
@@ -343,39 +346,39 @@ def assert_one_clear_line(excinfo, *words: str) -> None:
 
 def test_missing_tensor(imported):
     cfg, params = imported
-    tensors = hf.params_to_hf(params, cfg)
+    tensors = gpt2.params_to_hf(params, cfg)
     del tensors["transformer.h.1.mlp.c_fc.bias"]
     with pytest.raises(hf.HuggingFaceError, match="missing") as e:
-        hf.params_from_hf(tensors, cfg)
+        gpt2.params_from_hf(tensors, cfg)
     assert_one_clear_line(e, "'h.1.mlp.c_fc.bias'")
 
 
 def test_wrong_shape(imported):
     cfg, params = imported
-    tensors = hf.params_to_hf(params, cfg)
+    tensors = gpt2.params_to_hf(params, cfg)
     tensors["transformer.h.0.attn.c_proj.weight"] = np.zeros((64, 63), np.float32)
     with pytest.raises(hf.HuggingFaceError, match="shape") as e:
-        hf.params_from_hf(tensors, cfg)
+        gpt2.params_from_hf(tensors, cfg)
     assert_one_clear_line(e, "'h.0.attn.c_proj.weight'", "[64, 63]", "[64, 64]")
 
 
 def test_unexpected_tensor_and_untied_head(imported):
     cfg, params = imported
-    tensors = hf.params_to_hf(params, cfg)
+    tensors = gpt2.params_to_hf(params, cfg)
     with pytest.raises(hf.HuggingFaceError, match="unexpected") as e:
-        hf.params_from_hf({**tensors, "score.weight": np.zeros((64, 2))}, cfg)
+        gpt2.params_from_hf({**tensors, "score.weight": np.zeros((64, 2))}, cfg)
     assert_one_clear_line(e, "'score.weight'")
     untied = {**tensors, "lm_head.weight": tensors["transformer.wte.weight"] + 1}
     with pytest.raises(hf.HuggingFaceError, match="tied") as e:
-        hf.params_from_hf(untied, cfg)
+        gpt2.params_from_hf(untied, cfg)
     assert_one_clear_line(e, "'lm_head.weight'")
 
 
 def test_nonzero_bias_into_bias_free_model(imported):
     cfg, params = imported
     with pytest.raises(hf.HuggingFaceError, match="bias=False") as e:
-        hf.params_from_hf(
-            hf.params_to_hf(params, cfg), dataclasses.replace(cfg, bias=False)
+        gpt2.params_from_hf(
+            gpt2.params_to_hf(params, cfg), dataclasses.replace(cfg, bias=False)
         )
     assert_one_clear_line(e)
 
@@ -396,7 +399,7 @@ def test_nonzero_bias_into_bias_free_model(imported):
 def test_unsupported_config(hf_gpt2, option, value):
     config_json, _ = hf_files(hf_gpt2[1])
     with pytest.raises(hf.HuggingFaceError, match=option) as e:
-        hf.config_from_hf({**config_json, option: value})
+        gpt2.config_from_hf({**config_json, option: value})
     assert_one_clear_line(e, repr(value))
 
 
@@ -408,21 +411,21 @@ def test_offline_name_fetch(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(hf.HuggingFaceError, match="local folder") as e:
-        hf.load_gpt2("gpt2-medium")
+        load.read_model("gpt2-medium")
     assert_one_clear_line(e, "'gpt2-medium'", "offline")
 
 
 def test_bad_names_and_folders(tmp_path):
     with pytest.raises(hf.HuggingFaceError, match="neither a folder") as e:
-        hf.load_gpt2("gpt3")
+        load.read_model("gpt3")
     assert_one_clear_line(e)
     with pytest.raises(hf.HuggingFaceError, match="config.json") as e:
-        hf.load_gpt2(str(tmp_path))
+        load.read_model(str(tmp_path))
     assert_one_clear_line(e)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(hf.HuggingFaceError, match="model.safetensors") as e:
-        hf.load_gpt2(str(tmp_path))
+        load.read_model(str(tmp_path))
     assert_one_clear_line(e)
     with pytest.raises(hf.HuggingFaceError, match="n_layer") as e:
-        hf.load_gpt2(str(tmp_path), n_layer=3)
+        load.read_model(str(tmp_path), n_layer=3)
     assert_one_clear_line(e)

@@ -50,7 +50,7 @@ def gpt2_folder(tmp_path_factory):
     params = lecture.init_params(cfg, jax.random.PRNGKey(0))
     folder = tmp_path_factory.mktemp("gpt2")
     files, _ = hf.tokenizer_files(tokenizer_io.load_gpt2())
-    hf.save_gpt2(params, cfg, str(folder), files)
+    load.write_model("gpt2", params, cfg, str(folder), files)
     return str(folder)
 
 

@@ -27,7 +27,7 @@ import transformers
 
 from jaxgpt import generate, lecture, main, model
 from jaxgpt.config import ModelConfig
-from jaxgpt.hub import hf, llama, tokenizer_io
+from jaxgpt.hub import hf, llama, load, tokenizer_io
 
 TOL = 1e-4  # float32 logits, jaxgpt against transformers.
 VOCAB = 320
@@ -158,7 +158,7 @@ def leaves_equal(a, b) -> bool:
 def test_import_matches_transformers(hf_llama):
     """The config, the parameter count and the logits."""
     name, hf_model, folder = hf_llama
-    cfg, params = llama.load_llama(str(folder))
+    cfg, params = load.read_model(str(folder))
     c = MODELS[name]
     assert (cfg.position, cfg.norm, cfg.mlp, cfg.norm_scale) == (
         "rope",
@@ -186,7 +186,7 @@ def test_import_matches_transformers(hf_llama):
 def test_greedy_decoding_with_the_cache_matches_transformers(hf_llama):
     """To the end of the context: the rotary cache as --mode=sample uses it."""
     _, hf_model, folder = hf_llama
-    cfg, params = llama.load_llama(str(folder))
+    cfg, params = load.read_model(str(folder))
     prompt_BP = random_ids((2, 4), seed=1)
     n_new = cfg.block_size - 4
     with torch.no_grad():
@@ -214,19 +214,19 @@ def test_round_trip_is_bitwise(hf_llama, tmp_path):
     """import -> export -> import: the same config and parameters, and the
     exported tensors are the original files' (sharded ones too)."""
     name, _, folder = hf_llama
-    cfg, params = llama.load_llama(str(folder))
-    llama.save_llama(params, cfg, str(tmp_path))
-    cfg2, params2 = llama.load_llama(str(tmp_path))
+    cfg, params = load.read_model(str(folder))
+    load.write_model("llama", params, cfg, str(tmp_path))
+    cfg2, params2 = load.read_model(str(tmp_path))
     assert cfg2 == cfg and leaves_equal(params2, params)
     original, exported = (
-        llama.read_tensors(str(folder)),
-        llama.read_tensors(str(tmp_path)),
+        hf.read_weights(str(folder)),
+        hf.read_weights(str(tmp_path)),
     )
-    assert (name == "mha_sharded") == os.path.isfile(folder / llama.INDEX)
+    assert (name == "mha_sharded") == os.path.isfile(folder / hf.ST_INDEX)
     assert leaves_equal(exported, original)
-    scan_cfg, scan_params = llama.load_llama(str(folder), scan_layers=True)
+    scan_cfg, scan_params = load.read_model(str(folder), scan_layers=True)
     assert leaves_equal(scan_params, hf.stack_blocks(params))
-    assert leaves_equal(llama.params_to_llama(scan_params, scan_cfg), exported)
+    assert leaves_equal(llama.params_to_hf(scan_params, scan_cfg), exported)
 
 
 # ---------------------------------------------------------------- export
@@ -259,7 +259,7 @@ def test_exported_model_loads_in_transformers(tmp_path, kw):
         **{"n_embd": 32, "tie_embeddings": False, **llama_choices, **kw},
     )  # fmt: skip
     params = noisy_params(cfg)
-    llama.save_llama(params, cfg, str(tmp_path), token_ids={"eos_token_id": 7})
+    load.write_model("llama", params, cfg, str(tmp_path), token_ids={"eos_token_id": 7})
     hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert hf_model.config.eos_token_id == 7 and hf_model.config.bos_token_id is None
     assert hf_model.config.tie_word_embeddings == cfg.tie_embeddings
@@ -269,7 +269,7 @@ def test_exported_model_loads_in_transformers(tmp_path, kw):
     )
     print(f"export {kw}: max |logit difference| = {diff:.2e}")
     assert diff <= TOL
-    back_cfg, back = llama.load_llama(str(tmp_path))
+    back_cfg, back = load.read_model(str(tmp_path))
     if cfg.norm_scale:
         assert back_cfg == cfg and leaves_equal(back, params)
     else:  # Written as ones; read back into a scaled model, the same function.
@@ -286,12 +286,12 @@ def test_bfloat16_files_import_as_their_float32_values(hf_llama, tmp_path):
         pytest.skip("one model is enough")
     hf_model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="30KB")
     hf_model.to(torch.float32)
-    _, params = llama.load_llama(str(tmp_path))
-    _, f32_params = llama.load_llama(str(folder))
+    _, params = load.read_model(str(tmp_path))
+    _, f32_params = load.read_model(str(folder))
     rounded = jax.tree.map(
         lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), f32_params
     )
-    assert os.path.isfile(tmp_path / llama.INDEX)
+    assert os.path.isfile(tmp_path / hf.ST_INDEX)
     assert leaves_equal(params, rounded)
 
 
@@ -321,7 +321,7 @@ LLAMA_JSON = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4
 )
 def test_configs_jaxgpt_cannot_compute_are_refused(option, value, named):
     with pytest.raises(hf.HuggingFaceError) as e:
-        llama.config_from_llama({**LLAMA_JSON, option: value})
+        llama.config_from_hf({**LLAMA_JSON, option: value})
     assert_one_line(e, "config.json", named)
 
 
@@ -341,10 +341,10 @@ def test_exporting_what_a_layout_cannot_hold_names_the_option(tmp_path, kw, opti
     )
     params = jax.eval_shape(lambda: lecture.init_params(cfg, jax.random.PRNGKey(0)))
     with pytest.raises(hf.HuggingFaceError) as e:
-        llama.save_llama(params, cfg, str(tmp_path / "llama"))
+        load.write_model("llama", params, cfg, str(tmp_path / "llama"))
     assert_one_line(e, option, "Llama")
     with pytest.raises(hf.HuggingFaceError) as e:  # GPT-2's layout holds no RoPE.
-        hf.save_gpt2(params, cfg, str(tmp_path / "gpt2"))
+        load.write_model("gpt2", params, cfg, str(tmp_path / "gpt2"))
     assert_one_line(e, "GPT-2's layout", "--format=llama")
     assert not os.path.exists(tmp_path / "llama") and not os.path.exists(
         tmp_path / "gpt2"
@@ -355,16 +355,16 @@ def test_missing_and_untied_tensors_are_named(hf_llama):
     name, _, folder = hf_llama
     if name != "mqa_tied_bias":
         pytest.skip("one model is enough")
-    cfg, params = llama.load_llama(str(folder))
-    tensors = llama.params_to_llama(params, cfg)
+    cfg, params = load.read_model(str(folder))
+    tensors = llama.params_to_hf(params, cfg)
     del tensors["model.layers.2.mlp.up_proj.bias"]
     with pytest.raises(hf.HuggingFaceError, match="missing") as e:
-        llama.params_from_llama(tensors, cfg)
+        llama.params_from_hf(tensors, cfg)
     assert_one_line(e, "'model.layers.2.mlp.up_proj.bias'")
-    tensors = llama.params_to_llama(params, cfg)
+    tensors = llama.params_to_hf(params, cfg)
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
     with pytest.raises(hf.HuggingFaceError, match="tie_word_embeddings") as e:
-        llama.params_from_llama(tensors, cfg)
+        llama.params_from_hf(tensors, cfg)
     assert_one_line(e)
 
 
@@ -376,16 +376,18 @@ def test_hub_names_offline_and_unknown_sources_are_one_line(monkeypatch, tmp_pat
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(hf.HuggingFaceError, match="Hugging Face Hub") as e:
-        llama.find("HuggingFaceTB/SmolLM2-135M")
+        load.locate("HuggingFaceTB/SmolLM2-135M")
     assert_one_line(e, "'HuggingFaceTB/SmolLM2-135M'", "offline")
     with pytest.raises(hf.HuggingFaceError, match="neither a folder") as e:
-        llama.find("not a model")
+        load.locate("not a model")
     assert_one_line(e)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     with pytest.raises(hf.HuggingFaceError, match="'mistral'") as e:
-        llama.find(str(tmp_path))
-    assert_one_line(e)
-    assert llama.find("gpt2") == ("gpt2", "gpt2")
+        load.locate(str(tmp_path))
+    assert_one_line(e, "'gpt2', 'llama'")
+    with pytest.raises(hf.HuggingFaceError, match="Hugging Face Hub") as e:
+        load.locate("gpt2")  # A released GPT-2's name: the same download.
+    assert_one_line(e, "'gpt2'", "openai-community/gpt2", "offline")
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -395,7 +397,7 @@ def test_hf_tokenizer_is_a_fourth_kind(tokenizer_json, tmp_path, corpus_text):
     """Encodes as transformers does (no special tokens added), decodes back,
     survives its JSON, and counts the UTF-8 bytes of every token."""
     write_tokenizer(tmp_path, tokenizer_json)
-    tok = llama.load_tokenizer(str(tmp_path))
+    tok = hf.load_tokenizer(str(tmp_path), llama.TOKENIZER)
     assert (tok.name, tok.vocab_size, tok.bos_token, tok.eos_token) == (
         "hf",
         VOCAB,
@@ -484,7 +486,7 @@ def test_sample_and_eval_of_an_imported_llama_are_transformers(
         capsys, mode="sample", init_from=str(llama_folder), prompt="ROMEO:",
         temperature=0.0, max_new_tokens=14,
     )  # fmt: skip
-    tok = llama.load_tokenizer(str(llama_folder))
+    tok = load.read_tokenizer(str(llama_folder))
     hf_model = transformers.LlamaForCausalLM.from_pretrained(llama_folder).eval()
     prompt = torch.as_tensor(tok.encode("ROMEO:")[None], dtype=torch.long)
     with torch.no_grad():
@@ -512,7 +514,6 @@ def test_finetuning_an_imported_llama_resumes_exactly_and_exports(
     """6 steps in one go == 3 steps, then resumed to 6 with the folder gone;
     the export loads in transformers with the same logits and tokenizer."""
     from jaxgpt import sharding
-    from jaxgpt.hub import load
     from jaxgpt.run import checkpoint as ckpt
     from jaxgpt.run.configs import RunConfig
 
@@ -575,7 +576,7 @@ def test_documents_end_with_the_models_eos(tokenizer_json, tmp_path):
     from jaxgpt.datasets import prepare
 
     write_tokenizer(tmp_path, tokenizer_json)
-    tok = llama.load_tokenizer(str(tmp_path))
+    tok = hf.load_tokenizer(str(tmp_path), llama.TOKENIZER)
     assert prepare.end_of_text(tok).tolist() == [tok.token_id("</s>")]
     assert prepare.end_of_text(tokenizer_io.HFTokenizer(tokenizer_json)).size == 0
 
@@ -590,9 +591,26 @@ def test_a_char_models_llama_export_imports_back_with_its_tokenizer(tmp_path):
         position="rope", norm="rmsnorm", mlp="swiglu",
     )  # fmt: skip
     params = lecture.init_params(cfg, jax.random.PRNGKey(0))
-    llama.save_llama(params, cfg, str(tmp_path), hf.tokenizer_files(tok)[0])
-    assert llama.find(str(tmp_path)) == ("llama", str(tmp_path))
-    assert llama.load_tokenizer(str(tmp_path)).to_json() == tok.to_json()
-    cfg2, params2 = llama.load_llama(str(tmp_path))
+    load.write_model("llama", params, cfg, str(tmp_path), hf.tokenizer_files(tok)[0])
+    assert load.locate(str(tmp_path))[:2] == (llama, str(tmp_path))
+    assert hf.load_tokenizer(str(tmp_path), llama.TOKENIZER).to_json() == tok.to_json()
+    cfg2, params2 = load.read_model(str(tmp_path))
     assert cfg2 == cfg
     assert leaves_equal(params2, params)
+
+
+def test_a_llama_export_with_gpt2s_tokenizer_reads_it_back(tmp_path):
+    """GPT-2's vocab.json and merges.txt beside a Llama layout: the same
+    tokenizer back (the family prefers tokenizer.json, then reads vocab.json)."""
+    cfg = ModelConfig(
+        vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16,
+        position="rope", norm="rmsnorm", mlp="swiglu",
+    )  # fmt: skip
+    params = lecture.init_params(cfg, jax.random.PRNGKey(0))
+    files, how = hf.tokenizer_files(tokenizer_io.load_gpt2())
+    load.write_model("llama", params, cfg, str(tmp_path), files)
+    assert "vocab.json" in how and not (tmp_path / "tokenizer.json").exists()
+    assert load.read_tokenizer(str(tmp_path)).name == "gpt2"
+    with pytest.raises(hf.HuggingFaceError) as e:  # Neither file: one line.
+        hf.load_tokenizer(str(tmp_path / "none"), llama.TOKENIZER)
+    assert_one_line(e, "tokenizer.json, vocab.json or jaxgpt_tokenizer.json")

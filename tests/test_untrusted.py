@@ -30,7 +30,7 @@ import safetensors.numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxgpt.hub import hf, llama
+from jaxgpt.hub import gpt2, hf, llama, load
 
 
 def torch_or_skip():
@@ -541,14 +541,14 @@ def gpt2_bin_folder(folder, changes: dict[str, Any]) -> str:
     """A tiny GPT-2 folder with a pytorch_model.bin; changes: role -> value for
     h.0.attn.c_attn.weight's view."""
     torch = torch_or_skip()
-    cfg = hf.config_from_hf(TINY_GPT2)
+    cfg = gpt2.config_from_hf(TINY_GPT2)
     rng = np.random.default_rng(0)
     state_dict = collections.OrderedDict(
-        (hf.PREFIX + name, torch.from_numpy(rng.standard_normal(shape, np.float32)))
-        for name, shape in hf.hf_shapes(cfg).items()
+        (gpt2.PREFIX + name, torch.from_numpy(rng.standard_normal(shape, np.float32)))
+        for name, shape in gpt2.hf_shapes(cfg).items()
     )
     file = TorchFile(state_dict)
-    name = hf.PREFIX + "h.0.attn.c_attn.weight"
+    name = gpt2.PREFIX + "h.0.attn.c_attn.weight"
     (folder / "config.json").write_text(json.dumps(TINY_GPT2))
     (folder / "pytorch_model.bin").write_bytes(
         file.with_changes({file.field(name, r): v for r, v in changes.items()})
@@ -582,10 +582,10 @@ def test_load_gpt2_refuses_an_offset_past_the_storage(tmp_path):
     (tmp_path / "model").mkdir()
     folder = gpt2_bin_folder(tmp_path / "model", {"offset": 16 * 48})
     with pytest.raises(hf.HuggingFaceError) as e:
-        hf.load_gpt2(folder)
+        load.read_model(folder)
     assert_one_error(e, "pytorch_model.bin", "h.0.attn.c_attn.weight", "reaches past")
     ok = gpt2_bin_folder(tmp_path / "model", {})  # The same folder, untouched.
-    cfg, _ = hf.load_gpt2(ok)
+    cfg, _ = load.read_model(ok)
     assert cfg.n_embd == 16 and cfg.n_layer == 1
 
 
@@ -630,7 +630,7 @@ def test_damaged_safetensors_end_in_one_error_naming_the_file(tmp_path, damage):
     (tmp_path / "config.json").write_text(json.dumps(TINY_GPT2))
     path = tmp_path / "model.safetensors"
     path.write_bytes(SAFETENSORS_DAMAGE[damage])
-    for read in (hf.load_gpt2, llama.read_tensors):
+    for read in (load.read_model, hf.read_weights):
         with pytest.raises(hf.HuggingFaceError) as e:
             read(str(tmp_path))
         assert_one_error(e, str(path), "cannot be read")
@@ -693,7 +693,7 @@ def test_index_naming_a_link_out_of_the_folder_is_refused(tmp_path, kind, target
     target = f"{target}.{kind}" if target == "../outside" else target
     os.symlink(target, os.path.join(folder, f"shard.{kind}"))
     with pytest.raises(hf.HuggingFaceError) as e:
-        llama.read_tensors(folder)
+        hf.read_weights(folder)
     assert_one_error(e, index, "outside", "refused")
 
 
@@ -733,7 +733,7 @@ def test_shards_in_the_folder_and_the_hub_cache_read(tmp_path, kind):
 def test_damaged_indexes_are_refused(tmp_path, index_text, words):
     (tmp_path / hf.ST_INDEX).write_text(index_text)
     with pytest.raises(hf.HuggingFaceError) as e:
-        llama.read_tensors(str(tmp_path))
+        hf.read_weights(str(tmp_path))
     assert_one_error(e, hf.ST_INDEX, words)
 
 
@@ -745,7 +745,7 @@ def test_oversized_json_files_are_not_read(tmp_path, monkeypatch):
     assert_one_error(e, hf.ST_INDEX, "more than such a file's 100")
     (tmp_path / "config.json").write_text(json.dumps({**TINY_GPT2, "x": "y" * 200}))
     with pytest.raises(hf.HuggingFaceError) as e:
-        hf.load_gpt2(str(tmp_path))
+        load.read_model(str(tmp_path))
     assert_one_error(e, "config.json", "more than such a file's 100")
 
 
@@ -763,7 +763,7 @@ LLAMA = {
 
 def test_parameter_estimates_match_the_released_models():
     """GPT-2 124M (transformers' defaults) and SmolLM2-135M, as published."""
-    assert hf.gpt2_params({}, "config.json") == 124_439_808
+    assert gpt2.n_params({}, "config.json") == 124_439_808
     smollm2 = {
         "vocab_size": 49152,
         "hidden_size": 576,
@@ -773,7 +773,7 @@ def test_parameter_estimates_match_the_released_models():
         "num_key_value_heads": 3,
         "tie_word_embeddings": True,
     }
-    assert llama.llama_params(smollm2) == 134_515_008
+    assert llama.n_params(smollm2) == 134_515_008
 
 
 @pytest.mark.parametrize(
@@ -810,9 +810,8 @@ def test_config_sizes_are_refused_before_anything_is_read(
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**base, **change}))
     monkeypatch.setattr(hf, "read_weights", lambda folder: pytest.fail("read"))
-    load = llama.load_llama if base["model_type"] == "llama" else hf.load_gpt2
     with pytest.raises(hf.HuggingFaceError) as e:
-        load(str(tmp_path))
+        load.read_model(str(tmp_path))
     assert_one_error(e, str(config), words)
     if words == "GB":
         assert f"{hf.physical_memory() / 1e9:.1f} GB of memory" in str(e.value)
@@ -823,7 +822,7 @@ def test_memory_estimate_names_gigabytes(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setattr(hf, "physical_memory", lambda: 400_000_000)
     with pytest.raises(hf.HuggingFaceError) as e:
-        hf.load_gpt2(str(tmp_path))
+        load.read_model(str(tmp_path))
     assert_one_error(e, "about 0.5 GB in float32", "this machine's 0.4 GB")
 
 
@@ -839,7 +838,7 @@ def test_memory_estimate_names_gigabytes(tmp_path, monkeypatch):
 )
 def test_llama_config_values_that_are_not_options(change):
     with pytest.raises(hf.HuggingFaceError) as e:
-        llama.config_from_llama({**LLAMA, **change})
+        llama.config_from_hf({**LLAMA, **change})
     assert_one_error(e, "config.json")
 
 
@@ -847,7 +846,7 @@ def test_llama_tokenizer_config_that_is_not_an_object(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "tokenizer_config.json").write_text("[]")
     with pytest.raises(hf.HuggingFaceError) as e:
-        llama.load_tokenizer(str(tmp_path))
+        hf.load_tokenizer(str(tmp_path), llama.TOKENIZER)
     assert_one_error(e, "tokenizer_config.json", "not an object")
 
 

@@ -616,10 +616,10 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
                 " .json that jaxgpt wrote (a dataset's or an export's)."
             ) from e
     if os.path.isdir(spec) or "/" in spec:  # A model folder or Hub repository.
-        from jaxgpt.hub import llama  # (Imports JAX, which preparing needs not.)
+        from jaxgpt.hub import load  # (Imports JAX, which preparing needs not.)
 
         try:
-            return llama.load_tokenizer(llama.find(spec)[1])
+            return load.read_tokenizer(spec)
         except ValueError as e:
             raise ConfigError(f"--tokenizer={spec}: {e}") from e
     if spec == "char":  # The distinct characters of the whole corpus.

@@ -5,7 +5,7 @@
 
 then, in Python: transformers.AutoModelForCausalLM.from_pretrained("hf/shakespeare").
 The folder holds config.json and model.safetensors in GPT-2's layout
-(GPT2LMHeadModel, jaxgpt/hub/hf.py maps the parameters) for a model with GPT-2's
+(GPT2LMHeadModel, jaxgpt/hub/gpt2.py maps the parameters) for a model with GPT-2's
 architecture, in Llama's (LlamaForCausalLM, jaxgpt/hub/llama.py) for one with
 rotary positions, RMSNorm and SwiGLU (--format picks; a model neither holds is
 refused, naming the option). Beside them, the run's tokenizer: GPT-2's as
@@ -24,7 +24,7 @@ from absl import app, logging
 
 from jaxgpt import sharding
 from jaxgpt.config import ConfigError, SampleConfig
-from jaxgpt.hub import hf, llama, load
+from jaxgpt.hub import hf, load
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import (
     cli,  # Defines the flags.,
@@ -61,17 +61,14 @@ def export(run: RunConfig, which: str, out: str, layout: str = "auto") -> str:
     files, how = hf.tokenizer_files(tok)
     if layout == "auto":
         layout = "llama" if model_cfg.architecture_choices() else "gpt2"
+    ids = {}
+    if tok.name == "hf":  # Its bos and eos, as the imported model had them.
+        ids = {
+            "bos_token_id": tok.token_id(tok.bos_token),
+            "eos_token_id": tok.token_id(tok.eos_token),
+        }
     try:
-        if layout == "gpt2":
-            hf.save_gpt2(params, model_cfg, out, files)
-        else:
-            ids = {}
-            if tok.name == "hf":  # Its bos and eos, as the imported model had them.
-                ids = {
-                    "bos_token_id": tok.token_id(tok.bos_token),
-                    "eos_token_id": tok.token_id(tok.eos_token),
-                }
-            llama.save_llama(params, model_cfg, out, files, ids)
+        load.write_model(layout, params, model_cfg, out, files, ids)
     except hf.HuggingFaceError as e:
         raise ConfigError(f"--workdir={run.workdir}: {e}") from e
     except OSError as e:

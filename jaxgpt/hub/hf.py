@@ -1,28 +1,12 @@
-"""GPT-2 weights in from and out to Hugging Face's layout (no torch needed).
+"""Hugging Face model folders in and out, whatever the model's family.
 
-Hugging Face keeps a GPT-2 as a folder: `config.json` (a GPT2Config) and
-`model.safetensors` (older ones: `pytorch_model.bin`). The tensors map one to
-one onto jaxgpt's parameters (L layers, C = n_embd):
-
-    HF tensor (optional "transformer." prefix)  jaxgpt parameter      shape
-    wte.weight                                  wte/embedding         [V, C]
-    wpe.weight                                  wpe/embedding         [T, C]
-    h.{i}.ln_1.weight / .bias                   h_{i}/ln_1/scale|bias [C]
-    h.{i}.attn.c_attn.weight / .bias            h_{i}/attn/c_attn/... [C, 3C] / [3C]
-    h.{i}.attn.c_proj.weight / .bias            h_{i}/attn/c_proj/... [C, C] / [C]
-    h.{i}.ln_2.weight / .bias                   h_{i}/ln_2/scale|bias [C]
-    h.{i}.mlp.c_fc.weight / .bias               h_{i}/mlp/c_fc/...    [C, 4C] / [4C]
-    h.{i}.mlp.c_proj.weight / .bias             h_{i}/mlp/c_proj/...  [4C, C] / [C]
-    ln_f.weight / .bias                         ln_f/scale|bias       [C]
-
-- GPT-2's projections are `Conv1D` layers whose weight is [in, out], the
-  orientation of a Flax Dense kernel, so no matrix is transposed (a torch
-  `nn.Linear` would be [out, in]). c_attn's 3C outputs are q, k, v in turn,
-  each H heads of D columns: the split CausalSelfAttention does.
-- `h.{i}.attn.bias` and `h.{i}.attn.masked_bias` are the causal-mask buffers
-  some checkpoints carry; they are not parameters and are skipped.
-- The output layer is tied to wte (jaxgpt's logits are wte.attend), so a
-  `lm_head.weight` is not stored; if a file has one it must equal wte.
+A folder holds `config.json`, the weights (`model.safetensors`,
+`pytorch_model.bin`, or shards of either named in an index) and the
+tokenizer's files. This module reads and writes them, fetches them from the
+Hub, and maps tensors onto jaxgpt's parameters by a family's table (gpt2.py,
+llama.py): rows of (HF tensor names, jaxgpt parameter path, transposed or
+not). Every file is untrusted input: a damaged or hostile one ends in one
+HuggingFaceError naming it, before anything large is read.
 """
 
 from __future__ import annotations
@@ -36,8 +20,7 @@ import pickletools
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import huggingface_hub
@@ -47,231 +30,11 @@ import numpy as np
 import safetensors.numpy
 
 from jaxgpt import tokenizer
-from jaxgpt.config import RUNTIME_FIELDS, ModelConfig
 from jaxgpt.hub import tokenizer_io
-
-# The released GPT-2 sizes and the Hub repositories that hold them.
-HUB_REPOS = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-GPT2_VOCAB_SIZES = (50257, 50304)  # GPT-2's BPE, and nanoGPT's padding of it.
-GPT2_EOS = 50256  # <|endoftext|>, GPT-2's bos and eos token.
-PREFIX = "transformer."  # GPT2LMHeadModel's name for its GPT2Model.
-MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 
 class HuggingFaceError(ValueError):
-    """A GPT-2 folder, file or config jaxgpt cannot read (the message says why)."""
-
-
-# ---------------------------------------------------------------- config.json
-
-
-def config_from_hf(config_json: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig of a Hugging Face GPT2Config (as read from config.json).
-
-    Refuses the GPT2Config options jaxgpt's GPT cannot compute. dropout is 0
-    (inference); pass another with dataclasses.replace to fine-tune.
-    """
-    c = config_json
-    n_embd = c.get("n_embd", 768)
-    # (option, value jaxgpt computes, value in this config); absent = HF default.
-    checks = [
-        ("model_type", "gpt2", c.get("model_type", "gpt2")),
-        ("layer_norm_epsilon", 1e-5, c.get("layer_norm_epsilon", 1e-5)),
-        ("tie_word_embeddings", True, c.get("tie_word_embeddings", True)),
-        ("n_inner", 4 * n_embd, c.get("n_inner") or 4 * n_embd),
-        ("scale_attn_weights", True, c.get("scale_attn_weights", True)),
-        (
-            "scale_attn_by_inverse_layer_idx",
-            False,
-            c.get("scale_attn_by_inverse_layer_idx", False),
-        ),
-        ("reorder_and_upcast_attn", False, c.get("reorder_and_upcast_attn", False)),
-        ("add_cross_attention", False, c.get("add_cross_attention", False)),
-    ]
-    for option, supported, value in checks:
-        if value != supported:
-            raise HuggingFaceError(
-                f"config.json has {option}={value!r}, which jaxgpt's GPT cannot"
-                f" compute (it needs {option}={supported!r})."
-            )
-    activation = c.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):  # Both: tanh GELU.
-        raise HuggingFaceError(
-            f"config.json has activation_function={activation!r}; jaxgpt's GPT"
-            " computes GPT-2's tanh GELU ('gelu_new' or 'gelu_pytorch_tanh') only."
-        )
-    return ModelConfig(
-        vocab_size=c.get("vocab_size", 50257),
-        block_size=c.get("n_positions", 1024),
-        n_layer=c.get("n_layer", 12),
-        n_head=c.get("n_head", 12),
-        n_embd=n_embd,
-        dropout=0.0,
-        bias=True,  # GPT-2 has biases in every Dense and LayerNorm.
-        model="gpt",
-        scan_layers=False,
-    )
-
-
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """config.json for `cfg`: a GPT2Config that transformers loads."""
-    gpt2_vocab = cfg.vocab_size in GPT2_VOCAB_SIZES  # Else no token id is known.
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.block_size,
-        "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": None,  # 4 * n_embd.
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": GPT2_EOS if gpt2_vocab else None,
-        "eos_token_id": GPT2_EOS if gpt2_vocab else None,
-    }
-
-
-# ------------------------------------------------------------------- tensors
-
-
-def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a GPT-2 with `cfg`'s shapes, by HF name (no prefix)."""
-    V, T, C = cfg.vocab_size, cfg.block_size, cfg.n_embd
-    shapes = {"wte.weight": (V, C), "wpe.weight": (T, C)}
-    for i in range(cfg.n_layer):
-        for name, n_in, n_out in (
-            ("attn.c_attn", C, 3 * C),
-            ("attn.c_proj", C, C),
-            ("mlp.c_fc", C, 4 * C),
-            ("mlp.c_proj", 4 * C, C),
-        ):
-            shapes[f"h.{i}.{name}.weight"] = (n_in, n_out)  # Conv1D: [in, out].
-            shapes[f"h.{i}.{name}.bias"] = (n_out,)
-        for ln in ("ln_1", "ln_2"):
-            shapes[f"h.{i}.{ln}.weight"] = shapes[f"h.{i}.{ln}.bias"] = (C,)
-    shapes["ln_f.weight"] = shapes["ln_f.bias"] = (C,)
-    return shapes
-
-
-def _jax_path(hf_name: str) -> tuple[str, ...]:
-    """'h.3.mlp.c_fc.weight' -> ('h_3', 'mlp', 'c_fc', 'kernel'), and so on."""
-    *module, leaf = hf_name.split(".")
-    if module[0] == "h":  # h.{i}.rest -> h_{i}/rest
-        module = [f"h_{module[1]}", *module[2:]]
-    if module[-1] in ("wte", "wpe"):
-        leaf = "embedding"
-    elif module[-1].startswith("ln_"):
-        leaf = {"weight": "scale", "bias": "bias"}[leaf]
-    else:
-        leaf = {"weight": "kernel", "bias": "bias"}[leaf]
-    return (*module, leaf)
-
-
-def _strip_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drops the 'transformer.' prefix and the attention-mask buffers."""
-    out = {}
-    for key, value in tensors.items():
-        name = key.removeprefix(PREFIX)
-        if MASK_BUFFER.fullmatch(name):
-            continue  # A causal-mask buffer, not a parameter.
-        if name in out:
-            raise HuggingFaceError(
-                f"tensor {name!r} appears both with and without the"
-                f" {PREFIX!r} prefix: the file holds two models."
-            )
-        out[name] = value
-    return out
-
-
-def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
-    """jaxgpt parameters (float32; stacked if cfg.scan_layers) from HF tensors.
-
-    Checks that every tensor of a GPT-2 with `cfg` is there with its shape and
-    that nothing else is. With cfg.bias=False every bias must be zero (as
-    save_gpt2 writes them for such a model).
-    """
-    tensors = _strip_names(tensors)
-    shapes = hf_shapes(cfg)
-    lm_head = tensors.pop("lm_head.weight", None)
-    for name, shape in shapes.items():
-        if name not in tensors:
-            raise HuggingFaceError(
-                f"tensor {name!r} {list(shape)} is missing: not the GPT-2 that"
-                f" the config describes (n_layer={cfg.n_layer}, n_embd={cfg.n_embd},"
-                f" vocab_size={cfg.vocab_size}, n_positions={cfg.block_size})."
-            )
-        if tuple(tensors[name].shape) != shape:
-            raise HuggingFaceError(
-                f"tensor {name!r} has shape {list(tensors[name].shape)}, but"
-                f" the config (n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size},"
-                f" n_positions={cfg.block_size}) gives {list(shape)}."
-            )
-    unexpected = sorted(set(tensors) - set(shapes))
-    if unexpected:
-        raise HuggingFaceError(
-            f"unexpected tensor {unexpected[0]!r} (and {len(unexpected) - 1} more):"
-            " not a GPT2Model / GPT2LMHeadModel checkpoint."
-        )
-    if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
-        raise HuggingFaceError(
-            "tensor 'lm_head.weight' differs from 'wte.weight': jaxgpt's output"
-            " layer is tied to the token embedding and cannot hold another."
-        )
-    params: dict[str, Any] = {}
-    for name in shapes:
-        path = _jax_path(name)
-        value = np.asarray(tensors[name], dtype=np.float32)
-        if path[-1] == "bias" and not cfg.bias:
-            if np.any(value):
-                raise HuggingFaceError(
-                    f"tensor {name!r} is not zero, but the model has bias=False:"
-                    " load it with bias=True."
-                )
-            continue
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = jax.numpy.asarray(value)
-    return stack_blocks(params) if cfg.scan_layers else params
-
-
-def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """HF tensors (GPT2LMHeadModel's names, float32) from jaxgpt parameters.
-
-    A bias=False model's biases are written as zeros, since HF's GPT-2 always
-    has them (so it computes the same function); scan_layers params are
-    unstacked first.
-    """
-    if cfg.scan_layers:
-        params = unstack_blocks(params)
-    tensors = {}
-    for name, shape in hf_shapes(cfg).items():
-        node = params
-        for part in _jax_path(name):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if node is None and name.endswith(".bias") and not cfg.bias:
-            node = np.zeros(shape, np.float32)
-        if node is None or tuple(node.shape) != shape:
-            raise HuggingFaceError(
-                f"parameter {'/'.join(_jax_path(name))} is missing or not"
-                f" {list(shape)}: the parameters are not those of this ModelConfig."
-            )
-        tensors[PREFIX + name] = np.ascontiguousarray(node, dtype=np.float32)
-    return tensors
+    """A model folder, file or config jaxgpt cannot read (the message says why)."""
 
 
 # ---------------------------------------------------------------- files
@@ -592,18 +355,6 @@ def check_fits_memory(n_params: int, path: str) -> None:
         )
 
 
-def gpt2_params(c: Mapping[str, Any], path: str) -> int:
-    """The parameter count of the GPT2Config `c` (refused unless its sizes are
-    positive integers)."""
-    s = size_fields(
-        c,
-        {"vocab_size": 50257, "n_positions": 1024, "n_layer": 12, "n_embd": 768},
-        path,
-    )
-    V, T, L, C = s["vocab_size"], s["n_positions"], s["n_layer"], s["n_embd"]
-    return (V + T) * C + L * (12 * C * C + 13 * C) + 2 * C
-
-
 def in_folder(folder: str, name: Any, index: str) -> str:
     """The path of the shard `index` names, refused unless it is a bare file
     name whose file (symlinks followed) lies in `folder`, or in the blobs of the
@@ -704,95 +455,208 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
     )
 
 
-def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """config.json and the tensors of a GPT-2 folder in Hugging Face's layout
-    (the config's sizes checked to fit in memory before any tensor is read)."""
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
+def read_config(folder: str) -> dict[str, Any]:
+    """A folder's config.json, refused unless it is a small JSON object."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
         raise HuggingFaceError(f"{folder} has no config.json: not a HF model folder.")
-    config_json = read_json(config_path)
+    config_json = read_json(path)
     if not isinstance(config_json, dict):
         raise HuggingFaceError(
-            f"{config_path} is a JSON {type(config_json).__name__}, not a GPT2Config"
+            f"{path} is a JSON {type(config_json).__name__}, not a model's config"
             " object."
         )
-    check_fits_memory(gpt2_params(config_json, config_path), config_path)
-    return config_json, read_weights(folder)
+    return config_json
 
 
-def download_gpt2(name: str) -> str:
-    """The local folder of a released GPT-2 (the Hub's cache, filled if online)."""
-    try:
-        return huggingface_hub.snapshot_download(
-            HUB_REPOS[name], allow_patterns=["config.json", "model.safetensors"]
+# ---------------------------------------------------------------- the Hub
+
+# What a download fetches: the config, the weights and the tokenizer's files.
+HUB_FILES = [
+    "config.json",
+    "model.safetensors",
+    ST_INDEX,
+    "model-*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+]
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
+def fetch(name_or_path: str, names: Mapping[str, str]) -> str:
+    """The local folder of `name_or_path`: a folder as it is, else a Hub
+    repository (owner/name, or a short name `names` maps to one) downloaded
+    into the Hub's cache (or found there offline)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    repo = names.get(name_or_path)
+    if repo is None and REPO_ID.fullmatch(name_or_path):
+        repo = None if os.path.exists(name_or_path) else name_or_path
+    if repo is None:
+        raise HuggingFaceError(
+            f"{name_or_path!r} is neither a folder, a Hugging Face Hub repository"
+            f" (owner/name), nor one of {', '.join(names)}."
         )
-    except (OSError, huggingface_hub.errors.HfHubHTTPError) as e:
+    try:
+        return huggingface_hub.snapshot_download(repo, allow_patterns=HUB_FILES)
+    except (OSError, ValueError, huggingface_hub.errors.HfHubHTTPError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HuggingFaceError(
-            f"could not download {name!r} from the Hugging Face Hub ({reason}):"
-            " offline, pass a local folder with config.json and model.safetensors"
-            f" instead (e.g. `hf download {HUB_REPOS[name]}` on a machine online)."
+            f"{name_or_path!r} is no folder here, and the Hugging Face Hub could not"
+            f" give {repo} ({reason}): offline, pass a local folder with config.json,"
+            " model.safetensors and the tokenizer's files instead (e.g. made by"
+            f" `hf download {repo}` on a machine online)."
         ) from e
 
 
-def load_gpt2(name_or_path: str, **overrides: Any) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) of a GPT-2: a released size or a local HF folder.
+# ---------------------------------------------------------------- the tables
 
-    name_or_path: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" (downloaded
-    once into the Hub's cache), or a folder with config.json and
-    model.safetensors (or a zip-format pytorch_model.bin). overrides set the
-    ModelConfig fields config.json leaves open (dropout, dtype, remat,
-    scan_layers, attention).
-    """
-    bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
-    if bad:
+
+class Row(NamedTuple):
+    """HF tensors (concatenated in this order) and the jaxgpt parameter they
+    make; `linear`: torch nn.Linear weights ([out, in]), each transposed into
+    Flax's [in, out] and concatenated along out."""
+
+    hf_names: tuple[str, ...]
+    path: tuple[str, ...]
+    linear: bool = False
+
+
+class Table(NamedTuple):
+    """How one model's HF tensors map onto jaxgpt's parameters."""
+
+    model: str  # The HF class, e.g. "LlamaForCausalLM"; and its config:
+    describe: str  # "n_layer=2, n_embd=64, ...", for the errors.
+    shapes: dict[str, tuple[int, ...]]  # Every tensor of the HF model.
+    rows: list[Row]  # Those that are parameters of jaxgpt's model.
+    fixed: dict[str, tuple[float, str]]  # The others: (value, why jaxgpt lacks it).
+    tied: tuple[str, str] | None  # (head, embedding): a stored head must equal it.
+
+
+def expand(
+    rows: Sequence[tuple[Any, str, Any]], n_layer: int, dims: Mapping[str, int]
+) -> list[tuple[tuple[str, ...], tuple[str, ...], list[tuple[int, ...]]]]:
+    """A family's table rows (HF name or names, jaxgpt path, shape or shapes as
+    dimension names, e.g. "C 3C") as (names, path, shapes), with "{i}" filled for
+    each layer: the rows before the layers', each layer's rows in turn, the rest."""
+    one = lambda x: (x,) if isinstance(x, str) else tuple(x)
+    layered = ["{i}" in row[1] for row in rows]
+    first, last = layered.index(True), len(rows) - layered[::-1].index(True)
+    out = []
+    for i, (names, path, shapes) in [
+        *((0, row) for row in rows[:first]),
+        *((i, row) for i in range(n_layer) for row in rows[first:last]),
+        *((0, row) for row in rows[last:]),
+    ]:
+        out.append((
+            tuple(n.format(i=i) for n in one(names)),
+            tuple(path.format(i=i).split("/")),
+            [tuple(dims[d] for d in shape.split()) for shape in one(shapes)],
+        ))  # fmt: skip
+    return out
+
+
+def check_options(checks: Iterable[tuple[str, Any, Any]]) -> None:
+    """Refuses the first config.json option (name, value jaxgpt computes,
+    value in the file) that jaxgpt's GPT cannot compute."""
+    for option, supported, value in checks:
+        if value != supported:
+            raise HuggingFaceError(
+                f"config.json has {option}={value!r}, which jaxgpt's GPT cannot"
+                f" compute (it needs {option}={supported!r})."
+            )
+
+
+def check_tensors(tensors: Mapping[str, Any], table: Table) -> None:
+    """Every tensor of the table's model is there with its shape, and nothing
+    else (a tied head aside)."""
+    for name, shape in table.shapes.items():
+        if name not in tensors:
+            raise HuggingFaceError(
+                f"tensor {name!r} {list(shape)} is missing: not the {table.model}"
+                f" that the config describes ({table.describe})."
+            )
+        if tuple(tensors[name].shape) != shape:
+            raise HuggingFaceError(
+                f"tensor {name!r} has shape {list(tensors[name].shape)}, but the"
+                f" config ({table.describe}) gives {list(shape)}."
+            )
+    extra = {table.tied[0]} if table.tied else set()
+    unexpected = sorted(set(tensors) - set(table.shapes) - extra)
+    if unexpected:
         raise HuggingFaceError(
-            f"load_gpt2 cannot override {bad[0]!r}: config.json fixes it"
-            f" (only {', '.join(RUNTIME_FIELDS)} may be set)."
+            f"unexpected tensor {unexpected[0]!r} (and {len(unexpected) - 1} more):"
+            f" not a {table.model} checkpoint."
         )
-    if os.path.isdir(name_or_path):
-        folder = name_or_path
-    elif name_or_path in HUB_REPOS:
-        folder = download_gpt2(name_or_path)
-    else:
-        raise HuggingFaceError(
-            f"{name_or_path!r} is neither a folder nor one of {', '.join(HUB_REPOS)}."
-        )
-    config_json, tensors = read_hf_folder(folder)
+
+
+def params_from_hf(
+    tensors: Mapping[str, Any], table: Table, scan_layers: bool = False
+) -> dict[str, Any]:
+    """jaxgpt parameters (float32; stacked if scan_layers) from HF tensors,
+    each checked against the table first."""
+    check_tensors(tensors, table)
+    f32 = lambda name: np.asarray(tensors[name], dtype=np.float32)
+    if table.tied and table.tied[0] in tensors:
+        head, embedding = table.tied
+        if not np.array_equal(f32(head), f32(embedding)):
+            raise HuggingFaceError(
+                f"tensor {head!r} differs from {embedding!r}, but the output layer"
+                " is tied to the token embedding (tie_word_embeddings=true): the"
+                " model cannot hold another (set tie_word_embeddings to false)."
+            )
+    for name, (value, why) in table.fixed.items():
+        if not np.all(f32(name) == value):
+            raise HuggingFaceError(f"tensor {name!r} is not all {value:g}s, but {why}.")
+    params: dict[str, Any] = {}
+    for names, path, linear in table.rows:
+        parts = [f32(n).T if linear else f32(n) for n in names]
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = jnp.asarray(np.concatenate(parts, axis=int(linear)))
+    return stack_blocks(params) if scan_layers else params
+
+
+def params_to_hf(
+    params: Mapping[str, Any], table: Table, scan_layers: bool = False
+) -> dict[str, np.ndarray]:
+    """HF tensors (float32, contiguous) from jaxgpt parameters: the table's rows
+    split back, and its fixed tensors written as their values (the same
+    function)."""
+    if scan_layers:
+        params = unstack_blocks(params)
+    tensors = {
+        name: np.full(table.shapes[name], value, np.float32)
+        for name, (value, _) in table.fixed.items()
+    }
+    for names, path, linear in table.rows:
+        node = params
+        for part in path:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            raise HuggingFaceError(
+                f"parameter {'/'.join(path)} is missing: the parameters are not"
+                " those of this ModelConfig."
+            )
+        sizes = [table.shapes[n][0] for n in names]
+        parts = np.split(np.asarray(node), np.cumsum(sizes)[:-1], axis=int(linear))
+        for name, part in zip(names, parts):
+            tensors[name] = part.T if linear else part
+    tensors = {
+        name: np.ascontiguousarray(tensors[name], dtype=np.float32)
+        for name in table.shapes
+        if name in tensors
+    }
     try:
-        cfg = config_from_hf(config_json)
-    except TypeError as e:  # A value of the wrong type (a string for a size...).
+        check_tensors(tensors, table)
+    except HuggingFaceError as e:
         raise HuggingFaceError(
-            f"{os.path.join(folder, 'config.json')} is not a GPT2Config ({e})."
+            f"the parameters are not those of this ModelConfig: {e}"
         ) from None
-    cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
-    return cfg, params_from_hf(tensors, cfg)
-
-
-def save_gpt2(
-    params: dict[str, Any],
-    cfg: ModelConfig,
-    out_dir: str,
-    tokenizer_files: dict[str, bytes | str] | None = None,
-) -> None:
-    """Writes a folder that transformers' GPT2LMHeadModel.from_pretrained loads.
-
-    config.json and model.safetensors, plus `tokenizer_files` (file name ->
-    contents) as given. HF's GPT-2 always has biases: a bias=False model's are
-    written as zeros, which computes the same function. bos/eos are GPT-2's
-    <|endoftext|> when the vocabulary has GPT-2's size, else unset.
-    """
-    if cfg.model != "gpt":
-        raise HuggingFaceError(f"only a GPT exports to GPT-2, not a {cfg.model!r}.")
-    choices = cfg.architecture_choices()  # Options GPT-2's layout has no room for.
-    if choices:
-        name, value = next(iter(choices.items()))
-        raise HuggingFaceError(
-            f"the model has --{name}={value}, which GPT-2's layout cannot hold"
-            " (learned positions, LayerNorm, GELU 4C, one key/value head per head,"
-            " tied head): export it with --format=llama if Llama's can."
-        )
-    write_folder(out_dir, config_to_hf(cfg), params_to_hf(params, cfg), tokenizer_files)
+    return tensors
 
 
 def write_folder(
@@ -823,31 +687,58 @@ def write_folder(
 # ---------------------------------------------------------------- tokenizers
 
 TOKENIZER_JSON = "jaxgpt_tokenizer.json"  # jaxgpt's own tokenizers, in an export.
+GPT2_VOCAB_SIZES = (50257, 50304)  # GPT-2's BPE, and nanoGPT's padding of it.
 
 
-def load_tokenizer(name_or_path: str, vocab_size: int):
-    """The tokenizer of a GPT-2 that load_gpt2 reads (its vocab_size given).
-
-    GPT-2's own for the released sizes; in a folder, jaxgpt's JSON if an export
-    wrote one, else vocab.json + merges.txt (named "gpt2" when they are
-    GPT-2's), else GPT-2's own if the vocabulary has its size.
-    """
-    folder = Path(name_or_path)
-    if folder.is_dir() and (folder / TOKENIZER_JSON).is_file():
-        return tokenizer_io.from_json(json.loads((folder / TOKENIZER_JSON).read_text()))
-    if folder.is_dir() and (folder / "vocab.json").is_file():
-        files = (folder / "vocab.json", folder / "merges.txt")
-        found = tokenizer_io.load_gpt2_files(*files)
-        gpt2 = tokenizer_io.load_gpt2()
-        if found == gpt2.bpe:
-            return gpt2
-        return tokenizer.BPETokenizer(found)
+def load_tokenizer(folder: str, kinds: Iterable[str], vocab_size: int | None = None):
+    """A model folder's tokenizer: jaxgpt's own if an export wrote one, else the
+    first of `kinds` the folder holds: "vocab.json" (GPT-2-style vocab.json and
+    merges.txt, named "gpt2" when they are GPT-2's) or "tokenizer.json" (Hugging
+    Face tokenizers', with the bos and eos tokenizer_config.json names); else
+    GPT-2's own if `vocab_size` is GPT-2's."""
+    own = os.path.join(folder, TOKENIZER_JSON)
+    if os.path.isfile(own):
+        return tokenizer_io.from_json(read_json(own))
+    kinds = tuple(kinds)
+    for kind in kinds:
+        if not os.path.isfile(os.path.join(folder, kind)):
+            continue
+        if kind == "vocab.json":
+            files = (os.path.join(folder, f) for f in ("vocab.json", "merges.txt"))
+            found, gpt2 = tokenizer_io.load_gpt2_files(*files), tokenizer_io.load_gpt2()
+            return gpt2 if found == gpt2.bpe else tokenizer.BPETokenizer(found)
+        return tokenizer_io.HFTokenizer(
+            read_json(os.path.join(folder, kind)), **special_tokens(folder)
+        )
     if vocab_size in GPT2_VOCAB_SIZES:
         return tokenizer_io.load_gpt2()
     raise HuggingFaceError(
-        f"{name_or_path} has no tokenizer (vocab.json + merges.txt, or"
-        f" {TOKENIZER_JSON}) and its vocabulary of {vocab_size} is not GPT-2's."
+        f"{folder} has no tokenizer ({', '.join(kinds)} or {TOKENIZER_JSON})"
+        + (
+            f" and its vocabulary of {vocab_size} is not GPT-2's."
+            if vocab_size
+            else "."
+        )
     )
+
+
+def special_tokens(folder: str) -> dict[str, str]:
+    """The bos_token and eos_token a folder's tokenizer_config.json names."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise HuggingFaceError(
+            f"{path} is a JSON {type(config).__name__}, not an object."
+        )
+    specials = {}
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, Mapping) else token
+        if isinstance(token, str):
+            specials[key] = token
+    return specials
 
 
 def tokenizer_files(tok) -> tuple[dict[str, str], str]:

@@ -1,4 +1,4 @@
-"""Llama-family weights in from and out to Hugging Face's layout (no torch needed).
+"""Llama-family models in Hugging Face's layout: config.json and the tensor table.
 
 Hugging Face keeps a `LlamaForCausalLM` (SmolLM2, TinyLlama, Llama 3.2 ...) as
 a folder: `config.json` (a LlamaConfig), `model.safetensors` or shards named
@@ -44,33 +44,19 @@ H query and K key/value heads of D = C / H channels, F = intermediate_size):
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
-import huggingface_hub
-import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import RUNTIME_FIELDS, ModelConfig
-from jaxgpt.hub import hf, tokenizer_io
+from jaxgpt.hub import hf
+from jaxgpt.hub.hf import HuggingFaceError
 
-HuggingFaceError = hf.HuggingFaceError
-PREFIX = "model."  # LlamaForCausalLM's name for its LlamaModel.
-INDEX = hf.ST_INDEX  # A sharded checkpoint's table of contents.
-# Files a Hub download fetches: the weights, config and tokenizer only.
-HUB_FILES = [
-    "config.json",
-    "model.safetensors",
-    INDEX,
-    "model-*.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-]
-# A Hugging Face Hub repository id: owner/name.
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+MODEL = "LlamaForCausalLM"
+HUB_REPOS: dict[str, str] = {}  # No short names: owner/name.
+OVERRIDES = (*RUNTIME_FIELDS, "block_size")  # A shorter one: no table needs it.
+TOKENIZER = ("tokenizer.json", "vocab.json")  # The tokenizer files, preferred first.
 
 
 # ---------------------------------------------------------------- config.json
@@ -90,7 +76,7 @@ def rope_theta(c: Mapping[str, Any]) -> float:
     return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
-def llama_params(c: Mapping[str, Any], path: str = "config.json") -> int:
+def n_params(c: Mapping[str, Any], path: str = "config.json") -> int:
     """The parameter count of the LlamaConfig `c` (refused unless its sizes are
     positive integers and its key/value heads divide its heads)."""
     s = hf.size_fields(c, LLAMA_SIZES, path)
@@ -120,14 +106,14 @@ LLAMA_SIZES = {
 }
 
 
-def config_from_llama(c: Mapping[str, Any]) -> ModelConfig:
+def config_from_hf(c: Mapping[str, Any]) -> ModelConfig:
     """The ModelConfig of a Hugging Face LlamaConfig (as read from config.json).
 
     Refuses the options jaxgpt's GPT cannot compute, naming them, and sizes that
     are not positive integers. dropout is 0 (inference); pass another with
     dataclasses.replace to finetune.
     """
-    llama_params(c)  # The sizes are positive integers.
+    n_params(c)  # The sizes are positive integers.
     C, H = c.get("hidden_size", 4096), c.get("num_attention_heads", 32)
     bias = c.get("attention_bias", False)
     # (option, value jaxgpt computes, value in this config); absent = HF default.
@@ -137,12 +123,7 @@ def config_from_llama(c: Mapping[str, Any]) -> ModelConfig:
         ("head_dim", C // H, c.get("head_dim") or C // H),
         ("mlp_bias", bias, c.get("mlp_bias", False)),
     ]
-    for option, supported, value in checks:
-        if value != supported:
-            raise HuggingFaceError(
-                f"config.json has {option}={value!r}, which jaxgpt's GPT cannot"
-                f" compute (it needs {option}={supported!r})."
-            )
+    hf.check_options(checks)
     try:
         return ModelConfig(
             vocab_size=c.get("vocab_size", 32000),
@@ -196,7 +177,7 @@ def check_exportable(cfg: ModelConfig) -> None:
             )
 
 
-def config_to_llama(
+def config_to_hf(
     cfg: ModelConfig, token_ids: Mapping[str, int | None] | None = None
 ) -> dict[str, Any]:
     """config.json for `cfg`: a LlamaConfig transformers loads. token_ids: its
@@ -229,300 +210,80 @@ def config_to_llama(
 
 # ------------------------------------------------------------------- tensors
 
-
-def llama_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a LlamaForCausalLM with `cfg`'s shapes, by HF name."""
-    V, C, F = cfg.vocab_size, cfg.n_embd, cfg.hidden_dim
-    HD, KD = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (V, C)}
-    for i in range(cfg.n_layer):
-        layer = f"model.layers.{i}"
-        for name, n_out, n_in in (
-            ("self_attn.q_proj", HD, C),
-            ("self_attn.k_proj", KD, C),
-            ("self_attn.v_proj", KD, C),
-            ("self_attn.o_proj", C, HD),
-            ("mlp.gate_proj", F, C),
-            ("mlp.up_proj", F, C),
-            ("mlp.down_proj", C, F),
-        ):
-            shapes[f"{layer}.{name}.weight"] = (n_out, n_in)  # nn.Linear: [out, in].
-            if cfg.bias:
-                shapes[f"{layer}.{name}.bias"] = (n_out,)
-        shapes[f"{layer}.input_layernorm.weight"] = (C,)
-        shapes[f"{layer}.post_attention_layernorm.weight"] = (C,)
-    shapes["model.norm.weight"] = (C,)
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (V, C)
-    return shapes
-
-
-# jaxgpt's fused kernels and the HF projections they hold, in column order.
-FUSED = {
-    ("attn", "c_attn"): ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("attn", "c_proj"): ("self_attn.o_proj",),
-    ("mlp", "c_fc"): ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp", "c_proj"): ("mlp.down_proj",),
-}
-NORMS = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+A, M = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+# HF tensors ("{i}": each layer; several: concatenated in turn), the jaxgpt
+# parameter they make, and their shapes (nn.Linear weights: [out, in]).
+TABLE = [
+    ("model.embed_tokens.weight", "wte/embedding", "V C"),
+    ("model.layers.{i}.input_layernorm.weight", "h_{i}/ln_1/scale", "C"),
+    (
+        (A + "q_proj.weight", A + "k_proj.weight", A + "v_proj.weight"),
+        "h_{i}/attn/c_attn/kernel",
+        ("HD C", "KD C", "KD C"),
+    ),
+    (
+        (A + "q_proj.bias", A + "k_proj.bias", A + "v_proj.bias"),
+        "h_{i}/attn/c_attn/bias",
+        ("HD", "KD", "KD"),
+    ),
+    (A + "o_proj.weight", "h_{i}/attn/c_proj/kernel", "C HD"),
+    (A + "o_proj.bias", "h_{i}/attn/c_proj/bias", "C"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "h_{i}/ln_2/scale", "C"),
+    (
+        (M + "gate_proj.weight", M + "up_proj.weight"),
+        "h_{i}/mlp/c_fc/kernel",
+        ("F C",) * 2,
+    ),
+    ((M + "gate_proj.bias", M + "up_proj.bias"), "h_{i}/mlp/c_fc/bias", ("F", "F")),
+    (M + "down_proj.weight", "h_{i}/mlp/c_proj/kernel", "C F"),
+    (M + "down_proj.bias", "h_{i}/mlp/c_proj/bias", "C"),
+    ("model.norm.weight", "ln_f/scale", "C"),
+    ("lm_head.weight", "lm_head/kernel", "V C"),
+]
 
 
-def check_tensors(tensors: Mapping[str, Any], cfg: ModelConfig) -> None:
-    """Every tensor of `cfg`'s Llama is there with its shape, and nothing else
-    (a tied lm_head.weight aside)."""
-    shapes = llama_shapes(cfg)
-    for name, shape in shapes.items():
-        if name not in tensors:
-            raise HuggingFaceError(
-                f"tensor {name!r} {list(shape)} is missing: not the Llama that the"
-                f" config describes (n_layer={cfg.n_layer}, n_embd={cfg.n_embd},"
-                f" n_kv_head={cfg.kv_heads}, bias={cfg.bias},"
-                f" tie_embeddings={cfg.tie_embeddings})."
-            )
-        if tuple(tensors[name].shape) != shape:
-            raise HuggingFaceError(
-                f"tensor {name!r} has shape {list(tensors[name].shape)}, but the"
-                f" config gives {list(shape)}."
-            )
-    unexpected = sorted(set(tensors) - set(shapes) - {"lm_head.weight"})
-    if unexpected:
-        raise HuggingFaceError(
-            f"unexpected tensor {unexpected[0]!r} (and {len(unexpected) - 1} more):"
-            " not a LlamaForCausalLM checkpoint."
-        )
-
-
-def params_from_llama(tensors: Mapping[str, Any], cfg: ModelConfig) -> dict:
-    """jaxgpt parameters (float32; stacked if cfg.scan_layers) from HF tensors."""
-    check_tensors(tensors, cfg)
-    f32 = lambda name: np.asarray(tensors[name], dtype=np.float32)
-    tied_head = cfg.tie_embeddings and "lm_head.weight" in tensors
-    if tied_head and not np.array_equal(
-        f32("lm_head.weight"), f32("model.embed_tokens.weight")
-    ):
-        raise HuggingFaceError(
-            "tensor 'lm_head.weight' differs from 'model.embed_tokens.weight',"
-            " but config.json has tie_word_embeddings=true: set it to false."
-        )
-    params: dict[str, Any] = {"wte": {"embedding": f32("model.embed_tokens.weight")}}
-    for i in range(cfg.n_layer):
-        layer, block = f"model.layers.{i}", {}
-        for (part, name), projections in FUSED.items():
-            names = [f"{layer}.{p}" for p in projections]
-            dense = {"kernel": np.concatenate([f32(f"{n}.weight").T for n in names], 1)}
-            if cfg.bias:
-                dense["bias"] = np.concatenate([f32(f"{n}.bias") for n in names])
-            block.setdefault(part, {})[name] = dense
-        for ln, hf_name in NORMS.items():
-            block[ln] = {"scale": f32(f"{layer}.{hf_name}.weight")}
-        params[f"h_{i}"] = block
-    params["ln_f"] = {"scale": f32("model.norm.weight")}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = {"kernel": f32("lm_head.weight").T}
-    if not cfg.norm_scale:  # An HF RMSNorm always has a weight: it must be ones.
-        for path, scale in _scales(params):
-            if not np.all(scale == 1.0):
-                raise HuggingFaceError(
-                    f"norm weight {path} is not all ones, but the model has"
-                    " --nonorm_scale: load it with --norm_scale."
-                )
-        params = _drop_scales(params)
-    params = {k: _tree_to_jnp(v) for k, v in params.items()}
-    return hf.stack_blocks(params) if cfg.scan_layers else params
-
-
-def params_to_llama(params: Mapping[str, Any], cfg: ModelConfig) -> dict:
-    """HF tensors (LlamaForCausalLM's names, float32) from jaxgpt parameters.
-
-    A --nonorm_scale model's norm weights are written as ones (HF's RMSNorm
-    always has them), which computes the same function."""
-    check_exportable(cfg)
-    if cfg.scan_layers:
-        params = hf.unstack_blocks(params)
-    get = lambda *path: _leaf(params, path)
-    ones = np.ones(cfg.n_embd, np.float32)
-    scale = lambda *path: get(*path, "scale") if cfg.norm_scale else ones
-    shapes = llama_shapes(cfg)
-    tensors = {"model.embed_tokens.weight": get("wte", "embedding")}
-    for i in range(cfg.n_layer):
-        layer = f"model.layers.{i}"
-        for (part, name), projections in FUSED.items():
-            sizes = [shapes[f"{layer}.{p}.weight"][0] for p in projections]
-            cuts = np.cumsum(sizes)[:-1]
-            kernel = get(f"h_{i}", part, name, "kernel")
-            for p, w in zip(projections, np.split(kernel, cuts, axis=1)):
-                tensors[f"{layer}.{p}.weight"] = w.T
-            if cfg.bias:
-                bias = get(f"h_{i}", part, name, "bias")
-                for p, b in zip(projections, np.split(bias, cuts)):
-                    tensors[f"{layer}.{p}.bias"] = b
-        for ln, hf_name in NORMS.items():
-            tensors[f"{layer}.{hf_name}.weight"] = scale(f"h_{i}", ln)
-    tensors["model.norm.weight"] = scale("ln_f")
-    if not cfg.tie_embeddings:
-        tensors["lm_head.weight"] = get("lm_head", "kernel").T
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-    check_tensors(tensors, cfg)
-    return tensors
-
-
-def _leaf(params: Mapping[str, Any], path: tuple[str, ...]) -> np.ndarray:
-    node = params
-    for part in path:
-        node = node.get(part) if isinstance(node, Mapping) else None
-    if node is None:
-        raise HuggingFaceError(
-            f"parameter {'/'.join(path)} is missing: the parameters are not those"
-            " of this ModelConfig."
-        )
-    return np.asarray(node)
-
-
-def _scales(tree, path=()):
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _scales(value, (*path, key))
-        elif key == "scale":
-            yield "/".join((*path, key)), value
-
-
-def _drop_scales(tree):
-    return {
-        k: _drop_scales(v) if isinstance(v, Mapping) else v
-        for k, v in tree.items()
-        if not (isinstance(v, Mapping) and set(v) == {"scale"})
+def table(cfg: ModelConfig) -> hf.Table:
+    """The tensors of a LlamaForCausalLM with `cfg`'s sizes and the parameters
+    they are: biases only with --bias, lm_head only untied; a --nonorm_scale
+    model's norm weights are ones in HF's RMSNorm, which always has them."""
+    dims = {
+        "V": cfg.vocab_size,
+        "C": cfg.n_embd,
+        "F": cfg.hidden_dim,
+        "HD": cfg.n_head * cfg.head_dim,
+        "KD": cfg.kv_heads * cfg.head_dim,
     }
-
-
-def _tree_to_jnp(tree):
-    if isinstance(tree, Mapping):
-        return {k: _tree_to_jnp(v) for k, v in tree.items()}
-    return jnp.asarray(tree)
-
-
-# ---------------------------------------------------------------- files
-
-
-read_safetensors = hf.read_safetensors  # One .safetensors file, header checked.
-
-
-def read_tensors(folder: str) -> dict[str, np.ndarray]:
-    """The tensors of a folder: model.safetensors (or pytorch_model.bin), or the
-    shards an index names (each checked to lie in the folder)."""
-    return hf.read_weights(folder)
-
-
-def download(repo_id: str) -> str:
-    """The local folder of a Hub repository (its weights, config and tokenizer;
-    the Hub's cache, filled if online)."""
-    try:
-        return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES)
-    except (OSError, ValueError, huggingface_hub.errors.HfHubHTTPError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HuggingFaceError(
-            f"{repo_id!r} is no folder here, and the Hugging Face Hub could not give"
-            f" it ({reason}): offline, pass a local folder with config.json,"
-            " model.safetensors and tokenizer.json instead (e.g. made by `hf"
-            f" download {repo_id}` on a machine online)."
-        ) from e
-
-
-def find(name_or_path: str) -> tuple[str, str]:
-    """(kind, where) of --init_from: ("gpt2", a released size or a GPT-2 folder)
-    or ("llama", a LlamaForCausalLM folder), downloading a Hub repository."""
-    if name_or_path in hf.HUB_REPOS:
-        return "gpt2", name_or_path
-    if os.path.isdir(name_or_path):
-        folder = name_or_path
-    elif REPO_ID.fullmatch(name_or_path) and not os.path.exists(name_or_path):
-        folder = download(name_or_path)
-    else:
-        raise HuggingFaceError(
-            f"{name_or_path!r} is neither a folder, a Hugging Face Hub repository"
-            f" (owner/name), nor one of {', '.join(hf.HUB_REPOS)}."
-        )
-    try:
-        model_type = hf.read_json(os.path.join(folder, "config.json")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None  # hf.load_gpt2 names what is wrong.
-    if model_type == "llama":
-        return "llama", folder
-    if model_type not in (None, "gpt2"):
-        raise HuggingFaceError(
-            f"{name_or_path} holds a {model_type!r} model: jaxgpt reads 'gpt2' and"
-            " 'llama' (LlamaForCausalLM) models."
-        )
-    return "gpt2", folder
-
-
-def load_llama(folder: str, **overrides: Any) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) of a LlamaForCausalLM folder. overrides set the
-    fields config.json leaves open (dropout, dtype, remat, scan_layers,
-    attention) and a shorter block_size (no table depends on it with rope)."""
-    bad = sorted(set(overrides) - {*RUNTIME_FIELDS, "block_size"})
-    if bad:
-        raise HuggingFaceError(
-            f"load_llama cannot override {bad[0]!r}: config.json fixes it."
-        )
-    config_path = os.path.join(folder, "config.json")
-    config_json = hf.read_json(config_path)
-    if not isinstance(config_json, dict):
-        raise HuggingFaceError(
-            f"{config_path} is a JSON {type(config_json).__name__}, not a"
-            " LlamaConfig object."
-        )
-    hf.check_fits_memory(llama_params(config_json, config_path), config_path)
-    cfg = config_from_llama(config_json)
-    if overrides.get("block_size", 0) > cfg.block_size:
-        raise HuggingFaceError(
-            f"--block_size={overrides['block_size']} exceeds the model's"
-            f" max_position_embeddings={cfg.block_size}."
-        )
-    cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
-    return cfg, params_from_llama(read_tensors(folder), cfg)
-
-
-def load_tokenizer(folder: str):
-    """The folder's tokenizer.json, as a jaxgpt tokenizer (tokenizer_io.HFTokenizer),
-    with the bos and eos tokens tokenizer_config.json names; or jaxgpt's own,
-    which an export of a char or BPE run writes instead."""
-    own = os.path.join(folder, hf.TOKENIZER_JSON)
-    if os.path.isfile(own):
-        with open(own, encoding="utf-8") as f:
-            return tokenizer_io.from_json(json.load(f))
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise HuggingFaceError(
-            f"{folder} has no tokenizer.json (Hugging Face tokenizers' file), which"
-            f" a Llama-family model brings its tokenizer in, nor {hf.TOKENIZER_JSON}."
-        )
-    with open(path, encoding="utf-8") as f:
-        tokenizer_json = json.load(f)
-    specials = {}
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(config_path):
-        config = hf.read_json(config_path)
-        if not isinstance(config, dict):
-            raise HuggingFaceError(
-                f"{config_path} is a JSON {type(config).__name__}, not an object."
+    shapes, rows, fixed = {}, [], {}
+    for names, path, sizes in hf.expand(TABLE, cfg.n_layer, dims):
+        if (path[-1] == "bias" and not cfg.bias) or (
+            path[0] == "lm_head" and cfg.tie_embeddings
+        ):
+            continue
+        shapes.update(zip(names, sizes))
+        if path[-1] == "scale" and not cfg.norm_scale:
+            fixed[names[0]] = (
+                1.0,
+                "the model has --nonorm_scale: load it with --norm_scale",
             )
-        for key in ("bos_token", "eos_token"):
-            token = config.get(key)
-            token = token.get("content") if isinstance(token, Mapping) else token
-            if isinstance(token, str):
-                specials[key] = token
-    return tokenizer_io.HFTokenizer(tokenizer_json, **specials)
+        else:
+            rows.append(hf.Row(names, path, linear=path[-1] == "kernel"))
+    describe = (
+        f"n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, n_kv_head={cfg.kv_heads},"
+        f" bias={cfg.bias}, tie_embeddings={cfg.tie_embeddings}"
+    )
+    tied = (
+        ("lm_head.weight", "model.embed_tokens.weight") if cfg.tie_embeddings else None
+    )
+    return hf.Table(MODEL, describe, shapes, rows, fixed, tied)
 
 
-def save_llama(
-    params: Mapping[str, Any],
-    cfg: ModelConfig,
-    out_dir: str,
-    tokenizer_files: Mapping[str, bytes | str] | None = None,
-    token_ids: Mapping[str, int | None] | None = None,
-) -> None:
-    """Writes a folder that transformers' LlamaForCausalLM.from_pretrained loads:
-    config.json, model.safetensors and `tokenizer_files` (name -> contents)."""
-    config_json = config_to_llama(cfg, token_ids)  # Refuses what it cannot hold.
-    tensors = params_to_llama(params, cfg)
-    hf.write_folder(out_dir, config_json, tensors, tokenizer_files)
+def params_from_hf(tensors: Mapping[str, Any], cfg: ModelConfig) -> dict:
+    """jaxgpt parameters (float32; stacked if cfg.scan_layers) from HF tensors
+    (checked against `cfg` first)."""
+    return hf.params_from_hf(tensors, table(cfg), cfg.scan_layers)
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """HF tensors (LlamaForCausalLM's names, float32) from jaxgpt parameters."""
+    check_exportable(cfg)
+    return hf.params_to_hf(params, table(cfg), cfg.scan_layers)

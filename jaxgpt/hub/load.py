@@ -4,6 +4,7 @@ Llama-family weights) with its config and tokenizer."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -11,10 +12,15 @@ from typing import Any
 from absl import logging
 
 from jaxgpt.config import ConfigError, ModelConfig
-from jaxgpt.hub import hf, llama, tokenizer_io
+from jaxgpt.hub import gpt2, hf, llama, tokenizer_io
+from jaxgpt.hub.hf import HuggingFaceError
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import hosts, program
 from jaxgpt.run.configs import RunConfig
+
+# config.json's model_type -> the module of that family's table.
+FORMATS = {"gpt2": gpt2, "llama": llama}
+HUB_NAMES = {k: v for fmt in FORMATS.values() for k, v in fmt.HUB_REPOS.items()}
 
 
 def say(line: str) -> None:
@@ -23,25 +29,88 @@ def say(line: str) -> None:
         logging.warning(line)
 
 
+def locate(name_or_path: str) -> tuple[Any, str, dict[str, Any]]:
+    """(family's table module, local folder, config.json) of a folder, a Hub
+    repository (owner/name) or a released GPT-2's name (fetched if need be)."""
+    where = hf.fetch(name_or_path, HUB_NAMES)
+    config_json = hf.read_config(where)
+    model_type = config_json.get("model_type", "gpt2")  # GPT-2's files may omit it.
+    if model_type not in FORMATS:
+        raise HuggingFaceError(
+            f"{name_or_path} holds a {model_type!r} model: jaxgpt reads"
+            f" {', '.join(map(repr, FORMATS))} models."
+        )
+    return FORMATS[model_type], where, config_json
+
+
+def read_model(name_or_path: str, **overrides: Any) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of a Hugging Face model (see locate). overrides set
+    the fields config.json leaves open (config.RUNTIME_FIELDS, and a shorter
+    block_size where the family allows it). Sizes that cannot fit in memory are
+    refused before any weight is read."""
+    fmt, where, config_json = locate(name_or_path)
+    path = os.path.join(where, "config.json")
+    bad = sorted(set(overrides) - set(fmt.OVERRIDES))
+    if bad:
+        raise HuggingFaceError(
+            f"{path} fixes {bad[0]!r}, which cannot be overridden (only"
+            f" {', '.join(fmt.OVERRIDES)} may be set)."
+        )
+    hf.check_fits_memory(fmt.n_params(config_json, path), path)
+    try:
+        cfg = fmt.config_from_hf(config_json)
+    except TypeError as e:  # A value of the wrong type (a string for a size...).
+        raise HuggingFaceError(f"{path} is not a {fmt.MODEL} config ({e}).") from None
+    if overrides.get("block_size", 0) > cfg.block_size:
+        raise HuggingFaceError(
+            f"--block_size={overrides['block_size']} exceeds the model's"
+            f" context of {cfg.block_size} ({path})."
+        )
+    cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
+    return cfg, fmt.params_from_hf(hf.read_weights(where), cfg)
+
+
+def read_tokenizer(name_or_path: str, vocab_size: int | None = None):
+    """The tokenizer of a Hugging Face model (see locate), as its family keeps it."""
+    fmt, where, config_json = locate(name_or_path)
+    vocab_size = vocab_size or config_json.get("vocab_size")
+    return hf.load_tokenizer(where, fmt.TOKENIZER, vocab_size)
+
+
+def write_model(
+    layout: str,
+    params: Mapping[str, Any],
+    cfg: ModelConfig,
+    out_dir: str,
+    tokenizer_files: Mapping[str, bytes | str] | None = None,
+    token_ids: Mapping[str, int | None] | None = None,
+) -> None:
+    """Writes a folder that transformers' from_pretrained loads, in `layout`
+    (a key of FORMATS): config.json, model.safetensors and `tokenizer_files`
+    (name -> contents). Refuses, naming the option, a model it cannot hold."""
+    fmt = FORMATS[layout]
+    config_json = fmt.config_to_hf(cfg, token_ids)
+    hf.write_folder(
+        out_dir, config_json, fmt.params_to_hf(params, cfg), tokenizer_files
+    )
+
+
 def import_weights(init_from: str, overrides: Mapping[str, Any] = MappingProxyType({})):
-    """(model config, parameters, tokenizer) of --init_from's GPT-2 (hf.py) or
-    Llama-family model (llama.py). `overrides` sets ModelConfig's runtime
-    fields (config.RUNTIME_FIELDS) and, for a Llama-family model, a shorter
+    """(model config, parameters, tokenizer) of --init_from's Hugging Face model
+    (a family FORMATS knows). `overrides` sets ModelConfig's runtime fields
+    (config.RUNTIME_FIELDS) and, where the family allows it, a shorter
     block_size; everything else comes from the model's config.json."""
     try:
-        kind, where = llama.find(init_from)
-        if kind == "llama":
-            model_cfg, params = llama.load_llama(where, **overrides)
-            tok = llama.load_tokenizer(where)
-        else:
-            runtime = {k: v for k, v in overrides.items() if k != "block_size"}
-            model_cfg, params = hf.load_gpt2(where, **runtime)
-            tok = hf.load_tokenizer(where, model_cfg.vocab_size)
-    except ValueError as e:  # hf.HuggingFaceError, or no GPT-2 tokenizer offline.
+        fmt, where, _ = locate(init_from)
+        if "block_size" not in fmt.OVERRIDES:  # Fixed by its learned positions.
+            overrides = {k: v for k, v in overrides.items() if k != "block_size"}
+        model_cfg, params = read_model(where, **overrides)
+        tok = read_tokenizer(where, model_cfg.vocab_size)
+    except ValueError as e:  # HuggingFaceError, or no GPT-2 tokenizer offline.
         raise ConfigError(f"--init_from={init_from}: {e}") from e
     logging.info(
         "%s model from %s: %d layers, %d heads (%d key/value), %d wide, context %d,"
-        " vocabulary %d", kind, init_from, model_cfg.n_layer, model_cfg.n_head,
+        " vocabulary %d", fmt.MODEL, init_from, model_cfg.n_layer, model_cfg.n_head,
         model_cfg.kv_heads, model_cfg.n_embd, model_cfg.block_size,
         model_cfg.vocab_size,
     )  # fmt: skip
