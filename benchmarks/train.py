@@ -27,7 +27,7 @@ from absl import app, flags
 
 from jaxgpt import model, sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
-from jaxgpt.main import check_backend
+from jaxgpt.modes.training import check_backend
 from jaxgpt.run import (
     cache,
     cli,  # Defines the flags.

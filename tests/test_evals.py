@@ -36,6 +36,7 @@ from jaxgpt import main, sharding
 from jaxgpt.config import ConfigError
 from jaxgpt.evals import harness, hellaswag, scoring
 from jaxgpt.hub import hf, tokenizer_io
+from jaxgpt.modes import sampling
 
 TOL = 1e-4  # Log-likelihoods, jaxgpt against HFLM (float32 both).
 CONTEXT = 64  # The reference models' context: padded lengths 32 and 64.
@@ -548,7 +549,7 @@ def test_bos_tokenizers_encode_as_hflm(bos_models):
                 got = ours.tok_encode(text, add_special_tokens=special)
                 assert got == theirs.tok_encode(text, add_special_tokens=special)
         assert ours.tok_encode("Hello world") == want[add_bos]
-    assert main.encode_prompt("Hello world", ours.tok).tolist() == want[None]
+    assert sampling.encode_prompt("Hello world", ours.tok).tolist() == want[None]
 
 
 def test_bos_tokenizers_prepare_documents_without_their_specials(bos_folder, tmp_path):

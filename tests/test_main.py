@@ -15,8 +15,9 @@ from conftest import REPO
 
 from jaxgpt import main
 from jaxgpt.config import ModelConfig, SampleConfig, TrainConfig
+from jaxgpt.modes import evaluation, training
 from jaxgpt.run import cli
-from jaxgpt.run.configs import DataConfig, RunConfig
+from jaxgpt.run.configs import DataConfig
 
 TINY = """\
 --n_layer=2
@@ -134,8 +135,9 @@ def test_train_checkpoint_and_sample(tmp_path, flagfile, corpus_path):
     with flagsaver.flagsaver():  # A flag given overrides the run's setting.
         flags.FLAGS(["jaxgpt.main", f"--workdir={workdir}", "--eval_iters=2"])
         try:
-            run = cli.from_flags(RunConfig)
-            train_cfg, data_cfg, source = main.eval_configs(run, "latest")
+            train_cfg, data_cfg, source = evaluation.eval_configs(
+                cli.command(), "latest"
+            )
         finally:
             flags.FLAGS.unparse_flags()
     assert (train_cfg.eval_iters, train_cfg.batch_size) == (2, 8)
@@ -160,13 +162,13 @@ def test_max_iters_below_lr_decay_iters_warns(caplog):
         max_iters=500, lr_decay_iters=2000, warmup_iters=100,
         learning_rate=2e-3, min_lr=1e-4,
     )  # fmt: skip
-    main.warn_unfinished_decay(cfg)
+    training.warn_unfinished_decay(cfg)
     lr = 1e-4 + 0.5 * (2e-3 - 1e-4) * (1 + math.cos(math.pi * 400 / 1900))
     (record,) = [r for r in caplog.records if "--lr_decay_iters=2000" in r.getMessage()]
     assert f"ends at {lr:.3g} ({lr / 2e-3:.0%} of its peak)" in record.getMessage()
     assert "--lr_decay_iters=500" in record.getMessage()
     caplog.clear()
-    main.warn_unfinished_decay(TrainConfig(max_iters=500, warmup_iters=10))
+    training.warn_unfinished_decay(TrainConfig(max_iters=500, warmup_iters=10))
     assert not caplog.records  # Decays over the run: nothing to say.
 
 

@@ -212,7 +212,7 @@ class RecordingLog(metrics.TrainLog):
 
 
 def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12, **model_kw):
-    """The training program of main.run_train on a tiny model, stopped at `stop_at`."""
+    """The training program of modes.training.run on a tiny model, stopped at `stop_at`."""
     vocab, splits = tokens
     model_cfg = ModelConfig(
         vocab_size=len(vocab),

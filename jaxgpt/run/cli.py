@@ -8,11 +8,13 @@ and `from_flags` builds a frozen config from their values.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from absl import app, flags
@@ -161,15 +163,53 @@ def given(*names: str) -> dict[str, Any]:
     }
 
 
-def runtime_options() -> dict[str, Any]:
-    """The ModelConfig fields that change how, not what, the model computes."""
-    return {name: FLAGS[name].value for name in config.RUNTIME_FIELDS}
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """What the command line says, read once by an entry point and passed down:
+    every config, ModelConfig's flag values (its vocab_size comes from the
+    tokenizer) and the names of the flags the user set (for "the checkpoint's
+    value unless the user gave one")."""
+
+    run: configs.RunConfig
+    data: configs.DataConfig
+    train: config.TrainConfig
+    sample: config.SampleConfig
+    mesh: configs.MeshConfig
+    eval: configs.EvalConfig
+    model: Mapping[str, Any]
+    given: frozenset[str]
+
+    def model_config(self, **fields: Any) -> config.ModelConfig:
+        """The flags' ModelConfig, with `fields` (vocab_size) added."""
+        return config.ModelConfig(**self.model, **fields)
+
+    def runtime(self) -> dict[str, Any]:
+        """ModelConfig's runtime options (config.RUNTIME_FIELDS), as the flags say."""
+        return {name: self.model[name] for name in config.RUNTIME_FIELDS}
+
+    def model_overrides(self) -> dict[str, Any]:
+        """What the flags set on an imported model (hub.load): its runtime
+        options, and --block_size where given."""
+        block = {"block_size": self.model["block_size"]}
+        return {**self.runtime(), **(block if "block_size" in self.given else {})}
 
 
-def model_overrides() -> dict[str, Any]:
-    """What the flags set on an imported model (hub.load): its runtime options,
-    and --block_size where given."""
-    return {**runtime_options(), **given("block_size")}
+def command() -> Command:
+    """The command line's Command (flags parsed)."""
+    model = {
+        f.name: FLAGS[f.name].value for f, _ in config.flag_fields(config.ModelConfig)
+    }
+    names = [f.name for cls in configs.ALL for f, _ in config.flag_fields(cls)]
+    return Command(
+        run=from_flags(configs.RunConfig),
+        data=from_flags(configs.DataConfig),
+        train=from_flags(config.TrainConfig),
+        sample=from_flags(config.SampleConfig),
+        mesh=from_flags(configs.MeshConfig),
+        eval=from_flags(configs.EvalConfig),
+        model=types.MappingProxyType(model),
+        given=frozenset(n for n in names if not FLAGS[n].using_default_value),
+    )
 
 
 if __name__ == "__main__":
