@@ -614,3 +614,20 @@ def test_a_llama_export_with_gpt2s_tokenizer_reads_it_back(tmp_path):
     with pytest.raises(hf.HuggingFaceError) as e:  # Neither file: one line.
         hf.load_tokenizer(str(tmp_path / "none"), llama.TOKENIZER)
     assert_one_line(e, "tokenizer.json, vocab.json or jaxgpt_tokenizer.json")
+
+
+def test_norm_weights_of_a_nonorm_scale_model_must_be_ones():
+    """HF's RMSNorm always has a weight: a --nonorm_scale model writes ones and
+    reads them back as no parameter; any other value is refused, naming it."""
+    cfg = ModelConfig(
+        vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16,
+        position="rope", norm="rmsnorm", mlp="swiglu", norm_scale=False,
+    )  # fmt: skip
+    params = lecture.init_params(cfg, jax.random.PRNGKey(0))
+    tensors = llama.params_to_hf(params, cfg)
+    np.testing.assert_array_equal(tensors["model.norm.weight"], np.ones(16))
+    assert leaves_equal(llama.params_from_hf(tensors, cfg), params)
+    tensors["model.layers.0.input_layernorm.weight"][3] = 2.0
+    with pytest.raises(hf.HuggingFaceError) as e:
+        llama.params_from_hf(tensors, cfg)
+    assert_one_line(e, "'model.layers.0.input_layernorm.weight'", "--norm_scale")
