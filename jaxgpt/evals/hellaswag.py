@@ -23,15 +23,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxgpt import sharding
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.evals import scoring
-from jaxgpt.lecture import make_model
-from jaxgpt.run.program import param_shapes
 
 DATASET = "Rowan/hellaswag"
 FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
@@ -166,46 +163,35 @@ def accuracies(ll_EK: np.ndarray, chars_EK: np.ndarray, labels_E: np.ndarray):
 def make_log_likelihoods(
     model_cfg: ModelConfig, tok, rows: list[dict], mesh: Mesh, batch_rows: int = 16
 ) -> Callable[[object], np.ndarray]:
-    """ll_EK(params): the log-likelihood of each example's endings, from one
-    compiled program: batches of about batch_rows / 4 examples (a multiple of
-    the mesh's devices), each process putting its own devices' rows."""
+    """ll_EK(params): the log-likelihood of each example's endings, scored by
+    the lm-eval model's program (scoring.make_score) on batches of about
+    batch_rows / 4 examples (a multiple of the mesh's devices, each device
+    holding whole examples), each process putting its own devices' rows."""
     per_example = windows(rows, tok, model_cfg.block_size)
     E, T = len(rows), max(len(w[0]) for ex in per_example for w in ex)
     n_dev = sharding.batch_devices(mesh)
     b = max(1, batch_rows // ENDINGS // n_dev) * n_dev  # Examples per batch.
-    n = -(-E // b)
+    n, B = -(-E // b), b * ENDINGS  # Batches, and rows in each.
     x, y, m = (np.zeros((n * b, ENDINGS, T), t) for t in (np.int32, np.int32, bool))
     for e, ex in enumerate(per_example):
         x[e], y[e], m[e] = scoring.pack(ex, ENDINGS, T)
-    rows_of = sharding.process_rows(mesh, b)
-    shape = (n, b, ENDINGS, T)
+    rows_of = sharding.process_rows(mesh, B)
     batches = [
-        sharding.put_batch(z.reshape(shape)[:, rows_of], shape, mesh, row_axis=1)
-        for z in (x, y, m)
+        [
+            sharding.put_batch(
+                z[i * b : (i + 1) * b].reshape(B, T)[rows_of], (B, T), mesh
+            )
+            for z in (x, y, m)
+        ]
+        for i in range(n)
     ]
-    apply_fn = make_model(model_cfg).apply
+    score = scoring.make_score(model_cfg, mesh)
 
-    def all_ll(params, x_NbKT, y_NbKT, m_NbKT):
-        params = sharding.gather(params)
+    def log_likelihoods(params) -> np.ndarray:
+        ll = [np.asarray(score(params, *batch)[0]) for batch in batches]
+        return np.concatenate(ll).reshape(n * b, ENDINGS)[:E]
 
-        def one(_, batch):
-            x_bKT, y_bKT, m_bKT = sharding.split_batch(batch)
-            flat = lambda z: z.reshape(b * ENDINGS, T)
-            logits = apply_fn({"params": params}, flat(x_bKT), deterministic=True)
-            ll_B, _ = scoring.continuation_scores(logits, flat(y_bKT), flat(m_bKT))
-            return None, ll_B.reshape(b, ENDINGS)
-
-        return jax.lax.scan(one, None, (x_NbKT, y_NbKT, m_NbKT))[1]
-
-    params = sharding.state_shardings(param_shapes(model_cfg), mesh)
-    on_rows = sharding.batch_sharding(mesh, row_axis=1)
-    all_ll = sharding.jit_on_mesh(
-        all_ll,
-        mesh,
-        in_shardings=(params, on_rows, on_rows, on_rows),
-        out_shardings=sharding.replicated(mesh),
-    )
-    return lambda p: np.asarray(all_ll(p, *batches)).reshape(n * b, ENDINGS)[:E]
+    return log_likelihoods
 
 
 def make_evaluate(
