@@ -82,6 +82,25 @@ def check_finite(config: Any) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Kind:
+    """What a --model is, read where it matters (never its name)."""
+
+    gpt: bool  # GPT's options, Hugging Face formats and FLOP count apply.
+    lecture: bool  # A step of the lecture: none of GPT's options, and no KV
+    # cache (sampling re-runs the window, as the lecture's generate() does).
+
+
+KINDS = {
+    "gpt": Kind(gpt=True, lecture=False),
+    "bigram": Kind(gpt=False, lecture=False),
+    **{
+        f"lecture_{step}": Kind(gpt=False, lecture=True)
+        for step in ("head", "heads", "ffwd", "residual", "layernorm")
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The network: nanoGPT's GPT, the bigram baseline, or a step of the lecture."""
 
@@ -253,7 +272,7 @@ class ModelConfig:
                 f" pass --dtype=bfloat16 (not {self.dtype}), or use"
                 " --attention=dot_product."
             )
-        if self.model.startswith("lecture_"):  # None of GPT's ways to compute.
+        if self.kind.lecture:  # None of GPT's ways to compute.
             gpt_only = {**self.changed("runtime"), **self.architecture_choices()}
             gpt_only.pop("dropout", None)  # The lecture's models have dropout.
             for name, value in gpt_only.items():
@@ -262,6 +281,10 @@ class ModelConfig:
                     f"--model={self.model} (a step of the lecture) has no"
                     f" --{shown}: drop it, or use --model=gpt."
                 )
+
+    @property
+    def kind(self) -> Kind:
+        return KINDS[self.model]
 
     @property
     def head_dim(self) -> int:

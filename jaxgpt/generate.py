@@ -230,8 +230,8 @@ def cache_options(model_cfg: ModelConfig, kv_cache: bool = True) -> dict:
     """generate's kv_cache and rolling for a model: the lecture's models have no
     KV cache, and a cache of rotary positions rolls on."""
     return {
-        "kv_cache": kv_cache and not model_cfg.model.startswith("lecture_"),
-        "rolling": model_cfg.model == "gpt" and model_cfg.position == "rope",
+        "kv_cache": kv_cache and not model_cfg.kind.lecture,
+        "rolling": model_cfg.kind.gpt and model_cfg.position == "rope",
     }
 
 

@@ -80,3 +80,11 @@ def test_docs_flags_md_is_made_from_the_configs():
     from jaxgpt.run import cli
 
     assert (REPO / "docs" / "flags.md").read_text() == cli.markdown()
+
+
+def test_every_model_name_has_its_kind():
+    """--model's choices and config.KINDS name the same models."""
+    hint = typing.get_type_hints(ModelConfig)["model"]
+    assert set(typing.get_args(hint)) == set(config.KINDS)
+    assert ModelConfig(vocab_size=5, model="lecture_head").kind.lecture
+    assert not ModelConfig(vocab_size=5, model="bigram").kind.gpt

@@ -112,7 +112,7 @@ def config_to_hf(cfg: ModelConfig, token_ids: Any = None) -> dict[str, Any]:
     """config.json for `cfg`: a GPT2Config that transformers loads (bos/eos:
     GPT-2's <|endoftext|> when the vocabulary has GPT-2's size, else unset).
     Refuses a model GPT-2's layout cannot hold."""
-    if cfg.model != "gpt":
+    if not cfg.kind.gpt:
         raise HuggingFaceError(f"only a GPT exports to GPT-2, not a {cfg.model!r}.")
     choices = cfg.architecture_choices()  # Options GPT-2's layout has no room for.
     if choices:

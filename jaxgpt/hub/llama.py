@@ -165,7 +165,7 @@ LLAMA_HOLDS = {
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Refuses, in one line naming the option, a model the layout cannot hold."""
-    if cfg.model != "gpt":
+    if not cfg.kind.gpt:
         raise HuggingFaceError(f"only a GPT exports to Llama, not a {cfg.model!r}.")
     for name, holds in LLAMA_HOLDS.items():
         value = getattr(cfg, name)

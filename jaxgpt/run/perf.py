@@ -240,7 +240,7 @@ def flops_per_token(config: ModelConfig) -> float:
     Norms, activations, RoPE and the soft-cap are elementwise and not counted.
     Tests check the total against XLA's count of the compiled gradient.
     """
-    if config.model != "gpt":  # The bigram, and the lecture's steps: not counted.
+    if not config.kind.gpt:  # The bigram, and the lecture's steps: not counted.
         return 0.0
     n = matmul_params(config)
     C, L, T = config.n_embd, config.n_layer, config.block_size
