@@ -995,7 +995,7 @@ REFUSALS = {
         lambda t, c: {
             "init_from": gpt2_folder(t, config='{"n_embd": "x"}', weights=EMPTY)
         },
-        ["gpt2/config.json is not a GPT2Config"],
+        ["gpt2/config.json has n_embd='x'", "positive integer"],
     ),
     "--init_from random model.safetensors": (
         lambda t, c: {"init_from": gpt2_folder(t, weights=NOISE)},
@@ -1013,7 +1013,7 @@ REFUSALS = {
         lambda t, c: {
             "init_from": gpt2_folder(t, **{"pytorch_model.bin": empty_zip()})
         },
-        ["pytorch_model.bin cannot be read"],
+        ["pytorch_model.bin has no data.pkl", "torch.save"],
     ),
 }
 
