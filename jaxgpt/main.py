@@ -20,7 +20,7 @@ if __name__ == "__main__":  # Ctrl-C while JAX is imported ends quietly too.
 import sys
 
 import jax
-from absl import app, logging
+from absl import logging
 
 from jaxgpt import data, sharding
 from jaxgpt.config import ConfigError
@@ -39,8 +39,7 @@ def main(argv: list[str]) -> int:
     quiet.install()  # Other libraries' log lines: one line each, orbax's none.
     cpu_speedups()  # Before XLA allocates and compiles (run/perf.py).
     cache.enable_compilation_cache()  # A second run loads its compiled programs.
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # cli.run refuses words that are not flags.
     with stops.QuitAtOnce():  # Outside the training loop: a signal ends at once.
         try:
             cmd = cli.command()
@@ -71,4 +70,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,7 +15,6 @@ same whatever n_train is. `score` is exact match after normalising whitespace.
 
 from __future__ import annotations
 
-import argparse
 import random
 import string
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxgpt.datasets.conversations import ConversationError, write_conversations
+from jaxgpt.run import errors
 
 TASKS = ("spell", "count", "add", "reverse")
 PHRASINGS = {
@@ -116,13 +116,10 @@ def score(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"error: {message}.")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = Parser(prog="python -m jaxgpt.datasets.chat_tasks", description=__doc__)
+    parser = errors.ArgumentParser(
+        prog="python -m jaxgpt.datasets.chat_tasks", description=__doc__
+    )
     parser.add_argument(
         "--out", required=True, help="folder for train.jsonl, test.jsonl"
     )
@@ -134,9 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(flags.out)
     files = [out / "train.jsonl", out / "test.jsonl"]
     if existing := [str(f) for f in files if f.exists()]:
-        raise SystemExit(
-            f"error: {out} already holds {', '.join(existing)}: choose another --out,"
-            " or move them away first."
+        sys.exit(
+            errors.one_line(
+                f"{out} already holds {', '.join(existing)}: choose another --out,"
+                " or move them away first."
+            )
         )
     try:
         tasks = tuple(t.strip() for t in flags.tasks.split(",") if t.strip())
@@ -145,11 +144,10 @@ def main(argv: list[str] | None = None) -> None:
         for file, records in zip(files, (train, test), strict=True):
             write_conversations(file, records)
     except (ValueError, ConversationError) as e:
-        raise SystemExit(f"error: {e}") from None
+        sys.exit(errors.one_line(e))
     except OSError as e:
-        raise SystemExit(
-            f"error: cannot write {e.filename or out} ({e.strerror})."
-        ) from None
+        e.filename = e.filename or str(out)
+        sys.exit(errors.file_error_line(e, "write", "choose another --out"))
     print(f"wrote {len(train)} train and {len(test)} test conversations to {out}")
 
 

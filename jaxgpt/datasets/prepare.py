@@ -659,14 +659,17 @@ def _init_worker(tokenizer_json: dict) -> None:
     _worker.update(tok=tok, eot=end_of_text(tok))
 
 
-def _encode(job: tuple[str, str, bool, bool]) -> tuple[str, np.ndarray, int, bool]:
-    """(split, ids, UTF-8 bytes, last piece) of one piece of a text; the last piece
-    of a document (not of a lone text) ends with <|endoftext|>."""
+def _encode(
+    job: tuple[str, str, bool, bool],
+) -> tuple[str, np.ndarray, int, bool, bool]:
+    """(split, ids, UTF-8 bytes, last piece, is a document) of one piece of a
+    text; the last piece of a document (not of a lone text) ends with
+    <|endoftext|>."""
     split, text, last, document = job
     ids = tokenizer_io.encode_plain(_worker["tok"], text)  # No <s> added.
     if last and document and len(_worker["eot"]):
         ids = np.concatenate([ids, _worker["eot"]])
-    return split, ids, len(text.encode("utf-8")), last
+    return split, ids, len(text.encode("utf-8")), last, document
 
 
 # --- Preparing -------------------------------------------------------------------
@@ -704,21 +707,20 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
             else:
                 _init_worker(tok.to_json())
                 encoded = map(_encode, pieces)
-            bar = stack.enter_context(
-                tqdm(desc=f"tokenising {cfg.dataset}", unit="doc")
-            )
+            bar = Progress(f"tokenising {cfg.dataset}", recipe)
+            stack.callback(bar.close)
             files = {
                 s: stack.enter_context(open(path, "wb")) for s, path in tmp.items()
             }
             sums = {s: ChunkSums() for s in tmp}
-            for split, ids, n_bytes, last in encoded:
+            for split, ids, n_bytes, last, document in encoded:
                 block = ids.astype(dtype).data
                 files[split].write(block)
                 sums[split].update(block)
                 counts[f"{split}_tokens"] += len(ids)
                 counts[f"{split}_bytes"] += n_bytes
                 counts[f"{split}_documents"] += last
-                bar.update(last)
+                bar.update(n_bytes, last, document)
             for f in files.values():
                 f.flush()
                 os.fsync(f.fileno())
@@ -757,10 +759,55 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
                     path.rmdir()
     print(
         f"{folder}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val"
-        f" tokens ({tok.name}, vocabulary {tok.vocab_size:,}, {np.dtype(dtype).name})",
+        f" tokens from {bar.source()} ({tok.name}, vocabulary {tok.vocab_size:,},"
+        f" {np.dtype(dtype).name})",
         file=sys.stderr,
     )
     return folder
+
+
+class Progress:
+    """The tokenising progress, on a terminal one bar: a lone text's UTF-8
+    bytes (of the file's size), or a collection's documents. Elsewhere (a log
+    file) nothing: prepare's summary line says what was read."""
+
+    def __init__(self, desc: str, recipe: Recipe):
+        self.desc, self.bar = desc, None
+        one_file = recipe.hf is None and len(recipe.files) == 1
+        self.size = source_bytes(recipe) if one_file else None
+        self.bytes = self.documents = 0
+        self.lone_text = False
+
+    def update(self, n_bytes: int, last: bool, document: bool) -> None:
+        self.bytes += n_bytes
+        self.documents += bool(last and document)
+        self.lone_text = not document
+        if self.bar is None and sys.stderr.isatty():
+            self.bar = (
+                tqdm(desc=self.desc, unit=" documents")
+                if document
+                else tqdm(
+                    desc=self.desc,
+                    total=self.size,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                )
+            )
+        if self.bar is not None:
+            self.bar.update(n_bytes if not document else int(last))
+
+    def source(self) -> str:
+        """What was tokenised, in words."""
+        if self.lone_text:
+            return f"{self.bytes:,} bytes of text"
+        return f"{self.documents:,} documents"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.bar.total is not None and self.bar.n != self.bar.total:
+                self.bar.total = self.bar.n  # Its text, read, is not its size.
+            self.bar.close()
 
 
 def check_splits(counts: dict[str, int], cfg: DataConfig, recipe: Recipe) -> None:
@@ -907,36 +954,53 @@ def read_dataset(data_cfg: DataConfig) -> Dataset:
 def check_fits(dataset: Dataset, model_cfg: ModelConfig, tok) -> None:
     """The model reads the dataset's tokens, and each split holds a window."""
     if tok.to_json() != dataset.tokenizer.to_json():
-        how = (
-            "--tokenizer=<the model's folder or Hub name> (its tokenizer.json) and"
-            " another --dataset or --data_dir"
-            if tok.name == tokenizer_io.HFTokenizer.name
-            else "e.g. --dataset=shakespeare, GPT-2's BPE), or --tokenizer=gpt2"
-        )
         raise ConfigError(
-            f"the model's {tok.name} tokenizer is not --dataset={dataset.meta['dataset']}'s"
-            f" {dataset.tokenizer.name} tokenizer: prepare a dataset with the model's"
-            f" ({how}."
+            f"the model's {tok.name} tokenizer (vocabulary {tok.vocab_size:,}) is not"
+            f" --dataset={dataset.meta['dataset']}'s {dataset.tokenizer.name}"
+            f" tokenizer (vocabulary {dataset.tokenizer.vocab_size:,}): {refit(tok)}"
         )
     for split, tokens in dataset.splits.items():
         what = f"{split} split of --dataset={dataset.meta['dataset']}"
         data.check_long_enough(len(tokens), model_cfg.block_size, what)
 
 
-def main(argv: list[str]) -> None:
-    from jaxgpt.run import cli  # Defines the flags.
+def refit(tok) -> str:
+    """How to get a dataset that the model of tokenizer `tok` reads."""
+    if tok.name == tokenizer_io.HFTokenizer.name:
+        return (
+            "prepare a dataset with the model's own: --tokenizer=<the model's folder"
+            " or Hub name> (its tokenizer.json) and another --dataset or --data_dir."
+        )
+    if tok.name == "gpt2":
+        return (
+            "prepare a dataset with GPT-2's BPE: --tokenizer=gpt2 (e.g."
+            " --dataset=shakespeare)."
+        )
+    learned = (  # A char vocabulary is its text's characters; a BPE's, learned.
+        "--tokenizer=char from the text it was trained on"
+        if tok.name == "char"
+        else "--tokenizer=<its export's jaxgpt_tokenizer.json> (python -m"
+        " jaxgpt.hub.export writes it)"
+    )
+    return (
+        "use a dataset of the model's own tokenizer: the --dataset its run trained"
+        f" on, or one prepared with {learned} and another --dataset."
+    )
 
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+
+def main(argv: list[str]) -> None:
+    from jaxgpt.run import cli, errors  # Defines the flags.
+
+    del argv  # cli.run refuses words that are not flags.
     previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
     cfg = None
     try:
         cfg = cli.from_flags(DataConfig)
         prepare(cfg)
     except (ConfigError, data.DataError) as e:
-        raise SystemExit(f"error: {e}") from None
+        errors.exit_with(e)
     except OSError as e:  # Reading the text.
-        raise SystemExit(f"error: cannot read {e.filename} ({e.strerror}).") from None
+        sys.exit(errors.file_error_line(e, "read", "check --data_path"))
     except Stopped as e:  # Its unfinished files are deleted by now.
         folder = Path(cfg.data_dir) / cfg.dataset if cfg else "the dataset"
         print(
@@ -967,8 +1031,6 @@ def _stop(signum: int, frame) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from jaxgpt.run import cli  # Defines the flags.
 
-    from jaxgpt.run import cli  # noqa: F401  (defines the flags)
-
-    app.run(main)
+    cli.run(main)

@@ -28,12 +28,28 @@ jaxgpt scores them:
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
+import re
 import sys
+import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
+
+if __name__ == "__main__":  # Without the eval extra: one line, not a traceback.
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        from jaxgpt.run import errors
+
+        sys.exit(
+            errors.needs_package_line(
+                "python -m jaxgpt.evals.harness", "lm-evaluation-harness", e, "eval"
+            )
+        )
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +69,7 @@ from jaxgpt import generate, lecture, model, sharding, train
 from jaxgpt.config import ConfigError
 from jaxgpt.evals import scoring
 from jaxgpt.hub import hf, load
-from jaxgpt.run import hosts
+from jaxgpt.run import errors, hosts
 from jaxgpt.run.configs import RunConfig
 
 DEFAULT_ROWS = 16  # Rows per compiled call when the harness says "auto".
@@ -362,10 +378,7 @@ def evaluate(
     names = named + [task_name(f) for f in files]
     for name in names:
         if not manager.match_tasks([name]):
-            raise ConfigError(
-                f"--tasks: lm-eval has no task {name!r} (`lm_eval ls tasks` lists"
-                " them; --include_path adds a folder of task yamls)."
-            )
+            raise no_task(name)
     tracker = EvaluationTracker(output_path=str(output)) if output else None
     results = lm_eval.simple_evaluate(
         model=lm,
@@ -386,17 +399,55 @@ def evaluate(
     return results
 
 
+# Where lm-eval's command line checks its arguments: what these raise is a
+# refusal of the command line, not a failure.
+LM_EVAL_CLI = ("__main__.py", "_cli", "config")
+
+
+def command_line_error(e: Exception) -> str | None:
+    """The one line for an error lm-eval's command line raised about its
+    arguments (a task it does not have, a bad --config), or None for others."""
+    frames = traceback.extract_tb(e.__traceback__)
+    path = Path(frames[-1].filename).parts if frames else ()
+    if "lm_eval" not in path or path[path.index("lm_eval") + 1] not in LM_EVAL_CLI:
+        return None
+    missing = re.match(r"Tasks not found: ([^.]*)", str(e))
+    if missing:
+        return errors.one_line(no_task(missing.group(1).strip()))
+    return errors.one_line(e)
+
+
+def no_task(names: str) -> ConfigError:
+    """The refusal of task names (comma-separated) that lm-eval does not have."""
+    listed = [n.strip() for n in names.split(",") if n.strip()]
+    which = f"task {listed[0]!r}" if len(listed) == 1 else f"tasks {', '.join(listed)}"
+    return ConfigError(
+        f"--tasks: lm-eval has no {which} (`lm_eval ls tasks` lists them;"
+        " --include_path adds a folder of task yamls)."
+    )
+
+
 def main() -> None:
-    """The harness's command line (`lm_eval ...`), with jaxgpt registered."""
+    """The harness's command line (`lm_eval ...`), with jaxgpt registered; its
+    refusals are one `error:` line each."""
     from lm_eval.__main__ import cli_evaluate
 
     from jaxgpt.run import cache
 
     cache.enable_compilation_cache()
+    one_line_usage = mock.patch.object(
+        argparse.ArgumentParser, "error", errors.ArgumentParser.error
+    )
     try:
-        cli_evaluate()
+        with one_line_usage:
+            cli_evaluate()
     except (ConfigError, hf.HuggingFaceError) as e:
-        sys.exit("error: " + " ".join(str(e).split()))
+        sys.exit(errors.one_line(e))
+    except (ValueError, TypeError, OSError) as e:
+        line = command_line_error(e)
+        if line is None:
+            raise
+        sys.exit(line)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from jaxgpt import data, tokenizer
 from jaxgpt.datasets import prepare
 from jaxgpt.micrograd.optim import AdamW
 from jaxgpt.micrograd.tensor import Tensor, cross_entropy, embedding, no_grad
+from jaxgpt.run import errors
 
 
 def load_corpus(data_path: str | None = None) -> str:
@@ -34,7 +35,7 @@ def load_corpus(data_path: str | None = None) -> str:
     try:
         return prepare.load_text(data_path)
     except data.DataError as e:
-        raise SystemExit(str(e)) from e
+        raise SystemExit(errors.one_line(e)) from e
 
 
 def encode(text: str) -> tuple[str, np.ndarray]:
@@ -77,7 +78,7 @@ def train(
         try:
             data.check_long_enough(len(part), args.block_size, f"{name} split")
         except data.DataError as e:
-            raise SystemExit(str(e)) from e
+            raise SystemExit(errors.one_line(e)) from e
     rng = np.random.default_rng(args.seed)
     V = len(vocab)
     table = Tensor(rng.normal(0.0, 0.02, size=(V, V)))
@@ -117,7 +118,7 @@ def train(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = errors.ArgumentParser(
         prog="python -m jaxgpt.micrograd.bigram",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -14,13 +14,13 @@ import sys
 import textwrap
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NoReturn
 
 from absl import app, flags
 
 from jaxgpt import config
-from jaxgpt.run import configs
+from jaxgpt.run import configs, errors
 
 FLAGS = flags.FLAGS
 
@@ -210,6 +210,31 @@ def command() -> Command:
         model=types.MappingProxyType(model),
         given=frozenset(n for n in names if not FLAGS[n].using_default_value),
     )
+
+
+def flag_names() -> list[str]:
+    """Every flag's name, and --noNAME for the booleans."""
+    names = list(FLAGS)
+    return names + [f"no{n}" for n in names if FLAGS[n].boolean]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, each refusal one `error:` line: an unknown flag
+    (with the nearest name), a flagfile that cannot be read, a bad value, or
+    words that are not flags (exit 1)."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(errors.flag_error_line(e, flag_names()))
+    if len(rest) > 1:
+        sys.exit(errors.unexpected_arguments_line(rest[1:]))
+    return rest
+
+
+def run(main: Callable[[list[str]], Any]) -> NoReturn:
+    """absl's app.run(main), the command line parsed by parse_flags: what
+    every absl entry point calls."""
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

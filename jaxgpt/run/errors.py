@@ -4,17 +4,19 @@ export, the lm-eval command, the tools) ends a refused or failed run with
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import errno
 import os
 import sys
 from typing import NoReturn
 
-from absl import logging
+from absl import flags, logging
 
 from jaxgpt.run import workdir
 
 
-def one_line(error: BaseException) -> str:
+def one_line(error: BaseException | str) -> str:
     """`error: <message>` on one line."""
     return "error: " + " ".join(str(error).split("\n"))
 
@@ -43,6 +45,12 @@ def os_error_line(e: OSError, workdir_: str = ".") -> str:
     return f"error: cannot use {where} ({e.strerror or e}{space}).{advice}"
 
 
+def file_error_line(e: OSError, doing: str, fix: str) -> str:
+    """One line for an OSError on a file the command reads or writes (`doing`:
+    "read", "write"), with `fix`."""
+    return f"error: cannot {doing} {e.filename or 'a file'} ({e.strerror or e}): {fix}."
+
+
 def quit_now(line: str) -> NoReturn:
     """Ends the process with `line` and exit status 1 without waiting for other
     threads: after a failed save, orbax's threads of that save may wait for it
@@ -60,3 +68,48 @@ def exit_with(e: BaseException, workdir_: str = ".") -> NoReturn:
     if isinstance(e, OSError):
         sys.exit(os_error_line(e, workdir_))
     sys.exit(one_line(e))
+
+
+def unexpected_arguments_line(words: list[str]) -> str:
+    """The line for words on the command line that are not flags."""
+    return (
+        f"error: unexpected arguments: {' '.join(words)} (flags start with --;"
+        " see --help)."
+    )
+
+
+def flag_error_line(e: flags.Error, known: list[str]) -> str:
+    """One line for absl's flags.Error (an unknown flag, with the nearest of
+    `known` flag names; a flagfile that cannot be read; a bad value)."""
+    if isinstance(e, flags.UnrecognizedFlagError):
+        name = e.flagname
+        near = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean --{near[0]}?)" if near else ""
+        return f"error: unknown flag --{name}{hint}; see --help."
+    if isinstance(e, flags.CantOpenFlagFileError) and isinstance(
+        e.__context__, OSError
+    ):
+        cause = e.__context__
+        if cause.errno == errno.ENOENT:
+            return f"error: --flagfile={cause.filename}: no such file."
+        return (
+            f"error: --flagfile={cause.filename}: cannot read it"
+            f" ({cause.strerror or cause})."
+        )
+    text = " ".join(str(e).split())
+    text = text.removeprefix("flag ")  # "flag --n_layer=x: ..." names the flag.
+    return f"error: {text[:1].lower() + text[1:]}; see --help."
+
+
+def needs_package_line(what: str, package: str, e: ImportError, extra: str) -> str:
+    """The line for a command whose optional package is not installed."""
+    return f"error: {what} needs {package} ({e}): pip install -e '.[{extra}]'."
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusals are one `error:` line (exit 2), not
+    its usage text and message."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message.rstrip('.')}; see --help.\n")
+        sys.exit(2)

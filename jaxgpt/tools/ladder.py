@@ -30,7 +30,7 @@ import jax
 
 from jaxgpt import lecture, model
 from jaxgpt.config import ModelConfig
-from jaxgpt.run import checkpoint, perf, quiet
+from jaxgpt.run import checkpoint, errors, perf, quiet
 from jaxgpt.tools import plot
 
 PACKAGE = Path(__file__).resolve().parents[1]  # jaxgpt/
@@ -124,7 +124,9 @@ def train_step(name: str, run: Path, extra: Sequence[str]) -> float:
                 print(f"  {run.name}: {line.strip()}", flush=True)
         code = child.wait()
     if code:
-        sys.exit(f"error: step {name} failed (exit code {code}); see {log_path}")
+        sys.exit(
+            errors.one_line(f"step {name} failed (exit code {code}); see {log_path}.")
+        )
     return time.perf_counter() - t0
 
 
@@ -187,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"; on a CPU {s.cpu_name}" if s.cpu_name else "")
         for s in STEPS
     )
-    parser = argparse.ArgumentParser(
+    parser = errors.ArgumentParser(
         prog="python -m jaxgpt.tools.ladder",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -207,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     by_name = {s.name: s for s in STEPS}
     unknown = [n for n in args.steps.split(",") if n not in by_name]
     if unknown:
-        sys.exit(f"error: --steps: unknown {unknown}; choose from {list(by_name)}.")
+        sys.exit(
+            errors.one_line(f"--steps: unknown {unknown}; choose from {list(by_name)}.")
+        )
     jax.config.update("jax_platforms", "cpu")  # This process only counts shapes.
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ run unless --out names it. Runs that scored downstream tasks
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from matplotlib.figure import Figure  # No pyplot: no backend, no display needed.
 
-from jaxgpt.run import quiet, workdir
+from jaxgpt.run import errors, quiet, workdir
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
@@ -159,7 +158,7 @@ def plot(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = errors.ArgumentParser(
         prog="python -m jaxgpt.tools.plot", description=__doc__.splitlines()[0]
     )
     parser.add_argument("runs", nargs="+", help="Workdirs of runs (--workdir).")
@@ -184,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = plot(args.runs, out, title=args.title, logx=args.logx, metric=metric)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(errors.one_line(e))
     print(out)
     return 0
 
