@@ -401,7 +401,7 @@ def evaluate(
 
 # Where lm-eval's command line checks its arguments: what these raise is a
 # refusal of the command line, not a failure.
-LM_EVAL_CLI = ("__main__.py", "_cli", "config")
+LM_EVAL_CLI = ("__main__.py", "_cli", "config", "evaluator.py")
 
 
 def command_line_error(e: Exception) -> str | None:
@@ -414,6 +414,11 @@ def command_line_error(e: Exception) -> str | None:
     missing = re.match(r"Tasks not found: ([^.]*)", str(e))
     if missing:
         return errors.one_line(no_task(missing.group(1).strip()))
+    if str(e).startswith("No tasks specified"):
+        return errors.one_line(
+            "no task to score: name them with --tasks (e.g. --tasks hellaswag;"
+            " `lm_eval ls tasks` lists them)."
+        )
     return errors.one_line(e)
 
 
