@@ -79,6 +79,8 @@ def extract(doc: str, text: str) -> list[Command]:
             pending += line.rstrip()[:-1] + " "
             continue
         logical, pending = pending + line, ""
+        if "python" not in logical:  # Prose in a block (a tree, output) lexes badly.
+            continue
         lexer = shlex.shlex(logical, posix=True, punctuation_chars=True)
         lexer.whitespace_split, lexer.commenters = True, "#"
         tokens = list(lexer)
