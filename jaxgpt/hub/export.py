@@ -20,14 +20,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from absl import app, logging
+from absl import logging
 
 from jaxgpt import sharding
 from jaxgpt.config import ConfigError, SampleConfig
 from jaxgpt.hub import hf, load
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import (
-    cli,  # Defines the flags.,
+    cli,  # Defines the flags.
+    errors,
     hosts,
     quiet,
     workdir,
@@ -83,8 +84,7 @@ def export(run: RunConfig, which: str, out: str, layout: str = "auto") -> str:
 
 def main(argv: list[str]) -> int:
     quiet.install()  # Orbax's log lines: none, as in jaxgpt.main.
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # cli.run refuses words that are not flags.
     export_cfg = cli.from_flags(ExportConfig)
     out = export_cfg.out
     try:
@@ -94,15 +94,14 @@ def main(argv: list[str]) -> int:
         which = cli.from_flags(SampleConfig).checkpoint
         how = export(run, which, out, export_cfg.format)
     except (ConfigError, ckpt.CheckpointError) as e:
-        raise SystemExit("error: " + " ".join(str(e).split("\n"))) from None
+        raise SystemExit(errors.one_line(e)) from None
     except OSError as e:
-        raise SystemExit(
-            f"error: cannot use {e.filename or out} ({e.strerror or e})."
-        ) from None
+        e.filename = e.filename or out
+        raise SystemExit(errors.file_error_line(e, "use", "choose another --out"))
     logging.info("wrote %s: config.json, model.safetensors; %s", Path(out), how)
     print(f"tokenizer: {how}")
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
