@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import generate, lecture, model, train
+from jaxgpt import generate, lecture, model
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.hub import hf
 from jaxgpt.run import checkpoint as ckpt
@@ -332,7 +332,7 @@ def test_muon_labels_new_kernels_and_trains_the_modern_model():
             assert label == ("muon" if in_block and names[-1] == "kernel" else "adamw")
     cfg = config(**MODERN)
     tc = TrainConfig(optimizer="muon", learning_rate=1e-2, warmup_iters=2, max_iters=30)
-    tx, apply = train.make_optimizer(tc), lecture.make_model(cfg).apply
+    tx, apply = muon.make_optimizer(tc), lecture.make_model(cfg).apply
     params = lecture.init_params(cfg, jax.random.PRNGKey(0))
 
     @jax.jit
