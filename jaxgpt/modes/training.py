@@ -200,7 +200,9 @@ def run(cmd: cli.Command, mesh) -> int:
     )
     if stopped_by in ("SIGINT", "SIGTERM"):
         return 128 + signal.Signals[stopped_by].value
-    sampling.print_samples(state.params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh)
+    sampling.print_samples(
+        state.params, model_cfg, tok, prompt_ids, sample_cfg, root, mesh
+    )
     return 0
 
 
