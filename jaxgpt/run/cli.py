@@ -156,13 +156,6 @@ def install_help() -> None:
 install_help()
 
 
-def given(*names: str) -> dict[str, Any]:
-    """The flags among `names` that the command line (or a flagfile) set."""
-    return {
-        name: FLAGS[name].value for name in names if not FLAGS[name].using_default_value
-    }
-
-
 @dataclasses.dataclass(frozen=True)
 class Command:
     """What the command line says, read once by an entry point and passed down:
