@@ -180,17 +180,23 @@ def run_program(inputs, program, unary_of, binary):
     return nodes
 
 
+TINY = sys.float_info.min  # The smallest normal float64.
+
+
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much]
 )
 @given(
-    inputs=st.lists(st.floats(-2, 2), min_size=1, max_size=3),
+    # No subnormal inputs: XLA on a CPU flushes them to zero (-1e-308 is 0 to
+    # jax, so leaky_relu's slope there is 1, and Python's 0.2).
+    inputs=st.lists(st.floats(-2, 2, allow_subnormal=False), min_size=1, max_size=3),
     program=st.lists(step, min_size=1, max_size=8),
 )
 def test_random_expression_graphs_match_jax(inputs, program):
     def f_value(*xs):
         nodes = run_program(xs, program, lambda op: UNARY[op][0], BINARY)
-        assume(all(abs(n.data) < 1e3 for n in nodes))
+        # Nor subnormal intermediates, for the same reason.
+        assume(all(abs(n.data) < 1e3 and not 0 < abs(n.data) < TINY for n in nodes))
         return value_sum(nodes[len(xs) :]) + nodes[-1] * nodes[0]
 
     def f_jax(*xs):
