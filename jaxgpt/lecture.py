@@ -21,6 +21,7 @@ generate() does. Shapes: B batch, T time, C n_embd, D head size, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -221,6 +222,12 @@ MODELS = {"gpt": GPT, "bigram": Bigram, **STEPS}
 def make_model(config: ModelConfig) -> nn.Module:
     """The network --model names: GPT, the bigram, or a step of the lecture."""
     return MODELS[config.model](config)
+
+
+@functools.lru_cache
+def apply_of(config: ModelConfig):
+    """make_model(config).apply, one per config: compiled sampling is cached by it."""
+    return make_model(config).apply
 
 
 def init_params(config: ModelConfig, key: jax.Array):

@@ -107,12 +107,6 @@ def rows_per_call(batch_size: Any, mesh) -> int:
 
 
 @functools.lru_cache
-def apply_of(model_cfg):
-    """The model's apply, one per config: generate() caches its programs by it."""
-    return lecture.make_model(model_cfg).apply
-
-
-@functools.lru_cache
 def score_of(model_cfg, mesh):
     """scoring.make_score, one per (config, mesh): models of one config (another
     add_bos_token, say) share its compiled programs."""
@@ -149,7 +143,9 @@ class JaxGPTLM(TemplateLM):
         self.rows = rows_per_call(batch_size, self.mesh)
         self._max_gen_toks = int(max_gen_toks)
         self.score = score_of(self.model_cfg, self.mesh)
-        self.apply_fn = apply_of(self.model_cfg)  # generate()'s compiled programs' key.
+        self.apply_fn = lecture.apply_of(
+            self.model_cfg
+        )  # generate()'s compiled programs' key.
         self.encode = scoring.encoder(self.tok, add_bos_token)
         self.sample_key = train.stream(train.root_key(int(seed)), "sample")
         self.draws = 0  # Generation calls so far: draw i samples with key i.

@@ -31,6 +31,7 @@ import safetensors.numpy
 
 from jaxgpt import tokenizer
 from jaxgpt.hub import tokenizer_io
+from jaxgpt.run.memory import physical_memory
 
 
 class HuggingFaceError(ValueError):
@@ -87,11 +88,6 @@ PICKLE_LIMIT = 1 << 30  # data.pkl's largest declared size (a state dict's: KBs)
 MAX_RATIO = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}  # Out / in, at most.
 MAX_DIMS = 32  # numpy's limit is 64; a weight has at most a few.
 MAX_EXTENT = 1 << 56  # The largest size or stride read (numpy's are 64-bit bytes).
-
-
-def physical_memory() -> int:
-    """This machine's physical memory in bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _check_entry(info: zipfile.ZipInfo, limit: int, path: str) -> None:

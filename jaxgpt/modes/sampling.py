@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 from absl import logging
 
 from jaxgpt import generate, lecture, train
-from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
+from jaxgpt.config import ConfigError, SampleConfig
 from jaxgpt.hub import load
 from jaxgpt.run import cli, hosts, memory
 
@@ -31,15 +30,11 @@ def draw_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, me
         return []
     key = train.stream(root, "sample")
     ids_BA = jax.device_get(
-        generate.sample(apply_of(model_cfg), params, model_cfg, prompt_ids, cfg, key)
+        generate.sample(
+            lecture.apply_of(model_cfg), params, model_cfg, prompt_ids, cfg, key
+        )
     )
     return [tok.decode(row) for row in ids_BA]
-
-
-@functools.lru_cache
-def apply_of(model_cfg: ModelConfig):
-    """The model's apply, one per config: compiled sampling is cached by it."""
-    return lecture.make_model(model_cfg).apply
 
 
 def print_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, mesh):

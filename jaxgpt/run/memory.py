@@ -20,16 +20,20 @@ from jaxgpt.config import ConfigError, ModelConfig, SampleConfig, TrainConfig
 F32 = 4  # Bytes: logits are float32 whatever the compute dtype; ids are int32.
 
 
+def physical_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def available() -> tuple[int, str] | None:
     """(bytes, what they are) of the memory the run's arrays can use: the
     devices' own, or the machine's physical memory on CPU; None if unknown."""
     devices = jax.devices()
     if devices[0].platform == "cpu":
         try:
-            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return physical_memory(), "the machine's physical memory"
         except (ValueError, OSError):
             return None
-        return total, "the machine's physical memory"
     limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
     if not all(limits):
         return None
