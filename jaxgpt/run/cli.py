@@ -169,6 +169,7 @@ class Command:
     sample: config.SampleConfig
     mesh: configs.MeshConfig
     eval: configs.EvalConfig
+    chat: configs.ChatConfig
     model: Mapping[str, Any]
     given: frozenset[str]
 
@@ -200,6 +201,7 @@ def command() -> Command:
         sample=from_flags(config.SampleConfig),
         mesh=from_flags(configs.MeshConfig),
         eval=from_flags(configs.EvalConfig),
+        chat=from_flags(configs.ChatConfig),
         model=types.MappingProxyType(model),
         given=frozenset(n for n in names if not FLAGS[n].using_default_value),
     )

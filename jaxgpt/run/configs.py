@@ -288,6 +288,46 @@ class ExportConfig:
         check_choices(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatConfig:
+    """Talking to a model: the terminal chat (python -m jaxgpt.chat) and the
+    OpenAI-compatible server with its web page (python -m jaxgpt.serve). Replies
+    sample with --temperature, --top_p, --top_k and --max_new_tokens."""
+
+    system: str = option(
+        "", "A system message that starts each conversation (empty: none)."
+    )
+    host: str = option(
+        "127.0.0.1",
+        "The address the server listens on (0.0.0.0: every interface; then set"
+        " --api_key).",
+    )
+    port: int = option(8000, "The server's port.")
+    api_key: str = option(
+        "", "A bearer token every API request must carry (empty: none asked)."
+    )
+    slots: int = option(
+        16, "Requests the server decodes together, one token each per step."
+    )
+    max_request_bytes: int = option(
+        1_000_000, "The largest request body the server reads (larger: 413)."
+    )
+    max_messages: int = option(
+        512, "The most messages one chat request may hold (more: 400)."
+    )
+    model_name: str = option(
+        "", "The model's name in the API (empty: --init_from's, or --workdir's)."
+    )
+
+    def __post_init__(self):
+        require_positive(
+            port=self.port,
+            slots=self.slots,
+            max_request_bytes=self.max_request_bytes,
+            max_messages=self.max_messages,
+        )
+
+
 # Every config, in the order docs/flags.md lists them.
 ALL = (
     RunConfig,
@@ -298,4 +338,5 @@ ALL = (
     MeshConfig,
     EvalConfig,
     ExportConfig,
+    ChatConfig,
 )

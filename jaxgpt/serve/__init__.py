@@ -1,0 +1,1 @@
+"""An OpenAI-compatible server and its web page (python -m jaxgpt.serve)."""
