@@ -54,13 +54,11 @@ def test_char_tokenizer_gets_one_id_per_chat_token():
     assert tok.vocab_size == 7
     np.testing.assert_array_equal(tok.encode("<|user|>ab<|end|>!"), [4, 0, 1, 6, 2])
     assert tok.decode([5, 1, 1, 6, 0]) == "<|assistant|>bb<|end|>a"
-    again = chat_template.chat_tokenizer_from_json(
-        json.loads(json.dumps(tok.to_json()))
-    )
+    again = tokenizer_io.from_json(json.loads(json.dumps(tok.to_json())))
     assert again == tok
     clash = {**tok.to_json(), "special_tokens": {**ids, "<|end|>": 2}}
     with pytest.raises(ValueError, match="distinct ids from 3"):
-        chat_template.chat_tokenizer_from_json(clash)
+        tokenizer_io.from_json(clash)
     np.testing.assert_array_equal(tok.token_bytes(), [1, 1, 1, 0, 0, 0, 0])
 
 

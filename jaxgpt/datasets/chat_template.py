@@ -25,16 +25,21 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from jaxgpt import tokenizer
 from jaxgpt.datasets.conversations import Message, split_prompt
 from jaxgpt.hub import tokenizer_io
+from jaxgpt.hub.tokenizer_io import (  # noqa: F401  (the chat tokens' names)
+    ASSISTANT,
+    CHAT_TOKENS,
+    END,
+    SYSTEM,
+    USER,
+    ChatTokenizer,
+)
 
-SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
@@ -46,68 +51,6 @@ class ChatTemplateError(ValueError):
 
 
 # --- jaxgpt's own tokenizers ---------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatTokenizer:
-    """A jaxgpt tokenizer (`base`) with chat tokens after its ids: `special`
-    maps each token's text to its id (base.vocab_size, base.vocab_size + 1, ...).
-    encode() reads the chat tokens' text as their ids; render_conversation
-    encodes message contents with the base alone, so a message cannot forge a
-    turn."""
-
-    base: Any
-    special: Mapping[str, int]
-    name: ClassVar[str] = "chat"
-
-    @property
-    def vocab_size(self) -> int:
-        return max([self.base.vocab_size - 1, *self.special.values()]) + 1
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.base.bos_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return self.base.eos_id
-
-    @property
-    def end_id(self) -> int:
-        """`<|end|>`'s id: sampling a reply stops there."""
-        return self.special[END]
-
-    def encode(self, text: str) -> np.ndarray:
-        """int32 ids [n_tokens]; chat tokens' text becomes their ids."""
-        ids = [
-            np.asarray([self.special[part]] if is_special else self.base.encode(part))
-            for part, is_special in tokenizer.split_special(text, self.special)
-        ]
-        return np.concatenate([np.zeros(0, np.int32), *ids]).astype(np.int32)
-
-    def decode(self, ids) -> str:
-        names = {i: s for s, i in self.special.items()}
-        out, run = [], []
-        for i in tokenizer.check_ids(ids, self.vocab_size):
-            if i in names:
-                out += [self.base.decode(run), names[i]] if run else [names[i]]
-                run = []
-            else:
-                run.append(i)
-        return "".join(out + ([self.base.decode(run)] if run else []))
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "base": self.base.to_json(),
-            "special_tokens": dict(self.special),
-        }
-
-    def token_bytes(self) -> np.ndarray:
-        """int32 [vocab_size]: the base's bytes per id; 0 for chat tokens."""
-        out = np.zeros(self.vocab_size, np.int32)
-        out[: self.base.vocab_size] = tokenizer_io.token_bytes(self.base)
-        return out
 
 
 def add_chat_tokens(tok) -> tuple[ChatTokenizer, dict[str, int]]:
@@ -122,30 +65,6 @@ def add_chat_tokens(tok) -> tuple[ChatTokenizer, dict[str, int]]:
         )
     special = {s: tok.vocab_size + i for i, s in enumerate(CHAT_TOKENS)}
     return ChatTokenizer(tok, special), dict(special)
-
-
-def chat_tokenizer_from_json(d: Mapping):
-    """The tokenizer `to_json` saved: a ChatTokenizer, or any tokenizer_io reads."""
-    if isinstance(d, Mapping) and d.get("name") == ChatTokenizer.name:
-        try:
-            special = {str(s): int(i) for s, i in d["special_tokens"].items()}
-            base = tokenizer_io.from_json(d["base"])
-        except (KeyError, AttributeError, TypeError) as e:
-            raise ValueError(
-                f"a chat tokenizer's JSON lacks or misspells {e}."
-            ) from None
-        ids = sorted(special.values())
-        if (
-            set(special) != set(CHAT_TOKENS)
-            or ids[0] < base.vocab_size
-            or len(set(ids)) < 4
-        ):
-            raise ValueError(
-                f"a chat tokenizer's JSON has special tokens {special}: expected"
-                f" {', '.join(CHAT_TOKENS)}, with distinct ids from {base.vocab_size}."
-            )
-        return ChatTokenizer(base, special)
-    return tokenizer_io.from_json(d)
 
 
 def render_conversation(

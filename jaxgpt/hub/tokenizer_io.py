@@ -10,6 +10,7 @@ tiktoken downloads them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -20,6 +21,7 @@ import tempfile
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,7 +38,7 @@ GPT2_URLS = (
 
 def from_json(d: Mapping):
     """Rebuilds the tokenizer that `to_json` saved: char, bpe, gpt2 or hf; or
-    reads a Hugging Face tokenizer.json itself."""
+    reads a Hugging Face tokenizer.json itself; a ChatTokenizer too."""
     if not isinstance(d, Mapping):
         raise ValueError(  # noqa: TRY004 (callers catch ValueError)
             f"a tokenizer is saved as a JSON object, not {type(d).__name__}."
@@ -44,6 +46,8 @@ def from_json(d: Mapping):
     name = d.get("name")
     if name == "gpt2":
         return load_gpt2()
+    if name == ChatTokenizer.name:
+        return chat_from_json(d)
     if "model" in d and "added_tokens" in d:  # A tokenizer.json of HF tokenizers.
         return HFTokenizer(d)
     if name not in ("char", "bpe", HFTokenizer.name):
@@ -335,3 +339,91 @@ def token_bytes(tok) -> np.ndarray:
         [0 if i in specials else len(tok.bpe.vocab[i]) for i in range(tok.vocab_size)],
         np.int32,
     )
+
+
+# --- jaxgpt's chat tokens (jaxgpt/datasets/chat_template.py renders with them) ---
+
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTokenizer:
+    """A jaxgpt tokenizer (`base`) with chat tokens after its ids: `special`
+    maps each token's text to its id (base.vocab_size, base.vocab_size + 1, ...).
+    encode() reads the chat tokens' text as their ids; render_conversation
+    encodes message contents with the base alone, so a message cannot forge a
+    turn."""
+
+    base: Any
+    special: Mapping[str, int]
+    name: ClassVar[str] = "chat"
+
+    @property
+    def vocab_size(self) -> int:
+        return max([self.base.vocab_size - 1, *self.special.values()]) + 1
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.base.bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.base.eos_id
+
+    @property
+    def end_id(self) -> int:
+        """`<|end|>`'s id: sampling a reply stops there."""
+        return self.special[END]
+
+    def encode(self, text: str) -> np.ndarray:
+        """int32 ids [n_tokens]; chat tokens' text becomes their ids."""
+        ids = [
+            np.asarray([self.special[part]] if is_special else self.base.encode(part))
+            for part, is_special in tokenizer.split_special(text, self.special)
+        ]
+        return np.concatenate([np.zeros(0, np.int32), *ids]).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        names = {i: s for s, i in self.special.items()}
+        out, run = [], []
+        for i in tokenizer.check_ids(ids, self.vocab_size):
+            if i in names:
+                out += [self.base.decode(run), names[i]] if run else [names[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + ([self.base.decode(run)] if run else []))
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "base": self.base.to_json(),
+            "special_tokens": dict(self.special),
+        }
+
+    def token_bytes(self) -> np.ndarray:
+        """int32 [vocab_size]: the base's bytes per id; 0 for chat tokens."""
+        out = np.zeros(self.vocab_size, np.int32)
+        out[: self.base.vocab_size] = token_bytes(self.base)
+        return out
+
+
+def chat_from_json(d: Mapping) -> ChatTokenizer:
+    """The ChatTokenizer that `to_json` saved."""
+    try:
+        special = {str(s): int(i) for s, i in d["special_tokens"].items()}
+        base = from_json(d["base"])
+    except (KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"a chat tokenizer's JSON lacks or misspells {e}.") from None
+    ids = sorted(special.values())
+    if (
+        set(special) != set(CHAT_TOKENS)
+        or ids[0] < base.vocab_size
+        or len(set(ids)) < 4
+    ):
+        raise ValueError(
+            f"a chat tokenizer's JSON has special tokens {special}: expected"
+            f" {', '.join(CHAT_TOKENS)}, with distinct ids from {base.vocab_size}."
+        )
+    return ChatTokenizer(base, special)
