@@ -4,13 +4,17 @@ Llama-family weights) with its config and tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from absl import logging
 
+from jaxgpt import lecture
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.hub import gpt2, hf, llama, tokenizer_io
 from jaxgpt.hub.hf import HuggingFaceError
@@ -75,6 +79,40 @@ def read_tokenizer(name_or_path: str, vocab_size: int | None = None):
     fmt, where, config_json = locate(name_or_path)
     vocab_size = vocab_size or config_json.get("vocab_size")
     return hf.load_tokenizer(where, fmt.TOKENIZER, vocab_size)
+
+
+def grow_vocab(
+    params: Mapping[str, Any], model_cfg: ModelConfig, vocab_size: int, key: jax.Array
+) -> tuple[dict, ModelConfig]:
+    """(params, model_cfg) of the same model with a vocabulary of `vocab_size`
+    ids (a tokenizer that gained ids, such as the chat tokens): each parameter
+    with a vocabulary axis (the token embedding, an untied output layer and its
+    bias, the bigram's table) gets the new rows, drawn from `key` as the
+    model's own init draws them (GPT: normal(0.02)); the existing ones are kept.
+    A model that already has vocab_size ids or more is returned as it is."""
+    if vocab_size <= model_cfg.vocab_size:
+        return params, model_cfg
+    new_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
+    init = lecture.make_model(new_cfg).init
+    idx_BT = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(init, key, idx_BT)["params"]
+    old_leaves, treedef = jax.tree.flatten(params)
+    new_leaves, new_treedef = jax.tree.flatten(shapes)
+    if treedef != new_treedef:
+        raise ValueError(f"the parameters are not those of {model_cfg.model}'s model.")
+    grown = [
+        i for i, (a, b) in enumerate(zip(old_leaves, new_leaves)) if a.shape != b.shape
+    ]
+
+    def fresh(key):  # Only these leaves: XLA drops the rest of the init.
+        leaves = jax.tree.leaves(init(key, idx_BT)["params"])
+        return [leaves[i] for i in grown]
+
+    leaves = list(old_leaves)
+    for i, new in zip(grown, jax.jit(fresh)(key)):
+        old = old_leaves[i]
+        leaves[i] = new.astype(old.dtype).at[tuple(map(slice, old.shape))].set(old)
+    return jax.tree.unflatten(treedef, leaves), new_cfg
 
 
 def write_model(
