@@ -1,0 +1,246 @@
+"""Decoding many requests at once: each row its own prompt, options and seed.
+
+generate.py continues one prompt in every row of a batch; here each of R rows
+(slots) holds a request of its own. `Decoder.start` prefills one row (a
+compiled program per padded prompt length W), and `Decoder.step` draws the
+next token of every row in one jitted call: the model vmapped over the rows,
+so each row keeps its own KV cache, position and key, and a row's tokens
+depend on its prompt and options only, never on the other rows (the same
+seed gives the same reply alone or beside others). Models without a KV cache
+(the lecture's) re-run the model on each row's window instead.
+
+A row ends at the model's context (block_size): prompt plus reply never
+exceed it. `decode` runs a list of prompts to the end through one Decoder;
+jaxgpt.chat.engine runs requests that come and go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.generate import cache_options
+
+
+@dataclasses.dataclass(frozen=True)
+class RowOptions:
+    """How one row samples: new tokens at most, temperature (0: greedy), top-p,
+    top-k (0: all) and the seed of its key (token i: fold_in(key(seed), i))."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+def draw_row(logits_V, key, i, temperature, top_p, top_k):
+    """Token i of a row: greedy at temperature 0, else drawn with fold_in(key, i)
+    from the k likeliest tokens (top_k; 0: all), then the likeliest of those
+    holding top_p of their mass (as generate.filter_logits; ties kept)."""
+    scaled_V = logits_V.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    sorted_V = jnp.flip(jnp.sort(scaled_V))  # Likeliest first.
+    V = sorted_V.shape[0]
+    kept_V = jnp.arange(V) < jnp.where(top_k > 0, top_k, V)  # A prefix of sorted_V.
+    probs_V = jax.nn.softmax(jnp.where(kept_V, sorted_V, -jnp.inf))
+    before_V = jnp.cumsum(probs_V) - probs_V  # The mass of the likelier tokens.
+    kept_V &= (before_V < top_p) | (top_p >= 1.0)
+    cutoff = sorted_V[jnp.sum(kept_V) - 1]  # The least likely token kept.
+    drawn = jax.random.categorical(
+        jax.random.fold_in(key, i), jnp.where(scaled_V < cutoff, -jnp.inf, scaled_V)
+    )
+    return jnp.where(temperature == 0, jnp.argmax(logits_V), drawn).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("apply_fn",))
+def prefill(apply_fn: Callable, params, ids_W: jax.Array, n: jax.Array, key, opts):
+    """One row's first n tokens (ids_W padded past n; the causal mask hides the
+    padding, which later tokens overwrite): its first new token, and its cache."""
+    logits_1WV, new = apply_fn(
+        {"params": params}, ids_W[None], decode=True, mutable="cache"
+    )
+    cache = {**new["cache"], "index": n.astype(jnp.int32)}  # Next position: n.
+    return draw_row(logits_1WV[0, n - 1], key, 0, *opts), cache
+
+
+@partial(jax.jit, donate_argnums=0)
+def put_row(cache_R, row: jax.Array, cache):
+    """The batch's caches with row `row` replaced by `cache`."""
+    return jax.tree.map(lambda all_R, one: all_R.at[row].set(one), cache_R, cache)
+
+
+@partial(jax.jit, static_argnames=("apply_fn",), donate_argnums=2)
+def cache_step(apply_fn: Callable, params, cache_R, last_R, key_R, i_R, opts_R):
+    """Every row fed its last token: each row's next token, and the caches."""
+
+    def one(cache, token):
+        logits_11V, new = apply_fn(
+            {"params": params, "cache": cache},
+            token[None, None],
+            decode=True,
+            mutable="cache",
+        )
+        return logits_11V[0, -1], new["cache"]
+
+    logits_RV, cache_R = jax.vmap(one)(cache_R, last_R)
+    return jax.vmap(draw_row)(logits_RV, key_R, i_R, *opts_R), cache_R
+
+
+@partial(jax.jit, static_argnames=("apply_fn",))
+def window_step(apply_fn: Callable, params, window_RS, pos_R, key_R, i_R, opts_R):
+    """No cache: the model re-run on every row's window; each row's next token
+    from the logits at its last position pos - 1."""
+    logits_RSV = apply_fn({"params": params}, window_RS, deterministic=True)
+    logits_RV = jnp.take_along_axis(logits_RSV, (pos_R - 1)[:, None, None], 1)[:, 0]
+    return jax.vmap(draw_row)(logits_RV, key_R, i_R, *opts_R)
+
+
+def padded_length(n: int, context: int) -> int:
+    """A prefill's length for an n-token prompt: the next power of two from 16,
+    at most the context (a handful of compiled prefills serve every prompt)."""
+    return min(context, max(16, 1 << (n - 1).bit_length()))
+
+
+class Decoder:
+    """`rows` slots decoding together: start() prefills one row and returns
+    its first new token; step() draws the next token of every row (free rows'
+    values are to be ignored); free() releases a row."""
+
+    def __init__(self, apply_fn: Callable, params, model_cfg: ModelConfig, rows: int):
+        self.apply_fn, self.params, self.rows = apply_fn, params, rows
+        self.context = S = model_cfg.block_size
+        self.kv_cache = cache_options(model_cfg)["kv_cache"]
+        self.last_R = np.zeros(rows, np.int32)  # Each row's newest token.
+        self.pos_R = np.full(rows, S, np.int32)  # Its tokens fed (prompt included).
+        self.i_R = np.zeros(rows, np.int32)  # Its new tokens so far.
+        self.key_R = np.zeros((rows, 2), np.uint32)
+        self.opts_R = (
+            np.ones(rows, np.float32),  # temperature
+            np.ones(rows, np.float32),  # top_p
+            np.zeros(rows, np.int32),  # top_k
+        )
+        if self.kv_cache:
+            ids = jax.ShapeDtypeStruct((S,), jnp.int32)
+            args = (ids, 0, self.key_R[0], tuple(c[0] for c in self.opts_R))
+            _, cache = jax.eval_shape(partial(prefill, apply_fn), params, *args)
+            self.cache_R = jax.tree.map(
+                lambda x: jnp.zeros((rows, *x.shape), x.dtype), cache
+            )
+        else:
+            self.window_RS = np.zeros((rows, S), np.int32)
+
+    def start(self, row: int, prompt_ids: Sequence[int], opts: RowOptions) -> int:
+        """Prefills `row` with the prompt (1 .. context - 1 tokens); returns the
+        row's first new token."""
+        n, S = len(prompt_ids), self.context
+        if not 0 < n < S:
+            raise ValueError(f"a prompt of {n} tokens: give 1 to {S - 1} tokens.")
+        self.pos_R[row], self.i_R[row] = n, 0
+        self.key_R[row] = np.asarray(jax.random.PRNGKey(opts.seed))
+        for column, value in zip(
+            self.opts_R, (opts.temperature, opts.top_p, opts.top_k)
+        ):
+            column[row] = value
+        if self.kv_cache:
+            ids_W = np.zeros(padded_length(n, S), np.int32)
+            ids_W[:n] = prompt_ids
+            options = tuple(c[row] for c in self.opts_R)
+            token, cache = prefill(
+                self.apply_fn, self.params, ids_W, n, self.key_R[row], options
+            )
+            self.cache_R = put_row(self.cache_R, row, cache)
+            token = int(token)
+        else:
+            self.window_RS[row] = 0
+            self.window_RS[row, :n] = prompt_ids
+            token = int(self._window_step()[row])
+        self.last_R[row], self.i_R[row] = token, 1
+        return token
+
+    def step(self) -> np.ndarray:
+        """[rows] int32: every row's next token (each row fed its last one)."""
+        fed_R = self.pos_R < self.context  # Full rows: ignored until started again.
+        if self.kv_cache:
+            tokens_R, self.cache_R = cache_step(
+                self.apply_fn,
+                self.params,
+                self.cache_R,
+                jnp.asarray(self.last_R),
+                jnp.asarray(self.key_R),
+                jnp.asarray(self.i_R),
+                tuple(jnp.asarray(c) for c in self.opts_R),
+            )
+            self.pos_R += fed_R
+        else:
+            rows = np.flatnonzero(fed_R)
+            self.window_RS[rows, self.pos_R[rows]] = self.last_R[rows]
+            self.pos_R += fed_R
+            tokens_R = self._window_step()
+        self.last_R, self.i_R = np.array(tokens_R, np.int32), self.i_R + 1
+        return self.last_R.copy()
+
+    def free(self, row: int) -> None:
+        """Row `row` holds no request (its tokens until started again: ignore)."""
+        self.pos_R[row] = self.context
+
+    def room(self, row: int) -> int:
+        """New tokens `row` can still draw before prompt and reply fill the context."""
+        return max(0, int(self.context - self.pos_R[row] - 1))
+
+    def _window_step(self) -> np.ndarray:
+        return np.asarray(
+            window_step(
+                self.apply_fn,
+                self.params,
+                jnp.asarray(self.window_RS),
+                jnp.asarray(np.maximum(self.pos_R, 1)),
+                jnp.asarray(self.key_R),
+                jnp.asarray(self.i_R),
+                tuple(jnp.asarray(c) for c in self.opts_R),
+            )
+        )
+
+
+def decode(
+    apply_fn: Callable,
+    params,
+    model_cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    opts: RowOptions | Sequence[RowOptions],
+    stop_ids: Sequence[int] = (),
+    rows: int | None = None,
+) -> list[list[int]]:
+    """Every prompt's new tokens: up to and including the first of stop_ids,
+    or its options' max_tokens, or the context's end. Decoded `rows` at a time
+    (default: all at once), a row taking the next prompt as soon as it is free."""
+    if isinstance(opts, RowOptions):
+        opts = [opts] * len(prompts)
+    decoder = Decoder(apply_fn, params, model_cfg, rows or max(1, len(prompts)))
+    out: list[list[int]] = [[] for _ in prompts]
+    waiting = list(range(len(prompts)))[::-1]
+    active: dict[int, int] = {}  # row -> prompt
+
+    def took(row: int, token: int) -> None:
+        k = active[row]
+        out[k].append(token)
+        done = len(out[k]) >= opts[k].max_tokens or not decoder.room(row)
+        if token in stop_ids or done:
+            del active[row]
+            decoder.free(row)
+
+    while waiting or active:
+        for row in range(decoder.rows):
+            if row not in active and waiting:
+                k = active[row] = waiting.pop()
+                took(row, decoder.start(row, prompts[k], opts[k]))
+        if active:
+            tokens_R = decoder.step()
+            for row in list(active):
+                took(row, int(tokens_R[row]))
+    return out

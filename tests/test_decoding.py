@@ -1,0 +1,93 @@
+"""run/decoding.py: rows that decode together each get what they get alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import generate, lecture
+from jaxgpt.config import ModelConfig
+from jaxgpt.run import decoding
+from jaxgpt.run.decoding import RowOptions
+
+GPT = ModelConfig(vocab_size=23, block_size=32, n_layer=2, n_head=2, n_embd=16)
+ROPE = ModelConfig(
+    vocab_size=23, block_size=32, n_layer=1, n_head=2, n_embd=16, position="rope",
+    norm="rmsnorm", mlp="swiglu", n_kv_head=1, scan_layers=True, bias=False,
+)  # fmt: skip
+LECTURE = ModelConfig(
+    vocab_size=23, block_size=16, n_layer=1, n_head=2, n_embd=16,
+    model="lecture_heads",
+)  # fmt: skip
+PROMPTS = [[1, 2, 3], [4] * 11, [5, 6], list(range(1, 18))]
+
+
+def model(cfg):
+    return lecture.apply_of(cfg), lecture.init_params(cfg, jax.random.PRNGKey(1))
+
+
+@pytest.mark.parametrize("cfg", [GPT, ROPE, LECTURE], ids=["gpt2", "llama", "lecture"])
+def test_greedy_rows_equal_generate_alone(cfg):
+    """Greedy replies of prompts of different lengths decoded together equal
+    generate.generate on each prompt alone, to the context's end."""
+    apply_fn, params = model(cfg)
+    prompts = [p[: cfg.block_size - 4] for p in PROMPTS]
+    out = decoding.decode(apply_fn, params, cfg, prompts, RowOptions(100, 0.0))
+    for prompt, new in zip(prompts, out):
+        assert len(new) == cfg.block_size - len(prompt)  # Ends at the context.
+        want = generate.generate(
+            apply_fn, params, jnp.asarray([prompt]), jax.random.PRNGKey(0),
+            block_size=cfg.block_size, max_new_tokens=len(new), temperature=0.0,
+            **generate.cache_options(cfg),
+        )  # fmt: skip
+        assert new == np.asarray(want)[0, len(prompt) :].tolist()
+
+
+def test_sampled_rows_do_not_depend_on_their_neighbours():
+    """Each row's seed decides its tokens: alone, beside others, in another row
+    of the batch, with fewer rows than prompts; stop ids and max_tokens end rows."""
+    apply_fn, params = model(GPT)
+    opts = [
+        RowOptions(12, 1.0, seed=7),
+        RowOptions(9, 0.8, top_p=0.9, seed=8),
+        RowOptions(12, 1.3, top_k=3, seed=9),
+        RowOptions(5, 0.0),
+    ]
+    together = decoding.decode(apply_fn, params, GPT, PROMPTS, opts, rows=4)
+    alone = [
+        decoding.decode(apply_fn, params, GPT, [p], [o], rows=4)[0]
+        for p, o in zip(PROMPTS, opts)
+    ]
+    assert together == alone
+    reordered = decoding.decode(
+        apply_fn, params, GPT, PROMPTS[::-1], opts[::-1], rows=4
+    )
+    assert reordered == together[::-1]
+    assert [len(t) for t in together] == [12, 9, 12, 5]
+    assert len(set(map(tuple, together[:3]))) == 3  # Different seeds, different draws.
+    two_rows = decoding.decode(apply_fn, params, GPT, PROMPTS, opts, rows=2)
+    assert two_rows == together
+    stop = together[0][4]
+    stopped = decoding.decode(apply_fn, params, GPT, PROMPTS[:1], opts[:1], [stop])[0]
+    assert stopped == together[0][: together[0].index(stop) + 1]
+
+
+def test_top_k_and_top_p_keep_only_the_likeliest():
+    """draw_row samples only among top_k tokens, and top_p's nucleus."""
+    logits_V = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05]))
+    key = jax.random.PRNGKey(0)
+    draws = lambda t, p, k: {
+        int(decoding.draw_row(logits_V, key, i, t, p, k)) for i in range(200)
+    }
+    assert draws(1.0, 1.0, 0) == {0, 1, 2, 3}
+    assert draws(1.0, 1.0, 2) == {0, 1}
+    assert draws(1.0, 0.7, 0) == {0, 1}  # 0.5 < 0.7 <= 0.8.
+    assert draws(1.0, 0.5, 0) == {0}
+    assert draws(0.0, 1.0, 0) == {0}
+
+
+def test_a_prompt_that_fills_the_context_is_refused():
+    apply_fn, params = model(GPT)
+    decoder = decoding.Decoder(apply_fn, params, GPT, rows=1)
+    with pytest.raises(ValueError, match="give 1 to 31 tokens"):
+        decoder.start(0, list(range(32)), RowOptions(1))
