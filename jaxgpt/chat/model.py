@@ -1,0 +1,154 @@
+"""A model to talk to: its weights, tokenizer and chat template, and the
+prompt a conversation becomes.
+
+`load` reads any model jaxgpt can load (a workdir's checkpoint, GPT-2, a
+Llama-family folder or Hub name). A model with a chat template (jaxgpt's chat
+tokens after fine-tuning, or a Hugging Face folder's jinja template) renders
+conversations with it and stops at its end of turn; a base model continues
+the conversation's text as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxgpt import lecture, sharding
+from jaxgpt.config import ConfigError, ModelConfig
+from jaxgpt.datasets import chat_template
+from jaxgpt.hub import load as hub_load
+from jaxgpt.hub import tokenizer_io
+from jaxgpt.run import cli, hosts
+
+Message = Mapping[str, str]
+
+
+class PromptTooLong(ValueError):
+    """The newest message alone, with room for a reply, exceeds the context."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatModel:
+    """A loaded model, its tokenizer and chat template (None: a base model)."""
+
+    name: str
+    model_cfg: ModelConfig
+    params: Any
+    apply_fn: Callable
+    tok: Any
+    template: Any
+    stop_ids: frozenset[int]
+
+    @property
+    def context(self) -> int:
+        return self.model_cfg.block_size
+
+    @property
+    def chat(self) -> bool:
+        """Whether the model has a chat template (else: plain continuation)."""
+        return self.template is not None
+
+    def render(self, messages: Sequence[Message]) -> np.ndarray:
+        """The ids of the messages followed by the assistant's header (a base
+        model: the contents, one per line, and a newline)."""
+        if isinstance(self.template, tokenizer_io.ChatTokenizer):
+            return chat_template.generation_prompt(self.template, messages)
+        if self.template is not None:
+            return self.template.generation_prompt(messages)
+        return self.text_prompt("".join(m["content"] + "\n" for m in messages))
+
+    def chat_prompt(
+        self, messages: Sequence[Message], max_tokens: int
+    ) -> tuple[np.ndarray, int]:
+        """(the prompt's ids, how many of the oldest messages were dropped) so
+        that prompt and max_tokens fit the context (at least one token of reply
+        if max_tokens is more than the context leaves); a first system message
+        is kept, and the kept turns start with a user's. Raises PromptTooLong if the last message alone does not fit."""
+        messages = list(messages)
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turns = messages[len(system) :]
+        budget = max(1, self.context - max_tokens)
+        for dropped in range(len(turns)):
+            if turns[dropped]["role"] == "assistant" and dropped < len(turns) - 1:
+                continue  # The kept turns start with a user's (templates ask it).
+            ids = self.render(system + turns[dropped:])
+            if len(ids) <= budget or (
+                len(ids) < self.context and dropped == len(turns) - 1
+            ):
+                return ids, dropped
+        raise PromptTooLong(
+            f"the last message takes {len(self.render(system + turns[-1:]))}"
+            f" tokens with the template, and the context holds {self.context}:"
+            " shorten it."
+        )
+
+    def text_prompt(self, text: str) -> np.ndarray:
+        """A plain text's ids (with the tokenizer's bos token where it adds one)."""
+        ids = np.asarray(self.tok.encode(text), np.int32)
+        bos = getattr(self.tok, "bos_id", None)
+        adds_bos = isinstance(self.tok, tokenizer_io.HFTokenizer)  # Its own rule.
+        if bos is not None and not adds_bos and (len(ids) == 0 or ids[0] != bos):
+            ids = np.concatenate([[bos], ids]).astype(np.int32)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids))
+
+
+def template_of(tok, init_from: str | None):
+    """The chat template a tokenizer (or --init_from's folder) brings, or None."""
+    if isinstance(tok, tokenizer_io.ChatTokenizer):
+        return tok
+    template_for = getattr(chat_template, "template_for", None)
+    if template_for is not None:
+        return template_for(tok)
+    if init_from and os.path.isdir(init_from):
+        try:
+            return chat_template.HFChatTemplate.load(init_from)
+        except chat_template.ChatTemplateError:
+            return None
+    return None
+
+
+def stop_ids_of(tok, template) -> frozenset[int]:
+    """The ids a reply ends at: the template's end of turn and the tokenizer's
+    end of text."""
+    ids = {getattr(tok, "eos_id", None), getattr(template, "end_id", None)}
+    ids |= set(getattr(template, "stop_ids", ()) or ())
+    if isinstance(tok, tokenizer_io.HFTokenizer):
+        ids |= {tok.token_id(t) for t in ("<|im_end|>", "<|eot_id|>", "<|end|>")}
+    return frozenset(i for i in ids if i is not None)
+
+
+def load(cmd: cli.Command) -> ChatModel:
+    """--init_from's model, or --workdir's newest --checkpoint, ready to talk."""
+    run = cmd.run
+    if not run.init_from and not os.path.isdir(run.workdir):
+        raise ConfigError(
+            f"--workdir={run.workdir} does not exist: point --workdir at a training"
+            " run, or pass --init_from=gpt2 (or a Hugging Face folder or Hub name)."
+        )
+    mesh = sharding.make_mesh(cmd.mesh.mesh_data, cmd.mesh.mesh_fsdp)
+    model_cfg, params, tok = hub_load.load_model(
+        run, cmd.sample.checkpoint, mesh, cmd.model_overrides()
+    )
+    params = hosts.to_local(params, mesh)
+    template = template_of(tok, run.init_from)
+    name = (
+        cmd.chat.model_name
+        or run.init_from
+        or os.path.basename(os.path.abspath(run.workdir))
+    )
+    return ChatModel(
+        name=name,
+        model_cfg=model_cfg,
+        params=params,
+        apply_fn=lecture.apply_of(model_cfg),
+        tok=tok,
+        template=template,
+        stop_ids=stop_ids_of(tok, template),
+    )
