@@ -5,6 +5,7 @@ apply_chat_template; masks against the assistant contents)."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from jaxgpt.datasets.chat_template import (
     generation_prompt,
     render_conversation,
 )
-from jaxgpt.hub import tokenizer_io
+from jaxgpt.hub import hf, tokenizer_io
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -364,3 +365,160 @@ def test_old_jinja2_is_refused(chatml, monkeypatch):
         ChatTemplateError, match=r"jinja2 3.1.4 has known sandbox escapes"
     ):
         HFChatTemplate.load(chatml)
+
+
+# --- The template travels with the model's tokenizer ---------------------------
+
+
+def as_saved(tok):
+    """`tok` as a checkpoint's meta keeps it and reads it back."""
+    return tokenizer_io.from_json(json.loads(json.dumps(tok.to_json())))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_checkpoint_tokenizer_keeps_the_template(family, request):
+    """A folder's tokenizer (as --init_from reads it) keeps its template and
+    named tokens through a checkpoint's JSON; template_for renders with them,
+    no folder needed, as transformers does from the folder."""
+    folder = request.getfixturevalue(family)
+    tok = hf.load_tokenizer(str(folder), ("tokenizer.json",))
+    assert tok.special_tokens == FAMILIES[family][2]
+    saved = as_saved(tok)
+    assert saved.chat_template == tok.chat_template == folder_template(folder)
+    assert saved.special_tokens == tok.special_tokens
+    template = chat_template.template_for(saved)
+    assert isinstance(template, HFChatTemplate)
+    for name, messages in CONVERSATIONS.items():
+        for add in (False, True):
+            ours = template.encode(messages, add_generation_prompt=add).tolist()
+            assert ours == transformers_ids(folder, messages, add), (name, add)
+
+
+def folder_template(folder: Path) -> str:
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text()
+    return json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_writes_the_template_for_transformers(family, request, tmp_path):
+    """The files an export writes for a Hugging Face tokenizer: transformers'
+    apply_chat_template on them gives the ids of the original folder."""
+    folder = request.getfixturevalue(family)
+    tok = as_saved(hf.load_tokenizer(str(folder), ("tokenizer.json",)))
+    files, how = hf.tokenizer_files(tok)
+    assert "chat template" in how
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    config = json.loads(files["tokenizer_config.json"])
+    assert config["chat_template"] == tok.chat_template
+    for messages in CONVERSATIONS.values():
+        for add in (False, True):
+            assert transformers_ids(tmp_path, messages, add) == transformers_ids(
+                folder, messages, add
+            )
+    again = hf.load_tokenizer(str(tmp_path), ("tokenizer.json",))
+    assert again.to_json() == tok.to_json()
+
+
+def test_gpt2_chat_tokenizer_exports_its_template():
+    """A GPT-2 ChatTokenizer's export: GPT-2's files with the chat tokens added
+    and a jinja template that renders as render_conversation does."""
+    import transformers
+
+    tok, _ = add_chat_tokens(tokenizer_io.load_gpt2(allow_download=False))
+    files, _ = hf.tokenizer_files(tok)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            Path(folder, name).write_text(text, encoding="utf-8")
+        theirs = transformers.AutoTokenizer.from_pretrained(folder)
+        assert hf.load_tokenizer(folder, ("vocab.json",)) == tok  # jaxgpt's reading.
+        for name, messages in CONVERSATIONS.items():
+            ids, _ = render_conversation(tok, messages)
+            assert transformers_ids(folder, messages, False) == ids.tolist(), name
+            prompt, _ = chat_template.split_prompt(messages)
+            assert transformers_ids(folder, prompt, True) == (
+                generation_prompt(tok, messages).tolist()
+            )
+    assert theirs.convert_ids_to_tokens([50257, 50260]) == ["<|system|>", "<|end|>"]
+
+
+def test_stop_ids(chatml, llama3):
+    ids = lambda folder, *names: tuple(
+        HFChatTemplate.load(folder).tok.token_id(n) for n in names
+    )
+    assert HFChatTemplate.load(chatml).stop_ids == ids(chatml, "<|im_end|>")
+    assert HFChatTemplate.load(llama3).stop_ids == ids(llama3, "<|eot_id|>")
+    # An eos_token that is not the end of a turn stops sampling too.
+    tok = hf.load_tokenizer(str(chatml), ("tokenizer.json",))
+    other = tokenizer_io.HFTokenizer(
+        tok.json,
+        special_tokens={**tok.special_tokens, "eos_token": "<|endoftext|>"},
+        chat_template=tok.chat_template,
+    )
+    assert chat_template.template_for(other).stop_ids == ids(
+        chatml, "<|im_end|>", "<|endoftext|>"
+    )
+    char, _ = add_chat_tokens(tokenizer.CharTokenizer("ab"))
+    assert char.stop_ids == (char.end_id,) == (5,)
+    gpt2, _ = add_chat_tokens(tokenizer_io.load_gpt2(allow_download=False))
+    assert gpt2.stop_ids == (50260, 50256)  # <|end|>, <|endoftext|>.
+
+
+def test_template_for_each_tokenizer(chatml):
+    char, _ = add_chat_tokens(tokenizer.CharTokenizer("ab"))
+    assert chat_template.template_for(char) is char
+    assert chat_template.template_for(tokenizer.CharTokenizer("ab")) is None
+    assert (
+        chat_template.template_for(tokenizer_io.load_gpt2(allow_download=False)) is None
+    )
+    plain = tokenizer_io.HFTokenizer(
+        HFChatTemplate.load(chatml).tok.json, "<|im_start|>"
+    )
+    assert chat_template.template_for(plain) is None
+    assert "chat_template" not in plain.to_json()
+    with pytest.raises(ChatTemplateError, match="has no chat template"):
+        HFChatTemplate.of(plain, "the model's tokenizer")
+    bad = {**plain.to_json(), "chat_template": 3}
+    with pytest.raises(ValueError, match="not as jaxgpt writes it"):
+        tokenizer_io.from_json(bad)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_chat_text_is_transformers_text(family, request):
+    """chat_text (the prompt lm-eval's chat interface gets): transformers'
+    apply_chat_template(tokenize=False), with the generation prompt, or
+    continuing a begun reply (continue_final_message), trimmed or not."""
+    import transformers
+
+    folder = request.getfixturevalue(family)
+    template = HFChatTemplate.load(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    begun = [*CHAT[:4], {"role": "assistant", "content": "Answer: "}]
+    for messages, add in ((CHAT[:4], True), (CHAT, False), (begun, False)):
+        cont = messages[-1]["role"] == "assistant" and not add
+        want = theirs.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add,
+            continue_final_message=cont,
+        )  # fmt: skip
+        assert chat_template.chat_text(template, messages, add, cont) == want
+
+
+def test_chat_text_of_chat_tokens_encodes_to_the_render(bpe_chat):
+    char, _ = add_chat_tokens(tokenizer.CharTokenizer("abc"))
+    messages = [
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "c"},
+    ]
+    for tok in (char, bpe_chat):
+        ids, _ = render_conversation(tok, messages)
+        text = chat_template.chat_text(tok, messages[:1], add_generation_prompt=True)
+        np.testing.assert_array_equal(
+            tok.encode(text), generation_prompt(tok, messages)
+        )
+        text = chat_template.chat_text(
+            tok, messages, False, continue_final_message=True
+        )
+        np.testing.assert_array_equal(tok.encode(text), ids[:-1])  # No <|end|>.
+    assert chat_template.chat_text(bpe_chat, messages[:1]).startswith("<|endoftext|>")

@@ -20,6 +20,7 @@ ends in one ChatTemplateError line naming the folder and the reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 
 from jaxgpt.datasets.conversations import Message, split_prompt
 from jaxgpt.hub import tokenizer_io
-from jaxgpt.hub.tokenizer_io import (  # noqa: F401  (the chat tokens' names)
+from jaxgpt.hub.tokenizer_io import (  # The chat tokens.
     ASSISTANT,
     CHAT_TOKENS,
     END,
@@ -182,37 +183,22 @@ def sandbox(template: str):
 
 
 # tokenizer_config.json's named special tokens, which templates read (bos_token).
-TEMPLATE_TOKENS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
+TEMPLATE_TOKENS = tokenizer_io.NAMED_TOKENS
 
 
 def read_template(folder: Path, config: Mapping) -> str:
-    """The folder's chat template: chat_template.jinja (which transformers
-    prefers), else tokenizer_config.json's "chat_template" (a string, or a list
-    of named templates, of which "default")."""
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {
-            t.get("name"): t.get("template") for t in template if isinstance(t, dict)
-        }
-        template = named.get("default")
-    if not isinstance(template, str) or not template.strip():
+    """The folder's chat template (tokenizer_io.chat_template_of)."""
+    template = tokenizer_io.chat_template_of(folder, config)
+    if template is None:
         raise ChatTemplateError(
             f"{folder} has no chat_template (tokenizer_config.json's"
             ' "chat_template" or chat_template.jinja): use a chat (Instruct) model'
             "'s folder, or write its template into tokenizer_config.json."
         )
     return template
+
+
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' (continue_final_message).
 
 
 @dataclasses.dataclass
@@ -253,19 +239,52 @@ class HFChatTemplate:
             raise ChatTemplateError(
                 f"{folder}: cannot read its tokenizer files ({e})."
             ) from None
-        specials = {}
-        for key in TEMPLATE_TOKENS:
-            token = config.get(key)
-            token = token.get("content") if isinstance(token, Mapping) else token
-            if isinstance(token, str):
-                specials[key] = token
+        template = read_template(path, config)
         try:
             tok = tokenizer_io.HFTokenizer(
-                tokenizer_json, specials.get("bos_token"), specials.get("eos_token")
+                tokenizer_json,
+                special_tokens=tokenizer_io.named_tokens(config),
+                chat_template=template,
             )
         except ValueError as e:
             raise ChatTemplateError(f"{folder}: {e}") from None
-        return cls(str(folder), read_template(path, config), tok, specials)
+        return cls.of(tok, str(folder))
+
+    @classmethod
+    def of(cls, tok: tokenizer_io.HFTokenizer, where: str) -> HFChatTemplate:
+        """The template a tokenizer keeps (a checkpoint's, read from its JSON:
+        no folder needed); `where` names it in errors."""
+        if tok.chat_template is None:
+            raise ChatTemplateError(
+                f"{where} has no chat template: use a chat (Instruct) model's"
+                " tokenizer."
+            )
+        return cls(where, tok.chat_template, tok, dict(tok.special_tokens))
+
+    @functools.cached_property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a reply: the end-of-turn token the template writes
+        after an assistant's content (the first special token there: ChatML's
+        <|im_end|>, Llama 3's <|eot_id|>), and eos_token."""
+        probe = "Zq7 reply"
+        messages = [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": probe},
+        ]
+        ids = []
+        try:
+            text = self.render_text(messages)
+        except ChatTemplateError:  # A template that needs more: eos alone.
+            text = ""
+        if probe in text:
+            tail = text[text.rindex(probe) + len(probe) :]
+            added = self.tok.tok.get_added_tokens_decoder()
+            turn_end = [
+                i for i in self.encode_text(tail).ids if i in added and added[i].special
+            ]
+            ids += [turn_end[0]] if turn_end else []
+        ids += [self.tok.eos_id] if self.tok.eos_id is not None else []
+        return tuple(dict.fromkeys(ids))
 
     def error(self, what: str, e: BaseException) -> ChatTemplateError:
         return ChatTemplateError(
@@ -274,12 +293,21 @@ class HFChatTemplate:
         )
 
     def render_text(
-        self, messages: Sequence[Message], add_generation_prompt: bool = False
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
     ) -> str:
-        """The template's text for the messages (as transformers renders it)."""
+        """The template's text for the messages (as transformers renders it);
+        continue_final_message: the text ends with the last message's content
+        (a reply begun), cut as transformers cuts it (at a tag after it)."""
+        messages = [dict(m) for m in messages]
+        if continue_final_message:
+            final = messages[-1]["content"]
+            messages[-1]["content"] = final + CONTINUE_TAG
         try:
-            return self.compiled.render(
-                messages=[dict(m) for m in messages],
+            text = self.compiled.render(
+                messages=messages,
                 tools=None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
@@ -287,6 +315,17 @@ class HFChatTemplate:
             )
         except Exception as e:  # noqa: BLE001 (a template's code may raise anything)
             raise self.error("fails to render", e) from None
+        if not continue_final_message:
+            return text
+        if final.strip() not in text or CONTINUE_TAG.strip() not in text:
+            raise ChatTemplateError(
+                f"{self.folder}'s chat_template drops part of the last message, so"
+                " a reply cannot be continued from it."
+            )
+        at = text.rindex(CONTINUE_TAG.strip())
+        if text[at : at + len(CONTINUE_TAG)] == CONTINUE_TAG:
+            return text[:at]
+        return text[:at].rstrip()  # The template trimmed the content's end.
 
     def encode_text(self, text: str):
         """The tokenizers Encoding of rendered text, no special tokens added."""
@@ -343,6 +382,41 @@ class HFChatTemplate:
         assistant turn) with the template's generation prompt."""
         prompt, _ = split_prompt(messages)
         return self.encode(prompt, add_generation_prompt=True)
+
+
+def template_for(tok) -> ChatTokenizer | HFChatTemplate | None:
+    """The chat template a loaded tokenizer brings: a ChatTokenizer is its own;
+    a Hugging Face tokenizer with a chat template (read from a model folder,
+    kept in a checkpoint's JSON) gives its HFChatTemplate; others, none."""
+    if isinstance(tok, ChatTokenizer):
+        return tok
+    if isinstance(tok, tokenizer_io.HFTokenizer) and tok.chat_template is not None:
+        return HFChatTemplate.of(tok, "the model's tokenizer")
+    return None
+
+
+def chat_text(
+    template: ChatTokenizer | HFChatTemplate,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """The conversation as the text a template renders (a prompt to encode with
+    special-token strings read as their ids): transformers' apply_chat_template
+    (tokenize=False) for a model folder's; for jaxgpt's chat tokens, the text
+    of render_conversation's ids. continue_final_message: the last message's
+    content is left open (no end-of-turn), a reply to continue."""
+    if isinstance(template, HFChatTemplate):
+        return template.render_text(
+            messages, add_generation_prompt, continue_final_message
+        )
+    bos = template.bos_id
+    text = "" if bos is None else template.base.decode([bos])
+    for message in messages:
+        text += ROLE_TOKENS[message["role"]] + message["content"] + END
+    if continue_final_message and messages:
+        return text.removesuffix(END)
+    return text + (ASSISTANT if add_generation_prompt else "")
 
 
 def render_all(

@@ -11,8 +11,14 @@ rotary positions, RMSNorm and SwiGLU (--format picks; a model neither holds is
 refused, naming the option). Beside them, the run's tokenizer: GPT-2's as
 vocab.json and merges.txt, a Llama-family model's as tokenizer.json, both of
 which transformers reads; jaxgpt's own char or BPE tokenizer as
-jaxgpt_tokenizer.json, which `--init_from=FOLDER` reads back. Only the
-checkpoint's parameters and meta are read.
+jaxgpt_tokenizer.json, which `--init_from=FOLDER` reads back. A chat model's
+template goes into tokenizer_config.json ("chat_template"), so that
+transformers' apply_chat_template renders conversations as the run did: a
+Hugging Face tokenizer's own template, and for GPT-2 with jaxgpt's chat tokens
+(added tokens there) the jinja equivalent of their rendering
+(tokenizer_io.CHAT_JINJA). A char or BPE tokenizer with chat tokens stays in
+jaxgpt_tokenizer.json only: transformers cannot read those tokenizers. Only
+the checkpoint's parameters and meta are read.
 """
 
 from __future__ import annotations

@@ -475,6 +475,7 @@ HUB_FILES = [
     "model-*.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "vocab.json",
     "merges.txt",
 ]
@@ -690,8 +691,8 @@ def load_tokenizer(folder: str, kinds: Iterable[str], vocab_size: int | None = N
     """A model folder's tokenizer: jaxgpt's own if an export wrote one, else the
     first of `kinds` the folder holds: "vocab.json" (GPT-2-style vocab.json and
     merges.txt, named "gpt2" when they are GPT-2's) or "tokenizer.json" (Hugging
-    Face tokenizers', with the bos and eos tokenizer_config.json names); else
-    GPT-2's own if `vocab_size` is GPT-2's."""
+    Face tokenizers', with tokenizer_config.json's named special tokens and the
+    folder's chat template); else GPT-2's own if `vocab_size` is GPT-2's."""
     own = os.path.join(folder, TOKENIZER_JSON)
     if os.path.isfile(own):
         return tokenizer_io.from_json(read_json(own))
@@ -703,8 +704,11 @@ def load_tokenizer(folder: str, kinds: Iterable[str], vocab_size: int | None = N
             files = (os.path.join(folder, f) for f in ("vocab.json", "merges.txt"))
             found, gpt2 = tokenizer_io.load_gpt2_files(*files), tokenizer_io.load_gpt2()
             return gpt2 if found == gpt2.bpe else tokenizer.BPETokenizer(found)
+        config = tokenizer_config(folder)
         return tokenizer_io.HFTokenizer(
-            read_json(os.path.join(folder, kind)), **special_tokens(folder)
+            read_json(os.path.join(folder, kind)),
+            special_tokens=tokenizer_io.named_tokens(config),
+            chat_template=tokenizer_io.chat_template_of(folder, config),
         )
     if vocab_size in GPT2_VOCAB_SIZES:
         return tokenizer_io.load_gpt2()
@@ -718,8 +722,8 @@ def load_tokenizer(folder: str, kinds: Iterable[str], vocab_size: int | None = N
     )
 
 
-def special_tokens(folder: str) -> dict[str, str]:
-    """The bos_token and eos_token a folder's tokenizer_config.json names."""
+def tokenizer_config(folder: str) -> dict[str, Any]:
+    """A folder's tokenizer_config.json ({} if it has none)."""
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
@@ -728,36 +732,42 @@ def special_tokens(folder: str) -> dict[str, str]:
         raise HuggingFaceError(
             f"{path} is a JSON {type(config).__name__}, not an object."
         )
-    specials = {}
-    for key in ("bos_token", "eos_token"):
-        token = config.get(key)
-        token = token.get("content") if isinstance(token, Mapping) else token
-        if isinstance(token, str):
-            specials[key] = token
-    return specials
+    return config
 
 
 def tokenizer_files(tok) -> tuple[dict[str, str], str]:
     """The files that store `tok` in an export folder, and one line saying how."""
     if tok.name == tokenizer_io.HFTokenizer.name:  # A Llama-family model's own.
-        specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        config.update({k: v for k, v in specials.items() if v is not None})
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **tok.special_tokens}
+        how = "Hugging Face tokenizers' tokenizer.json (transformers reads it)"
+        if tok.chat_template is not None:
+            config["chat_template"] = tok.chat_template
+            how += ", its chat template in tokenizer_config.json"
         files = {
             "tokenizer.json": json.dumps(tok.json, ensure_ascii=False),
-            "tokenizer_config.json": json.dumps(config),
+            "tokenizer_config.json": json.dumps(config, ensure_ascii=False),
         }
-        return files, "Hugging Face tokenizers' tokenizer.json (transformers reads it)"
-    if tok.name == "gpt2":
-        files = tokenizer_io.to_hf_files(tok.bpe)
-        files["tokenizer_config.json"] = json.dumps(
-            {"tokenizer_class": "GPT2Tokenizer", **dict.fromkeys(
-                ("bos_token", "eos_token", "unk_token"), tokenizer.ENDOFTEXT)}
-        )  # fmt: skip
-        return (
-            files,
-            "GPT-2's tokenizer: vocab.json and merges.txt (transformers reads them)",
-        )
+        return files, how
+    base = tok.base if tok.name == tokenizer_io.ChatTokenizer.name else tok
+    if base.name == "gpt2":
+        files = tokenizer_io.to_hf_files(base.bpe)
+        config = {"tokenizer_class": "GPT2Tokenizer", **dict.fromkeys(
+            ("bos_token", "eos_token", "unk_token"), tokenizer.ENDOFTEXT)}  # fmt: skip
+        how = "GPT-2's tokenizer: vocab.json and merges.txt (transformers reads them)"
+        if tok is not base:  # The chat tokens: added tokens, and their template.
+            config["added_tokens_decoder"] = {
+                str(i): {"content": text, "special": True, "lstrip": False,
+                         "rstrip": False, "normalized": False, "single_word": False}
+                for text, i in sorted(tok.special.items(), key=lambda kv: kv[1])
+            }  # fmt: skip
+            config["chat_template"] = tokenizer_io.CHAT_JINJA
+            files[TOKENIZER_JSON] = json.dumps(tok.to_json())  # jaxgpt reads this.
+            how += (
+                f", the chat tokens added and their chat template in"
+                f" tokenizer_config.json; {TOKENIZER_JSON} for jaxgpt"
+            )
+        files["tokenizer_config.json"] = json.dumps(config)
+        return files, how
     files = {TOKENIZER_JSON: json.dumps(tok.to_json())}
     return files, (
         f"jaxgpt's own {tok.name} tokenizer: {TOKENIZER_JSON} (transformers cannot"

@@ -56,7 +56,13 @@ def from_json(d: Mapping):
         )
     try:
         if name == HFTokenizer.name:
-            return HFTokenizer(d["tokenizer"], d.get("bos_token"), d.get("eos_token"))
+            return HFTokenizer(
+                d["tokenizer"],
+                d.get("bos_token"),
+                d.get("eos_token"),
+                special_tokens=d.get("special_tokens"),
+                chat_template=d.get("chat_template"),
+            )
         if name == "char":
             if not isinstance(d["vocab"], str) or not d["vocab"]:
                 raise ValueError("its vocab is not a non-empty string")
@@ -236,6 +242,47 @@ def to_hf_files(bpe: BPE) -> dict[str, str]:
 
 # --- Hugging Face tokenizers -----------------------------------------------------
 
+# tokenizer_config.json's named special tokens (chat templates read them: bos_token).
+NAMED_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+def named_tokens(config: Mapping) -> dict[str, str]:
+    """The named special tokens (NAMED_TOKENS) a tokenizer_config.json sets,
+    each as a string or as an added token's {"content": ...}."""
+    out = {}
+    for key in NAMED_TOKENS:
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, Mapping) else token
+        if isinstance(token, str):
+            out[key] = token
+    return out
+
+
+def chat_template_of(folder: str | Path, config: Mapping) -> str | None:
+    """A model folder's chat template: chat_template.jinja (which transformers
+    prefers), else tokenizer_config.json's "chat_template" (a string, or a list
+    of named templates, of which "default"); None if it has none."""
+    jinja_file = Path(folder) / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {
+            t.get("name"): t.get("template") for t in template if isinstance(t, dict)
+        }
+        template = named.get("default")
+    if not isinstance(template, str) or not template.strip():
+        return None
+    return template
+
 
 class HFTokenizer:
     """A tokenizer.json of Hugging Face's `tokenizers` library (Llama-family
@@ -248,7 +295,10 @@ class HFTokenizer:
     file). to_json stores the whole tokenizer.json, so a checkpoint samples
     with no file beside it; bos_token and eos_token (from the model's
     tokenizer_config.json, as transformers reads them) go with it, for an
-    export, and give bos_id and eos_id.
+    export, and give bos_id and eos_id. So do the model's other named special
+    tokens (`special_tokens`: pad_token, unk_token...) and its jinja
+    `chat_template`: a checkpoint keeps the chat format its model was tuned
+    on, and an export writes both into tokenizer_config.json.
     """
 
     name = "hf"
@@ -258,11 +308,26 @@ class HFTokenizer:
         tokenizer_json: Mapping,
         bos_token: str | None = None,
         eos_token: str | None = None,
+        *,
+        special_tokens: Mapping[str, str] | None = None,
+        chat_template: str | None = None,
     ):
         import tokenizers  # Only a run with such a tokenizer needs the library.
 
+        named = {"bos_token": bos_token, "eos_token": eos_token}
+        named = {**(special_tokens or {}), **{k: v for k, v in named.items() if v}}
+        if not all(isinstance(v, str) for v in named.values()) or not (
+            chat_template is None or isinstance(chat_template, str)
+        ):
+            raise ValueError(
+                "its special tokens are not names of tokens, or its chat template"
+                " is no string"
+            )
         self.json = dict(tokenizer_json)
-        self.bos_token, self.eos_token = bos_token, eos_token
+        self.special_tokens = {k: named[k] for k in NAMED_TOKENS if k in named}
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
+        self.chat_template = chat_template
         try:
             self.tok = tokenizers.Tokenizer.from_str(json.dumps(self.json))
         except Exception as e:  # noqa: BLE001 (the Rust library raises Exception)
@@ -292,7 +357,12 @@ class HFTokenizer:
     def to_json(self) -> dict:
         specials = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         specials = {k: v for k, v in specials.items() if v is not None}
-        return {"name": self.name, "tokenizer": self.json, **specials}
+        out = {"name": self.name, "tokenizer": self.json, **specials}
+        if self.special_tokens.keys() - specials.keys():
+            out["special_tokens"] = dict(self.special_tokens)
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        return out
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.tok.token_to_id(token)
@@ -346,6 +416,16 @@ def token_bytes(tok) -> np.ndarray:
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
 
+# ChatTokenizer's rendering as a jinja chat template (an export's
+# tokenizer_config.json holds it): [bos] then <|role|>content<|end|> per message.
+CHAT_JINJA = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class ChatTokenizer:
@@ -376,10 +456,22 @@ class ChatTokenizer:
         """`<|end|>`'s id: sampling a reply stops there."""
         return self.special[END]
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a reply: `<|end|>`, and the base's end of text (a
+        model that writes it has left the conversation)."""
+        eos = self.base.eos_id
+        return (self.end_id,) if eos is None else (self.end_id, eos)
+
     def encode(self, text: str) -> np.ndarray:
-        """int32 ids [n_tokens]; chat tokens' text becomes their ids."""
+        """int32 ids [n_tokens]; chat tokens' text becomes their ids, as does a
+        BPE's special tokens' (<|endoftext|>)."""
+        if isinstance(self.base, BPETokenizer):
+            base = functools.partial(self.base.encode, allowed_special="all")
+        else:
+            base = self.base.encode
         ids = [
-            np.asarray([self.special[part]] if is_special else self.base.encode(part))
+            np.asarray([self.special[part]] if is_special else base(part))
             for part, is_special in tokenizer.split_special(text, self.special)
         ]
         return np.concatenate([np.zeros(0, np.int32), *ids]).astype(np.int32)
