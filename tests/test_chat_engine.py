@@ -75,7 +75,7 @@ def test_chat_prompt_renders_the_template_and_drops_the_oldest_turns(model):
 
 def test_a_base_model_continues_the_text():
     base = chat_model(BASE)
-    assert not base.chat and base.stop_ids == frozenset()
+    assert not base.chat and base.stop_ids == frozenset()  # Characters: no eos.
     ids, _ = base.chat_prompt([{"role": "user", "content": "abc"}], 4)
     assert base.decode(ids) == "abc\n"
 

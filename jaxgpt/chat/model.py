@@ -99,29 +99,13 @@ class ChatModel:
         return self.tok.decode(list(ids))
 
 
-def template_of(tok, init_from: str | None):
-    """The chat template a tokenizer (or --init_from's folder) brings, or None."""
-    if isinstance(tok, tokenizer_io.ChatTokenizer):
-        return tok
-    template_for = getattr(chat_template, "template_for", None)
-    if template_for is not None:
-        return template_for(tok)
-    if init_from and os.path.isdir(init_from):
-        try:
-            return chat_template.HFChatTemplate.load(init_from)
-        except chat_template.ChatTemplateError:
-            return None
-    return None
-
-
 def stop_ids_of(tok, template) -> frozenset[int]:
-    """The ids a reply ends at: the template's end of turn and the tokenizer's
-    end of text."""
-    ids = {getattr(tok, "eos_id", None), getattr(template, "end_id", None)}
-    ids |= set(getattr(template, "stop_ids", ()) or ())
-    if isinstance(tok, tokenizer_io.HFTokenizer):
-        ids |= {tok.token_id(t) for t in ("<|im_end|>", "<|eot_id|>", "<|end|>")}
-    return frozenset(i for i in ids if i is not None)
+    """The ids a reply ends at: the template's (its end of turn and end of
+    text), or a base model's end of text."""
+    if template is not None:
+        return frozenset(template.stop_ids)
+    eos = getattr(tok, "eos_id", None)
+    return frozenset() if eos is None else frozenset([eos])
 
 
 def load(cmd: cli.Command) -> ChatModel:
@@ -137,7 +121,10 @@ def load(cmd: cli.Command) -> ChatModel:
         run, cmd.sample.checkpoint, mesh, cmd.model_overrides()
     )
     params = hosts.to_local(params, mesh)
-    template = template_of(tok, run.init_from)
+    try:
+        template = chat_template.template_for(tok)
+    except chat_template.ChatTemplateError as e:
+        raise ConfigError(str(e)) from e
     name = (
         cmd.chat.model_name
         or run.init_from
