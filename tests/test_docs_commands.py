@@ -30,7 +30,8 @@ from jaxgpt.run import cli, configs
 
 FLAGS = flags.FLAGS
 DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
-ABSL = {"jaxgpt.main", "jaxgpt.hub.export", "jaxgpt.datasets.prepare"}  # cli's flags.
+# The modules whose flags are cli's.
+ABSL = {"jaxgpt.main", "jaxgpt.hub.export", "jaxgpt.datasets.prepare", "jaxgpt.serve"}
 PLACEHOLDER = re.compile(r"\.\.\.|path/to/|\$")
 
 # Appended to each run of jaxgpt.main: a model and a run of seconds.
@@ -357,6 +358,8 @@ def skip_reason(command: Command, made: set[str]) -> str | None:
         return "a placeholder for the reader's own value"
     if command.module == "jaxgpt.evals.harness":
         return "needs the network (the tasks' data)"
+    if command.module == "jaxgpt.serve":
+        return "a server: it runs until stopped (tests/test_serve.py runs it)"
     if command.module == "jaxgpt.tools.ladder":
         return "trains every lecture step in turn: minutes even at tiny sizes"
     if command.module.startswith("jaxgpt.micrograd"):

@@ -126,6 +126,7 @@ SETTINGS = serve_app.Settings(
     max_request_bytes=20_000,
     max_messages=8,
     defaults=Defaults(temperature=1.0, top_p=1.0, top_k=0, max_tokens=24),
+    system="You are a tiny model.",
 )
 
 
@@ -310,6 +311,7 @@ def test_models_and_health(client, chat_url):
     assert card.owned_by == "jaxgpt" and isinstance(card.created, int)
     assert card.model_extra["context_length"] == CHAT_CONTEXT
     assert card.model_extra["chat_template"] is True
+    assert card.model_extra["system_prompt"] == SETTINGS.system
     assert client.models.retrieve("tiny-chat").id == "tiny-chat"
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-4")

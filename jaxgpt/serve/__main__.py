@@ -93,6 +93,7 @@ def main(argv: list[str]) -> int:
             max_tokens=sample.max_new_tokens,
         ),
         seed=cmd.run.seed,
+        system=chat.system,
     )
     if chat.host in EVERYWHERE and not chat.api_key:
         logging.warning(

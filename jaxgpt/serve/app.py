@@ -62,6 +62,9 @@ class Settings:
     max_messages: int = 512
     defaults: Defaults = dataclasses.field(default_factory=Defaults)
     seed: int = 1337  # Root of the seeds of requests that name none.
+    system: str = (
+        ""  # --system: the web page's default system message (the API adds none).
+    )
 
 
 # --- reading a request -----------------------------------------------------------
@@ -225,6 +228,7 @@ class Server:
             "owned_by": "jaxgpt",
             "context_length": self.model.context,
             "chat_template": self.model.chat,
+            "system_prompt": self.settings.system,
         }
 
     def next_seed(self) -> int:
