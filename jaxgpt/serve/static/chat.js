@@ -82,12 +82,10 @@ async function loadModel() {
   }
   const card = (await response.json()).data[0];
   modelId = card.id;
-  const context = card.context_length ?? card.max_model_len ?? card.context_window;
-  ui.model.textContent = `Model: ${card.id}` + (context ? ` · context ${context} tokens` : "");
-  if (context) {
-    ui.maxTokens.max = String(context);
-    if (parseInt(ui.maxTokens.value, 10) > context) ui.maxTokens.value = String(context);
-  }
+  const context = card.context_length; // jaxgpt's field: the model's tokens
+  ui.model.textContent = `Model: ${card.id}` + (context ? ` · context ${context} tokens` : "")
+    + (card.chat_template === false ? " · no chat template: replies continue the text" : "");
+  if (context) ui.maxTokens.max = String(context);
   if (card.system_prompt && !ui.system.value) ui.system.value = card.system_prompt;
   showError("");
   return true;
@@ -100,6 +98,7 @@ function requestBody() {
     messages: system ? [{ role: "system", content: system }, ...messages] : messages,
     stream: true,
   };
+  // An empty field leaves the knob to the server's flags.
   const temperature = parseFloat(ui.temperature.value);
   const maxTokens = parseInt(ui.maxTokens.value, 10);
   if (!Number.isNaN(temperature)) body.temperature = temperature;
