@@ -587,8 +587,11 @@ def test_the_command_serves_and_warns_on_every_interface(chat_folder):
                 time.sleep(0.2)
         _, body = post(url, CHAT, {"messages": HELLO, "max_tokens": 3})
         assert health == {"status": "ok", "model": chat_folder}
+        _, card = post_get(url, "/v1/models/" + chat_folder)  # A name with slashes.
+        assert card["id"] == chat_folder and card["context_length"] == CHAT_CONTEXT
         assert 1 <= body["usage"]["completion_tokens"] <= 3
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
     assert "with no --api_key" in err, err
+    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in err

@@ -101,6 +101,8 @@ def main(argv: list[str]) -> int:
             " can reach this machine can use the model; set --api_key=<a secret>.",
             chat.host,
         )
+    # uvicorn stops on SIGINT or SIGTERM, then raises the signal again: exit then.
+    stops.install(lambda signum, frame: sys.exit(128 + signum))
     engine = Engine(model, slots=chat.slots)
     try:
         app = make_app(model, engine, settings)

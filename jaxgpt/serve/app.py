@@ -96,9 +96,9 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         code="request_too_large",
     )
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        if not length.isdigit():
-            raise ApiError(400, f"Content-Length {length!r} is not a number.")
+    if length is not None and not length.isdigit():
+        raise ApiError(400, f"Content-Length {length!r} is not a number.")
+    if length is not None and int(length) > limit:
         raise too_big
     body = bytearray()
     async for chunk in request.stream():
@@ -276,25 +276,12 @@ class Server:
         body, k = await self.body_and_knobs(request)
         messages = protocol.messages_of(body, self.settings.max_messages)
         default = min(self.settings.defaults.max_tokens, self.model.context)
-        try:
-            try:
-                ids, dropped = await anyio.to_thread.run_sync(
-                    self.model.chat_prompt, messages, k.max_tokens or default
-                )
-            except PromptTooLong:
-                if k.max_tokens is not None:
-                    raise
-                # No max_tokens asked: the reply gets the room the turns leave.
-                ids, dropped = await anyio.to_thread.run_sync(
-                    self.model.chat_prompt, messages, 1
-                )
+        try:  # The oldest turns dropped to fit; the newest kept if it fits alone.
+            ids, dropped = await anyio.to_thread.run_sync(
+                self.model.chat_prompt, messages, k.max_tokens or default
+            )
         except PromptTooLong as e:
-            raise ApiError(
-                400,
-                f"{e} (the model's context is {self.model.context} tokens).",
-                "messages",
-                "context_length_exceeded",
-            ) from None
+            raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         except ValueError as e:  # Text the tokenizer cannot encode.
             raise ApiError(
                 400, f"The messages cannot be encoded: {e}", "messages"
