@@ -67,11 +67,15 @@ def make_gpt2(folder: Path) -> None:
         (folder / name).write_text(text)
 
 
-def make_llama(folder: Path, template: str | None = None) -> None:
+def make_llama(
+    folder: Path, template: str | None = None, chat_template: str | None = None
+) -> None:
     """A random Llama (grouped-query attention, untied head, rope theta 5000)
     with a byte-level BPE of its own (tokenizer.json, <s> and </s>); with a
     template (e.g. "<s> $A"), a post-processor that adds its special tokens
-    to every text, as Llama-2's, Llama-3's and Mistral's tokenizers do."""
+    to every text, as Llama-2's, Llama-3's and Mistral's tokenizers do; with a
+    chat_template, ChatML's <|im_start|> and <|im_end|> and the template in
+    tokenizer_config.json."""
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -86,7 +90,7 @@ def make_llama(folder: Path, template: str | None = None) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=2000,  # Of which the texts fill a few hundred.
-        special_tokens=["<s>", "</s>"],
+        special_tokens=["<s>", "</s>", *(CHATML_TOKENS if chat_template else ())],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     texts = [json.dumps(row) for row in HELLASWAG + ARC + GENERATION]
@@ -97,15 +101,14 @@ def make_llama(folder: Path, template: str | None = None) -> None:
             single=template, special_tokens=specials
         )
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-            }
-        )
-    )
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     config = transformers.LlamaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=32, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=48, num_hidden_layers=2,
@@ -115,6 +118,16 @@ def make_llama(folder: Path, template: str | None = None) -> None:
     model = transformers.LlamaForCausalLM(config).eval()
     randomize_(model, seed=1)
     model.save_pretrained(folder)
+
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# ChatML after bos_token (a text that starts with <s>: HFLM adds no special
+# tokens to it), its system message only where the conversation has one.
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role']"
+    " + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 # The parametrization point: a maker per model family that jaxgpt imports,
@@ -640,3 +653,126 @@ def test_add_bos_token_takes_true_or_false(bos_models):
     char = (ours.model_cfg, ours.params, tokenizer.CharTokenizer("ab"))
     with pytest.raises(ConfigError, match="'char' tokenizer has no beginning"):
         harness.JaxGPTLM(loaded=char, mesh=ours.mesh, add_bos_token=True)
+
+
+# --- Chat templates: --apply_chat_template, --fewshot_as_multiturn, system --------
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory):
+    """(JaxGPTLM, HFLM) of a random Llama whose folder has a ChatML template."""
+    folder = tmp_path_factory.mktemp("chat")
+    make_llama(folder, chat_template=CHATML)
+    ours = harness.JaxGPTLM(init_from=str(folder), batch_size=4)
+    theirs = huggingface.HFLM(
+        pretrained=str(folder), backend="causal", batch_size=4, device="cpu",
+        dtype="float32",
+    )  # fmt: skip
+    return ours, theirs
+
+
+def test_chat_prompts_are_hflms(chat_models):
+    """The text (and ids) of a few-shot conversation with a system message, with
+    the generation prompt or continuing a begun answer; the template's name."""
+    ours, theirs = chat_models
+    history = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Which is a planet?"},
+        {"role": "assistant", "content": "Mars"},
+        {"role": "user", "content": "Water freezes at"},
+    ]
+    begun = [*history, {"role": "assistant", "content": "Answer:"}]
+    for messages, add in ((history, True), (begun, False)):
+        text = ours.apply_chat_template(messages, add_generation_prompt=add)
+        assert text == theirs.apply_chat_template(messages, add_generation_prompt=add)
+        assert ours.tok_encode(text) == theirs.tok_encode(text)
+    assert text.startswith("<s><|im_start|>system\n") and text.endswith("Answer:")
+    assert ours.chat_template(True) == theirs.chat_template(True) == CHATML
+    assert ours.chat_template(False) is None
+    im_end = ours.tok.token_id("<|im_end|>")
+    assert ours.template.stop_ids == (im_end, ours.tok.eos_id)
+
+
+def test_chat_task_equals_hflm(chat_models, tasks):
+    """Multiple choice through --apply_chat_template with a system instruction
+    and a few-shot turn as a conversation: the harness's prompts and
+    log-likelihoods (within 1e-4) equal HFLM's."""
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    ours, theirs = (
+        lm_eval.simple_evaluate(
+            model=lm,
+            tasks=["tiny_arc"],
+            task_manager=manager,
+            num_fewshot=1,
+            apply_chat_template=True,
+            fewshot_as_multiturn=True,
+            system_instruction="Answer briefly.",
+            bootstrap_iters=0,
+            log_samples=True,
+            limit=2,
+        )["samples"]["tiny_arc"]
+        for lm in chat_models
+    )
+    prompts = [[s["arguments"][0][0] for s in r] for r in (ours, theirs)]
+    assert prompts[0] == prompts[1]
+    for prompt in prompts[0]:
+        assert prompt.startswith("<s><|im_start|>system\nAnswer briefly.<|im_end|>")
+        assert prompt.count("<|im_start|>user") == 2  # The shot, then the question.
+    lls = [np.array([[r[0] for r in s["resps"]] for s in r]) for r in (ours, theirs)]
+    diff = np.abs(lls[0] - lls[1]).max()
+    print(f"chat tiny_arc: max |jaxgpt - HFLM| = {diff:.2e}")
+    assert diff < TOL
+
+
+def test_chat_generation_equals_hflm(chat_models):
+    """Greedy replies to chat prompts, cut at <|im_end|>, equal HFLM's."""
+    ours, theirs = chat_models
+    turn = [{"role": "user", "content": q} for q in ("Hello, my name is", "The")]
+    greedy = {"do_sample": False, "max_gen_toks": 8}
+    args = [
+        (ours.apply_chat_template([t]), {"until": [u], **greedy})
+        for t, u in zip(turn, ("<|im_end|>", "zzz"))
+    ]
+    got = ours.generate_until(requests("generate_until", args))
+    assert got == theirs.generate_until(requests("generate_until", args))
+    assert all(got)  # Not empty: the texts were compared.
+
+
+def test_apply_chat_template_needs_a_template(models):
+    ours, _ = models
+    with pytest.raises(ConfigError, match="tokenizer has no chat template"):
+        ours.apply_chat_template([{"role": "user", "content": "Hi"}])
+    with pytest.raises(ConfigError, match="leave --apply_chat_template out"):
+        ours.chat_template(True)
+
+
+def test_jaxgpt_chat_tokens_as_the_template():
+    """A model trained with jaxgpt's chat tokens: the prompt is its rendering,
+    and a reply ends at <|end|>. The model is a bigram table whose greedy
+    path is <|assistant|> -> a -> <|end|> -> a ..."""
+    import jax.numpy as jnp
+
+    from jaxgpt import tokenizer
+    from jaxgpt.config import ModelConfig
+    from jaxgpt.datasets import chat_template
+
+    tok, _ = chat_template.add_chat_tokens(tokenizer.CharTokenizer("ab\n"))
+    V, a, end = tok.vocab_size, 0, tok.end_id
+    table = jnp.zeros((V, V)).at[:, a].set(10.0).at[a, :].set(0.0).at[a, end].set(10.0)
+    cfg = ModelConfig(vocab_size=V, model="bigram", block_size=32)
+    lm = harness.JaxGPTLM(loaded=(cfg, {"table": {"embedding": table}}, tok))
+    history = [
+        {"role": "system", "content": "b"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "b"},
+    ]
+    prompt = lm.apply_chat_template(history)
+    assert lm.tok_encode(prompt) == (
+        chat_template.generation_prompt(tok, history).tolist()
+    )
+    begun = lm.apply_chat_template([*history, history[2]], add_generation_prompt=False)
+    assert begun == prompt + "a"  # Continues the reply: no <|end|>.
+    assert lm.chat_template(True) == tokenizer_io.CHAT_JINJA
+    args = [(prompt, {"until": ["zzz"], "max_gen_toks": 6, "do_sample": False})]
+    assert lm.generate_until(requests("generate_until", args)) == ["a"]

@@ -23,7 +23,16 @@ jaxgpt scores them:
   token predicted once with as much context as fits, scored the same way.
 - generate_until: generate.generate with its KV cache, greedy or sampled,
   prompts (left-truncated to block_size - max_gen_toks tokens, as HFLM does)
-  padded to the same few lengths and cut at the first stop string.
+  padded to the same few lengths and cut at the first stop string (and the
+  first end of text or, for a chat model, end of turn).
+
+Chat models (the harness's --apply_chat_template, --fewshot_as_multiturn,
+--system_instruction): the harness hands apply_chat_template the
+conversation (system instruction, few-shot turns, the question) and scores
+or continues the text it returns. The template is the one the model's
+tokenizer brings (datasets.chat_template.template_for): a Hugging Face
+model's jinja template, rendered as transformers renders it (so as HFLM
+does), or jaxgpt's chat tokens; a model with neither is refused in one line.
 """
 
 from __future__ import annotations
@@ -67,8 +76,9 @@ from tqdm import tqdm
 
 from jaxgpt import generate, lecture, model, sharding, train
 from jaxgpt.config import ConfigError
+from jaxgpt.datasets import chat_template as chat
 from jaxgpt.evals import scoring
-from jaxgpt.hub import hf, load
+from jaxgpt.hub import hf, load, tokenizer_io
 from jaxgpt.run import errors, hosts
 from jaxgpt.run.configs import RunConfig
 
@@ -167,7 +177,66 @@ class JaxGPTLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.tok.name
+        """The model's name (as HFLM's: "/" as "__"): it keys the harness's
+        caches of chat-templated requests."""
+        return (self.source or self.tok.name).replace("/", "__")
+
+    @functools.cached_property
+    def template(self) -> chat.ChatTokenizer | chat.HFChatTemplate | None:
+        """The chat template the model's tokenizer brings, if any."""
+        return chat.template_for(self.tok)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The jinja template --apply_chat_template renders with (the harness
+        logs it); None when chat_template is False."""
+        if not chat_template:
+            return None
+        template = self.require_chat()
+        if isinstance(template, chat.HFChatTemplate):
+            return template.template
+        return tokenizer_io.CHAT_JINJA
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The conversation as the template's text, with the assistant's header
+        (add_generation_prompt) or, as HFLM, continuing its last message. As
+        HFLM, a template that refuses the system role renders without it."""
+        template = self.require_chat()
+        args = (add_generation_prompt, not add_generation_prompt)
+        try:
+            return chat.chat_text(template, chat_history, *args)
+        except chat.ChatTemplateError as e:
+            without = [m for m in chat_history if m["role"] != "system"]
+            if len(without) == len(chat_history):
+                raise ConfigError(str(e)) from None
+            logging.warning("%s; rendering without the system message.", e)
+            return chat.chat_text(template, without, *args)
+
+    def require_chat(self) -> chat.ChatTokenizer | chat.HFChatTemplate:
+        """The model's chat template; ConfigError if it has none."""
+        try:
+            template = self.template
+        except chat.ChatTemplateError as e:  # One that does not compile, say.
+            raise ConfigError(f"--apply_chat_template: {e}") from None
+        if template is None:
+            raise ConfigError(
+                f"--apply_chat_template: the model's {self.tok.name!r} tokenizer has"
+                " no chat template: leave --apply_chat_template out, or evaluate a"
+                " chat model (trained with jaxgpt's chat tokens, or a Hugging Face"
+                " model whose folder has a chat_template)."
+            )
+        return template
+
+    @functools.cached_property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids a continuation ends at: the end of text, and a chat
+        template's end of turn (<|im_end|>, jaxgpt's <|end|>)."""
+        try:
+            turn = self.template.stop_ids if self.template else ()
+        except chat.ChatTemplateError:  # A template that cannot be used: none.
+            turn = ()
+        return frozenset({self.tok.eos_id, *turn} - {None})
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         """As HFLM's: a string that starts with the prefix token's text gets no
@@ -270,7 +339,8 @@ class JaxGPTLM(TemplateLM):
         }
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Continuations, cut at the first stop string (or end of text)."""
+        """Continuations, cut at the first stop string (or end of text, or the
+        chat template's end of turn)."""
         eot, bos = self.tok.eos_id, self.tok.bos_id
         eos = None if eot is None else self.tok_decode([eot])
         bos = None if bos is None else self.tok_decode([bos])
@@ -294,8 +364,8 @@ class JaxGPTLM(TemplateLM):
         for options, chunk in tqdm(chunks, disable=disable_tqdm, desc="generate"):
             rows = self.draw(options, [ids for _, ids, _ in chunk])
             for (i, _, until), tokens in zip(chunk, rows):
-                if eot is not None and eot in tokens:
-                    tokens = tokens[: tokens.index(eot)]
+                ends = [at for at, t in enumerate(tokens) if t in self.stop_ids]
+                tokens = tokens[: ends[0]] if ends else tokens
                 text = postprocess_generated_text(self.tok_decode(tokens), until, None)
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
