@@ -386,6 +386,8 @@ def test_checkpoint_tokenizer_keeps_the_template(family, request):
     saved = as_saved(tok)
     assert saved.chat_template == tok.chat_template == folder_template(folder)
     assert saved.special_tokens == tok.special_tokens
+    # A chat dataset prepared with the folder's template holds the same tokenizer.
+    assert HFChatTemplate.load(folder).tok.to_json() == tok.to_json()
     template = chat_template.template_for(saved)
     assert isinstance(template, HFChatTemplate)
     for name, messages in CONVERSATIONS.items():
