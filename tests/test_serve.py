@@ -39,6 +39,7 @@ from jaxgpt.serve.protocol import Defaults
 CHARS = "abcdefghijklmnopqrstuvwxyz .,?!'\n"
 CHAT_CONTEXT, BASE_CONTEXT, SLOTS = 128, 512, 8
 HELLO = [{"role": "user", "content": "hello, who are you?"}]
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
 def random_params(cfg: ModelConfig, seed: int):
@@ -381,7 +382,7 @@ LONG = {"prompt": "the ", "max_tokens": BASE_CONTEXT - 8, "seed": 2}
 def test_a_client_that_goes_away_frees_its_slot(base_server, stream):
     url, recording = base_server
     before = len(recording.submitted)
-    sock = raw_request(url, http_post("/v1/completions", {**LONG, "stream": stream}))
+    sock = raw_request(url, http_post(COMPLETIONS, {**LONG, "stream": stream}))
     if stream:
         got = b""
         while b"data:" not in got:
@@ -401,17 +402,50 @@ def test_a_client_that_goes_away_frees_its_slot(base_server, stream):
     assert body["usage"]["completion_tokens"] == 4
 
 
+def test_a_queued_client_that_goes_away_never_takes_the_slot(base_server):
+    url, recording = base_server
+    before = len(recording.submitted)
+    first = raw_request(url, http_post(COMPLETIONS, {**LONG, "stream": True}))
+    got = b""
+    while b"data:" not in got:  # The one slot is taken.
+        got += first.recv(4096)
+    queued = raw_request(url, http_post(COMPLETIONS, {**LONG, "stream": True}))
+    while len(recording.submitted) < before + 2:
+        time.sleep(0.005)
+    queued.close()
+    time.sleep(0.1)  # The server hears of it (the engine drops it when a row frees).
+    first.close()
+    running, waiting = recording.submitted[before:]
+    assert wait_finished(running) == "cancelled"
+    assert wait_finished(waiting) == "cancelled" and waiting.completion_tokens == 0
+    assert waiting.cancelled.is_set()
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    sock.close()
+    return reply
+
+
+def test_a_body_too_large_is_refused_before_it_is_sent(base_server):
+    url, _ = base_server
+    head = (
+        f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        "\r\nContent-Length: 1000000000\r\nConnection: close\r\n\r\n{"
+    )
+    reply = read_reply(raw_request(url, head))  # Answered with the body unsent.
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b'"request_too_large"' in reply
+
+
 def test_static_files_only_from_the_package(base_server):
     url, _ = base_server
     for path in ("/static/../app.py", "/static/..%2fapp.py", "/static/%2e%2e/app.py",
                  "/static/../../../setup.cfg", "/static//etc/passwd"):  # fmt: skip
-        sock = raw_request(
-            url, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-        sock.close()
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        reply = read_reply(raw_request(url, request))
         assert reply.startswith(b"HTTP/1.1 404"), (path, reply[:200])
         assert b"make_app" not in reply and b"root:" not in reply
     index = serve_app.STATIC / "index.html"
@@ -421,8 +455,6 @@ def test_static_files_only_from_the_package(base_server):
 
 
 # --- refusals ----------------------------------------------------------------------
-
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
 def chat(**fields):
