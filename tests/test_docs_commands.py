@@ -31,7 +31,10 @@ from jaxgpt.run import cli, configs
 FLAGS = flags.FLAGS
 DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
 # The modules whose flags are cli's.
-ABSL = {"jaxgpt.main", "jaxgpt.hub.export", "jaxgpt.datasets.prepare", "jaxgpt.serve"}
+ABSL = {
+    "jaxgpt.main", "jaxgpt.hub.export", "jaxgpt.datasets.prepare", "jaxgpt.serve",
+    "jaxgpt.chat",
+}  # fmt: skip
 PLACEHOLDER = re.compile(r"\.\.\.|path/to/|\$")
 
 # Appended to each run of jaxgpt.main: a model and a run of seconds.
@@ -360,6 +363,8 @@ def skip_reason(command: Command, made: set[str]) -> str | None:
         return "needs the network (the tasks' data)"
     if command.module == "jaxgpt.serve":
         return "a server: it runs until stopped (tests/test_serve.py runs it)"
+    if command.module == "jaxgpt.chat":
+        return "reads the terminal (tests/test_chat_terminal.py runs it)"
     if command.module == "jaxgpt.tools.ladder":
         return "trains every lecture step in turn: minutes even at tiny sizes"
     if command.module.startswith("jaxgpt.micrograd"):
