@@ -79,7 +79,7 @@ def runs(tmp_path_factory) -> dict[str, str]:
     base = CharTokenizer(VOCAB)
     chat_tok, _ = add_chat_tokens(base)
     folders = {}
-    for name, tok, context in (("chat", chat_tok, CONTEXT), ("base", base, 64)):
+    for name, tok, context in (("chat", chat_tok, CONTEXT), ("base", base, 32)):
         folders[name] = str(tmp_path_factory.mktemp(name) / "run")
         save_run(folders[name], tok, context)
     return folders
@@ -217,9 +217,9 @@ def test_ctrl_c_at_the_prompt_drops_the_line_and_quit_exits_0(chat):
 def test_a_base_model_continues_text_and_runs_piped(runs):
     """Piped (no terminal): no colours, each line read is echoed after the
     prompt and gets its continuation, the end of input quits with status 0.
-    The context (64 tokens) drops the oldest messages, and refuses a message
+    The context (32 tokens) drops the oldest messages, and refuses a message
     that alone does not fit."""
-    lines = ["Once upon", "then", "x" * 70, "y" * 40]
+    lines = ["Hi", "yo", "x" * 40, "y" * 14]
     done = subprocess.run(
         [sys.executable, "-m", "jaxgpt.chat", f"--workdir={runs['base']}",
          "--max_new_tokens=5"],
@@ -229,13 +229,13 @@ def test_a_base_model_continues_text_and_runs_piped(runs):
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "\x1b" not in out
-    assert "context 64 tokens, no chat template" in out and "plain continuation" in out
+    assert "context 32 tokens, no chat template" in out and "plain continuation" in out
     replies = re.findall(r"\n([^\n(]*)\n\(/max tokens reached\)", out)
     assert len(replies) == 3 and all(len(r) == 5 for r in replies), out
-    # "Once upon" + "\n" + 5 + "\n", "then\n" + 5 + "\n", then 41 tokens and
-    # 5 to draw: 64 holds them once the first exchange (2 messages) goes.
+    # "Hi\n", 5 + "\n", "yo\n", 5 + "\n", then 15 tokens and 5 to draw: 32
+    # holds them once the first exchange (2 messages) goes.
     assert (
-        f"> {lines[2]}\n(not sent: that message alone does not fit the context of 64"
+        f"> {lines[2]}\n(not sent: that message alone does not fit the context of 32"
         f" tokens: shorten it)\n> {lines[3]}\n(dropped the 2 oldest messages:"
     ) in out
 

@@ -270,9 +270,10 @@ class Terminal:
         try:
             prompt_ids, dropped = self.model.chat_prompt(messages, settings.max_tokens)
         except PromptTooLong:
+            alone = "with the system prompt" if settings.system else "alone"
             self.note(
-                f"(not sent: that message alone does not fit the context of {context}"
-                " tokens: shorten it)"
+                f"(not sent: that message {alone} does not fit the context of"
+                f" {context} tokens: shorten it)"
             )
             return
         except ValueError as e:  # A character the tokenizer does not know.
