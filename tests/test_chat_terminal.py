@@ -6,10 +6,13 @@ tokenizer (and jaxgpt's chat tokens, for the chat model). Their final norm is
 set so that every next token is drawn uniformly from the characters and never
 a chat token: a reply always runs to its token limit, one character a token,
 so its length is known and a long one is still running when Ctrl-C comes.
+A few checks of the Terminal class itself (a fake engine) pin down what a
+terminal cannot see: the request cancelled, the options sent.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import string
@@ -274,3 +277,72 @@ def test_max_new_tokens_leaves_room_in_the_context():
         terminal.initial_settings(
             SampleConfig(max_new_tokens=64), "", {"max_new_tokens"}, 64
         )
+
+
+class FakeModel:
+    """chat_prompt's ids for any conversation (what Terminal asks of a model)."""
+
+    name, context, chat = "fake", 64, True
+
+    def chat_prompt(self, messages, max_tokens):
+        self.messages = messages
+        return np.arange(3, dtype=np.int32), 0
+
+
+class FakeRequest:
+    """A reply of two pieces, then Ctrl-C."""
+
+    finish_reason, completion_tokens, cancelled = None, 2, False
+
+    def __iter__(self):
+        yield from ("Hel", "lo")
+        raise KeyboardInterrupt
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeEngine:
+    def submit(self, prompt_ids, opts):
+        self.opts, self.request = opts, FakeRequest()
+        return self.request
+
+
+def fake_terminal(read=input):
+    settings = terminal.Settings(0.5, 0.9, 7, 8, "Be brief.")
+    out = io.StringIO()
+    return terminal.Terminal(FakeModel(), FakeEngine(), settings, 0, read, out), out
+
+
+def test_ctrl_c_cancels_the_request_and_keeps_what_was_printed():
+    chat, out = fake_terminal()
+    chat.send("hi")
+    assert chat.engine.request.cancelled
+    assert out.getvalue() == "Hello\n(stopped)\n"  # Piped: no colours.
+    assert chat.history == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    assert chat.model.messages[0] == {"role": "system", "content": "Be brief."}
+    opts = chat.engine.opts
+    assert (opts.max_tokens, opts.temperature, opts.top_p, opts.top_k) == (
+        8,
+        0.5,
+        0.9,
+        7,
+    )
+
+
+def test_two_ctrl_c_in_a_row_at_the_prompt_quit():
+    keys = iter([KeyboardInterrupt, "/max", KeyboardInterrupt, KeyboardInterrupt, "x"])
+
+    def read(prompt):
+        key = next(keys)
+        if key is KeyboardInterrupt:
+            raise key
+        return key
+
+    chat, out = fake_terminal(read)
+    assert chat.loop() == 0
+    assert next(keys) == "x"  # Quit at the second Ctrl-C in a row, not the first.
+    assert out.getvalue().count("(Ctrl-C again, Ctrl-D or /quit to leave)") == 2
