@@ -1,5 +1,6 @@
 """The terminal chat, `python -m jaxgpt.chat`, used as a person uses it: in a
-pseudo-terminal (pexpect), typing messages, commands, Ctrl-C and Ctrl-D.
+pseudo-terminal (pexpect), typing messages, commands and Ctrl-C (and piped,
+to the end of its input).
 
 The models are tiny random GPTs saved as a run's checkpoint, with a character
 tokenizer (and jaxgpt's chat tokens, for the chat model). Their final norm is
