@@ -22,6 +22,7 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
+from absl.testing import flagsaver
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
@@ -38,6 +39,7 @@ from jaxgpt.chat import model as chat_model
 from jaxgpt.chat.engine import Engine
 from jaxgpt.config import ModelConfig
 from jaxgpt.datasets import chat_template
+from jaxgpt.run import cli
 from jaxgpt.serve import app as serve_app
 from jaxgpt.serve.__main__ import listen
 from jaxgpt.serve.protocol import Defaults
@@ -46,6 +48,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHARS = "".join(chr(i) for i in range(32, 127)) + "\n"  # Printable ASCII.
 CONTEXT, KEY, SYSTEM = 512, "s3cret-key", "You are a tiny random model."
 MAX_TOKENS, STEP_S = 400, 0.01
+SCREENSHOT_TURNS = ("ROMEO:\nWhat news, good friar?", "JULIET:\nO, speak again!")
 
 missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
 pytestmark = pytest.mark.skipif(
@@ -203,8 +206,13 @@ def set_max_tokens(driver, n: int) -> None:
 
 
 def say(driver, text: str) -> None:
-    """Types `text` and Enter; returns once the reply is complete."""
-    find(driver, "prompt").send_keys(text, Keys.ENTER)
+    """Types `text` (its newlines as Shift+Enter) and Enter; returns once the
+    reply is complete."""
+    lines = text.split("\n")
+    keys = [lines[0]]
+    for line in lines[1:]:
+        keys += [Keys.SHIFT, Keys.ENTER, Keys.SHIFT, line]
+    find(driver, "prompt").send_keys(*keys, Keys.ENTER)
     wait(driver, lambda d: find(d, "send").is_enabled())
 
 
@@ -293,19 +301,43 @@ def test_api_key_is_asked_for_and_sent(browser, server):
     assert server[2].submitted[-1].finish_reason == "length"
 
 
+@contextlib.contextmanager
+def screenshot_server(url: str):
+    """`url`, or a server of $JAXGPT_WEB_CHAT_WORKDIR's trained model."""
+    workdir = os.environ.get("JAXGPT_WEB_CHAT_WORKDIR")
+    if not workdir:
+        yield url
+        return
+    with flagsaver.flagsaver():
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["serve", f"--workdir={workdir}"])
+        trained = chat_model.load(cli.command())
+    engine = Engine(trained, slots=1)
+    try:
+        with serving(serve_app.make_app(trained, engine)) as trained_url:
+            yield trained_url
+    finally:
+        engine.close()
+
+
 def test_screenshot(browser, server, tmp_path):
     """A short conversation at 900x700, saved at tmp_path (printed) or at
-    $JAXGPT_WEB_CHAT_SCREENSHOT."""
+    $JAXGPT_WEB_CHAT_SCREENSHOT; with the tiny model, or the one trained in
+    $JAXGPT_WEB_CHAT_WORKDIR."""
     path = os.environ.get("JAXGPT_WEB_CHAT_SCREENSHOT") or tmp_path / "web_chat.png"
     browser.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride",
         {"width": 900, "height": 700, "deviceScaleFactor": 1, "mobile": False},
     )
-    open_page(browser, server[0], max_tokens=60)
-    for text in ("Hello! Who are you?", "Tell me a story."):
-        say(browser, text)
-    assert len(messages(browser, "assistant")) == 2
-    assert browser.save_screenshot(str(path))
+    with screenshot_server(server[0]) as url:
+        browser.get(url + "/")
+        wait(browser, lambda d: find(d, "model").text.startswith("Model: "))
+        set_max_tokens(browser, 60)
+        for text in SCREENSHOT_TURNS:
+            say(browser, text)
+        assert messages(browser, "user") == list(SCREENSHOT_TURNS)
+        assert len(messages(browser, "assistant")) == len(SCREENSHOT_TURNS)
+        assert browser.save_screenshot(str(path))
     print(f"screenshot: {path}")
     png = Path(path).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

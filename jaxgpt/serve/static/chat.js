@@ -158,7 +158,7 @@ async function send(text) {
     else {
       const finish = await readStream(response, (piece) => {
         reply += piece;
-        view.textContent = reply;
+        view.textContent = reply.trimStart(); // A base model's reply starts on a new line.
         answer.scrollIntoView({ block: "end" });
       });
       if (finish === "length") ended = "The reply reached the token limit.";
