@@ -1,6 +1,6 @@
 """Chat with a model in the terminal: replies stream as they are sampled.
 
-  python -m jaxgpt.chat --workdir=out-chat
+  python -m jaxgpt.chat --workdir=out/chat_sft
   python -m jaxgpt.chat --init_from=HuggingFaceTB/SmolLM2-135M-Instruct --temperature=0.7
 
 The model is --init_from's (GPT-2, a Llama-family folder or Hub name) or the
