@@ -524,3 +524,32 @@ def test_chat_text_of_chat_tokens_encodes_to_the_render(bpe_chat):
         )
         np.testing.assert_array_equal(tok.encode(text), ids[:-1])  # No <|end|>.
     assert chat_template.chat_text(bpe_chat, messages[:1]).startswith("<|endoftext|>")
+
+
+def test_export_command_keeps_the_template(chatml, tmp_path, monkeypatch):
+    """hub.export.export of a checkpoint (its loading stubbed: a tiny random
+    Llama-layout model with the checkpoint's tokenizer, read from a folder):
+    transformers' apply_chat_template on the exported folder gives the ids
+    jaxgpt trains on, and the folder reads back as the same tokenizer."""
+    import jax
+
+    from jaxgpt import lecture
+    from jaxgpt.config import ModelConfig
+    from jaxgpt.hub import export, load
+    from jaxgpt.run.configs import RunConfig
+
+    tok = as_saved(hf.load_tokenizer(str(chatml), ("tokenizer.json",)))
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16,
+        position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False,
+    )  # fmt: skip
+    params = lecture.init_params(cfg, jax.random.key(0))
+    monkeypatch.setattr(load, "load_model", lambda *_: (cfg, params, tok))
+    out = tmp_path / "exported"
+    how = export.export(RunConfig(workdir=str(tmp_path / "run")), "latest", str(out))
+    assert "chat template" in how
+    template = chat_template.template_for(tok)
+    for name, messages in CONVERSATIONS.items():
+        ids, _ = template.render_conversation(messages)
+        assert transformers_ids(out, messages, False) == ids.tolist(), name
+    assert load.read_tokenizer(str(out)).to_json() == tok.to_json()
