@@ -143,6 +143,7 @@ async function send(text) {
   const view = addMessage("assistant", "");
   const answer = view.parentElement;
   answer.classList.add("streaming");
+  answer.setAttribute("aria-busy", "true"); // Screen readers read it once, whole.
   let reply = "";
   let ended = "";
   controller = new AbortController();
@@ -168,9 +169,10 @@ async function send(text) {
     else showError(e.message || String(e));
   } finally {
     answer.classList.remove("streaming");
+    answer.removeAttribute("aria-busy");
     controller = null;
     setBusy(false);
-    ui.status.textContent = ended;
+    if (chat === messages) ui.status.textContent = ended;
   }
   if (reply) {
     chat.push({ role: "assistant", content: reply });
@@ -206,6 +208,9 @@ ui.prompt.addEventListener("keydown", (event) => {
   }
 });
 ui.stop.addEventListener("click", () => controller && controller.abort());
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && controller) controller.abort();
+});
 ui.newChat.addEventListener("click", newChat);
 ui.apiKey.addEventListener("change", () => { if (!modelId) loadModel(); });
 
