@@ -287,6 +287,25 @@ def test_markup_is_shown_as_text(browser, server):
     assert browser.find_elements(By.CSS_SELECTOR, "#log img, #log b") == []
 
 
+def test_narrow_window_has_no_sideways_scroll(browser, server):
+    open_page(browser, server[0], max_tokens=30)
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 360, "height": 640, "deviceScaleFactor": 1, "mobile": True},
+    )
+    try:
+        say(browser, "a long word: " + "x" * 200)
+        assert len(messages(browser, "assistant")) == 1
+        width = "return [document.documentElement.scrollWidth, window.innerWidth]"
+        scroll_width, window_width = browser.execute_script(width)
+        assert window_width == 360 and scroll_width <= window_width
+        for element_id in ("prompt", "send", "stop", "new-chat"):
+            box = find(browser, element_id).rect
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 360, element_id
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
 def test_api_key_is_asked_for_and_sent(browser, server):
     browser.get(server[1] + "/")
     wait(browser, lambda d: find(d, "error").is_displayed())
