@@ -17,7 +17,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TextIO
 
 import numpy as np
@@ -36,7 +36,7 @@ COMMANDS = {
     "/max N": "the most tokens a reply may have",
     "/system TEXT": "set the system prompt; /system alone removes it",
     "/help": "this list",
-    "/quit": "leave (also Ctrl-D, or Ctrl-C twice at the prompt)",
+    "/quit": "leave (also /exit, Ctrl-D, or Ctrl-C twice at the prompt)",
 }
 ALIASES = {"/temperature": "/temp", "/exit": "/quit"}
 KEYS = (
@@ -62,7 +62,7 @@ class CommandError(ValueError):
 
 
 def initial_settings(
-    sample: SampleConfig, system: str, given, context: int
+    sample: SampleConfig, system: str, given: Collection[str], context: int
 ) -> Settings:
     """The flags' settings. --max_new_tokens must leave room for a message in
     the context: one given that does not is refused (ConfigError), the default
@@ -79,7 +79,7 @@ def initial_settings(
     return Settings(sample.temperature, sample.top_p, sample.top_k, max_tokens, system)
 
 
-def _number(arg: str, kind: type, usage: str) -> float:
+def _number(arg: str, kind: type[int | float], usage: str) -> int | float:
     try:
         value = kind(arg)
     except ValueError:
