@@ -48,7 +48,14 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHARS = "".join(chr(i) for i in range(32, 127)) + "\n"  # Printable ASCII.
 CONTEXT, KEY, SYSTEM = 512, "s3cret-key", "You are a tiny random model."
 MAX_TOKENS, STEP_S = 400, 0.01
-SCREENSHOT_TURNS = ("ROMEO:\nWhat news, good friar?", "JULIET:\nO, speak again!")
+SCREENSHOT_TURNS = {  # By whether the model has a chat template.
+    True: (
+        "How do you spell 'jaxgpt'?",
+        "What is 17 + 25?",
+        "Write 'hello' backwards.",
+    ),
+    False: ("ROMEO:\nWhat news, good friar?", "JULIET:\nO, speak again!"),
+}
 
 missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
 pytestmark = pytest.mark.skipif(
@@ -322,10 +329,11 @@ def test_api_key_is_asked_for_and_sent(browser, server):
 
 @contextlib.contextmanager
 def screenshot_server(url: str):
-    """`url`, or a server of $JAXGPT_WEB_CHAT_WORKDIR's trained model."""
+    """(`url`, True), or a server of $JAXGPT_WEB_CHAT_WORKDIR's trained model
+    and whether it has a chat template."""
     workdir = os.environ.get("JAXGPT_WEB_CHAT_WORKDIR")
     if not workdir:
-        yield url
+        yield url, True
         return
     with flagsaver.flagsaver():
         cli.FLAGS.unparse_flags()
@@ -334,7 +342,7 @@ def screenshot_server(url: str):
     engine = Engine(trained, slots=1)
     try:
         with serving(serve_app.make_app(trained, engine)) as trained_url:
-            yield trained_url
+            yield trained_url, trained.chat
     finally:
         engine.close()
 
@@ -348,14 +356,17 @@ def test_screenshot(browser, server, tmp_path):
         "Emulation.setDeviceMetricsOverride",
         {"width": 900, "height": 700, "deviceScaleFactor": 1, "mobile": False},
     )
-    with screenshot_server(server[0]) as url:
+    with screenshot_server(server[0]) as (url, chat):
+        turns = SCREENSHOT_TURNS[chat]
         browser.get(url + "/")
         wait(browser, lambda d: find(d, "model").text.startswith("Model: "))
-        set_max_tokens(browser, 60)
-        for text in SCREENSHOT_TURNS:
+        set_max_tokens(browser, 16 if chat else 60)  # Answers; continuations.
+        if chat:  # Greedy: the answers the model finds likeliest.
+            find(browser, "temperature").send_keys("0")
+        for text in turns:
             say(browser, text)
-        assert messages(browser, "user") == list(SCREENSHOT_TURNS)
-        assert len(messages(browser, "assistant")) == len(SCREENSHOT_TURNS)
+        assert messages(browser, "user") == list(turns)
+        assert len(messages(browser, "assistant")) == len(turns)
         assert browser.save_screenshot(str(path))
     print(f"screenshot: {path}")
     png = Path(path).read_bytes()
