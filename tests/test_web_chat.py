@@ -1,12 +1,13 @@
 """The web chat (jaxgpt/serve/static/) in a real headless Chromium against the
 real server: the model's name and context on the page, a reply that streams
-in and grows, Stop mid-reply (the server frees the slot: with one slot, the
-next reply proves it), New chat, the server's errors and the API key prompt,
-and text kept as text. Debian's chromium and chromedriver only; the tests skip
-without them or without selenium.
+in and grows, Stop mid-reply (the server cancels it, and with one slot the
+next reply proves the slot free), New chat, the server's errors and the API
+key prompt, text kept as text, a narrow window. Debian's chromium and
+chromedriver only; the tests skip without them or without selenium.
 
-JAXGPT_WEB_CHAT_SCREENSHOT=<path.png> also saves a 900x700 screenshot of a
-short conversation there (docs/images/web_chat.png is made so).
+The last test saves a 900x700 screenshot of a short conversation, at
+$JAXGPT_WEB_CHAT_SCREENSHOT if set, with the tiny model or with the run in
+$JAXGPT_WEB_CHAT_WORKDIR (docs/images/web_chat.png is made so: docs/serve.md).
 """
 
 from __future__ import annotations
