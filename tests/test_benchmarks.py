@@ -149,6 +149,17 @@ def test_generate_and_compile():
     )
 
 
+def test_chat_eval_times_prompts_together_and_alone():
+    out = bench(
+        "chat_eval.py", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=64",
+        "--bench_prompts=3", "--bench_new_tokens=4", "--bench_repeats=1",
+    )  # fmt: skip
+    for way, rows in (("together", 3), ("one at a time", 1)):
+        row = rf"^\| {way} \| {rows} \| [\d.]+ \| [\d.]+ \| [\d,]+ \| [\d.]+x \|$"
+        assert re.search(row, out, re.MULTILINE), out[-2000:]
+    assert re.search(r"^\| 3 prefills \(one row each\) \| [\d.]+ \|", out, re.MULTILINE)
+
+
 def test_tokenizer_trains_and_encodes(corpus_path):
     out = bench(
         "tokenizer.py", f"--text={corpus_path}", "--mb=0.2", "--vocab_size=300",

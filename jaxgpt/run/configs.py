@@ -199,7 +199,7 @@ class MeshConfig:
         return self.coordinator_address is not None
 
 
-EVAL_TASKS = ("hellaswag",)  # Downstream tasks a training run can score itself.
+EVAL_TASKS = ("hellaswag", "chat")  # Downstream tasks a training run can score itself.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,13 +227,15 @@ class EvalConfig:
     eval_batch_size: int = option(
         16,
         "Rows (sequences) per compiled call when scoring tasks: --tasks' requests,"
-        " and --eval_tasks' endings (4 per HellaSwag example).",
+        " --eval_tasks' endings (4 per HellaSwag example), and the chat task's"
+        " replies decoded together.",
     )
     eval_tasks: str | None = option(
         None,
         "Also score these downstream tasks at each evaluation of a run (and in"
         " --mode=eval): hellaswag, its acc and acc_norm scored completion-style as"
-        " lm-evaluation-harness scores them.",
+        " lm-evaluation-harness scores them; chat, the exact match of greedy replies"
+        " to --chat_eval_path's records (jaxgpt.evals.generation).",
     )
     eval_task_examples: int | None = option(
         None,
@@ -245,6 +247,12 @@ class EvalConfig:
         "HellaSwag's validation split as a local jsonl (Rowan/hellaswag's rows),"
         " for a machine offline. Default: <data_dir>/hellaswag/validation.jsonl,"
         " read once through HF datasets and kept there.",
+    )
+    chat_eval_path: str | None = option(
+        None,
+        "The chat task's test split (test.jsonl of python -m"
+        " jaxgpt.datasets.chat_tasks) that --eval_tasks=chat and python -m"
+        " jaxgpt.evals.generation score.",
     )
 
     def __post_init__(self):
@@ -258,6 +266,11 @@ class EvalConfig:
                 f"--eval_tasks={self.eval_tasks}: {unknown[0]!r} is not one a run"
                 f" scores itself ({', '.join(EVAL_TASKS)}); use --mode=eval --tasks"
                 " for lm-evaluation-harness's tasks."
+            )
+        if "chat" in self.task_list("eval_tasks") and not self.chat_eval_path:
+            raise ConfigError(
+                "--eval_tasks=chat needs --chat_eval_path: the test.jsonl that"
+                " python -m jaxgpt.datasets.chat_tasks writes."
             )
         if self.eval_task_examples is not None:
             require_positive(eval_task_examples=self.eval_task_examples)
