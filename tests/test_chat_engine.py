@@ -1,5 +1,6 @@
 """jaxgpt.chat: prompts from conversations, and the engine's batched replies."""
 
+import dataclasses
 import threading
 
 import jax
@@ -69,6 +70,11 @@ def test_chat_prompt_renders_the_template_and_drops_the_oldest_turns(model):
     ids, dropped = model.chat_prompt(messages, max_tokens=30)  # 34 left of 64.
     assert dropped == 2 and len(ids) <= 34  # The first exchange (43 in all).
     assert model.decode(ids).startswith("<|system|>be brief.<|end|><|user|>how")
+    system_only, dropped = model.chat_prompt(messages[:1], max_tokens=8)
+    assert model.decode(system_only) == "<|system|>be brief.<|end|><|assistant|>"
+    closed = messages[:3]  # A last assistant message is a turn like the others.
+    text = model.decode(model.chat_prompt(closed, max_tokens=8)[0])
+    assert text.endswith("<|assistant|>hi<|end|><|assistant|>")
     with pytest.raises(PromptTooLong, match="the last message takes"):
         model.chat_prompt([{"role": "user", "content": "a" * 70}], max_tokens=8)
 
@@ -116,6 +122,7 @@ def test_stop_strings_cut_the_reply(model, engine):
 
 
 def test_a_cancelled_request_frees_its_row(model):
+    model = dataclasses.replace(model, stop_ids=frozenset())  # Replies run on.
     one_row = Engine(model, slots=1)
     try:
         prompt = model.chat_prompt([{"role": "user", "content": "go"}], 8)[0]

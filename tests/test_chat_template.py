@@ -463,9 +463,9 @@ def test_stop_ids(chatml, llama3):
         chatml, "<|im_end|>", "<|endoftext|>"
     )
     char, _ = add_chat_tokens(tokenizer.CharTokenizer("ab"))
-    assert char.stop_ids == (char.end_id,) == (5,)
+    assert char.stop_ids == (5, 2, 3, 4)  # <|end|>, then the role tokens.
     gpt2, _ = add_chat_tokens(tokenizer_io.load_gpt2(allow_download=False))
-    assert gpt2.stop_ids == (50260, 50256)  # <|end|>, <|endoftext|>.
+    assert gpt2.stop_ids == (50260, 50257, 50258, 50259, 50256)  # ..., <|endoftext|>.
 
 
 def test_template_for_each_tokenizer(chatml):

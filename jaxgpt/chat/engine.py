@@ -151,6 +151,9 @@ class Engine:
                 for row, request in list(self.active.items()):
                     if request.cancelled.is_set():
                         self.release(row, "cancelled")
+                for request in [r for r in self.waiting if r.cancelled.is_set()]:
+                    self.waiting.remove(request)
+                    request.finish("cancelled")
                 starting = []
                 while self.waiting and len(self.active) + len(starting) < self.slots:
                     request = self.waiting.popleft()

@@ -53,12 +53,15 @@ class ChatModel:
         return self.template is not None
 
     def render(self, messages: Sequence[Message]) -> np.ndarray:
-        """The ids of the messages followed by the assistant's header (a base
-        model: the contents, one per line, and a newline)."""
+        """The ids of every message (a last assistant message is a turn like
+        the others) followed by the assistant's header; a base model: the
+        contents, one per line, and a newline."""
         if isinstance(self.template, tokenizer_io.ChatTokenizer):
-            return chat_template.generation_prompt(self.template, messages)
+            ids, _ = chat_template.render_conversation(self.template, messages)
+            assistant = self.template.special[chat_template.ASSISTANT]
+            return np.append(ids, np.int32(assistant)).astype(np.int32)
         if self.template is not None:
-            return self.template.generation_prompt(messages)
+            return self.template.encode(messages, add_generation_prompt=True)
         return self.text_prompt("".join(m["content"] + "\n" for m in messages))
 
     def chat_prompt(
@@ -72,16 +75,20 @@ class ChatModel:
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
         turns = messages[len(system) :]
         budget = max(1, self.context - max_tokens)
-        for dropped in range(len(turns)):
-            if turns[dropped]["role"] == "assistant" and dropped < len(turns) - 1:
+        for dropped in range(max(1, len(turns))):
+            if (
+                turns
+                and turns[dropped]["role"] == "assistant"
+                and dropped < len(turns) - 1
+            ):
                 continue  # The kept turns start with a user's (templates ask it).
             ids = self.render(system + turns[dropped:])
             if len(ids) <= budget or (
-                len(ids) < self.context and dropped == len(turns) - 1
+                len(ids) < self.context and dropped >= len(turns) - 1
             ):
                 return ids, dropped
         raise PromptTooLong(
-            f"the last message takes {len(self.render(system + turns[-1:]))}"
+            f"the last message takes {len(self.render(messages[-1:]))}"
             f" tokens with the template, and the context holds {self.context}:"
             " shorten it."
         )

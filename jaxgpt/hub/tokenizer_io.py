@@ -458,10 +458,11 @@ class ChatTokenizer:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """The ids that end a reply: `<|end|>`, and the base's end of text (a
-        model that writes it has left the conversation)."""
-        eos = self.base.eos_id
-        return (self.end_id,) if eos is None else (self.end_id, eos)
+        """The ids that end a reply: `<|end|>`, then the other chat tokens and
+        the base's end of text (a model that writes one has left its turn)."""
+        others = [i for i in self.special.values() if i != self.end_id]
+        eos = [] if self.base.eos_id is None else [self.base.eos_id]
+        return (self.end_id, *others, *eos)
 
     def encode(self, text: str) -> np.ndarray:
         """int32 ids [n_tokens]; chat tokens' text becomes their ids, as does a
