@@ -73,11 +73,12 @@ def norm(cfg: ModelConfig, name: str, dtype: str | None = None) -> nn.Module:
 def rope(x_BTND: jax.Array, pos_T: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding (Su et al., 2021) in Llama's rotate-half layout:
     channels i and i + D/2 of each head form a pair, turned by the angle
-    pos * theta^(-2i/D). Computed in float32, returned in x's dtype."""
+    pos * theta^(-2i/D) (pos_T, or each row's own: pos_BT). Computed in float32,
+    returned in x's dtype."""
     D = x_BTND.shape[-1]
     inv_freq_F = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # D/2.
-    angle_TF = pos_T.astype(jnp.float32)[:, None] * inv_freq_F[None, :]
-    cos_T1F, sin_T1F = jnp.cos(angle_TF)[:, None], jnp.sin(angle_TF)[:, None]
+    angle_TF = pos_T.astype(jnp.float32)[..., None] * inv_freq_F  # Or [B, T, F].
+    cos_T1F, sin_T1F = (f(angle_TF)[..., None, :] for f in (jnp.cos, jnp.sin))
     x1, x2 = jnp.split(x_BTND.astype(jnp.float32), 2, axis=-1)
     turned = [x1 * cos_T1F - x2 * sin_T1F, x2 * cos_T1F + x1 * sin_T1F]
     return jnp.concatenate(turned, axis=-1).astype(x_BTND.dtype)
@@ -119,13 +120,15 @@ class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t sees positions <= t only.
 
     With K < H key/value heads (grouped-query attention), query head h reads
-    key/value head h // (H / K)."""
+    key/value head h // (H / K). In rows of packed conversations (seg_BT: each
+    token's conversation), a token sees only its own conversation, at its
+    positions within it (pos_BT)."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False, start=0
+        self, x_BTC, deterministic, decode=False, start=0, seg_BT=None, pos_BT=None
     ) -> jax.Array:
         cfg = self.config
         B, T, C = x_BTC.shape
@@ -139,11 +142,15 @@ class CausalSelfAttention(nn.Module):
             k_BSKD = norm(cfg, "k_norm", cfg.dtype)(k_BSKD)
         q_pos_T = k_pos_S = start + jnp.arange(T)  # Positions of these tokens.
         if cfg.position == "rope":  # Scores then depend on q_pos - k_pos only.
-            q_BTHD = rope(q_BTHD, q_pos_T, cfg.rope_theta)
-            k_BSKD = rope(k_BSKD, q_pos_T, cfg.rope_theta)
+            pos = q_pos_T if pos_BT is None else pos_BT
+            q_BTHD = rope(q_BTHD, pos, cfg.rope_theta)
+            k_BSKD = rope(k_BSKD, pos, cfg.rope_theta)
         if decode:  # The keys and values so far come from the cache; these join them.
             k_BKSD, v_BKSD, k_pos_S = self.append_to_cache(k_BSKD, v_BSKD, start)
-        causal_TS = q_pos_T[:, None] >= k_pos_S[None, :]
+        keep_B1TS = (q_pos_T[:, None] >= k_pos_S[None, :])[None, None]  # Causal.
+        if seg_BT is not None:  # And within one conversation.
+            keep_B1TS &= seg_BT[:, None, :, None] == seg_BT[:, None, None, :]
+        masked = decode or seg_BT is not None
         if decode:
             keep_TS = q_pos_T[:, None] >= k_pos_S[None, :]
             y_BTHD = cached_attention(q_BTHD, k_BKSD, v_BKSD, keep_TS)
@@ -157,7 +164,7 @@ class CausalSelfAttention(nn.Module):
             att_BHTS = jnp.einsum(
                 "bqhd,bkhd->bhqk", q_BTHD, k_BSHD, preferred_element_type=jnp.float32
             ) / math.sqrt(D)
-            att_BHTS = jnp.where(causal_TS, att_BHTS, jnp.finfo(jnp.float32).min)
+            att_BHTS = jnp.where(keep_B1TS, att_BHTS, jnp.finfo(jnp.float32).min)
             att_BHTS = jax.nn.softmax(att_BHTS, axis=-1)
             att_BHTS = nn.Dropout(cfg.dropout)(att_BHTS, deterministic=deterministic)
             y_BTHD = jnp.einsum(
@@ -168,9 +175,9 @@ class CausalSelfAttention(nn.Module):
                 q_BTHD,
                 k_BSKD,
                 v_BSKD,
-                mask=causal_TS[None, None] if decode else None,
-                is_causal=not decode,
-                implementation="cudnn" if use_cudnn(cfg, decode) else None,
+                mask=keep_B1TS if masked else None,
+                is_causal=not masked,
+                implementation="cudnn" if use_cudnn(cfg, masked) else None,
             )
         y_BTC = dense(cfg, C, residual_init(cfg), "c_proj")(y_BTHD.reshape(B, T, C))
         return nn.Dropout(cfg.dropout)(y_BTC, deterministic=deterministic)
@@ -227,13 +234,11 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(
-        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False, start=0
-    ) -> jax.Array:
+    def __call__(self, x_BTC, deterministic, decode=False, start=0, *packed):
         cfg = self.config
         ln = lambda name: norm(cfg, name, cfg.dtype)
         x_BTC = x_BTC + CausalSelfAttention(cfg, name="attn")(
-            ln("ln_1")(x_BTC), deterministic, decode, start
+            ln("ln_1")(x_BTC), deterministic, decode, start, *packed
         )
         x_BTC = x_BTC + MLP(cfg, name="mlp")(ln("ln_2")(x_BTC), deterministic)
         return x_BTC
@@ -242,21 +247,20 @@ class Block(nn.Module):
 class ScannedBlock(Block):
     """A Block with nn.scan's signature: (carry, x) -> (carry, output)."""
 
-    def __call__(
-        self, x_BTC: jax.Array, deterministic: bool, decode: bool = False, start=0
-    ) -> tuple[jax.Array, None]:
-        return super().__call__(x_BTC, deterministic, decode, start), None
+    def __call__(self, x_BTC, deterministic, decode=False, start=0, *packed):
+        return super().__call__(x_BTC, deterministic, decode, start, *packed), None
 
 
 class GPT(nn.Module):
     """Token (+ learned position) embeddings, L blocks, a final norm, the output
-    layer (tied to the token embedding, or its own), optionally soft-capped."""
+    layer (tied to the token embedding, or its own), optionally soft-capped.
+    seg_BT, pos_BT: rows of packed conversations (CausalSelfAttention)."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, idx_BT: jax.Array, deterministic: bool = True, decode: bool = False
+        self, idx_BT, deterministic=True, decode=False, seg_BT=None, pos_BT=None
     ) -> jax.Array:
         cfg = self.config
         T = idx_BT.shape[1]
@@ -271,7 +275,8 @@ class GPT(nn.Module):
         wte = embed(cfg.vocab_size, name="wte")
         x_BTC = wte(idx_BT)
         if cfg.position == "learned":  # (rope turns queries and keys instead.)
-            x_BTC = x_BTC + embed(cfg.block_size, name="wpe")(start + jnp.arange(T))
+            pos = start + jnp.arange(T) if pos_BT is None else pos_BT
+            x_BTC = x_BTC + embed(cfg.block_size, name="wpe")(pos)
         x_BTC = nn.Dropout(cfg.dropout)(x_BTC, deterministic=deterministic)
         block = ScannedBlock if cfg.scan_layers else Block
         if cfg.remat:  # Keep only each block's input; recompute the rest for grads.
@@ -283,12 +288,14 @@ class GPT(nn.Module):
                 block,
                 variable_axes={"params": 0, "cache": 0, "intermediates": 0},  # On L.
                 split_rngs={"params": True, "dropout": True},  # Own init and masks.
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast,) * 5,
                 length=cfg.n_layer,
-            )(cfg, name="h")(x_BTC, deterministic, decode, start)
+            )(cfg, name="h")(x_BTC, deterministic, decode, start, seg_BT, pos_BT)
         else:
             for i in range(cfg.n_layer):
-                x_BTC = block(cfg, name=f"h_{i}")(x_BTC, deterministic, decode, start)
+                x_BTC = block(cfg, name=f"h_{i}")(
+                    x_BTC, deterministic, decode, start, seg_BT, pos_BT
+                )
         x_BTC = norm(cfg, "ln_f")(x_BTC)  # float32 from here on.
         B, T, C = x_BTC.shape
         if cfg.tie_embeddings:  # The token embedding's transpose; rows as in Dense.
@@ -317,8 +324,9 @@ class Bigram(nn.Module):
         return nn.Embed(V, V, embedding_init=init_normal, name="table")(idx_BT)
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy, computed in float32."""
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, w_BT=None):
+    """Mean next-token cross-entropy, computed in float32; with weights w_BT,
+    the sum of the weighted losses (the caller divides by the weights' sum)."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-    return losses_BT.mean()
+    return losses_BT.mean() if w_BT is None else (losses_BT * w_BT).sum()

@@ -138,44 +138,51 @@ def create_state(
     return TrainState(jnp.array(0, jnp.int32), params, tx.init(params))
 
 
-def loss_and_grads(apply_fn, params, x_BT, y_BT, key):
-    """Mean cross-entropy of the batch (with dropout from `key`) and its gradient.
-    On a mesh the forward pass gathers whole parameters (FSDP), activations
-    are split by rows, and gradients are summed onto their parameter's shards."""
-    x_BT, y_BT = sharding.split_batch((x_BT, y_BT))
+def loss_and_grads(apply_fn, params, x_BT, y_BT, key, packed=None):
+    """Mean cross-entropy of the batch (with dropout from `key`) and its gradient;
+    of rows of packed conversations, packed = {"w_BT", "seg_BT", "pos_BT"}: the
+    sum of the losses weighted by w_BT (the loss mask). On a mesh the forward
+    pass gathers whole parameters (FSDP), activations are split by rows, and
+    gradients are summed onto their parameter's shards."""
+    x_BT, y_BT, packed = sharding.split_batch((x_BT, y_BT, packed))
+    rows = dict(packed or {})  # seg_BT and pos_BT go to the model, w_BT to the loss.
+    w_BT = rows.pop("w_BT", None)
 
     def loss_fn(params):
         variables = {"params": sharding.gather(params)}
         logits_BTV = apply_fn(
-            variables, x_BT, deterministic=False, rngs={"dropout": key}
+            variables, x_BT, deterministic=False, rngs={"dropout": key}, **rows
         )
-        return cross_entropy(logits_BTV, y_BT)
+        return cross_entropy(logits_BTV, y_BT, w_BT)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     return loss, sharding.shard_like_params(grads)
 
 
-def accumulate(apply_fn, params, x_BT, y_BT, key, n_micro: int):
+def accumulate(apply_fn, params, x_BT, y_BT, key, n_micro: int, packed=None):
     """loss_and_grads of the batch, from `n_micro` micro-batches in turn (a
     lax.scan: one's activations alive at a time); the mean of their means is
-    the batch's. Micro-batch a holds rows a, a + n_micro, ... (each device
-    keeps its own rows) and draws its dropout from fold_in(key, a)."""
-    if n_micro == 1:
+    the batch's, and with `packed` rows sum(ce * w) / max(sum(w), 1), summed
+    over the micro-batches before dividing (each learned token weighs the
+    same). Micro-batch a holds rows a, a + n_micro, ... (each device keeps its
+    own rows) and draws its dropout from fold_in(key, a)."""
+    if n_micro == 1 and packed is None:
         return loss_and_grads(apply_fn, params, x_BT, y_BT, key)
     B, T = x_BT.shape
     # [B, T] -> [n_micro, b, T], b = B / n_micro: row i goes to micro-batch i % n_micro.
     micro = lambda z_BT: z_BT.reshape(B // n_micro, n_micro, T).swapaxes(0, 1)
 
     def add(total, xs):
-        a, x_bT, y_bT = xs
-        key_a = jax.random.fold_in(key, a)
-        loss_grads = loss_and_grads(apply_fn, params, x_bT, y_bT, key_a)
+        a, x_bT, y_bT, packed_b = xs
+        key_a = jax.random.fold_in(key, a) if n_micro > 1 else key
+        loss_grads = loss_and_grads(apply_fn, params, x_bT, y_bT, key_a, packed_b)
         return jax.tree.map(jnp.add, total, loss_grads), None
 
     zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0.0), params))
-    xs = (jnp.arange(n_micro), micro(x_BT), micro(y_BT))
+    xs = (jnp.arange(n_micro), *jax.tree.map(micro, (x_BT, y_BT, packed)))
     total, _ = jax.lax.scan(add, zeros, xs)
-    return jax.tree.map(lambda t: t / n_micro, total)
+    n = n_micro if packed is None else jnp.maximum(packed["w_BT"].sum(), 1.0)
+    return jax.tree.map(lambda t: t / n, total)
 
 
 def make_train_step(
@@ -183,7 +190,8 @@ def make_train_step(
     train_cfg: TrainConfig,
     tx: optax.GradientTransformation | None = None,
 ):
-    """The compiled training step: step(state, x_BT, y_BT, root) -> (state, metrics).
+    """The compiled training step: step(state, x_BT, y_BT, root) -> (state, metrics);
+    step(state, x_BT, y_BT, root, packed) on rows of packed conversations.
 
     One update of `tx` (make_optimizer(train_cfg) unless given) on the batch,
     with dropout from stream_key(root, "dropout", state.step). The old state
@@ -192,10 +200,10 @@ def make_train_step(
     apply_fn, tx = make_model(model_cfg).apply, tx or make_optimizer(train_cfg)
     n_micro = train_cfg.grad_accum_steps
 
-    def step(state: TrainState, x_BT, y_BT, root):
+    def step(state: TrainState, x_BT, y_BT, root, packed=None):
         dropout_key = stream_key(root, "dropout", state.step)
         loss, grads = accumulate(
-            apply_fn, state.params, x_BT, y_BT, dropout_key, n_micro
+            apply_fn, state.params, x_BT, y_BT, dropout_key, n_micro, packed
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -5,6 +5,7 @@
   python -m jaxgpt.datasets.prepare --dataset=openwebtext          # Hugging Face datasets, streamed
   python -m jaxgpt.datasets.prepare --dataset=fineweb_edu --max_documents=100000
   python -m jaxgpt.datasets.prepare --dataset=notes --data_path=notes/ --tokenizer=bpe:4096
+  python -m jaxgpt.datasets.prepare --dataset=chat --data_path=chats.jsonl --tokenizer=gpt2 --block_size=256
 
 nanoGPT's layout: train.bin and val.bin hold the token ids back to back,
 uint16 when the vocabulary fits in 16 bits, else uint32, so nanoGPT's own
@@ -17,6 +18,16 @@ Documents end with <|endoftext|> under a BPE tokenizer. A single text (tiny
 shakespeare, one file) is split 90/10 by characters; a collection of
 documents sends every k-th one to validation. Tokenising runs on all cores
 (a process pool).
+
+Conversations (.jsonl files of {"messages": [...]} lines, or a Hub chat
+dataset such as smol_smoltalk) are prepared as rows for supervised
+fine-tuning (prepare_chat): every line is checked first, each conversation
+rendered by a chat template (jaxgpt's chat tokens added to a char, bpe or
+gpt2 tokenizer; a Hugging Face model folder's own template), shuffled,
+every k-th sent to validation, and packed into rows of --block_size + 1
+tokens: train.bin holds the rows back to back, train_mask.bin (uint8) the
+loss mask of each token and train_segments.bin each token's conversation
+number within its row (0: padding); the same for val.
 
 A collection of fewer than k documents sends its last one to validation,
 and a preparation that leaves a split without tokens is refused: training
@@ -47,6 +58,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import pickle
@@ -79,6 +91,7 @@ class Recipe:
     val_every: int = 10  # Every val_every-th document goes to validation.
     about: str = ""
     files: tuple[Path, ...] = ()  # The local text's files (set by recipe_of).
+    chat: bool = False  # Conversations, prepared as rows (prepare_chat).
 
 
 DATASETS = {
@@ -96,6 +109,12 @@ DATASETS = {
         val_every=1000,
         about="FineWeb-Edu's 10B-token sample",
     ),
+    "smol_smoltalk": Recipe(
+        "gpt2",
+        hf=("HuggingFaceTB/smol-smoltalk", None),
+        about="SmolTalk's conversations for small models (460k)",
+        chat=True,
+    ),
 }
 BPE_TRAIN_CHARS = 100_000_000  # Our BPE learns its merges from this much text.
 PREPARING = ".preparing"  # In a dataset's folder while its files are replaced.
@@ -107,6 +126,9 @@ CHUNK_BYTES = 2**24  # Token files have a sha256 per chunk of this size...
 VERIFY_BYTES = 2**30  # ... all checked up to this size, else VERIFY_CHUNKS of them.
 VERIFY_CHUNKS = 64
 SOURCE_HASH_BYTES = 2**28  # Local text up to this size is hashed at each opening.
+DEFAULT_BLOCK_SIZE = ModelConfig.block_size  # Rows of a chat dataset, if not given.
+ROW_FILES = {"mask": "uint8"}  # Beside a chat dataset's rows: <split>_<name>.bin.
+CHAT_SHUFFLE_SEED = 0  # Conversations are shuffled once, the same for every run.
 
 
 # --- Reading prepared datasets -------------------------------------------------
@@ -119,6 +141,13 @@ class Dataset:
     tokenizer: Any
     splits: dict[str, data.TokenFile]  # "train", "val": their token files.
     meta: dict[str, Any]
+    # A chat dataset's rows: {"train": {"mask": ..., "segments": ...}, "val": ...}.
+    rows: dict[str, dict[str, data.TokenFile]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int | None:
+        """The rows' block_size (rows hold block_size + 1 tokens); None: text."""
+        return self.meta.get("block_size") if self.rows else None
 
 
 def again(folder: Path) -> str:
@@ -159,9 +188,11 @@ def meta_problem(meta: Any) -> str | None:
         "bpe",
         "gpt2",
         "hf",
+        "chat",
     ):
         return f"names no tokenizer jaxgpt knows ({str(tok)[:80]})"
-    if tok["name"] != "gpt2":  # GPT-2's is built from its own files.
+    base = tok.get("base") if isinstance(tok.get("base"), dict) else {}
+    if "gpt2" not in (tok["name"], base.get("name")):  # GPT-2's: its own files.
         try:
             tokenizer_io.from_json(tok)
         except ValueError as e:
@@ -171,8 +202,8 @@ def meta_problem(meta: Any) -> str | None:
         chunk = sums.get("chunk_bytes") if isinstance(sums, dict) else None
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
             return f"has token_sha256 without a chunk size ({str(sums)[:80]})"
-        for split in ("train", "val"):
-            n_bytes = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+        for split, (n, dtype) in file_sizes(meta).items():
+            n_bytes = n * np.dtype(dtype).itemsize
             digests = sums.get(split)
             if not (
                 isinstance(digests, list)
@@ -180,30 +211,53 @@ def meta_problem(meta: Any) -> str | None:
                 and all(isinstance(d, str) for d in digests)
             ):
                 return f"has no sha256 of each chunk of {split}.bin"
+    block = meta.get("block_size")
+    if "block_size" in meta and not (isinstance(block, int) and block > 0):
+        return f"has rows of no block_size ({block!r})"
     return None
+
+
+def file_sizes(meta: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """Each file of a dataset (by name less .bin) -> (its items, their dtype):
+    the token files, and a chat dataset's mask and segment files."""
+    out = {s: (meta[f"{s}_tokens"], meta["dtype"]) for s in ("train", "val")}
+    if "block_size" in meta:
+        for name, dtype in {**ROW_FILES, "segments": segments_dtype(meta)}.items():
+            out |= {f"{s}_{name}": (out[s][0], dtype) for s in ("train", "val")}
+    return out
+
+
+def segments_dtype(meta: dict[str, Any]) -> str:
+    """Segment ids count a row's conversations: uint16 for rows up to 65,536."""
+    return "uint16" if meta["block_size"] + 1 <= 2**16 else "uint32"
 
 
 def load(folder: Path) -> Dataset:
     """Opens <folder>/{train,val}.bin (read a window at a time); checks them
     against meta.json, and their ids against the vocabulary."""
     meta = read_meta(folder)
-    splits = {}
-    for split in ("train", "val"):
-        path = folder / f"{split}.bin"
-        expected = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+    files = {}
+    for name, (n, dtype) in file_sizes(meta).items():
+        path = folder / f"{name}.bin"
+        expected = n * np.dtype(dtype).itemsize
         if not path.is_file() or path.stat().st_size != expected:
             raise data.DataError(
                 f"{path} is missing or not {expected:,} bytes as {folder}/meta.json"
                 f" says: {again(folder)}, or delete {folder}."
             )
-        verify_tokens(path, meta, split, folder)
-        splits[split] = data.TokenFile(path, meta["dtype"])
+        verify_tokens(path, meta, name, folder)
+        files[name] = data.TokenFile(path, dtype)
+    splits = {split: files.pop(split) for split in ("train", "val")}
+    rows = {}
+    if "block_size" in meta:  # The mask and segments beside each split's rows.
+        for split in splits:
+            rows[split] = {n: files[f"{split}_{n}"] for n in (*ROW_FILES, "segments")}
     try:
         tok = tokenizer_io.from_json(meta["tokenizer"])
     except ValueError as e:  # GPT-2's files not found (offline).
         raise data.DataError(f"{folder}/meta.json's tokenizer: {e}") from e
     check_ids(splits, tok.vocab_size, folder)
-    return Dataset(tok, splits, meta)
+    return Dataset(tok, splits, meta, rows)
 
 
 class ChunkSums:
@@ -316,9 +370,12 @@ def load_nanogpt(folder: Path) -> Dataset:
     )
 
 
-def ensure(cfg: DataConfig) -> Dataset:
-    """The dataset cfg names, prepared first if it is not (or if its source or
-    tokenizer changed). A folder that nanoGPT prepared is read as it is."""
+def ensure(
+    cfg: DataConfig, block_size: int | None = None, init_from: str | None = None
+) -> Dataset:
+    """The dataset cfg names, prepared first if it is not (or if its source,
+    tokenizer or a chat dataset's --block_size changed). A folder that nanoGPT
+    prepared is read as it is. block_size and init_from: prepare_chat's."""
     folder = Path(cfg.data_dir) / cfg.dataset
     meta_path = folder / "meta.json"
     remove_stale(folder)
@@ -334,6 +391,9 @@ def ensure(cfg: DataConfig) -> Dataset:
             stale.append(f"--data_path={cfg.data_path} {changed}")
         if cfg.tokenizer and meta.get("tokenizer_spec") != cfg.tokenizer:
             stale.append(f"--tokenizer={cfg.tokenizer} differs from its tokenizer")
+        rows = meta.get("block_size")
+        if rows and block_size and rows != block_size:
+            stale.append(f"--block_size={block_size} differs from its rows' {rows}")
         if not cfg.data_path and (other := other_source(cfg.dataset, meta, folder)):
             stale.append(other)
         if not stale:
@@ -341,7 +401,7 @@ def ensure(cfg: DataConfig) -> Dataset:
         print(f"re-preparing {folder}: {'; '.join(stale)}.", file=sys.stderr)
     elif interrupted(folder):
         print(f"re-preparing {folder}: its preparation was cut short.", file=sys.stderr)
-    prepare(cfg)
+    prepare(cfg, block_size=block_size, init_from=init_from)
     return load(folder)
 
 
@@ -480,8 +540,22 @@ def recipe_of(cfg: DataConfig) -> Recipe:
     check_tokenizer_spec(recipe.tokenizer)  # Before any text is found or downloaded.
     if recipe.hf is None:  # Tiny shakespeare is found, or downloaded once.
         files = local_files(cfg.data_path) if cfg.data_path else [find_corpus()]
-        recipe = dataclasses.replace(recipe, files=tuple(files))
+        chat = is_conversations(files)
+        recipe = dataclasses.replace(recipe, files=tuple(files), chat=chat)
     return recipe
+
+
+def is_conversations(files: list[Path]) -> bool:
+    """Whether .jsonl files hold conversations ({"messages": [...]} lines), not
+    documents ({"text": ...}): the first line of JSON says."""
+    if not files or any(p.suffix != ".jsonl" for p in files):
+        return False
+    with files[0].open(encoding="utf-8", errors="replace") as f:
+        for line in itertools.islice(f, 1000):
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                return isinstance(record, dict) and "messages" in record
+    return False
 
 
 def local_files(data_path: str) -> list[Path]:
@@ -552,8 +626,11 @@ def read_text(path: Path, name: str | None = None) -> str:
     return text
 
 
-def hf_documents(path: str, name: str | None, limit: int | None) -> Iterator[str]:
-    """The "text" of each row of a Hugging Face dataset's train split, streamed."""
+def hf_documents(
+    path: str, name: str | None, limit: int | None, key: str = "text"
+) -> Iterator[Any]:
+    """The "text" (or `key`) of each row of a Hugging Face dataset's train
+    split, streamed."""
     try:
         import datasets
     except ImportError as e:
@@ -565,7 +642,7 @@ def hf_documents(path: str, name: str | None, limit: int | None) -> Iterator[str
         for i, row in enumerate(rows):
             if limit is not None and i >= limit:
                 return
-            yield row["text"]
+            yield row[key]
     except (OSError, ConnectionError, ValueError) as e:
         raise data.DataError(
             f"could not stream {path} from the Hugging Face Hub ({type(e).__name__}:"
@@ -599,8 +676,10 @@ def split_documents(docs: Iterator[str], recipe: Recipe):
 # --- Tokenizers ----------------------------------------------------------------
 
 
-def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
-    """The tokenizer `spec` names, trained on the dataset's text if it learns one."""
+def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe, docs=None):
+    """The tokenizer `spec` names, trained on the dataset's text (or the
+    documents docs() yields) if it learns one."""
+    docs = docs or (lambda: documents(cfg, recipe))
     if spec == "gpt2":
         try:
             return tokenizer_io.load_gpt2()
@@ -624,12 +703,12 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe):
             raise ConfigError(f"--tokenizer={spec}: {e}") from e
     if spec == "char":  # The distinct characters of the whole corpus.
         chars = set()
-        for doc in documents(cfg, recipe):
+        for doc in docs():
             chars.update(doc)
         return tokenizer.CharTokenizer.train("".join(sorted(chars)))
     if spec.startswith("bpe:") and spec[4:].isdigit():
         sample, size = [], 0
-        for split, doc, _ in split_documents(documents(cfg, recipe), recipe):
+        for split, doc, _ in split_documents(docs(), recipe):
             if split == "train":
                 sample.append(doc[: BPE_TRAIN_CHARS - size])
                 size += len(sample[-1])
@@ -675,15 +754,23 @@ def _encode(
 # --- Preparing -------------------------------------------------------------------
 
 
-def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
+def prepare(
+    cfg: DataConfig,
+    workers: int | None = None,
+    block_size: int | None = None,
+    init_from: str | None = None,
+) -> Path:
     """Tokenises the dataset cfg names into <data_dir>/<dataset>/; returns the folder.
 
     Nothing is written before the text is found and the tokenizer made; the
     token files appear, with meta.json, only once all are complete (see the
     module's docstring). A failed write (a full disk) is one DataError naming
-    the folder and its free space, the temporary files deleted.
+    the folder and its free space, the temporary files deleted. Conversations
+    are prepared as rows of block_size + 1 tokens (prepare_chat).
     """
     recipe = recipe_of(cfg)
+    if recipe.chat:
+        return prepare_chat(cfg, recipe, block_size or DEFAULT_BLOCK_SIZE, init_from)
     folder = Path(cfg.data_dir) / cfg.dataset
     tok = make_tokenizer(recipe.tokenizer, cfg, recipe)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
@@ -764,6 +851,186 @@ def prepare(cfg: DataConfig, workers: int | None = None) -> Path:
         file=sys.stderr,
     )
     return folder
+
+
+# --- Conversations: rows for supervised fine-tuning ----------------------------
+
+
+def prepare_chat(
+    cfg: DataConfig, recipe: Recipe, block_size: int, init_from: str | None = None
+) -> Path:
+    """Conversations -> <data_dir>/<dataset>/{train,val}{,_mask,_segments}.bin
+    and meta.json: every conversation checked and rendered before any file is
+    written; shuffled (CHAT_SHUFFLE_SEED), every val_every-th to validation,
+    each split packed into rows of block_size + 1 tokens (conversations.pack).
+    The tokenizer: --tokenizer, else --init_from's (a model folder's template,
+    or a run's tokenizer), else characters; jaxgpt's chat tokens are added to
+    a char, bpe or gpt2 tokenizer."""
+    from jaxgpt.datasets import chat_template, conversations
+
+    folder = Path(cfg.data_dir) / cfg.dataset
+    try:
+        records = read_chat(cfg, recipe)
+        spec = cfg.tokenizer or init_from or "char"
+        template, tok = chat_tokenizer(spec, cfg, recipe, records)
+        ids, masks = chat_template.render_all(template, records)
+    except (conversations.ConversationError, chat_template.ChatTemplateError) as e:
+        raise data.DataError(str(e)) from None
+    order = np.random.default_rng(CHAT_SHUFFLE_SEED).permutation(len(ids)).tolist()
+    k = recipe.val_every
+    val = set(order[k - 1 :: k] if len(order) >= k else order[-1:])
+    picked = {
+        "train": [i for i in order if i not in val],
+        "val": [i for i in order if i in val],
+    }
+    pad_id = tok.eos_id if tok.eos_id is not None else 0  # Masked: any id.
+    packed = {
+        s: conversations.pack([ids[i] for i in idx], [masks[i] for i in idx],
+                              block_size, pad_id)
+        for s, idx in picked.items()
+    }  # fmt: skip
+    counts = {f"{s}_conversations": len(idx) for s, idx in picked.items()}
+    for what in ("cut", "truncated", "dropped"):
+        counts[f"{what}_conversations"] = sum(
+            getattr(p, f"n_{what}") for p in packed.values()
+        )
+    empty = [s for s, p in packed.items() if not p.mask_RL.any()]
+    if empty:
+        raise data.DataError(
+            f"--dataset={cfg.dataset}'s {' and '.join(empty)} split would hold no"
+            f" token to learn ({len(ids)} conversations, one in {k} to validation,"
+            f" {counts['dropped_conversations']} with nothing to learn within"
+            f" --block_size={block_size}): give more conversations or a larger"
+            " --block_size; nothing was written."
+        )
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    meta = {
+        "dataset": cfg.dataset,
+        "about": recipe.about or "conversations",
+        "tokenizer_spec": spec,
+        "tokenizer": tok.to_json(),
+        "chat_template": getattr(template, "folder", "jaxgpt"),
+        "dtype": np.dtype(dtype).name,
+        "block_size": block_size,
+        **{f"{s}_tokens": p.tokens_RL.size for s, p in packed.items()},
+        **{f"{s}_rows": len(p.tokens_RL) for s, p in packed.items()},
+        **{f"{s}_masked_tokens": int(p.mask_RL.sum()) for s, p in packed.items()},
+        **counts,
+        "source": source_of(recipe),
+        "fingerprint": fingerprint(recipe.files) if cfg.data_path else None,
+    }
+    arrays = {}
+    for s, p in packed.items():
+        arrays[s] = p.tokens_RL.astype(dtype)
+        arrays[f"{s}_mask"] = p.mask_RL.astype(ROW_FILES["mask"])
+        arrays[f"{s}_segments"] = p.segments_RL.astype(segments_dtype(meta))
+    write_files(folder, arrays, meta, cfg.data_dir)
+    print(
+        f"{folder}: {meta['train_rows']:,} train and {meta['val_rows']:,} val rows of"
+        f" {block_size + 1} tokens from {len(ids):,} conversations ({tok.name},"
+        f" vocabulary {tok.vocab_size:,}); {meta['train_masked_tokens']:,} train"
+        f" tokens to learn; conversations cut {counts['cut_conversations']},"
+        f" truncated {counts['truncated_conversations']}, dropped"
+        f" {counts['dropped_conversations']}",
+        file=sys.stderr,
+    )
+    return folder
+
+
+def read_chat(cfg: DataConfig, recipe: Recipe) -> list:
+    """The conversations of --data_path (each line checked first) or of a Hub
+    chat dataset's train split (its "messages", up to --max_documents)."""
+    from jaxgpt.datasets import conversations
+
+    if recipe.hf is None:
+        return conversations.read_conversations(cfg.data_path)
+    with contextlib.suppress(ImportError):  # Its loggers set up, then quieted.
+        import datasets  # noqa: F401
+    hub_log = logging.getLogger("huggingface_hub")  # Offline: its retries, ...
+    level, records = hub_log.level, []
+    hub_log.setLevel(logging.ERROR)  # ... and one error line of ours.
+    try:
+        rows = hf_documents(*recipe.hf, cfg.max_documents, key="messages")
+        for i, messages in enumerate(rows):
+            if problem := conversations.check_conversation({"messages": messages}):
+                raise conversations.ConversationError(
+                    f"{recipe.hf[0]} row {i}: {problem}"
+                )
+            records.append(messages)
+    finally:
+        hub_log.setLevel(level)
+    return records
+
+
+def chat_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe, records: list):
+    """(the template that renders conversations, the dataset's tokenizer) of
+    `spec`: a Hugging Face model folder or Hub name brings its template; a
+    run's workdir its checkpoint's tokenizer; the others are made as for text
+    (char and bpe learn the contents), with jaxgpt's chat tokens added."""
+    from jaxgpt.datasets import chat_template
+
+    workdir_ = Path(spec)
+    if (workdir_ / workdir.CHECKPOINTS).is_dir():  # A run's own tokenizer.
+        from jaxgpt.run import checkpoint  # (Imports JAX.)
+
+        meta = checkpoint.read_meta(workdir_)
+        if meta is None:
+            raise ConfigError(f"{spec} holds no intact checkpoint to read a tokenizer.")
+        base = tokenizer_io.from_json(meta["tokenizer"])
+    elif os.path.isdir(spec) or (
+        "/" in spec and not spec.endswith(".json")
+    ):  # A Hugging Face model: its own template.
+        from jaxgpt.hub import load
+
+        try:
+            _, where, _ = load.locate(spec)
+            template = chat_template.HFChatTemplate.load(where)
+            return template, load.read_tokenizer(where)
+        except ValueError as e:
+            raise ConfigError(f"--tokenizer={spec}: {e}") from e
+    else:
+        contents = lambda: (m["content"] for r in records for m in r)
+        base = make_tokenizer(spec, cfg, recipe, docs=contents)
+    tok, _ = chat_template.add_chat_tokens(base)
+    return tok, tok
+
+
+def write_files(folder: Path, arrays: dict, meta: dict, data_dir) -> None:
+    """Writes <folder>/<name>.bin of each array under temporary names, then
+    installs them with meta.json (its token_sha256 added) all at once."""
+    tmp = {name: folder / f".{name}.bin.tmp-{os.getpid()}" for name in arrays}
+    made = make_folders(folder)
+    remove_stale(folder)
+    done = False
+    try:
+        sums = {}
+        for name, array in arrays.items():
+            with open(tmp[name], "wb") as f:
+                block = np.ascontiguousarray(array).data
+                f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+            sums[name] = ChunkSums()
+            sums[name].update(block)
+        meta["token_sha256"] = {
+            "chunk_bytes": CHUNK_BYTES,
+            **{name: chunk_sums.result() for name, chunk_sums in sums.items()},
+        }
+        with signals_blocked():
+            install(folder, tmp, json.dumps(meta, indent=1))
+            done = True
+    except Stopped as e:
+        e.complete = done
+        raise
+    except OSError as e:
+        raise data.DataError(write_error(e, folder, data_dir)) from e
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        if not done:
+            for path in reversed(made):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
 
 
 class Progress:
@@ -938,16 +1205,18 @@ def fingerprint(files) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def read_dataset(data_cfg: DataConfig) -> Dataset:
+def read_dataset(data_cfg: DataConfig, block_size=None, init_from=None) -> Dataset:
     """The dataset's tokenizer and splits, token files read by window (prepared
-    first if need be, by process 0 while the others wait)."""
+    first if need be, by process 0 while the others wait; a chat dataset in
+    rows of block_size + 1 tokens, with init_from's tokenizer unless
+    --tokenizer names one)."""
     from jaxgpt.run import hosts  # JAX, which preparing alone needs not.
 
     if hosts.is_main_process():
-        dataset = ensure(data_cfg)
+        dataset = ensure(data_cfg, block_size, init_from)
     hosts.sync("jaxgpt.datasets.prepare")
     if not hosts.is_main_process():
-        dataset = ensure(data_cfg)  # Prepared now: this only reads.
+        dataset = ensure(data_cfg, block_size, init_from)  # Prepared: this reads.
     return dataset
 
 
@@ -961,7 +1230,8 @@ def check_fits(dataset: Dataset, model_cfg: ModelConfig, tok) -> None:
         )
     for split, tokens in dataset.splits.items():
         what = f"{split} split of --dataset={dataset.meta['dataset']}"
-        data.check_long_enough(len(tokens), model_cfg.block_size, what)
+        if not dataset.rows:  # (Rows: datasets/rows.py checks their length.)
+            data.check_long_enough(len(tokens), model_cfg.block_size, what)
 
 
 def refit(tok) -> str:
@@ -996,7 +1266,8 @@ def main(argv: list[str]) -> None:
     cfg = None
     try:
         cfg = cli.from_flags(DataConfig)
-        prepare(cfg)
+        cmd = cli.command()  # A chat dataset's --block_size and --init_from.
+        prepare(cfg, block_size=cmd.model["block_size"], init_from=cmd.run.init_from)
     except (ConfigError, data.DataError) as e:
         errors.exit_with(e)
     except OSError as e:  # Reading the text.

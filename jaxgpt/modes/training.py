@@ -2,7 +2,12 @@
 
 The pieces in order: the dataset (token files) -> the model (new, imported or
 resumed) -> state -> the compiled step, batches and evaluation laid on the
-mesh (run/program.py) -> the training loop (run/loop.py) -> a sample."""
+mesh (run/program.py) -> the training loop (run/loop.py) -> a sample.
+
+A chat dataset (conversations prepared as rows, datasets/rows.py) fine-tunes
+the model on its masked tokens: --init_from names a Hugging Face folder or a
+run's --workdir, whose tokenizer is the dataset's less its chat tokens; the
+model's vocabulary grows to hold them (hub.load.grow_vocab)."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from absl import logging
 
 from jaxgpt import model, sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
-from jaxgpt.datasets import prepare
+from jaxgpt.datasets import prepare, rows
 from jaxgpt.evals import hellaswag
 from jaxgpt.hub import load, tokenizer_io
 from jaxgpt.modes import sampling
@@ -78,16 +83,42 @@ def resume(checkpointer: ckpt.Checkpointer, run: RunConfig, model_cfg, train_cfg
     return state
 
 
-def choose_model(cmd: cli.Command, saved: dict | None, dataset: prepare.Dataset):
+def choose_model(
+    cmd: cli.Command, saved: dict | None, dataset: prepare.Dataset, mesh=None
+):
     """The model to train and its parameters when they are imported: a finetune's
     own (resuming it), --init_from's weights, or the flags' new model."""
     if saved is not None and saved.get("init_from"):
         model_cfg = ModelConfig(**{**saved["model"], **cmd.runtime()})
         return model_cfg, None, dataset.tokenizer
     if saved is None and cmd.run.init_from:
-        return load.import_weights(cmd.run.init_from, cmd.model_overrides())
+        return with_chat_tokens(*import_model(cmd, mesh), dataset, cmd.run.seed)
     tok = dataset.tokenizer
     return cmd.model_config(vocab_size=tok.vocab_size), None, tok
+
+
+def import_model(cmd: cli.Command, mesh):
+    """--init_from's (model config, parameters, tokenizer): a run's --workdir
+    (its best checkpoint, else its latest), or a Hugging Face model."""
+    init_from = cmd.run.init_from
+    if not (Path(init_from) / workdir.CHECKPOINTS).is_dir():
+        return load.import_weights(init_from, cmd.model_overrides())
+    which = ckpt.BEST if ckpt.read_meta(init_from, ckpt.BEST) else ckpt.LATEST
+    run = dataclasses.replace(cmd.run, init_from=None, workdir=init_from)
+    model_cfg, params, tok = load.load_model(run, which, mesh)
+    return ModelConfig(**{**model_cfg.to_dict(), **cmd.runtime()}), params, tok
+
+
+def with_chat_tokens(model_cfg, params, tok, dataset: prepare.Dataset, seed: int):
+    """The imported model on a dataset of its tokenizer plus jaxgpt's chat
+    tokens: the dataset's tokenizer, and the model's vocabulary grown to hold
+    it (the new rows drawn as the model's init draws them)."""
+    chat = dataset.tokenizer
+    if getattr(chat, "name", None) != "chat" or chat.base.to_json() != tok.to_json():
+        return model_cfg, params, tok
+    key = train.stream(train.root_key(seed), "params")
+    params, model_cfg = load.grow_vocab(params, model_cfg, chat.vocab_size, key)
+    return model_cfg, params, chat
 
 
 def check_resumable(saved: dict, model_cfg: ModelConfig, tok, workdir) -> None:
@@ -105,12 +136,16 @@ def check_resumable(saved: dict, model_cfg: ModelConfig, tok, workdir) -> None:
     ckpt.check_compatible(saved["model"], model_cfg, workdir)
 
 
-def check_model(cmd: cli.Command, saved: dict | None, dataset: prepare.Dataset):
+def check_model(
+    cmd: cli.Command, saved: dict | None, dataset: prepare.Dataset, mesh=None
+):
     """The model to train (choose_model), checked against the dataset, this
     machine and the workdir's checkpoint: (model config, parameters, tokenizer)."""
     run = cmd.run
-    model_cfg, params, tok = choose_model(cmd, saved, dataset)
+    model_cfg, params, tok = choose_model(cmd, saved, dataset, mesh)
     prepare.check_fits(dataset, model_cfg, tok)
+    if dataset.rows:
+        rows.check_fits(dataset, model_cfg)
     check_backend(model_cfg.attention)
     if saved is not None:
         check_resumable(saved, model_cfg, tok, run.workdir)
@@ -139,13 +174,14 @@ def run(cmd: cli.Command, mesh) -> int:
     if not run.init_from:  # The flags' model, checked before any data is read.
         cmd.model_config(vocab_size=1)
     warn_unfinished_decay(train_cfg)
-    dataset = prepare.read_dataset(data_cfg)
+    block_size = cmd.model["block_size"] if "block_size" in cmd.given else None
+    dataset = prepare.read_dataset(data_cfg, block_size, run.init_from)
     # Every model trains on the dataset's tokenizer (check_fits): the prompt
     # fails now, not after training.
     prompt_ids = sampling.encode_prompt(sample_cfg.prompt, dataset.tokenizer)
     root = train.root_key(run.seed)
     saved = saved_meta(run)
-    model_cfg, params, tok = check_model(cmd, saved, dataset)
+    model_cfg, params, tok = check_model(cmd, saved, dataset, mesh)
     memory.check_train(model_cfg, train_cfg)  # Before any batch is drawn.
     memory.check_sample(model_cfg, sample_cfg)  # The samples after training.
     # Read before the workdir is made, as --eval_tasks' rows are.
@@ -156,7 +192,7 @@ def run(cmd: cli.Command, mesh) -> int:
         newest = checkpointer.newest_meta()
         if newest != saved:  # Another run saved there meanwhile.
             saved = newest
-            model_cfg, params, tok = check_model(cmd, saved, dataset)
+            model_cfg, params, tok = check_model(cmd, saved, dataset, mesh)
             evaluate = make_evaluate(
                 model_cfg, train_cfg, dataset, root, mesh, eval_cfg, data_cfg.data_dir
             )
@@ -173,7 +209,8 @@ def run(cmd: cli.Command, mesh) -> int:
             state = program.create_state(model_cfg, train_cfg, root, mesh, params)
         log_start(model_cfg, state.params, dataset.splits, mesh)
         log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
-        train_step = program.make_train_step(model_cfg, train_cfg, mesh)
+        packed = bool(dataset.rows)  # Rows of conversations: train.accumulate's.
+        train_step = program.make_train_step(model_cfg, train_cfg, mesh, packed)
         if run.tensorboard:  # A short sample of text beside each evaluation's losses.
             one = dataclasses.replace(
                 sample_cfg,
@@ -185,15 +222,24 @@ def run(cmd: cli.Command, mesh) -> int:
             )
             evaluate = with_samples(evaluate, log, draw)
         B, T = train_cfg.batch_size, model_cfg.block_size
+        hooks = []
+        if packed:
+            hooks = [rows.LearnedTokens(train_cfg.log_interval, log.say)]
+            batches = rows.make_batches(
+                rows.rows_of(dataset)["train"], root, B, mesh, hooks[0]
+            )
+        else:
+            batches = program.make_batches(dataset.splits["train"], root, B, T, mesh)
         t0 = time.perf_counter()
         state, stopped_by = loop.train(
             state,
             train_cfg,
-            lambda state, x_BT, y_BT: train_step(state, x_BT, y_BT, root),
-            program.make_batches(dataset.splits["train"], root, B, T, mesh),
+            lambda state, *batch: train_step(state, *batch[:2], root, *batch[2:]),
+            batches,
             evaluate,
             checkpointer,
             log,
+            hooks=hooks,
         )
     logging.info(
         "trained to step %d in %.1fs", int(state.step), time.perf_counter() - t0
@@ -237,21 +283,25 @@ def make_evaluate(
     data_dir: str,
     progress=None,
 ):
-    """The run's evaluation: loss and bits per byte of each split, and the
-    accuracies of --eval_tasks."""
+    """The run's evaluation: loss and bits per byte of each split (of a chat
+    dataset, the loss over its masked tokens), and the accuracies of
+    --eval_tasks."""
     token_bytes = tokenizer_io.token_bytes(dataset.tokenizer)
-    splits = dataset.splits
-    evaluate = program.make_evaluate(
-        model_cfg, train_cfg, splits, root, mesh, token_bytes, progress
-    )
+    if dataset.rows:
+        splits = rows.rows_of(dataset)
+        evaluate = rows.make_evaluate(model_cfg, train_cfg, splits, root, mesh)
+    else:
+        evaluate = program.make_evaluate(
+            model_cfg, train_cfg, dataset.splits, root, mesh, token_bytes, progress
+        )
     if not eval_cfg.eval_tasks:
         return evaluate
-    rows = read_hellaswag(eval_cfg, data_dir)
-    rows = rows[: eval_cfg.eval_task_examples]
+    examples = read_hellaswag(eval_cfg, data_dir)
+    examples = examples[: eval_cfg.eval_task_examples]
     score = hellaswag.make_evaluate(
-        model_cfg, dataset.tokenizer, rows, mesh, eval_cfg.eval_batch_size
+        model_cfg, dataset.tokenizer, examples, mesh, eval_cfg.eval_batch_size
     )
-    logging.info("hellaswag: %d examples at each evaluation", len(rows))
+    logging.info("hellaswag: %d examples at each evaluation", len(examples))
     return lambda params: {**evaluate(params), **score(params)}
 
 

@@ -42,7 +42,7 @@ def train(
     state: TrainState,
     cfg: TrainConfig,
     step_fn: Callable,
-    next_batch: Callable[[int], tuple[jax.Array, jax.Array]],
+    next_batch: Callable[[int], tuple],
     evaluate: Callable[[Any], dict[str, float]],
     checkpointer: Checkpointer,
     log,
@@ -50,9 +50,9 @@ def train(
     hooks: Sequence[Hook] = (),
 ) -> tuple[TrainState, str | None]:
     """Trains from state.step to cfg.end_step, evaluating and saving every
-    eval_interval steps, until a hook asks to stop. `step_fn(state, x_BT, y_BT)`
-    is the compiled step with its root key, `log` a metrics.TrainLog, `clock`
-    (seconds) times the timed saves. Returns the final state and what stopped
+    eval_interval steps, until a hook asks to stop. `step_fn(state, *batch)`
+    is the compiled step with its root key, on the batch next_batch(step)
+    gives; `log` a metrics.TrainLog, `clock` (seconds) times the timed saves. Returns the final state and what stopped
     the run early: None, "stop_at", "SIGINT" or "SIGTERM"."""
 
     def evaluate_and_save(step: int, state) -> None:
@@ -69,8 +69,8 @@ def train(
         stopped = requests.agree(int(state.step), at_sync=True)  # Already?
         metrics = None
         for step in range(int(state.step), 0 if stopped else cfg.end_step):
-            x_BT, y_BT = next_batch(step)
-            state, metrics = step_fn(state, x_BT, y_BT)
+            batch = next_batch(step)  # (x_BT, y_BT), or with rows' packed.
+            state, metrics = step_fn(state, *batch)
             log.step(step + 1, metrics)
             stops = [hook(step + 1, state, metrics) for hook in hooks]  # All run.
             if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:

@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 
 from jaxgpt import sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.lecture import init_params
+from jaxgpt.lecture import init_params, make_model
+from jaxgpt.model import cross_entropy
 from jaxgpt.run import muon
 
 
@@ -69,11 +70,14 @@ def create_state(
     return jax.jit(create, out_shardings=shardings)(params)
 
 
-def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
+def make_train_step(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, packed: bool = False
+):
     """train.make_train_step with --optimizer, compiled for `mesh`:
     step(state, x_BT, y_BT, root) -> (state, metrics), the state laid out by
     sharding.state_shardings (and donated), the batch's rows split over the
-    devices, the key and the metrics whole on each."""
+    devices, the key and the metrics whole on each. With `packed`:
+    step(state, x_BT, y_BT, root, packed) on rows of packed conversations."""
     sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     step = train.make_train_step(model_cfg, train_cfg, muon.make_optimizer(train_cfg))
     state = sharding.state_shardings(state_shapes(model_cfg, train_cfg), mesh)
@@ -81,7 +85,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
     return sharding.jit_on_mesh(
         step,
         mesh,
-        in_shardings=(state, rows, rows, rep),
+        in_shardings=(state, rows, rows, rep, *([rows] if packed else [])),
         out_shardings=(state, rep),
         donate_argnums=0,  # The old state's buffers hold the new one.
     )
@@ -96,6 +100,36 @@ def make_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
     shardings = (params, rep, rows, rows)
     return sharding.jit_on_mesh(
         add_losses, mesh, in_shardings=shardings, out_shardings=rep
+    )
+
+
+def make_packed_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
+    """add_losses(params, total_2, x_KbT, y_KbT, packed_K) -> total_2 plus
+    [the sum of the losses weighted by w_BT, the sum of w_BT] of K batches of
+    rows of packed conversations (train.loss_and_grads' `packed`), without
+    dropout; the rows of each batch split over the devices."""
+    apply_fn = make_model(model_cfg).apply
+
+    def add_losses(params, total_2, x_KbT, y_KbT, packed_K):
+        params = sharding.gather(params)
+
+        def add(total_2, batch):
+            x_bT, y_bT, packed = sharding.split_batch(batch)
+            rows = dict(packed)  # seg_BT and pos_BT go to the model, w_BT to the loss.
+            w_bT = rows.pop("w_BT")
+            logits = apply_fn({"params": params}, x_bT, deterministic=True, **rows)
+            losses = jnp.stack([cross_entropy(logits, y_bT, w_bT), w_bT.sum()])
+            return total_2 + losses, None
+
+        return jax.lax.scan(add, total_2, (x_KbT, y_KbT, packed_K))[0]
+
+    params = sharding.state_shardings(param_shapes(model_cfg), mesh)
+    rows, rep = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
+    return sharding.jit_on_mesh(
+        add_losses,
+        mesh,
+        in_shardings=(params, rep, rows, rows, rows),
+        out_shardings=rep,
     )
 
 
