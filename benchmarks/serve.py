@@ -27,8 +27,9 @@ tokens/s: tokens drawn by every request / wall time from the first request sent
 to the last reply's end; time to first token (TTFT): from a request sent to its
 first text (transformers: its first new token, queueing not counted); peak RSS:
 the part's process (the server's, not its clients'), reset before each level
-(/proc/<pid>/clear_refs). Warm: one request per compiled prompt length is sent
-before timing.
+(/proc/<pid>/clear_refs); load: the machine's load average over the minute
+before the level ended (other work on its CPUs slows every part). Warm: one
+request per compiled prompt length is sent before timing.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ _HF_REQUESTS = flags.DEFINE_integer(
 )
 _TORCH_THREADS = flags.DEFINE_integer("bench_torch_threads", 2, "torch's threads.")
 _OUT = flags.DEFINE_string("bench_out", "", "Also write every figure here (JSON).")
+_ISOLATE = flags.DEFINE_bool(
+    "bench_isolate", True, "Each part in a process of its own (no: in this one,"
+    " its peak RSS then this process's)."
+)  # fmt: skip
 # A part's own process (internal).
 _PART = flags.DEFINE_string("bench_part", "", "Run one part (internal).")
 _FOLDER = flags.DEFINE_string("bench_folder", "", "The model's folder (internal).")
@@ -180,6 +185,7 @@ def summary(records: list[tuple[float, float, int]], wall: float) -> dict:
         "tokens_per_s": tokens / wall,
         "ttft_median_s": statistics.median(ttft),
         "ttft_p90_s": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
+        "load": os.getloadavg()[0],
     }
 
 
@@ -257,7 +263,7 @@ def run_decoder(folder: str, levels: dict[int, list[dict]]) -> dict:
         wall = time.perf_counter() - start
         tokens = sum(map(len, out))
         return {"requests": len(requests), "tokens": tokens, "wall_s": wall,
-                "tokens_per_s": tokens / wall}  # fmt: skip
+                "tokens_per_s": tokens / wall, "load": os.getloadavg()[0]}  # fmt: skip
 
     out = {}
     for c, requests in levels.items():
@@ -425,8 +431,9 @@ def cpu_name() -> str:
 
 def table(results: dict[str, dict]) -> list[str]:
     lines = [
-        "| streams | part | requests | tokens/s | TTFT median (s) | TTFT p90 (s) | peak RSS (MiB) |",
-        "|--:|:--|--:|--:|--:|--:|--:|",
+        "| streams | part | requests | tokens/s | TTFT median (s) | TTFT p90 (s) |"
+        + " peak RSS (MiB) | load |",
+        "|--:|:--|--:|--:|--:|--:|--:|--:|",
     ]
     for c in sorted({c for r in results.values() for c in r}):
         for part in PARTS:
@@ -439,7 +446,7 @@ def table(results: dict[str, dict]) -> list[str]:
             name = {"transformers": "transformers, one at a time"}.get(part, part)
             lines.append(
                 f"| {c} | {name} | {f['requests']} | {f['tokens_per_s']:.1f} |"
-                f" {ttft} | {f['peak_rss_mib']:.0f} |"
+                f" {ttft} | {f['peak_rss_mib']:.0f} | {f['load']:.1f} |"
             )
     return lines
 
@@ -485,7 +492,10 @@ def main(argv):
             levels = {c: requests[: c * _ROUNDS.value] for c in streams}
             results = {}
             for part in [p for p in PARTS if p in _PARTS.value]:
-                results[part] = run_part(part, folder, levels)
+                if _ISOLATE.value:
+                    results[part] = run_part(part, folder, levels)
+                else:
+                    results[part] = RUNNERS[part](folder, levels)
                 print(f"  {part}: done", flush=True)
             for line in [*table(results), *goals(results)]:
                 print(line, flush=True)

@@ -198,3 +198,23 @@ def test_evals_reports_examples_per_second():
     )
     row = r"\| tiny_gpt2 \| [\d.]+M \| in the loop \| 2 \| \d+ \| [\d.]+ \| [\d.]+ \("
     assert re.search(row, out), out[-2000:]
+
+
+def test_serve_times_the_server_and_the_engine(tmp_path):
+    """Two streams of chat requests over HTTP to `python -m jaxgpt.serve`, and to
+    the Engine in-process: every request gets its new tokens, every figure is there."""
+    out = bench(
+        "serve.py", "--bench_models=tiny", "--bench_streams=1,2",
+        "--bench_parts=server,engine", "--bench_new_tokens=6",
+        "--bench_prompt_tokens=8,12", "--bench_rounds=1", "--bench_slots=2",
+        "--nobench_isolate", f"--bench_out={tmp_path / 'serve.json'}",
+    )  # fmt: skip
+    figures = r"[\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|"
+    for part in ("server", "engine"):
+        for streams in (1, 2):
+            assert re.search(rf"^\| {streams} \| {part} \| {streams} \| {figures}$",
+                             out, re.MULTILINE), out[-2000:]  # fmt: skip
+    assert re.search(r"goal: server at 2 streams / its own single stream: [\d.]+x", out)
+    done = json.loads((tmp_path / "serve.json").read_text())["tiny"]
+    for part in ("server", "engine"):  # A char model has no stop token: all 6 each.
+        assert {c: f["tokens"] for c, f in done[part].items()} == {"1": 6, "2": 12}
