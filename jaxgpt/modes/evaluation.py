@@ -93,9 +93,10 @@ def run(cmd: cli.Command, mesh) -> int:
                 f" {losses[f'{split}_bpb']:.4f} bits per byte"
             )
         for task in eval_cfg.task_list("eval_tasks"):
+            scores = [(k, v) for k, v in losses.items() if k.startswith(f"{task}_")]
             print(
-                f"{task}: acc {losses[f'{task}_acc']:.4f},"
-                f" acc_norm {losses[f'{task}_acc_norm']:.4f}"
+                f"{task}: "
+                + ", ".join(f"{k[len(task) + 1 :]} {v:.4f}" for k, v in scores)
             )
     return 0
 

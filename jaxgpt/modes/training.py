@@ -23,7 +23,7 @@ from absl import logging
 from jaxgpt import model, sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.datasets import prepare, rows
-from jaxgpt.evals import hellaswag
+from jaxgpt.evals import generation, hellaswag
 from jaxgpt.hub import load, tokenizer_io
 from jaxgpt.modes import sampling
 from jaxgpt.run import (
@@ -294,7 +294,10 @@ def make_evaluate(
         evaluate = program.make_evaluate(
             model_cfg, train_cfg, dataset.splits, root, mesh, token_bytes, progress
         )
-    if not eval_cfg.eval_tasks:
+    evaluate = generation.with_chat_task(
+        evaluate, model_cfg, dataset.tokenizer, eval_cfg, mesh
+    )
+    if "hellaswag" not in eval_cfg.task_list("eval_tasks"):
         return evaluate
     examples = read_hellaswag(eval_cfg, data_dir)
     examples = examples[: eval_cfg.eval_task_examples]
