@@ -58,6 +58,16 @@ def draw_row(logits_V, key, i, temperature, top_p, top_k):
     return jnp.where(temperature == 0, jnp.argmax(logits_V), drawn).astype(jnp.int32)
 
 
+def draw_rows(logits_RV, key_R, i_R, opts_R):
+    """Every row's draw_row; when every row is greedy, the argmax alone (the
+    same tokens without sorting the vocabulary of each row)."""
+    return jax.lax.cond(
+        jnp.all(opts_R[0] == 0),
+        lambda: jnp.argmax(logits_RV, axis=-1).astype(jnp.int32),
+        lambda: jax.vmap(draw_row)(logits_RV, key_R, i_R, *opts_R),
+    )
+
+
 @partial(jax.jit, static_argnames=("apply_fn",))
 def prefill(apply_fn: Callable, params, ids_W: jax.Array, n: jax.Array, key, opts):
     """One row's first n tokens (ids_W padded past n; the causal mask hides the
@@ -89,7 +99,7 @@ def cache_step(apply_fn: Callable, params, cache_R, last_R, key_R, i_R, opts_R):
         return logits_11V[0, -1], new["cache"]
 
     logits_RV, cache_R = jax.vmap(one)(cache_R, last_R)
-    return jax.vmap(draw_row)(logits_RV, key_R, i_R, *opts_R), cache_R
+    return draw_rows(logits_RV, key_R, i_R, opts_R), cache_R
 
 
 @partial(jax.jit, static_argnames=("apply_fn",))
@@ -98,7 +108,7 @@ def window_step(apply_fn: Callable, params, window_RS, pos_R, key_R, i_R, opts_R
     from the logits at its last position pos - 1."""
     logits_RSV = apply_fn({"params": params}, window_RS, deterministic=True)
     logits_RV = jnp.take_along_axis(logits_RSV, (pos_R - 1)[:, None, None], 1)[:, 0]
-    return jax.vmap(draw_row)(logits_RV, key_R, i_R, *opts_R)
+    return draw_rows(logits_RV, key_R, i_R, opts_R)
 
 
 def padded_length(n: int, context: int) -> int:
@@ -121,7 +131,7 @@ class Decoder:
         self.i_R = np.zeros(rows, np.int32)  # Its new tokens so far.
         self.key_R = np.zeros((rows, 2), np.uint32)
         self.opts_R = (
-            np.ones(rows, np.float32),  # temperature
+            np.zeros(rows, np.float32),  # temperature (free rows: greedy, fast)
             np.ones(rows, np.float32),  # top_p
             np.zeros(rows, np.int32),  # top_k
         )
@@ -188,6 +198,7 @@ class Decoder:
     def free(self, row: int) -> None:
         """Row `row` holds no request (its tokens until started again: ignore)."""
         self.pos_R[row] = self.context
+        self.opts_R[0][row] = 0.0  # Greedy: all-greedy steps skip the sampling.
 
     def room(self, row: int) -> int:
         """New tokens `row` can still draw before prompt and reply fill the context."""
