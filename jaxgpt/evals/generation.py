@@ -340,7 +340,7 @@ def main(argv: list[str]) -> int:
     seconds = time.perf_counter() - t0
     print(table(exact_match(task.records, replies), task.records))
     print(
-        f"{len(replies)} greedy replies in {seconds:.1f}s"
+        f"{len(replies)} greedy replies in {seconds:.1f}s, compile included"
         f" ({len(replies) / seconds:.1f} replies/s, {eval_cfg.eval_batch_size} at once)"
     )
     return 0
