@@ -361,7 +361,7 @@ def test_screenshot(browser, server, tmp_path):
         turns = SCREENSHOT_TURNS[chat]
         browser.get(url + "/")
         wait(browser, lambda d: find(d, "model").text.startswith("Model: "))
-        set_max_tokens(browser, 16 if chat else 60)  # Answers; continuations.
+        set_max_tokens(browser, 40 if chat else 60)
         if chat:  # Greedy: the answers the model finds likeliest.
             find(browser, "temperature").send_keys("0")
         for text in turns:

@@ -146,6 +146,7 @@ async function send(text) {
   answer.setAttribute("aria-busy", "true"); // Screen readers read it once, whole.
   let reply = "";
   let ended = "";
+  let answered = false; // The stream ran to its end.
   controller = new AbortController();
   setBusy(true);
   ui.status.textContent = "Writing…";
@@ -162,7 +163,9 @@ async function send(text) {
         view.textContent = reply.trimStart(); // A base model's reply starts on a new line.
         answer.scrollIntoView({ block: "end" });
       });
+      answered = true;
       if (finish === "length") ended = "The reply reached the token limit.";
+      else if (!reply) ended = "The model's reply was empty.";
     }
   } catch (e) {
     if (e.name === "AbortError") ended = "Stopped.";
@@ -174,10 +177,11 @@ async function send(text) {
     setBusy(false);
     if (chat === messages) ui.status.textContent = ended;
   }
-  if (reply) {
+  if (answered || reply) {
     chat.push({ role: "assistant", content: reply });
   } else {
-    // Nothing came back: take the turn out, and give its text back to edit.
+    // Refused, failed or stopped before a word: take the turn out, and give
+    // its text back to edit.
     chat.pop();
     asked.remove();
     answer.remove();
