@@ -77,6 +77,7 @@ def test_masked_loss_is_the_mean_over_all_micro_batches_masked_tokens():
     cfg = tiny()
     apply = lecture.make_model(cfg).apply
     params = lecture.init_params(cfg, jax.random.PRNGKey(1))
+    params = jax.tree.map(lambda p: 5 * p, params)  # Losses far from log(V).
     rng = np.random.default_rng(1)
     B, T = 4, 12
     x_BT = rng.integers(0, 32, (B, T)).astype(np.int32)
@@ -93,18 +94,17 @@ def test_masked_loss_is_the_mean_over_all_micro_batches_masked_tokens():
     for n_micro in (1, 2):
         loss, grads = accumulate(apply, params, x_BT, y_BT, key, n_micro, packed)
         np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-    per_row_mean = np.mean(
-        [numpy_masked_mean(logits[i : i + 1], y_BT[i : i + 1], w_BT[i : i + 1])
-         for i in range(B)]
-    )  # fmt: skip
-    assert abs(per_row_mean - expected) > 1e-3  # Not the mean of the rows' means.
+    micro_means = [numpy_masked_mean(logits[a::2], y_BT[a::2], w_BT[a::2])
+                   for a in (0, 1)]  # fmt: skip
+    assert abs(np.mean(micro_means) - expected) > 1e-2  # Not a mean of means.
 
     def direct(p):
         out = apply({"params": p}, x_BT, seg_BT=seg_BT, pos_BT=pos_BT)
         ce = jax.nn.log_softmax(out)[jnp.arange(B)[:, None], jnp.arange(T), y_BT]
         return -(ce * w_BT).sum() / w_BT.sum()
 
-    chex.assert_trees_all_close(grads, jax.grad(direct)(params), atol=1e-6)
+    want = jax.grad(direct)(params)  # float32 sums in another order: rtol 2e-3.
+    chex.assert_trees_all_close(grads, want, rtol=2e-3, atol=1e-4)
     zero = dict(packed, w_BT=np.zeros_like(w_BT))  # Nothing to learn: loss 0.
     assert float(accumulate(apply, params, x_BT, y_BT, key, 2, zero)[0]) == 0.0
 
