@@ -14,9 +14,9 @@ parameters; random weights end no reply, so there are no stop ids and every
 reply is --bench_new_tokens greedy tokens. Both ways run the evaluation's own
 path (jaxgpt.evals.generation.generate_ids): all prompts in --bench_rows rows
 (default: all at once), then in one row, one prompt after another. Each is run
-once to compile, then timed --bench_repeats times (the median). A second
-table splits the batched run: the prefills (Decoder.start, one row each) and
-the steps (Decoder.step, every row).
+once to compile, then timed in --bench_repeats rounds in which the two take
+turns (the median, and the best). A second table splits the batched run: the
+prefills (Decoder.start, one row each) and the steps (Decoder.step, every row).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from jaxgpt.tokenizer import CharTokenizer
 _PROMPTS = flags.DEFINE_integer("bench_prompts", 64, "Prompts decoded.")
 _NEW = flags.DEFINE_integer("bench_new_tokens", 16, "Greedy new tokens per prompt.")
 _ROWS = flags.DEFINE_integer("bench_rows", 0, "Rows decoded together (0: all).")
-_REPEATS = flags.DEFINE_integer("bench_repeats", 3, "Timed runs of each way.")
+_REPEATS = flags.DEFINE_integer("bench_repeats", 5, "Timed rounds of both ways.")
 _VOCAB = flags.DEFINE_integer("bench_vocab", 0, "Vocabulary (0: the tokenizer's).")
 
 
@@ -63,15 +63,19 @@ def task_prompts(n: int, new_tokens: int, context: int):
     return tok, prompts
 
 
-def timed(fn, repeats: int) -> float:
-    """The median seconds of fn() after one run to compile."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(ways: dict, repeats: int) -> dict[str, list[float]]:
+    """Each way's seconds in `repeats` rounds, the ways taking turns within a
+    round (a machine's load then weighs on both alike), after one run of each
+    to compile."""
+    for fn in ways.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {way: [] for way in ways}
+    for _ in range(repeats):
+        for way, fn in ways.items():
+            t0 = time.perf_counter()
+            fn()
+            times[way].append(time.perf_counter() - t0)
+    return times
 
 
 def split_times(apply_fn, params, cfg, prompts, opts: RowOptions, repeats: int):
@@ -115,21 +119,29 @@ def main(argv):
         f" (mean {np.mean(lengths):.1f}), {N} greedy new tokens each;"
         f" {jax.devices()[0].device_kind}"
     )
-    seconds = {}
+    ways = {}
     for way, r in (("together", rows), ("one at a time", 1)):
-        run = lambda r=r: generation.generate_ids(
+        ways[way] = lambda r=r: generation.generate_ids(
             apply_fn, params, cfg, prompts, opts, rows=r
         )
-        assert all(len(new) == N for new in run()), "a reply ended early"
-        seconds[way] = timed(run, repeats)
-    print("| way | rows | seconds | prompts/s | new tokens/s | speed-up |")
+        assert all(len(new) == N for new in ways[way]()), "a reply ended early"
+    times = timed(ways, repeats)
+    median = {way: statistics.median(t) for way, t in times.items()}
+    print(
+        "| way | rows | seconds: median (best) | prompts/s | new tokens/s | speed-up |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for way, r in (("together", rows), ("one at a time", 1)):
-        s = seconds[way]
+        s = median[way]
         print(
-            f"| {way} | {r} | {s:.3f} | {P / s:.1f} | {P * N / s:,.0f} |"
-            f" {seconds['one at a time'] / s:.1f}x |"
+            f"| {way} | {r} | {s:.3f} ({min(times[way]):.3f}) | {P / s:.1f} |"
+            f" {P * N / s:,.0f} | {median['one at a time'] / s:.1f}x |"
         )
+    ratios = [a / t for t, a in zip(times["together"], times["one at a time"])]
+    print(
+        f"speed-up in each round: {', '.join(f'{x:.1f}x' for x in ratios)};"
+        f" best times: {min(times['one at a time']) / min(times['together']):.1f}x"
+    )
     prefill, steps = split_times(apply_fn, params, cfg, prompts, opts, repeats)
     print("| batched run's part | seconds | per call (ms) |")
     print("|---|---:|---:|")

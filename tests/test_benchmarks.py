@@ -155,7 +155,7 @@ def test_chat_eval_times_prompts_together_and_alone():
         "--bench_prompts=3", "--bench_new_tokens=4", "--bench_repeats=1",
     )  # fmt: skip
     for way, rows in (("together", 3), ("one at a time", 1)):
-        row = rf"^\| {way} \| {rows} \| [\d.]+ \| [\d.]+ \| [\d,]+ \| [\d.]+x \|$"
+        row = rf"^\| {way} \| {rows} \| [\d.]+ \([\d.]+\) \| [\d.]+ \| [\d,]+ \| [\d.]+x \|$"
         assert re.search(row, out, re.MULTILINE), out[-2000:]
     assert re.search(r"^\| 3 prefills \(one row each\) \| [\d.]+ \|", out, re.MULTILINE)
 
