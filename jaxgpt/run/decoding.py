@@ -59,12 +59,31 @@ def draw_row(logits_V, key, i, temperature, top_p, top_k):
 
 
 def draw_rows(logits_RV, key_R, i_R, opts_R):
-    """Every row's draw_row; when every row is greedy, the argmax alone (the
-    same tokens without sorting the vocabulary of each row)."""
-    return jax.lax.cond(
-        jnp.all(opts_R[0] == 0),
-        lambda: jnp.argmax(logits_RV, axis=-1).astype(jnp.int32),
-        lambda: jax.vmap(draw_row)(logits_RV, key_R, i_R, *opts_R),
+    """Every row's draw_row, with the least work that draws the same tokens:
+    the argmax alone when every row is greedy, no sort of the vocabulary when
+    no row asks top_k or top_p (then draw_row's cutoff keeps every token)."""
+    temperature_R, top_p_R, top_k_R = opts_R
+
+    def sample_all():
+        def one(logits_V, key, i, temperature):
+            scaled_V = logits_V.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+            drawn = jax.random.categorical(jax.random.fold_in(key, i), scaled_V)
+            return jnp.where(temperature == 0, jnp.argmax(logits_V), drawn)
+
+        return jax.vmap(one)(logits_RV, key_R, i_R, temperature_R).astype(jnp.int32)
+
+    branch = jnp.where(
+        jnp.all(temperature_R == 0),
+        0,
+        jnp.where(jnp.any((top_p_R < 1) | (top_k_R > 0)), 2, 1),
+    )
+    return jax.lax.switch(
+        branch,
+        [
+            lambda: jnp.argmax(logits_RV, axis=-1).astype(jnp.int32),
+            sample_all,
+            lambda: jax.vmap(draw_row)(logits_RV, key_R, i_R, *opts_R),
+        ],
     )
 
 
@@ -199,6 +218,7 @@ class Decoder:
         """Row `row` holds no request (its tokens until started again: ignore)."""
         self.pos_R[row] = self.context
         self.opts_R[0][row] = 0.0  # Greedy: all-greedy steps skip the sampling.
+        self.opts_R[1][row], self.opts_R[2][row] = 1.0, 0  # Unfiltered: no sort.
 
     def room(self, row: int) -> int:
         """New tokens `row` can still draw before prompt and reply fill the context."""
