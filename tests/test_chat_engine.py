@@ -32,7 +32,7 @@ def chat_model(tok, block_size=48, seed=0) -> ChatModel:
         apply_fn=lecture.apply_of(cfg),
         tok=tok,
         template=template,
-        stop_ids=stop_ids_of(tok, template),
+        stop_ids=frozenset(stop_ids_of(tok, template)),
     )
 
 

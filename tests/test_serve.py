@@ -89,7 +89,7 @@ def base_model_() -> chat_model.ChatModel:
     return chat_model.ChatModel(
         name="tiny-base", model_cfg=cfg, params=random_params(cfg, 2),
         apply_fn=lecture.apply_of(cfg), tok=tok, template=None,
-        stop_ids=chat_model.stop_ids_of(tok, None),
+        stop_ids=frozenset(chat_model.stop_ids_of(tok, None)),
     )  # fmt: skip
 
 

@@ -96,7 +96,7 @@ def tiny_chat_model() -> chat_model.ChatModel:
     return chat_model.ChatModel(
         name="tiny-chat", model_cfg=cfg, params=random_params(cfg, tok.end_id),
         apply_fn=lecture.apply_of(cfg), tok=tok, template=tok,
-        stop_ids=chat_model.stop_ids_of(tok, tok),
+        stop_ids=frozenset(chat_model.stop_ids_of(tok, tok)),
     )  # fmt: skip
 
 

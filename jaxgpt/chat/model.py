@@ -20,8 +20,8 @@ import numpy as np
 from jaxgpt import lecture, sharding
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.datasets import chat_template
+from jaxgpt.datasets.chat_template import stop_ids_of
 from jaxgpt.hub import load as hub_load
-from jaxgpt.hub import tokenizer_io
 from jaxgpt.run import cli, hosts
 
 Message = Mapping[str, str]
@@ -53,16 +53,7 @@ class ChatModel:
         return self.template is not None
 
     def render(self, messages: Sequence[Message]) -> np.ndarray:
-        """The ids of every message (a last assistant message is a turn like
-        the others) followed by the assistant's header; a base model: the
-        contents, one per line, and a newline."""
-        if isinstance(self.template, tokenizer_io.ChatTokenizer):
-            ids, _ = chat_template.render_conversation(self.template, messages)
-            assistant = self.template.special[chat_template.ASSISTANT]
-            return np.append(ids, np.int32(assistant)).astype(np.int32)
-        if self.template is not None:
-            return self.template.encode(messages, add_generation_prompt=True)
-        return self.text_prompt("".join(m["content"] + "\n" for m in messages))
+        return chat_template.reply_prompt(self.tok, self.template, messages)
 
     def chat_prompt(
         self, messages: Sequence[Message], max_tokens: int
@@ -94,25 +85,11 @@ class ChatModel:
         )
 
     def text_prompt(self, text: str) -> np.ndarray:
-        """A plain text's ids (with the tokenizer's bos token where it adds one)."""
-        ids = np.asarray(self.tok.encode(text), np.int32)
-        bos = getattr(self.tok, "bos_id", None)
-        adds_bos = isinstance(self.tok, tokenizer_io.HFTokenizer)  # Its own rule.
-        if bos is not None and not adds_bos and (len(ids) == 0 or ids[0] != bos):
-            ids = np.concatenate([[bos], ids]).astype(np.int32)
-        return ids
+        """A plain text's ids (/v1/completions): bos where the tokenizer has one."""
+        return chat_template.text_ids(self.tok, text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids))
-
-
-def stop_ids_of(tok, template) -> frozenset[int]:
-    """The ids a reply ends at: the template's (its end of turn and end of
-    text), or a base model's end of text."""
-    if template is not None:
-        return frozenset(template.stop_ids)
-    eos = getattr(tok, "eos_id", None)
-    return frozenset() if eos is None else frozenset([eos])
 
 
 def load(cmd: cli.Command) -> ChatModel:
@@ -144,5 +121,5 @@ def load(cmd: cli.Command) -> ChatModel:
         apply_fn=lecture.apply_of(model_cfg),
         tok=tok,
         template=template,
-        stop_ids=stop_ids_of(tok, template),
+        stop_ids=frozenset(stop_ids_of(tok, template)),
     )

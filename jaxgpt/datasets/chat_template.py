@@ -439,3 +439,39 @@ def render_all(
         ids.append(x)
         masks.append(m)
     return ids, masks
+
+
+# --- Prompts to reply to ------------------------------------------------------------
+
+
+def text_ids(tok, text: str) -> np.ndarray:
+    """A plain text's ids, after the tokenizer's bos token where it has one (a
+    Hugging Face tokenizer adds its own, as its post-processor says)."""
+    ids = np.asarray(tok.encode(text), np.int32)
+    bos = getattr(tok, "bos_id", None)
+    adds_bos = isinstance(tok, tokenizer_io.HFTokenizer)
+    if bos is not None and not adds_bos and (len(ids) == 0 or ids[0] != bos):
+        ids = np.concatenate([[bos], ids]).astype(np.int32)
+    return ids
+
+
+def reply_prompt(tok, template, messages: Sequence[Message]) -> np.ndarray:
+    """int32 [T] to sample the assistant's next reply from: every message (a
+    last assistant message is a turn like the others) and the assistant's
+    header, by `template` (a ChatTokenizer or an HFChatTemplate); with none (a
+    base model), the contents one per line and a newline."""
+    if isinstance(template, ChatTokenizer):
+        ids, _ = render_conversation(template, messages)
+        return np.append(ids, np.int32(template.special[ASSISTANT])).astype(np.int32)
+    if template is not None:
+        return template.encode(messages, add_generation_prompt=True)
+    return text_ids(tok, "".join(m["content"] + "\n" for m in messages))
+
+
+def stop_ids_of(tok, template) -> tuple[int, ...]:
+    """The ids a reply ends at: the template's (its end of turn, and end of
+    text), or a base model's end of text."""
+    if template is not None:
+        return tuple(template.stop_ids)
+    eos = getattr(tok, "eos_id", None)
+    return () if eos is None else (eos,)

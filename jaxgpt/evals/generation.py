@@ -37,7 +37,6 @@ from jaxgpt import lecture, sharding
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.datasets import chat_tasks, chat_template, conversations
 from jaxgpt.hub import load as hub_load
-from jaxgpt.hub import tokenizer_io
 from jaxgpt.run import cache, cli, decoding, errors, hosts, quiet
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run.decoding import RowOptions
@@ -50,34 +49,11 @@ MARGIN = 8  # New tokens a chat task's reply may take beyond its answer's.
 # --- Prompts and stops ------------------------------------------------------------
 
 
-def text_prompt(tok, text: str) -> np.ndarray:
-    """A plain text's ids (with the tokenizer's bos token where it adds one)."""
-    ids = np.asarray(tok.encode(text), np.int32)
-    bos = getattr(tok, "bos_id", None)
-    adds_bos = isinstance(tok, tokenizer_io.HFTokenizer)  # Its own rule.
-    if bos is not None and not adds_bos and (len(ids) == 0 or ids[0] != bos):
-        ids = np.concatenate([[bos], ids]).astype(np.int32)
-    return ids
-
-
 def prompt_ids(tok, template, messages: Sequence[Message]) -> np.ndarray:
-    """int32 [T]: the messages (less a final assistant turn) and the assistant's
-    header by `template` (a ChatTokenizer or an HFChatTemplate); with no
-    template, the contents one per line and a newline."""
-    if isinstance(template, tokenizer_io.ChatTokenizer):
-        return chat_template.generation_prompt(template, messages)
-    if template is not None:
-        return template.generation_prompt(messages)
+    """int32 [T]: the messages less a final assistant turn (the reference
+    answer), then the assistant's header (chat_template.reply_prompt)."""
     messages, _ = conversations.split_prompt(messages)
-    return text_prompt(tok, "".join(m["content"] + "\n" for m in messages))
-
-
-def stop_ids_of(tok, template) -> tuple[int, ...]:
-    """The ids a reply ends at: the template's end of turn (ChatTokenizer.end_id;
-    a Hugging Face template's end-of-turn and eos) and the tokenizer's eos."""
-    ids = [getattr(template, "end_id", None), getattr(tok, "eos_id", None)]
-    ids += list(getattr(template, "stop_ids", ()) or ())
-    return tuple(dict.fromkeys(i for i in ids if i is not None))
+    return chat_template.reply_prompt(tok, template, messages)
 
 
 # --- Generation -------------------------------------------------------------------
@@ -226,7 +202,9 @@ def prepare(tok, template, records: Sequence[dict], context: int) -> ChatTask:
         prompts.append(ids)
         opts.append(RowOptions(min(answer, context - len(ids)), temperature=0.0))
     strings = () if template is not None else ("\n",)
-    return ChatTask(list(records), prompts, opts, stop_ids_of(tok, template), strings)
+    return ChatTask(
+        list(records), prompts, opts, chat_template.stop_ids_of(tok, template), strings
+    )
 
 
 def evaluate_chat_task(
