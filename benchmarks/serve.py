@@ -29,7 +29,10 @@ first text (transformers: its first new token, queueing not counted); peak RSS:
 the part's process (the server's, not its clients'), reset before each level
 (/proc/<pid>/clear_refs); load: the machine's load average over the minute
 before the level ended (other work on its CPUs slows every part). Warm: one
-request per compiled prompt length is sent before timing.
+request per compiled prompt length is sent before timing. Printed: a table per
+model, then the goals at the most streams (the server's tokens/s against
+transformers' one request at a time, and against its own single stream);
+--bench_out writes every figure as JSON.
 """
 
 from __future__ import annotations
