@@ -254,6 +254,12 @@ class EvalConfig:
         " jaxgpt.datasets.chat_tasks) that --eval_tasks=chat and python -m"
         " jaxgpt.evals.generation score.",
     )
+    chat_data_path: str | None = option(
+        None,
+        "The chat task's train split (train.jsonl of python -m"
+        " jaxgpt.datasets.chat_tasks) whose prompts python -m jaxgpt.tools.grpo"
+        " answers and learns from the rewards of.",
+    )
 
     def __post_init__(self):
         require_positive(eval_batch_size=self.eval_batch_size)
