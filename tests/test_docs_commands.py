@@ -33,7 +33,7 @@ DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.m
 # The modules whose flags are cli's.
 ABSL = {
     "jaxgpt.main", "jaxgpt.hub.export", "jaxgpt.datasets.prepare", "jaxgpt.serve",
-    "jaxgpt.chat", "jaxgpt.evals.generation",
+    "jaxgpt.chat", "jaxgpt.evals.generation", "jaxgpt.tools.grpo",
 }  # fmt: skip
 PLACEHOLDER = re.compile(r"\.\.\.|path/to/|\$")
 
@@ -367,6 +367,8 @@ def skip_reason(command: Command, made: set[str]) -> str | None:
         return "reads the terminal (tests/test_chat_terminal.py runs it)"
     if command.module == "jaxgpt.evals.generation":
         return "scores a fine-tuned run (tests/test_generation.py runs the command)"
+    if command.module == "jaxgpt.tools.grpo":
+        return "learns from a fine-tuned run's rewards (tests/test_grpo.py runs it)"
     if command.module == "jaxgpt.tools.ladder":
         return "trains every lecture step in turn: minutes even at tiny sizes"
     if command.module.startswith("jaxgpt.micrograd"):

@@ -32,7 +32,7 @@ def test_advantages_are_rewards_less_their_groups_mean():
     rewards_PG = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0]], np.float32)
     want = np.array([[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [0.25, 0.25, 0.25, -0.75]])
     chex.assert_trees_all_close(grpo.advantages(rewards_PG), want, atol=1e-6)
-    std = np.array([0.5, 0.0, np.sqrt(3) / 4])[:, None]  # Each group's (population) std.
+    std = np.array([0.5, 0.0, np.sqrt(3) / 4])[:, None]  # Population std.
     chex.assert_trees_all_close(
         grpo.advantages(rewards_PG, normalize=True), want / (std + 1e-6), atol=1e-5
     )

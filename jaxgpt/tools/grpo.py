@@ -34,8 +34,8 @@ from jaxgpt import lecture, sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.datasets import chat_tasks, chat_template
 from jaxgpt.evals import generation
-from jaxgpt.modes import training
-from jaxgpt.run import cache, cli, errors, hosts, quiet
+from jaxgpt.hub import load
+from jaxgpt.run import cache, cli, errors, hosts, quiet, workdir
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run.perf import cpu_speedups
 
@@ -65,9 +65,11 @@ def pg_loss(apply_fn: Callable, params, x_NT, y_NT, w_NT, adv_N) -> jax.Array:
 
 def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping (--grad_clip), then AdamW whose learning rate falls
-    linearly from --learning_rate to 0 over --max_iters (as nanochat's RL),
-    weight decay on matrices only."""
-    lr = optax.linear_schedule(train_cfg.learning_rate, 0.0, train_cfg.max_iters)
+    linearly from --learning_rate to --min_lr over --max_iters (nanochat's RL:
+    to 0), weight decay on matrices only."""
+    lr = optax.linear_schedule(
+        train_cfg.learning_rate, train_cfg.min_lr, train_cfg.max_iters
+    )
     adamw = optax.adamw(
         lr,
         b1=train_cfg.beta1,
@@ -75,7 +77,9 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
         weight_decay=train_cfg.weight_decay,
         mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
     )
-    clip = optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip else None
+    clip = (
+        optax.clip_by_global_norm(train_cfg.grad_clip) if train_cfg.grad_clip else None
+    )
     return optax.chain(clip or optax.identity(), adamw)
 
 
@@ -172,6 +176,18 @@ def describe_scores(scores: dict[str, float]) -> str:
     return f"exact match {scores['chat_acc']:.4f} ({each})"
 
 
+def import_model(cmd: cli.Command, mesh):
+    """--init_from's (model config, parameters, tokenizer): a run's --workdir
+    (its best checkpoint, else its latest), or a Hugging Face model."""
+    init_from = cmd.run.init_from
+    if not os.path.isdir(os.path.join(init_from, workdir.CHECKPOINTS)):
+        return load.import_weights(init_from, cmd.model_overrides())
+    which = ckpt.BEST if ckpt.read_meta(init_from, ckpt.BEST) else ckpt.LATEST
+    run = dataclasses.replace(cmd.run, init_from=None, workdir=init_from)
+    model_cfg, params, tok = load.load_model(run, which, mesh)
+    return ModelConfig(**{**model_cfg.to_dict(), **cmd.runtime()}), params, tok
+
+
 def check(cmd: cli.Command) -> None:
     """Refuses settings this run cannot use, before any work."""
     run, evals, sample = cmd.run, cmd.eval, cmd.sample
@@ -212,7 +228,7 @@ def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
     --workdir. Returns the final exact match (None without --chat_eval_path)."""
     run, train_cfg, sample_cfg, eval_cfg = cmd.run, cmd.train, cmd.sample, cmd.eval
     check(cmd)
-    model_cfg, params, tok = training.import_model(cmd, mesh)
+    model_cfg, params, tok = import_model(cmd, mesh)
     # Plain arrays on the default device, as the jitted step returns them: one
     # compiled step (a checkpoint's mesh shardings would compile a second).
     params = jax.tree.map(jnp.asarray, jax.device_get(hosts.to_local(params, mesh)))
@@ -283,24 +299,28 @@ def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
 def save(cmd: cli.Command, state: train.TrainState, model_cfg: ModelConfig, tok):
     """The final state as a training run's checkpoint (meta: model, tokenizer,
     settings), so every reader of a run's --workdir reads it."""
-    run = cmd.run
-    with training.lock_workdir(run), training.open_run(run) as checkpointer:
-        checkpointer.update_meta(
-            model=model_cfg.to_dict(),
-            train=dataclasses.asdict(cmd.train),
-            seed=run.seed,
-            dataset="chat_tasks",
-            tokenizer=tok.to_json(),
-            init_from=run.init_from,
-            rl={
-                "chat_data_path": cmd.eval.chat_data_path,
-                "num_samples": cmd.sample.num_samples,
-                "temperature": cmd.sample.temperature,
-                "top_k": cmd.sample.top_k,
-                "top_p": cmd.sample.top_p,
-            },
-        )
-        checkpointer.save(int(state.step), state)
+    run, sample = cmd.run, cmd.sample
+    meta = {
+        "model": model_cfg.to_dict(),
+        "train": dataclasses.asdict(cmd.train),
+        "seed": run.seed,
+        "dataset": "chat_tasks",
+        "tokenizer": tok.to_json(),
+        "init_from": run.init_from,
+        "rl": {
+            "chat_data_path": cmd.eval.chat_data_path,
+            "num_samples": sample.num_samples,
+            "temperature": sample.temperature,
+            "top_k": sample.top_k,
+            "top_p": sample.top_p,
+        },
+    }
+    workdir.make(run.workdir)
+    with workdir.Lock(run.workdir):
+        if run.overwrite:
+            ckpt.clear(run.workdir)
+        with ckpt.Checkpointer(run.workdir, meta, check=ckpt.check_run_meta) as saver:
+            saver.save(int(state.step), state)
     print(f"saved step {int(state.step)} in {run.workdir}", flush=True)
 
 
@@ -309,7 +329,7 @@ def main(argv: list[str]) -> int:
     cpu_speedups()
     cache.enable_compilation_cache()
     del argv  # cli.run refuses words that are not flags.
-    workdir = cli.FLAGS.workdir
+    where = cli.FLAGS.workdir
     try:
         cmd = cli.command()
         mesh = sharding.make_mesh(cmd.mesh.mesh_data, cmd.mesh.mesh_fsdp)
@@ -317,7 +337,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ckpt.CheckpointError, chat_template.ChatTemplateError) as e:
         errors.exit_with(e)
     except OSError as e:
-        errors.exit_with(e, workdir)
+        errors.exit_with(e, where)
     return 0
 
 
