@@ -128,7 +128,7 @@ def test_two_steps_save_a_checkpoint_the_readers_load(files, capsys):
     run_main(tmp)
     out = capsys.readouterr().out
     assert "step 0: exact match" in out and "step 1: reward" in out
-    assert "step 2: exact match" in out
+    assert "step 2: exact match" in out and "; sampled " in out
     run = configs.RunConfig(workdir=str(tmp / "rl"))
     model_cfg, loaded, tok = hub_load.load_model(run, ckpt.LATEST, sharding.make_mesh())
     assert model_cfg == CFG and tok.to_json() == TOK.to_json()

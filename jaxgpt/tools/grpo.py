@@ -163,17 +163,45 @@ def rollout(apply_fn, params, model_cfg, tok, task, root, step, sample_cfg, P, G
 # --- The run ----------------------------------------------------------------------------
 
 
-def evaluate(apply_fn, params, model_cfg, tok, records, template, rows) -> dict:
-    """The test split's exact match (greedy), per task and overall."""
-    return generation.evaluate_chat_task(
-        apply_fn, params, model_cfg, tok, records, template, rows
+def evaluate(
+    apply_fn, params, model_cfg, tok, test: generation.ChatTask, sample_cfg, root, rows
+) -> dict[str, float]:
+    """The test split's exact match: greedy, per task and overall
+    (generation.exact_match's keys), and of one reply sampled as the run samples
+    (sampled_acc; each record's seed the same at every evaluation)."""
+    greedy = generation.generate(
+        apply_fn, params, model_cfg, tok, test.prompts, test.opts,
+        test.stop_ids, test.stop_strings, rows,
+    )  # fmt: skip
+    seeds = train.host_rng(train.stream(root, "eval"), 0).integers(
+        0, 2**31, len(test.opts)
     )
+    opts = [
+        dataclasses.replace(
+            o,
+            temperature=sample_cfg.temperature,
+            top_k=sample_cfg.top_k,
+            top_p=sample_cfg.top_p,
+            seed=int(seed),
+        )
+        for o, seed in zip(test.opts, seeds, strict=True)
+    ]
+    sampled = generation.generate(
+        apply_fn, params, model_cfg, tok, test.prompts, opts,
+        test.stop_ids, test.stop_strings, rows,
+    )  # fmt: skip
+    scores = generation.exact_match(test.records, greedy)
+    scores["sampled_acc"] = generation.exact_match(test.records, sampled)["chat_acc"]
+    return scores
 
 
 def describe_scores(scores: dict[str, float]) -> str:
-    tasks = [k for k in sorted(scores) if k != "chat_acc"]
+    tasks = [k for k in sorted(scores) if k.startswith("chat_") and k != "chat_acc"]
     each = " ".join(f"{k[5:-4]} {scores[k]:.3f}" for k in tasks)
-    return f"exact match {scores['chat_acc']:.4f} ({each})"
+    return (
+        f"exact match {scores['chat_acc']:.4f} ({each}); sampled"
+        f" {scores['sampled_acc']:.4f}"
+    )
 
 
 def import_model(cmd: cli.Command, mesh):
@@ -239,7 +267,7 @@ def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
     if eval_cfg.chat_eval_path:
         test_records = generation.read_records(eval_cfg.chat_eval_path)
         test_records = test_records[: eval_cfg.eval_task_examples]
-        generation.prepare(tok, template, test_records, model_cfg.block_size)
+        test = generation.prepare(tok, template, test_records, model_cfg.block_size)
     apply_fn = lecture.apply_of(model_cfg)
     root = train.root_key(run.seed)
     P, G, T = train_cfg.batch_size, sample_cfg.num_samples, model_cfg.block_size
@@ -252,7 +280,7 @@ def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
             return None
         t0 = time.perf_counter()
         scores = evaluate(
-            apply_fn, state.params, model_cfg, tok, test_records, template,
+            apply_fn, state.params, model_cfg, tok, test, sample_cfg, root,
             eval_cfg.eval_batch_size,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
