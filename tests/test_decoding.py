@@ -28,19 +28,25 @@ def model(cfg):
 
 @pytest.mark.parametrize("cfg", [GPT, ROPE, LECTURE], ids=["gpt2", "llama", "lecture"])
 def test_greedy_rows_equal_generate_alone(cfg):
-    """Greedy replies of prompts of different lengths decoded together equal
-    generate.generate on each prompt alone, to the context's end."""
+    """Greedy replies of prompts of different lengths decoded together run to
+    the context's end, and equal generate.generate on each prompt alone (one
+    program: the prompts padded to one width, each with its prompt_len)."""
     apply_fn, params = model(cfg)
     prompts = [p[: cfg.block_size - 4] for p in PROMPTS]
     out = decoding.decode(apply_fn, params, cfg, prompts, RowOptions(100, 0.0))
+    assert [len(new) for new in out] == [cfg.block_size - len(p) for p in prompts]
+    P = max(map(len, prompts))
+    N = cfg.block_size - P  # Every reply has at least N tokens.
     for prompt, new in zip(prompts, out):
-        assert len(new) == cfg.block_size - len(prompt)  # Ends at the context.
+        padded = (
+            jnp.zeros((1, P), jnp.int32).at[0, : len(prompt)].set(jnp.asarray(prompt))
+        )
         want = generate.generate(
-            apply_fn, params, jnp.asarray([prompt]), jax.random.PRNGKey(0),
-            block_size=cfg.block_size, max_new_tokens=len(new), temperature=0.0,
-            **generate.cache_options(cfg),
+            apply_fn, params, padded, jax.random.PRNGKey(0),
+            block_size=cfg.block_size, max_new_tokens=N, temperature=0.0,
+            prompt_len=jnp.int32(len(prompt)), **generate.cache_options(cfg),
         )  # fmt: skip
-        assert new == np.asarray(want)[0, len(prompt) :].tolist()
+        assert new[:N] == np.asarray(want)[0, len(prompt) : len(prompt) + N].tolist()
 
 
 def test_sampled_rows_do_not_depend_on_their_neighbours():
