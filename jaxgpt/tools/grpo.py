@@ -1,4 +1,4 @@
-"""Learning from rewards on the chat task: GRPO-style policy gradient, as nanochat's chat_rl.
+"""Learning from rewards on the chat task (GRPO-style, as nanochat's chat_rl).
 
   python -m jaxgpt.tools.grpo --init_from=out/chat_sft --workdir=out/chat_rl \\
       --chat_data_path=data/chat_tasks/train.jsonl --chat_eval_path=data/chat_tasks/test.jsonl
@@ -39,7 +39,7 @@ from jaxgpt.run import cache, cli, errors, hosts, quiet, workdir
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run.perf import cpu_speedups
 
-# --- Advantages and the loss --------------------------------------------------------
+# --- Advantages and the loss ------------------------------------------------------
 
 
 def advantages(rewards_PG: jax.Array, normalize: bool = False) -> jax.Array:
@@ -98,7 +98,7 @@ def make_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
     return step
 
 
-# --- Rollouts -------------------------------------------------------------------------
+# --- Rollouts ---------------------------------------------------------------------
 
 
 def rows_of(
@@ -160,7 +160,7 @@ def rollout(apply_fn, params, model_cfg, tok, task, root, step, sample_cfg, P, G
     return prompts, replies, np.asarray(rewards, np.float32).reshape(P, G)
 
 
-# --- The run ----------------------------------------------------------------------------
+# --- The run ----------------------------------------------------------------------
 
 
 def evaluate(
