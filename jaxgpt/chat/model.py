@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from jaxgpt import lecture, sharding
+from jaxgpt import lecture
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.datasets import chat_template
 from jaxgpt.datasets.chat_template import stop_ids_of
 from jaxgpt.hub import load as hub_load
-from jaxgpt.run import cli, hosts
+from jaxgpt.run import cli
 
 Message = Mapping[str, str]
 
@@ -95,16 +95,7 @@ class ChatModel:
 def load(cmd: cli.Command) -> ChatModel:
     """--init_from's model, or --workdir's newest --checkpoint, ready to talk."""
     run = cmd.run
-    if not run.init_from and not os.path.isdir(run.workdir):
-        raise ConfigError(
-            f"--workdir={run.workdir} does not exist: point --workdir at a training"
-            " run, or pass --init_from=gpt2 (or a Hugging Face folder or Hub name)."
-        )
-    mesh = sharding.make_mesh(cmd.mesh.mesh_data, cmd.mesh.mesh_fsdp)
-    model_cfg, params, tok = hub_load.load_model(
-        run, cmd.sample.checkpoint, mesh, cmd.model_overrides()
-    )
-    params = hosts.to_local(params, mesh)
+    model_cfg, params, tok = hub_load.load_local(cmd)
     try:
         template = chat_template.template_for(tok)
     except chat_template.ChatTemplateError as e:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxgpt import lecture, sharding
+from jaxgpt import lecture
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.datasets import chat_tasks, chat_template, conversations
 from jaxgpt.hub import load as hub_load
@@ -292,16 +291,7 @@ def main(argv: list[str]) -> int:
             )
         records = read_records(eval_cfg.chat_eval_path)
         records = records[: eval_cfg.eval_task_examples]
-        if not run.init_from and not os.path.isdir(run.workdir):
-            raise ConfigError(
-                f"--workdir={run.workdir} does not exist: point --workdir at a"
-                " training run, or pass --init_from (gpt2, a Hugging Face folder)."
-            )
-        mesh = sharding.make_mesh(cmd.mesh.mesh_data, cmd.mesh.mesh_fsdp)
-        model_cfg, params, tok = hub_load.load_model(
-            run, cmd.sample.checkpoint, mesh, cmd.model_overrides()
-        )
-        params = hosts.to_local(params, mesh)
+        model_cfg, params, tok = hub_load.load_local(cmd)
         template = chat_template.template_for(tok)
         task = prepare(tok, template, records, model_cfg.block_size)
     except (ConfigError, ckpt.CheckpointError, chat_template.ChatTemplateError) as e:

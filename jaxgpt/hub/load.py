@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxgpt import lecture
+from jaxgpt import lecture, sharding
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.hub import gpt2, hf, llama, tokenizer_io
 from jaxgpt.hub.hf import HuggingFaceError
@@ -193,3 +193,20 @@ def load_model(
     except ValueError as e:  # GPT-2's tokenizer files not found, or a bad one.
         raise ConfigError(f"the checkpoint's tokenizer: {e}") from e
     return model_cfg, params, tok
+
+
+def load_local(cmd) -> tuple[ModelConfig, Any, Any]:
+    """load_model for a command that talks to or scores one model (a
+    cli.Command: --init_from, else --workdir's newest --checkpoint): (model
+    config, whole parameters on this process, tokenizer)."""
+    run = cmd.run
+    if not run.init_from and not os.path.isdir(run.workdir):
+        raise ConfigError(
+            f"--workdir={run.workdir} does not exist: point --workdir at a training"
+            " run, or pass --init_from=gpt2 (or a Hugging Face folder or Hub name)."
+        )
+    mesh = sharding.make_mesh(cmd.mesh.mesh_data, cmd.mesh.mesh_fsdp)
+    model_cfg, params, tok = load_model(
+        run, cmd.sample.checkpoint, mesh, cmd.model_overrides()
+    )
+    return model_cfg, hosts.to_local(params, mesh), tok
