@@ -4,6 +4,7 @@ figures, and a guard: the suite writes nothing into the checkout."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -218,3 +219,28 @@ def subprocess_report(test_file: str, timeout: int) -> dict:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def serving(app):
+    """An ASGI `app` served by uvicorn in a thread on a free port: its base URL
+    (the server's and the web chat's tests)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from jaxgpt.serve.__main__ import listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

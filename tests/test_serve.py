@@ -6,23 +6,20 @@ that goes away freeing its row, the static folder's bounds, and the command."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import jax
 import openai
 import pytest
-import uvicorn
 from absl.testing import flagsaver
-from conftest import REPO
+from conftest import REPO, serving
 from starlette.testclient import TestClient
 
 from jaxgpt import lecture, tokenizer
@@ -103,23 +100,6 @@ class Recording:
         request = self.engine.submit(*args, **kwargs)
         self.submitted.append(request)
         return request
-
-
-@contextlib.contextmanager
-def serving(app):
-    """`app` served by uvicorn in a thread on a free port: its base URL."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 SETTINGS = serve_app.Settings(

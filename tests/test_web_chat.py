@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 from absl.testing import flagsaver
+from conftest import serving
 
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
@@ -42,7 +42,6 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.datasets import chat_template
 from jaxgpt.run import cli
 from jaxgpt.serve import app as serve_app
-from jaxgpt.serve.__main__ import listen
 from jaxgpt.serve.protocol import Defaults
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -103,23 +102,6 @@ def tiny_chat_model() -> chat_model.ChatModel:
 @pytest.fixture(scope="module")
 def model() -> chat_model.ChatModel:
     return tiny_chat_model()
-
-
-@contextlib.contextmanager
-def serving(app):
-    """`app` served by uvicorn in a thread on a free port: its base URL."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 class Paced:
