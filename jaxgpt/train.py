@@ -4,7 +4,7 @@ A run is a function of (configs, tokens, seed): step s trains on the batch the
 batch stream draws at s, with the dropout stream's key at s, so a run resumed
 from its checkpoint at step N reproduces the uninterrupted run bit for bit.
 Everything here runs on one device as it is; the engine lays the same step
-and evaluation on a mesh of many (run/program.py, with sharding.jit_on_mesh)
+and evaluation on a mesh of many (run/program.py, with run/layout.py)
 and runs the steps with checkpoints and guards (run/loop.py).
 """
 
@@ -225,7 +225,7 @@ def make_batches(
 ) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
     """batch(step) -> (x_BT, y_BT) of training step `step`, drawn on the host
     from the batch stream (no JAX work per step); `rows` of it only (a
-    process's share on a mesh: sharding.batches_on_mesh)."""
+    process's share on a mesh: run/program.make_batches)."""
     batch_stream = np.asarray(stream(root, "batch"))
     return lambda step: data.get_batch(
         tokens, host_rng(batch_stream, step), batch_size, block_size, rows

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from jaxgpt import generate, lecture, sharding
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.run import program
+from jaxgpt.run import layout, program
 
 PLATFORMS = ("tpu", "cuda")
 # bfloat16 and XLA's attention, as on a TPU or GPU; no dropout (dot_product has none).
@@ -105,9 +105,9 @@ def train_args(model_cfg, train_cfg, mesh):
     x_BT = spec(
         (train_cfg.batch_size, model_cfg.block_size),
         jnp.int32,
-        sharding.batch_sharding(mesh),
+        layout.batch_sharding(mesh),
     )
-    root = spec((2,), jnp.uint32, sharding.replicated(mesh))
+    root = spec((2,), jnp.uint32, layout.replicated(mesh))
     return program.abstract_state(model_cfg, train_cfg, mesh), x_BT, x_BT, root
 
 
@@ -176,11 +176,11 @@ def lowering_report() -> dict:
     for name, (mesh_name, model_changes) in EVAL_CASES.items():
         model_cfg = dataclasses.replace(MODEL, **model_changes)
         mesh = make_mesh(mesh_name)
-        rows = sharding.batch_sharding(mesh, row_axis=1)
+        rows = layout.batch_sharding(mesh, row_axis=1)
         x_KbT = spec((3, TRAIN.batch_size, MODEL.block_size), jnp.int32, rows)
         params = program.abstract_params(model_cfg, mesh)
         add_losses = program.make_eval_loss(model_cfg, mesh)
-        total = spec((), jnp.float32, sharding.replicated(mesh))
+        total = spec((), jnp.float32, layout.replicated(mesh))
         exported = jax.export.export(add_losses, platforms=PLATFORMS)(
             params, total, x_KbT, x_KbT
         )

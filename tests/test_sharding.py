@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from jaxgpt import sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.run import checkpoint as ckpt
-from jaxgpt.run import program
+from jaxgpt.run import layout, program
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,10 +84,10 @@ def test_check_batch_needs_micro_batches_that_split_over_devices(
 ):
     mesh = AbstractMesh(mesh_shape, sharding.BATCH_AXES)
     if ok:
-        sharding.check_batch(batch, accum, mesh)
+        layout.check_batch(batch, accum, mesh)
         return
     with pytest.raises(ConfigError) as e:
-        sharding.check_batch(batch, accum, mesh)
+        layout.check_batch(batch, accum, mesh)
     message, n = str(e.value), mesh_shape[0] * mesh_shape[1]
     assert f"--batch_size={batch}" in message and f"the {n} devices" in message
     assert f"multiple of {n * accum}" in message
@@ -111,7 +111,7 @@ def test_abstract_state_carries_the_shardings():
     real = program.create_state(MODEL, TRAIN, train.root_key(0), mesh)
     for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
         assert (a.shape, a.dtype) == (r.shape, r.dtype)
-        assert a.sharding == r.sharding == sharding.replicated(mesh)
+        assert a.sharding == r.sharding == layout.replicated(mesh)
 
 
 def test_layout_hints_leave_values_alone_without_a_mesh():
@@ -151,7 +151,7 @@ def run_steps(model_cfg, train_cfg, tokens, mesh=None):
     return state, losses, x_BT
 
 
-def layout(state) -> dict:
+def leaf_layouts(state) -> dict:
     """Spec and per-device shard shape of a few leaves."""
     out = {}
     for name, path in LEAVES.items():
@@ -185,7 +185,7 @@ def eight_device_report() -> dict:
             "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
             "param_diff": max_diff(state.params, ref_state.params),
             "opt_state_diff": max_diff(state.opt_state, ref_state.opt_state),
-            "layout": layout(state),
+            "layout": leaf_layouts(state),
             "batch_spec": str(x_BT.sharding.spec),
             "batch_rows_per_device": x_BT.addressable_shards[0].data.shape[0],
         }
@@ -220,7 +220,7 @@ def restore_report(model_cfg, state) -> dict:
                     r.sharding == t.sharding
                     for r, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target))
                 ),
-                "c_attn_spec": layout(restored)["c_attn"][0],
+                "c_attn_spec": leaf_layouts(restored)["c_attn"][0],
                 "exact": max_diff(restored.params, state.params) == 0.0
                 and max_diff(restored.opt_state, state.opt_state) == 0.0,
             }
@@ -234,7 +234,7 @@ def error_report(tokens) -> dict:
     mesh = sharding.make_mesh()
     for name, (batch, accum) in {"batch12": (12, 1), "accum4": (16, 4)}.items():
         try:
-            sharding.check_batch(batch, accum, mesh)
+            layout.check_batch(batch, accum, mesh)
             out[name] = "no error"
         except ConfigError as e:
             out[name] = str(e)

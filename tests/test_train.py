@@ -15,7 +15,7 @@ import pytest
 from jaxgpt import data, lecture, sharding, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.run import checkpoint as ckpt
-from jaxgpt.run import loop, metrics, muon, program
+from jaxgpt.run import layout, loop, metrics, muon, program
 
 MODEL = ModelConfig(
     vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True
@@ -237,7 +237,7 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12, **model_kw):
     with ckpt.Checkpointer(workdir, meta) as checkpointer:
         if checkpointer.latest_step() is not None:
             state = checkpointer.restore(program.abstract_state(model_cfg, cfg, mesh))
-            assert jax.tree.leaves(state)[0].sharding == sharding.replicated(mesh)
+            assert jax.tree.leaves(state)[0].sharding == layout.replicated(mesh)
         else:
             state = program.create_state(model_cfg, cfg, root, mesh)
         schedule, start = train.lr_schedule(cfg), int(state.step)

@@ -21,11 +21,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxgpt import data, sharding, train
+from jaxgpt import data, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.datasets.conversations import segment_positions
 from jaxgpt.datasets.prepare import Dataset
-from jaxgpt.run import program
+from jaxgpt.run import layout, program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ def make_batches(
     process reading its own). `counter` (a LearnedTokens) counts their
     masked tokens."""
     batch_stream = np.asarray(train.stream(root, "batch"))
-    which = sharding.process_rows(mesh, batch_size)
+    which = layout.process_rows(mesh, batch_size)
     shape = (batch_size, rows.length - 1)
 
     def batch(step: int):
@@ -101,7 +101,7 @@ def make_batches(
         )
         if counter is not None:
             counter.add(step, float(packed["w_BT"].sum()))
-        put = lambda z: sharding.put_batch(z, shape, mesh)
+        put = lambda z: layout.put_batch(z, shape, mesh)
         return put(x_BT), put(y_BT), jax.tree.map(put, packed)
 
     return batch
@@ -120,14 +120,14 @@ def make_evaluate(
     n = train_cfg.eval_iters * train_cfg.grad_accum_steps
     b = train_cfg.batch_size // train_cfg.grad_accum_steps
     eval_stream = np.asarray(train.stream(root, "eval"))
-    which = sharding.process_rows(mesh, b)
+    which = layout.process_rows(mesh, b)
 
     def batches(rows: Rows):
         drawn = [
             get_rows(rows, train.host_rng(eval_stream, i), b, which) for i in range(n)
         ]
         x_KbT, y_KbT, packed_K = jax.tree.map(lambda *z: np.stack(z), *drawn)
-        put = lambda z: sharding.put_batch(z, (n, b, rows.length - 1), mesh, 1)
+        put = lambda z: layout.put_batch(z, (n, b, rows.length - 1), mesh, 1)
         return put(x_KbT), put(y_KbT), jax.tree.map(put, packed_K)
 
     fixed = {name: batches(rows) for name, rows in splits.items()}

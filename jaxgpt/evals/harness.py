@@ -79,7 +79,7 @@ from jaxgpt.config import ConfigError
 from jaxgpt.datasets import chat_template as chat
 from jaxgpt.evals import scoring
 from jaxgpt.hub import hf, load, tokenizer_io
-from jaxgpt.run import errors, hosts
+from jaxgpt.run import errors, hosts, layout
 from jaxgpt.run.configs import RunConfig
 
 DEFAULT_ROWS = 16  # Rows per compiled call when the harness says "auto".
@@ -112,7 +112,7 @@ def rows_per_call(batch_size: Any, mesh) -> int:
     """The harness's batch_size (an int, a string, "auto"...) as rows per
     compiled call, a multiple of the mesh's devices."""
     n = int(batch_size) if str(batch_size).isdigit() else DEFAULT_ROWS
-    devices = sharding.batch_devices(mesh)
+    devices = layout.batch_devices(mesh)
     return -(-max(n, 1) // devices) * devices
 
 

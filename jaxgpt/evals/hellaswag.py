@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxgpt import sharding
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.evals import scoring
+from jaxgpt.run import layout
 
 DATASET = "Rowan/hellaswag"
 FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
@@ -169,16 +169,16 @@ def make_log_likelihoods(
     holding whole examples), each process putting its own devices' rows."""
     per_example = windows(rows, tok, model_cfg.block_size)
     E, T = len(rows), max(len(w[0]) for ex in per_example for w in ex)
-    n_dev = sharding.batch_devices(mesh)
+    n_dev = layout.batch_devices(mesh)
     b = max(1, batch_rows // ENDINGS // n_dev) * n_dev  # Examples per batch.
     n, B = -(-E // b), b * ENDINGS  # Batches, and rows in each.
     x, y, m = (np.zeros((n * b, ENDINGS, T), t) for t in (np.int32, np.int32, bool))
     for e, ex in enumerate(per_example):
         x[e], y[e], m[e] = scoring.pack(ex, ENDINGS, T)
-    rows_of = sharding.process_rows(mesh, B)
+    rows_of = layout.process_rows(mesh, B)
     batches = [
         [
-            sharding.put_batch(
+            layout.put_batch(
                 z[i * b : (i + 1) * b].reshape(B, T)[rows_of], (B, T), mesh
             )
             for z in (x, y, m)

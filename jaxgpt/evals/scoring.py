@@ -25,6 +25,7 @@ from jaxgpt import sharding, tokenizer
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.hub import tokenizer_io
 from jaxgpt.lecture import make_model
+from jaxgpt.run import layout
 from jaxgpt.run.program import param_shapes
 
 
@@ -88,13 +89,13 @@ def make_score(model_cfg: ModelConfig, mesh: Mesh) -> Callable:
         logits_BTV = apply_fn({"params": params}, x_BT, deterministic=True)
         return continuation_scores(logits_BTV, y_BT, mask_BT)
 
-    params = sharding.state_shardings(param_shapes(model_cfg), mesh)
-    rows = sharding.batch_sharding(mesh)
-    return sharding.jit_on_mesh(
+    params = layout.state_shardings(param_shapes(model_cfg), mesh)
+    rows = layout.batch_sharding(mesh)
+    return layout.jit_on_mesh(
         score,
         mesh,
         in_shardings=(params, rows, rows, rows),
-        out_shardings=sharding.replicated(mesh),
+        out_shardings=layout.replicated(mesh),
     )
 
 

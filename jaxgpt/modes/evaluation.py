@@ -9,13 +9,13 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
-from jaxgpt import sharding, train
+from jaxgpt import train
 from jaxgpt.config import ConfigError, TrainConfig
 from jaxgpt.datasets import prepare
 from jaxgpt.hub import load
 from jaxgpt.modes import training
 from jaxgpt.run import checkpoint as ckpt
-from jaxgpt.run import cli, hosts, workdir
+from jaxgpt.run import cli, hosts, layout, workdir
 from jaxgpt.run.configs import DataConfig
 
 # What --mode=eval takes from the run it evaluates, unless given as flags.
@@ -65,7 +65,7 @@ def run(cmd: cli.Command, mesh) -> int:
     train_cfg, data_cfg, source = eval_configs(cmd, sample_cfg.checkpoint)
     dataset = prepare.read_dataset(data_cfg)
     prepare.check_fits(dataset, model_cfg, tok)
-    sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
+    layout.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     root = train.root_key(run.seed)
     B, T = train_cfg.batch_size, model_cfg.block_size
     logging.info(

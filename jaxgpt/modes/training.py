@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxgpt import model, sharding, train
+from jaxgpt import model, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.datasets import prepare, rows
 from jaxgpt.evals import generation, hellaswag
@@ -30,6 +30,7 @@ from jaxgpt.run import (
     cache,
     cli,
     hosts,
+    layout,
     loop,
     memory,
     metrics,
@@ -170,7 +171,7 @@ def run(cmd: cli.Command, mesh) -> int:
     run, sample_cfg, train_cfg = cmd.run, cmd.sample, cmd.train
     data_cfg, eval_cfg = cmd.data, cmd.eval
     check_backend(cmd.model["attention"])  # Before the dtype cudnn needs.
-    sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
+    layout.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     if not run.init_from:  # The flags' model, checked before any data is read.
         cmd.model_config(vocab_size=1)
     warn_unfinished_decay(train_cfg)

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from jaxgpt.config import ConfigError
 from jaxgpt.run.configs import MeshConfig
-from jaxgpt.sharding import replicated
+from jaxgpt.run.layout import replicated
 
 JAX_GRACE_S = 60  # JAX's deadline comes this long after ours: ours speaks first.
 

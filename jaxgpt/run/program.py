@@ -1,7 +1,7 @@
 """The core's training program laid on the run's mesh, with --optimizer's table.
 
 train.py's step, state, batches and evaluation run on one device; here each
-is compiled for the mesh (sharding.jit_on_mesh, with the shardings of its
+is compiled for the mesh (layout.jit_on_mesh, with the shardings of its
 arguments and results), each process drawing only its own devices' rows,
 with the optimizer --optimizer names (muon.OPTIMIZERS). main.py, the tests
 and the benchmarks run these.
@@ -24,7 +24,7 @@ from jaxgpt import sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.lecture import init_params, make_model
 from jaxgpt.model import cross_entropy
-from jaxgpt.run import muon
+from jaxgpt.run import layout, muon
 
 
 @functools.lru_cache(maxsize=8)
@@ -46,13 +46,13 @@ def state_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig):
 
 def abstract_params(model_cfg: ModelConfig, mesh: Mesh):
     """The parameters' shapes, dtypes and shardings on `mesh` (to restore into)."""
-    return sharding.on_mesh(param_shapes(model_cfg), mesh)
+    return layout.on_mesh(param_shapes(model_cfg), mesh)
 
 
 def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh):
     """The TrainState's shapes, dtypes and shardings on `mesh`: a target to
     create or restore a run's state into."""
-    return sharding.on_mesh(state_shapes(model_cfg, train_cfg), mesh)
+    return layout.on_mesh(state_shapes(model_cfg, train_cfg), mesh)
 
 
 def create_state(
@@ -66,7 +66,7 @@ def create_state(
     `params`) only its shards."""
     tx = muon.make_optimizer(train_cfg)
     create = functools.partial(train.create_state, model_cfg, train_cfg, root, tx=tx)
-    shardings = sharding.state_shardings(state_shapes(model_cfg, train_cfg), mesh)
+    shardings = layout.state_shardings(state_shapes(model_cfg, train_cfg), mesh)
     return jax.jit(create, out_shardings=shardings)(params)
 
 
@@ -75,14 +75,14 @@ def make_train_step(
 ):
     """train.make_train_step with --optimizer, compiled for `mesh`:
     step(state, x_BT, y_BT, root) -> (state, metrics), the state laid out by
-    sharding.state_shardings (and donated), the batch's rows split over the
+    layout.state_shardings (and donated), the batch's rows split over the
     devices, the key and the metrics whole on each. With `packed`:
     step(state, x_BT, y_BT, root, packed) on rows of packed conversations."""
-    sharding.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
+    layout.check_batch(train_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
     step = train.make_train_step(model_cfg, train_cfg, muon.make_optimizer(train_cfg))
-    state = sharding.state_shardings(state_shapes(model_cfg, train_cfg), mesh)
-    rows, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return sharding.jit_on_mesh(
+    state = layout.state_shardings(state_shapes(model_cfg, train_cfg), mesh)
+    rows, rep = layout.batch_sharding(mesh), layout.replicated(mesh)
+    return layout.jit_on_mesh(
         step,
         mesh,
         in_shardings=(state, rows, rows, rep, *([rows] if packed else [])),
@@ -94,11 +94,11 @@ def make_train_step(
 def make_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
     """train.make_eval_loss compiled for `mesh`: add_losses(params, total,
     x_KbT, y_KbT), the rows of each of the K batches split over the devices."""
-    params = sharding.state_shardings(param_shapes(model_cfg), mesh)
-    rows, rep = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
+    params = layout.state_shardings(param_shapes(model_cfg), mesh)
+    rows, rep = layout.batch_sharding(mesh, 1), layout.replicated(mesh)
     add_losses = train.make_eval_loss(model_cfg)
     shardings = (params, rep, rows, rows)
-    return sharding.jit_on_mesh(
+    return layout.jit_on_mesh(
         add_losses, mesh, in_shardings=shardings, out_shardings=rep
     )
 
@@ -123,9 +123,9 @@ def make_packed_eval_loss(model_cfg: ModelConfig, mesh: Mesh):
 
         return jax.lax.scan(add, total_2, (x_KbT, y_KbT, packed_K))[0]
 
-    params = sharding.state_shardings(param_shapes(model_cfg), mesh)
-    rows, rep = sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
-    return sharding.jit_on_mesh(
+    params = layout.state_shardings(param_shapes(model_cfg), mesh)
+    rows, rep = layout.batch_sharding(mesh, 1), layout.replicated(mesh)
+    return layout.jit_on_mesh(
         add_losses,
         mesh,
         in_shardings=(params, rep, rows, rows, rows),
@@ -138,9 +138,9 @@ def make_batches(
 ) -> Callable[[int], tuple[jax.Array, jax.Array]]:
     """train.make_batches on `mesh`: batch(step) -> (x_BT, y_BT) split by rows
     over the devices, each process drawing only its own rows."""
-    rows, shape = sharding.process_rows(mesh, batch_size), (batch_size, block_size)
+    rows, shape = layout.process_rows(mesh, batch_size), (batch_size, block_size)
     batch = train.make_batches(tokens, root, batch_size, block_size, rows)
-    return lambda step: tuple(sharding.put_batch(z, shape, mesh) for z in batch(step))
+    return lambda step: tuple(layout.put_batch(z, shape, mesh) for z in batch(step))
 
 
 def make_evaluate(
@@ -163,11 +163,11 @@ def make_evaluate(
     n = train_cfg.eval_iters * train_cfg.grad_accum_steps
     b, T = train_cfg.batch_size // train_cfg.grad_accum_steps, model_cfg.block_size
     bounds = np.linspace(0, n, min(n, 20) + 1 if progress else 2).astype(int)
-    rows = sharding.process_rows(mesh, b)
+    rows = layout.process_rows(mesh, b)
 
     def piece(tokens, a: int, z: int):  # Batches a .. z - 1, rows split.
         xy = train.eval_batches(tokens, root, z - a, b, T, a, rows)
-        return tuple(sharding.put_batch(w, (z - a, b, T), mesh, 1) for w in xy)
+        return tuple(layout.put_batch(w, (z - a, b, T), mesh, 1) for w in xy)
 
     batches = {
         name: [piece(t, a, z) for a, z in pairwise(bounds)]
