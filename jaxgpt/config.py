@@ -19,32 +19,9 @@ class ConfigError(ValueError):
     """A configuration value the user must change (the message names the flag)."""
 
 
-def option(
-    default: Any, help: str, free_on_resume: bool = False, role: str | None = None
-) -> Any:
-    """A field that is also a command-line flag: its default and its help text.
-
-    `free_on_resume`: the option changes how, not what, a run trains (the
-    logging cadence, the compute dtype...), so a resume may change it freely.
-    `role`, for ModelConfig's fields: "choice", an architecture choice beyond
-    GPT-2's (GPT only); "runtime", how (not what) the network computes, which a
-    run's flags set on any checkpoint or imported model."""
-    metadata = {"help": help, "free_on_resume": free_on_resume, "role": role}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def with_role(cls: type, role: str) -> tuple[str, ...]:
-    """The names of `cls`'s fields of `role` (option's), in definition order."""
-    return tuple(
-        f.name for f in dataclasses.fields(cls) if f.metadata.get("role") == role
-    )
-
-
-def free_on_resume(cls: type) -> tuple[str, ...]:
-    """The names of `cls`'s options a resume may change: the one list of them."""
-    return tuple(
-        f.name for f in dataclasses.fields(cls) if f.metadata.get("free_on_resume")
-    )
+def option(default: Any, help: str) -> Any:
+    """A field that is also a command-line flag: its default and its help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
@@ -120,100 +97,76 @@ class ModelConfig:
     n_layer: int = option(6, "L: transformer blocks.")
     n_head: int = option(6, "H: attention heads per block.")
     n_embd: int = option(384, "C: embedding width (divisible by n_head).")
-    dropout: float = option(
-        0.0, "Dropout rate while training.", free_on_resume=True, role="runtime"
-    )
+    dropout: float = option(0.0, "Dropout rate while training.")
     bias: bool = option(
         False, "Biases in Dense and LayerNorm layers (nanoGPT trains without)."
     )
-    # The architecture's choices: GPT-2's by default, a modern GPT's otherwise
-    # (experiments/shakespeare_cpu_modern.cfg; docs/architecture.md):
+    # The architecture's choices (ARCHITECTURE_CHOICES): GPT-2's by default, a
+    # modern GPT's otherwise (experiments/shakespeare_cpu_modern.cfg;
+    # docs/architecture.md):
     position: Literal["learned", "rope"] = option(
         "learned",
         "Positions: a learned table added to the token embeddings (GPT-2), or"
         " rope: rotary embeddings of the queries and keys (no table).",
-        role="choice",
     )
     rope_theta: float = option(
-        10000.0,
-        "RoPE's base: channel pair i turns by rope_theta^(-2i/D) per position.",
-        role="choice",
+        10000.0, "RoPE's base: channel pair i turns by rope_theta^(-2i/D) per position."
     )
     norm: Literal["layernorm", "rmsnorm"] = option(
-        "layernorm",
-        "The norms: LayerNorm (GPT-2) or RMSNorm (no mean, no bias).",
-        role="choice",
+        "layernorm", "The norms: LayerNorm (GPT-2) or RMSNorm (no mean, no bias)."
     )
     norm_scale: bool = option(
         True,
         "A learned per-channel scale in every norm (--nonorm_scale: none, as"
         " nanochat's RMSNorm).",
-        role="choice",
     )
-    norm_eps: float = option(
-        1e-5, "Epsilon added to the variance in every norm.", role="choice"
-    )
+    norm_eps: float = option(1e-5, "Epsilon added to the variance in every norm.")
     qk_norm: bool = option(
-        False,
-        "Normalise each head's queries and keys (with --norm) before RoPE.",
-        role="choice",
+        False, "Normalise each head's queries and keys (with --norm) before RoPE."
     )
     mlp: Literal["gelu", "relu2", "swiglu"] = option(
         "gelu",
         "Feed-forward activation: gelu (tanh, GPT-2's), relu2 (ReLU squared), or"
         " swiglu (SiLU(x W_gate) * x W_up: two input matrices).",
-        role="choice",
     )
     mlp_hidden: int | None = option(
         None,
         "F: the feed-forward's hidden width. Default 4C; with swiglu 8C/3 rounded"
         " up to a multiple of 32 (about the parameters of 4C).",
-        role="choice",
     )
     n_kv_head: int | None = option(
         None,
         "Key/value heads, dividing n_head: default n_head; fewer is grouped-query"
         " attention (1: multi-query).",
-        role="choice",
     )
     tie_embeddings: bool = option(
         True,
         "The output layer is the token embedding (GPT-2); --notie_embeddings: an"
         " lm_head matrix of its own.",
-        role="choice",
     )
     logit_cap: float = option(
-        0.0,
-        "Soft-cap the logits at cap * tanh(logits / cap) (nanochat: 15; 0: off).",
-        role="choice",
+        0.0, "Soft-cap the logits at cap * tanh(logits / cap) (nanochat: 15; 0: off)."
     )
-    # How the same network computes (none of these changes the math):
+    # How the same network computes (RUNTIME_FIELDS, with dropout; none of these
+    # changes the math):
     dtype: Literal["float32", "bfloat16"] = option(
         "float32",
         "Compute dtype of the blocks; parameters, softmax, logits and loss stay"
         " float32.",
-        free_on_resume=True,
-        role="runtime",
     )
     remat: bool = option(
-        False,
-        "Recompute each block's activations in the backward pass.",
-        free_on_resume=True,
-        role="runtime",
+        False, "Recompute each block's activations in the backward pass."
     )
     scan_layers: bool = option(
         False,
         "nn.scan over the blocks: compile time flat in n_layer (parameters stacked"
         " on a layer axis, so checkpoints differ).",
-        role="runtime",
     )
     attention: Literal["einsum", "dot_product", "cudnn"] = option(
         "einsum",
         "einsum (the math, spelled out), jax.nn.dot_product_attention (XLA's), or"
         " cudnn (its cuDNN flash attention: NVIDIA GPU, bfloat16). The last two have"
         " no attention dropout.",
-        free_on_resume=True,
-        role="runtime",
     )
 
     def __post_init__(self):
@@ -273,7 +226,7 @@ class ModelConfig:
                 " --attention=dot_product."
             )
         if self.kind.lecture:  # None of GPT's ways to compute.
-            gpt_only = {**self.changed("runtime"), **self.architecture_choices()}
+            gpt_only = {**self.changed(RUNTIME_FIELDS), **self.architecture_choices()}
             gpt_only.pop("dropout", None)  # The lecture's models have dropout.
             for name, value in gpt_only.items():
                 shown = name if value is True else f"{name}={value}"
@@ -305,12 +258,12 @@ class ModelConfig:
             return -(-8 * self.n_embd // (3 * 32)) * 32
         return 4 * self.n_embd
 
-    def changed(self, role: str) -> dict[str, Any]:
-        """The fields of `role` (option's) whose values are not their defaults."""
+    def changed(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The fields among `names` whose values are not their defaults."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.metadata.get("role") == role and getattr(self, f.name) != f.default
+            if f.name in names and getattr(self, f.name) != f.default
         }
 
     def architecture_choices(self) -> dict[str, Any]:
@@ -335,20 +288,12 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def architecture(self) -> dict[str, Any]:
-        """The fields that fix the parameter tree and shapes.
-
-        dropout, dtype, remat and attention may change on resume; scan_layers
-        may not (it stacks the blocks' parameters).
-        """
-        d = self.to_dict()
-        for name in free_on_resume(ModelConfig):
-            d.pop(name)
-        return d
-
 
 # ModelConfig's architecture options beyond nanoGPT's (GPT-2's choices by default).
-ARCHITECTURE_CHOICES = with_role(ModelConfig, "choice")
+ARCHITECTURE_CHOICES = (
+    "position", "rope_theta", "norm", "norm_scale", "norm_eps", "qk_norm", "mlp",
+    "mlp_hidden", "n_kv_head", "tie_embeddings", "logit_cap",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,7 +309,6 @@ class TrainConfig:
         None,
         "Stop (and checkpoint) at this step without changing the schedule; rerun"
         " to resume.",
-        free_on_resume=True,
     )
     optimizer: Literal["adamw", "muon"] = option(
         "adamw",
@@ -382,24 +326,18 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1.")
     beta2: float = option(0.99, "AdamW beta2.")
     grad_clip: float = option(1.0, "Global-norm gradient clip (0: off).")
-    eval_interval: int = option(
-        250, "Steps between evaluations and checkpoints.", free_on_resume=True
-    )
-    eval_iters: int = option(
-        200, "Batches per evaluation estimate.", free_on_resume=True
-    )
-    log_interval: int = option(10, "Steps between log lines.", free_on_resume=True)
+    eval_interval: int = option(250, "Steps between evaluations and checkpoints.")
+    eval_iters: int = option(200, "Batches per evaluation estimate.")
+    log_interval: int = option(10, "Steps between log lines.")
     save_every_minutes: float = option(
         15.0,
         "Also save the latest checkpoint when this many minutes have passed since"
         " the last save, so a preempted run loses at most that much (0: off).",
-        free_on_resume=True,
     )
     max_loss_ratio: float = option(
         3.0,
         "Stop as diverged when a loss exceeds this multiple of the best val loss"
         " so far (0: only a non-finite loss stops); nothing diverged is saved.",
-        free_on_resume=True,
     )
 
     def __post_init__(self):
@@ -510,4 +448,4 @@ class SampleConfig:
 
 # ModelConfig's options that change how, not what, the model computes: a run's
 # flags set them on any checkpoint or imported model.
-RUNTIME_FIELDS = with_role(ModelConfig, "runtime")
+RUNTIME_FIELDS = ("dropout", "dtype", "remat", "scan_layers", "attention")

@@ -88,3 +88,16 @@ def test_every_model_name_has_its_kind():
     assert set(typing.get_args(hint)) == set(config.KINDS)
     assert ModelConfig(vocab_size=5, model="lecture_head").kind.lecture
     assert not ModelConfig(vocab_size=5, model="bigram").kind.gpt
+
+
+def test_the_option_lists_name_fields_of_their_config():
+    """ARCHITECTURE_CHOICES, RUNTIME_FIELDS and FREE_ON_RESUME name fields of
+    their config, in its order (a renamed field would drop out unnoticed)."""
+    lists = [
+        (ModelConfig, config.ARCHITECTURE_CHOICES),
+        (ModelConfig, config.RUNTIME_FIELDS),
+        *configs.FREE_ON_RESUME.items(),
+    ]
+    for cls, names in lists:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        assert [n for n in fields if n in names] == list(names), (cls, names)

@@ -62,6 +62,7 @@ from jax.sharding import PartitionSpec as P
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.run import hosts
 from jaxgpt.run import workdir as workdir_lib
+from jaxgpt.run.configs import free_on_resume
 
 LATEST, BEST = "latest", "best"
 FOLDERS = {LATEST: workdir_lib.CHECKPOINTS, BEST: workdir_lib.BEST}  # In the workdir.
@@ -777,10 +778,18 @@ def check_run_meta(meta: dict[str, Any]) -> None:
         raise TypeError("it names no tokenizer")
 
 
+def architecture(config: ModelConfig) -> dict[str, Any]:
+    """The fields that fix the parameter tree and shapes: all but those a resume
+    may change (dropout, dtype, remat, attention); scan_layers may not change
+    (it stacks the blocks' parameters)."""
+    free = free_on_resume(ModelConfig)
+    return {k: v for k, v in config.to_dict().items() if k not in free}
+
+
 def check_compatible(saved: dict[str, Any], config: ModelConfig, workdir) -> None:
     """Refuses to resume a checkpoint whose parameter shapes differ from `config`."""
-    current = config.architecture()
-    saved_arch = ModelConfig(**saved).architecture()  # Defaults fill newer fields.
+    current = architecture(config)
+    saved_arch = architecture(ModelConfig(**saved))  # Defaults fill newer fields.
     diff = {
         k: (saved_arch.get(k), v) for k, v in current.items() if saved_arch.get(k) != v
     }

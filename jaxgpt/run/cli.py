@@ -68,8 +68,9 @@ def markdown() -> str:
     for cls in configs.ALL:
         lines += ["", f"## {cls.__name__}: {cls.__doc__.strip()}", ""]
         lines += ["| flag | default | |", "|---|---|---|"]
+        resumable = configs.free_on_resume(cls)
         for field, _ in config.flag_fields(cls):
-            free = " (may change on resume)" if field.metadata["free_on_resume"] else ""
+            free = " (may change on resume)" if field.name in resumable else ""
             help_ = field.metadata["help"].replace("|", "\\|")
             lines.append(f"| `--{field.name}` | `{field.default!r}` | {help_}{free} |")
     return "\n".join(lines) + "\n"

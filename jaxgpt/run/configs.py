@@ -347,6 +347,23 @@ class ChatConfig:
         )
 
 
+# The options a resume may change: how, not what, a run trains (the logging
+# cadence, the compute dtype...). The one list of them: docs/flags.md marks
+# them, the checkpoint's meta leaves them out of the settings a resume checks.
+FREE_ON_RESUME = {
+    ModelConfig: ("dropout", "dtype", "remat", "attention"),
+    TrainConfig: (
+        "stop_at", "eval_interval", "eval_iters", "log_interval",
+        "save_every_minutes", "max_loss_ratio",
+    ),
+}  # fmt: skip
+
+
+def free_on_resume(cls: type) -> tuple[str, ...]:
+    """The names of `cls`'s options a resume may change."""
+    return FREE_ON_RESUME.get(cls, ())
+
+
 # Every config, in the order docs/flags.md lists them.
 ALL = (
     RunConfig,

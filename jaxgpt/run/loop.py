@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxgpt.config import ConfigError, TrainConfig, free_on_resume
+from jaxgpt.config import ConfigError, TrainConfig
 from jaxgpt.run import hosts
 from jaxgpt.run.checkpoint import Checkpointer, on_host
+from jaxgpt.run.configs import free_on_resume
 from jaxgpt.run.stops import StopRequest
 from jaxgpt.train import TrainState
 
