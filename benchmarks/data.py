@@ -8,7 +8,7 @@ exists) with a character tokenizer, then:
 - times what the training loop does per step on the host: draw the batch's
   window starts from the batch stream at that step and read the windows (a
   second pass over the same 2,000 batches, so the page cache is warm)
-  (data.get_batch on a data.TokenFile, and for comparison on an np.memmap),
+  (data.get_batch on a token_file.TokenFile, and for comparison on an np.memmap),
   for B=64, T=256 and B=12, T=1024;
 - runs the training program itself (`python -m jaxgpt.main`, a small model,
   200 steps) on that dataset and on a copy holding its first 1%, and reports
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxgpt import data, train
+from jaxgpt.datasets import token_file
 
 SHAPES = [(64, 256), (12, 1024)]
 VOCAB = "".join(chr(c) for c in range(33, 33 + 65))  # 65 printable characters.
@@ -110,7 +111,7 @@ def main() -> None:
     print(f"{big}: {big.stat().st_size / 2**30:.2f} GiB, {n:,} tokens")
     print(f"(written in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} cores)")
     readers = {
-        "TokenFile": data.TokenFile(big, np.uint16),
+        "TokenFile": token_file.TokenFile(big, np.uint16),
         "np.memmap": np.memmap(big, dtype=np.uint16, mode="r"),
     }
     for B, T in SHAPES:

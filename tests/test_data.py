@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import data
+from jaxgpt.datasets import token_file
 
 B, T = 8, 16
 
@@ -57,7 +58,7 @@ def test_windows_read_from_a_token_file_are_its_bytes(tmp_path, dtype):
     high = min(70_000, np.iinfo(dtype).max)  # uint32 ids above 16 bits too.
     tokens = np.random.default_rng(0).integers(0, high, 5000).astype(dtype)
     tokens.tofile(tmp_path / "train.bin")
-    file = data.TokenFile(tmp_path / "train.bin", dtype)
+    file = token_file.TokenFile(tmp_path / "train.bin", dtype)
     assert len(file) == 5000
     x, y = data.get_batch(file, np.random.default_rng(4), B, T)
     starts = np.random.default_rng(4).integers(0, 5000 - T, size=B)
@@ -84,7 +85,7 @@ def test_too_short_corpus_names_block_size():
 
 def test_the_last_window_of_a_token_file_is_reachable(tmp_path):
     np.arange(T + 3, dtype=np.uint16).tofile(tmp_path / "t.bin")
-    file = data.TokenFile(tmp_path / "t.bin", np.uint16)
+    file = token_file.TokenFile(tmp_path / "t.bin", np.uint16)
     lasts = set()
     for i in range(50):
         _, y = data.get_batch(file, np.random.default_rng(i), B, T)

@@ -13,7 +13,7 @@ import pytest
 
 from jaxgpt import data
 from jaxgpt.config import ConfigError
-from jaxgpt.datasets import prepare
+from jaxgpt.datasets import prepare, token_file
 from jaxgpt.hub import tokenizer_io
 from jaxgpt.run.configs import DataConfig
 
@@ -30,7 +30,7 @@ def test_shakespeare_char_is_the_corpus_split_90_10(tmp_path, corpus_path, corpu
     assert tok.decode(dataset.splits["train"]) == train_text
     assert tok.decode(dataset.splits["val"]) == val_text
     assert dataset.splits["train"].dtype == np.uint16
-    assert isinstance(dataset.splits["train"], data.TokenFile)
+    assert isinstance(dataset.splits["train"], token_file.TokenFile)
     meta = dataset.meta
     assert meta["train_tokens"] == len(train_text) and meta["val_tokens"] == len(
         val_text

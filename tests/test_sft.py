@@ -15,9 +15,16 @@ import pytest
 from absl.testing import flagsaver
 from conftest import REPO
 
-from jaxgpt import data, lecture, main, sharding, train
+from jaxgpt import lecture, main, sharding, train
 from jaxgpt.config import ModelConfig
-from jaxgpt.datasets import chat_tasks, chat_template, conversations, prepare, rows
+from jaxgpt.datasets import (
+    chat_tasks,
+    chat_template,
+    conversations,
+    prepare,
+    rows,
+    token_file,
+)
 from jaxgpt.hub import tokenizer_io
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import cli, program
@@ -190,7 +197,7 @@ def test_rows_batches_are_whole_rows_with_shifted_mask_and_positions(tmp_path):
     files = {}
     for name, array in {"t": tokens, "m": mask, "s": segments}.items():
         (tmp_path / f"{name}.bin").write_bytes(array.tobytes())
-        files[name] = data.TokenFile(tmp_path / f"{name}.bin", array.dtype)
+        files[name] = token_file.TokenFile(tmp_path / f"{name}.bin", array.dtype)
     split = rows.Rows(files["t"], files["m"], files["s"], L)
     draw = lambda: rows.get_rows(split, np.random.default_rng([7, 3]), 4)
     x_BT, y_BT, packed = draw()

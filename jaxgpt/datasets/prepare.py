@@ -12,7 +12,7 @@ uint16 when the vocabulary fits in 16 bits, else uint32, so nanoGPT's own
 prepared files work too; meta.json names the tokenizer (its JSON, so sampling
 needs nothing else), the dtype, the token and byte counts of each split, and
 the source with its sha256. Training reads only the windows of each batch from
-the files (data.TokenFile), so a corpus never has to fit in memory.
+the files (token_file.TokenFile), so a corpus never has to fit in memory.
 
 Documents end with <|endoftext|> under a BPE tokenizer. A single text (tiny
 shakespeare, one file) is split 90/10 by characters; a collection of
@@ -77,6 +77,7 @@ from tqdm import tqdm
 from jaxgpt import data, tokenizer
 from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.datasets import tokenizer_train
+from jaxgpt.datasets.token_file import TokenFile
 from jaxgpt.hub import tokenizer_io
 from jaxgpt.run import cache, workdir
 from jaxgpt.run.configs import DataConfig, check_tokenizer_spec, unknown_tokenizer
@@ -136,13 +137,13 @@ CHAT_SHUFFLE_SEED = 0  # Conversations are shuffled once, the same for every run
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A prepared dataset: its tokenizer, splits (data.TokenFile) and meta."""
+    """A prepared dataset: its tokenizer, splits (TokenFile) and meta."""
 
     tokenizer: Any
-    splits: dict[str, data.TokenFile]  # "train", "val": their token files.
+    splits: dict[str, TokenFile]  # "train", "val": their token files.
     meta: dict[str, Any]
     # A chat dataset's rows: {"train": {"mask": ..., "segments": ...}, "val": ...}.
-    rows: dict[str, dict[str, data.TokenFile]] = dataclasses.field(default_factory=dict)
+    rows: dict[str, dict[str, TokenFile]] = dataclasses.field(default_factory=dict)
 
     @property
     def block_size(self) -> int | None:
@@ -246,7 +247,7 @@ def load(folder: Path) -> Dataset:
                 f" says: {again(folder)}, or delete {folder}."
             )
         verify_tokens(path, meta, name, folder)
-        files[name] = data.TokenFile(path, dtype)
+        files[name] = TokenFile(path, dtype)
     splits = {split: files.pop(split) for split in ("train", "val")}
     rows = {}
     if "block_size" in meta:  # The mask and segments beside each split's rows.
@@ -306,7 +307,7 @@ def verify_tokens(path: Path, meta: dict[str, Any], split: str, folder: Path) ->
                 )
 
 
-def check_ids(splits: dict[str, data.TokenFile], vocab_size: int, folder: Path) -> None:
+def check_ids(splits: dict[str, TokenFile], vocab_size: int, folder: Path) -> None:
     """Every id of the token files is below the vocabulary (files up to
     SCAN_BYTES whole, larger ones in 64 evenly spaced windows of 1M ids)."""
     for tokens in splits.values():
@@ -360,7 +361,7 @@ def load_nanogpt(folder: Path) -> Dataset:
     else:
         tok = tokenizer_io.load_gpt2()
     splits = {
-        split: data.TokenFile(folder / f"{split}.bin", np.uint16)
+        split: TokenFile(folder / f"{split}.bin", np.uint16)
         for split in ("train", "val")
     }
     check_ids(splits, tok.vocab_size, folder)

@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxgpt import data, train
+from jaxgpt import train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.datasets.conversations import segment_positions
 from jaxgpt.datasets.prepare import Dataset
+from jaxgpt.datasets.token_file import TokenFile
 from jaxgpt.run import layout, program
 
 
@@ -33,9 +34,9 @@ class Rows:
     """One split's rows: tokens, loss mask and segment ids, each a flat file
     of rows of `length` items (read a row at a time)."""
 
-    tokens: data.TokenFile
-    mask: data.TokenFile
-    segments: data.TokenFile
+    tokens: TokenFile
+    mask: TokenFile
+    segments: TokenFile
     length: int  # block_size + 1.
 
     def __len__(self) -> int:
