@@ -92,6 +92,30 @@ def test_top_k_and_top_p_keep_only_the_likeliest():
     assert draws(0.0, 1.0, 0) == {0}
 
 
+def test_rows_draw_the_same_whatever_their_neighbours_ask():
+    """draw_rows' three ways (no filter; top_k up to NEAR from the likeliest
+    NEAR; a full sort) draw the same token for a row, alone or beside rows that
+    need another way, and only among the tokens a sort would keep."""
+    V = decoding.NEAR + 300
+    logits_RV = 3 * jax.random.normal(jax.random.PRNGKey(1), (5, V))
+    opts = [(1.0, 1.0, 0), (0.7, 0.9, 40), (1.0, 0.5, 0), (1.2, 1.0, V - 9), (0.0, 1.0, 0)]
+    cols = tuple(jnp.asarray(c) for c in zip(*opts))
+    key_R = jax.vmap(jax.random.PRNGKey)(jnp.arange(5))
+    draw = jax.jit(decoding.draw_rows)
+    for i in range(3):
+        i_R = jnp.full(5, i)
+        together = draw(logits_RV, key_R, i_R, cols)
+        for r, (t, p, k) in enumerate(opts):
+            one = (jnp.asarray([t]), jnp.asarray([p]), jnp.asarray([k]))
+            alone = draw(logits_RV[r : r + 1], key_R[r : r + 1], i_R[:1], one)
+            assert int(alone[0]) == int(together[r]), (i, r)
+            order = np.argsort(-np.asarray(logits_RV[r]), kind="stable")
+            probs = np.exp(np.sort(np.asarray(logits_RV[r]) / (t or 1))[::-1])
+            probs = probs[: k or V] / probs[: k or V].sum()
+            n_kept = max(1, int(np.sum(np.cumsum(probs) - probs < p))) if t else 1
+            assert int(together[r]) in order[:n_kept], (i, r)
+
+
 def test_a_prompt_that_fills_the_context_is_refused():
     apply_fn, params = model(GPT)
     decoder = decoding.Decoder(apply_fn, params, GPT, rows=1)
