@@ -277,13 +277,20 @@ class ScannedBlock(Block):
 class GPT(nn.Module):
     """Token (+ learned position) embeddings, L blocks, a final norm, the output
     layer (tied to the token embedding, or its own), optionally soft-capped.
-    seg_BT, pos_BT: rows of packed conversations (CausalSelfAttention)."""
+    seg_BT, pos_BT: rows of packed conversations (CausalSelfAttention);
+    logits_at: one position's logits only (a prefill needs its last token's)."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, idx_BT, deterministic=True, decode=False, seg_BT=None, pos_BT=None
+        self,
+        idx_BT,
+        deterministic=True,
+        decode=False,
+        seg_BT=None,
+        pos_BT=None,
+        logits_at=None,
     ) -> jax.Array:
         cfg = self.config
         T = idx_BT.shape[1]
@@ -320,6 +327,8 @@ class GPT(nn.Module):
                     x_BTC, deterministic, decode, start, seg_BT, pos_BT
                 )
         x_BTC = norm(cfg, "ln_f")(x_BTC)  # float32 from here on.
+        if logits_at is not None:  # Only this position's logits, [B, 1, V].
+            x_BTC = jax.lax.dynamic_slice_in_dim(x_BTC, logits_at, 1, axis=1)
         B, T, C = x_BTC.shape
         if cfg.tie_embeddings:  # The token embedding's transpose; rows as in Dense.
             logits_BTV = wte.attend(x_BTC.reshape(B * T, C)).reshape(B, T, -1)
@@ -340,9 +349,11 @@ class Bigram(nn.Module):
 
     @nn.compact
     def __call__(
-        self, idx_BT: jax.Array, deterministic: bool = True, decode: bool = False
+        self, idx_BT: jax.Array, deterministic=True, decode=False, logits_at=None
     ) -> jax.Array:
         del deterministic, decode  # No dropout, no context: the table is the model.
+        if logits_at is not None:  # Only this position's logits (as GPT's).
+            idx_BT = jax.lax.dynamic_slice_in_dim(idx_BT, logits_at, 1, axis=1)
         V = self.config.vocab_size
         return nn.Embed(V, V, embedding_init=init_normal, name="table")(idx_BT)
 

@@ -107,12 +107,12 @@ def draw_rows(logits_RV, key_R, i_R, opts_R):
 def prefill(apply_fn: Callable, params, ids_W: jax.Array, n: jax.Array, key, opts):
     """One row's first n tokens (ids_W padded past n; the causal mask hides the
     padding, which later tokens overwrite): its first new token, and its cache."""
-    logits_1WV, new = apply_fn(
-        {"params": params}, ids_W[None], decode=True, mutable="cache"
+    logits_11V, new = apply_fn(
+        {"params": params}, ids_W[None], decode=True, mutable="cache", logits_at=n - 1
     )
     cache = {**new["cache"], "index": n.astype(jnp.int32)}  # Next position: n.
     one = jax.tree.map(lambda x: jnp.asarray(x)[None], (key, 0, opts))
-    return draw_rows(logits_1WV[:, n - 1], *one)[0], cache
+    return draw_rows(logits_11V[:, 0], *one)[0], cache
 
 
 @partial(jax.jit, donate_argnums=0)
