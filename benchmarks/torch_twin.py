@@ -40,7 +40,7 @@ from jaxgpt import data, train
 from jaxgpt.config import ModelConfig, SampleConfig, TrainConfig
 from jaxgpt.datasets import prepare
 from jaxgpt.run import cli  # Defines the flags.
-from jaxgpt.run.configs import DataConfig, RunConfig
+from jaxgpt.run.configs import DataConfig, LoopConfig, RunConfig
 
 
 class Block(nn.Module):
@@ -299,6 +299,7 @@ def full_loss(model: GPT, tokens: np.ndarray, T: int, rows: int = 256) -> float:
 def train_recipe(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
+    loop_cfg: LoopConfig,
     splits: dict[str, np.ndarray],
     seed: int,
     knobs: Knobs = Knobs(),
@@ -327,9 +328,9 @@ def train_recipe(
     for step in range(train_cfg.max_iters):
         loss = step_fn(*next_batch(step), lr_at(step, train_cfg, knobs.warmup))
         done = step + 1
-        if done % train_cfg.log_interval == 0:
+        if done % loop_cfg.log_interval == 0:
             print(f"step {done}: loss {loss.item():.4f}", flush=True)
-        if done % train_cfg.eval_interval == 0 or done == train_cfg.max_iters:
+        if done % loop_cfg.eval_interval == 0 or done == train_cfg.max_iters:
             on_eval(done, evaluate(), model, step_fn.optimizer)
     return model
 
@@ -351,6 +352,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     run_cfg = cli.from_flags(RunConfig)
     train_cfg = cli.from_flags(TrainConfig)
+    loop_cfg = cli.from_flags(LoopConfig, max_iters=train_cfg.max_iters)
     sample_cfg = cli.from_flags(SampleConfig)
     tok, splits = recipe_data()
     model_cfg = cli.from_flags(ModelConfig, vocab_size=tok.vocab_size)
@@ -379,7 +381,9 @@ def main(argv):
             print(f"saving checkpoint to {out_dir}", flush=True)  # As nanoGPT.
 
     t0 = time.perf_counter()
-    model = train_recipe(model_cfg, train_cfg, splits, run_cfg.seed, knobs, log_eval)
+    model = train_recipe(
+        model_cfg, train_cfg, loop_cfg, splits, run_cfg.seed, knobs, log_eval
+    )
     print(f"trained in {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter()
     prompt = torch.from_numpy(np.asarray(tok.encode(sample_cfg.prompt), np.int64))[None]

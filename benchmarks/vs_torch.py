@@ -67,7 +67,7 @@ from jaxgpt.run import (
     perf,
     program,
 )
-from jaxgpt.run.configs import RunConfig
+from jaxgpt.run.configs import LoopConfig, RunConfig
 from jaxgpt.run.perf import cpu_speedups
 
 _BENCH = flags.DEFINE_enum(
@@ -177,7 +177,10 @@ def bench_step():
     B, T = train_cfg.batch_size, model_cfg.block_size
     needed = _CHUNK.value * (3 * _ROUNDS.value + 2)
     train_cfg = dataclasses.replace(
-        train_cfg, max_iters=max(train_cfg.max_iters, needed + 1), eval_interval=10**9
+        train_cfg, max_iters=max(train_cfg.max_iters, needed + 1)
+    )
+    loop_cfg = dataclasses.replace(
+        cli.from_flags(LoopConfig, max_iters=train_cfg.max_iters), eval_interval=10**9
     )
     tokens = np.random.default_rng(0).integers(0, 65, 1_000_000).astype(np.int32)
     root, mesh = train.root_key(run.seed), sharding.make_mesh()
@@ -192,8 +195,8 @@ def bench_step():
 
     def jaxgpt_loop(state, n):  # train.train from state.step, n steps.
         start = int(state.step)
-        cfg = dataclasses.replace(train_cfg, stop_at=start + n)
-        log = _QuietLog(workdir, model_cfg, train_cfg, schedule, start)
+        cfg = dataclasses.replace(loop_cfg, stop_at=start + n)
+        log = _QuietLog(workdir, model_cfg, train_cfg, loop_cfg, schedule, start)
         evaluate = lambda params: {"train_loss": 0.0, "val_loss": 0.0}
         t0 = time.perf_counter()
         state, _ = loop.train(
@@ -220,7 +223,7 @@ def bench_step():
         t0 = time.perf_counter()
         for s in range(twin_at[0], twin_at[0] + n):
             loss = twin_step(*twin_batch(s), torch_twin.lr_at(s, train_cfg))
-            if (s + 1) % train_cfg.log_interval == 0:
+            if (s + 1) % loop_cfg.log_interval == 0:
                 loss.item()
         loss.item()
         twin_at[0] += n
@@ -487,6 +490,7 @@ def bench_seeds():
     init, batches, warmup, GELU and fresh evaluation batches). jaxgpt runs in a
     subprocess while the twin trains on one thread beside it."""
     _, train_cfg, _ = configs()
+    loop_cfg = cli.from_flags(LoopConfig, max_iters=train_cfg.max_iters)
     tok, splits = torch_twin.recipe_data()
     model_cfg = cli.from_flags(ModelConfig, vocab_size=tok.vocab_size)
     T = model_cfg.block_size
@@ -506,8 +510,9 @@ def bench_seeds():
         evals = []
         record = lambda step, losses, *_, evals=evals: evals.append(losses["val_loss"])
         twin = torch_twin.train_recipe(
-            model_cfg, train_cfg, splits, seed, torch_twin.Knobs.nanogpt(), record
-        )
+            model_cfg, train_cfg, loop_cfg, splits, seed, torch_twin.Knobs.nanogpt(),
+            record,
+        )  # fmt: skip
         out = jaxgpt_run.communicate()[0]
         jax_val = float(re.findall(r"val loss ([\d.]+)", out)[-1])
         twin_whole = torch_twin.full_loss(twin, splits["val"], T)

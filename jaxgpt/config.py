@@ -298,18 +298,13 @@ ARCHITECTURE_CHOICES = (
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, evaluation and logging."""
+    """Optimisation and evaluation: what the train step and evaluate take."""
 
     batch_size: int = option(64, "B: sequences per step, over all devices and hosts.")
     grad_accum_steps: int = option(
         1, "Micro-batches per step (--batch_size a multiple of it)."
     )
     max_iters: int = option(5000, "The schedule's length: training ends here.")
-    stop_at: int | None = option(
-        None,
-        "Stop (and checkpoint) at this step without changing the schedule; rerun"
-        " to resume.",
-    )
     optimizer: Literal["adamw", "muon"] = option(
         "adamw",
         "adamw, or muon: Muon (muon.py: optax.contrib.muon's orthogonalised"
@@ -326,19 +321,7 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1.")
     beta2: float = option(0.99, "AdamW beta2.")
     grad_clip: float = option(1.0, "Global-norm gradient clip (0: off).")
-    eval_interval: int = option(250, "Steps between evaluations and checkpoints.")
     eval_iters: int = option(200, "Batches per evaluation estimate.")
-    log_interval: int = option(10, "Steps between log lines.")
-    save_every_minutes: float = option(
-        15.0,
-        "Also save the latest checkpoint when this many minutes have passed since"
-        " the last save, so a preempted run loses at most that much (0: off).",
-    )
-    max_loss_ratio: float = option(
-        3.0,
-        "Stop as diverged when a loss exceeds this multiple of the best val loss"
-        " so far (0: only a non-finite loss stops); nothing diverged is saved.",
-    )
 
     def __post_init__(self):
         check_choices(self)
@@ -347,9 +330,7 @@ class TrainConfig:
             grad_accum_steps=self.grad_accum_steps,
             max_iters=self.max_iters,
             learning_rate=self.learning_rate,
-            eval_interval=self.eval_interval,
             eval_iters=self.eval_iters,
-            log_interval=self.log_interval,
         )
         if self.lr_decay_iters is None:
             object.__setattr__(self, "lr_decay_iters", self.max_iters)
@@ -377,30 +358,10 @@ class TrainConfig:
                 f"{self.max_iters}: the learning rate would never reach its peak."
                 " Lower --warmup_iters or raise --max_iters."
             )
-        if self.save_every_minutes < 0 or self.max_loss_ratio < 0:
-            raise ConfigError(
-                f"--save_every_minutes={self.save_every_minutes} and --max_loss_ratio"
-                f"={self.max_loss_ratio} must be >= 0 (0 turns them off)."
-            )
-        if 0 < self.max_loss_ratio <= 1:
-            raise ConfigError(
-                f"--max_loss_ratio={self.max_loss_ratio} must exceed 1 (or be 0:"
-                " off): a loss a little above the best is normal noise."
-            )
-        if self.stop_at is not None and not 0 < self.stop_at <= self.max_iters:
-            raise ConfigError(
-                f"--stop_at={self.stop_at} must lie in (0, --max_iters="
-                f"{self.max_iters}]."
-            )
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("--weight_decay and --grad_clip must be >= 0.")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("--beta1 and --beta2 must lie in [0, 1).")
-
-    @property
-    def end_step(self) -> int:
-        """Where this invocation stops: --stop_at, else --max_iters."""
-        return self.stop_at or self.max_iters
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from conftest import REPO
 
 from jaxgpt.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from jaxgpt.run import cli, configs
+from jaxgpt.run.configs import LoopConfig
 
 FLAGS = flags.FLAGS
 DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
@@ -128,7 +129,10 @@ def absl_flags(command: Command) -> dict[str, object]:
         built = {}
         for cls in configs.ALL:
             try:
-                given = {"vocab_size": 1} if cls is ModelConfig else {}  # As main.
+                given = {  # As main.
+                    ModelConfig: {"vocab_size": 1},
+                    LoopConfig: {"max_iters": FLAGS.max_iters},
+                }.get(cls, {})
                 built[cls.__name__] = cli.from_flags(cls, **given)
             except ConfigError as e:
                 if not PLACEHOLDER.search(" ".join(command.args)):

@@ -17,7 +17,7 @@ from tensorboardX.proto import event_pb2
 from jaxgpt import train
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.run import metrics
-from jaxgpt.run.configs import RunConfig
+from jaxgpt.run.configs import LoopConfig, RunConfig
 from jaxgpt.tools import plot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,7 +208,10 @@ def test_tensorboard_switched_off_writes_no_events(tmp_path):
     schedule = train.lr_schedule(train_cfg)
     for on, folder in ((False, tmp_path / "off"), (True, tmp_path / "on")):
         folder.mkdir()
-        log = metrics.TrainLog(folder, model_cfg, train_cfg, schedule, 0, None, 1, on)
+        loop_cfg = LoopConfig(max_iters=10)
+        log = metrics.TrainLog(
+            folder, model_cfg, train_cfg, loop_cfg, schedule, 0, None, 1, on
+        )
         log.evaluation(0, {"train_loss": 4.0, "val_loss": 4.1, "val_bpb": 5.9})
         log.close(0, None)
     assert not list((tmp_path / "off").glob("events.*"))

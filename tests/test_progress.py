@@ -10,6 +10,7 @@ import types
 
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.run import metrics, quiet
+from jaxgpt.run.configs import LoopConfig
 
 
 def test_first_step_apart_then_steps_of_the_total_and_time_left(
@@ -20,10 +21,9 @@ def test_first_step_apart_then_steps_of_the_total_and_time_left(
         metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock[0])
     )
     model_cfg = ModelConfig(vocab_size=16, n_layer=1, n_head=2, n_embd=16, block_size=8)
-    train_cfg = TrainConfig(
-        batch_size=4, max_iters=100, warmup_iters=1, log_interval=10
-    )
-    log = metrics.TrainLog(tmp_path, model_cfg, train_cfg, lambda s: 1e-3, 0)
+    train_cfg = TrainConfig(batch_size=4, max_iters=100, warmup_iters=1)
+    loop_cfg = LoopConfig(max_iters=100, log_interval=10)
+    log = metrics.TrainLog(tmp_path, model_cfg, train_cfg, loop_cfg, lambda s: 1e-3, 0)
     clock[0] += 5.0  # Step 1: its compilation.
     log.step(1, {"loss": 2.5})
     for step in range(2, 11):  # 0.125 s each (exact in binary).

@@ -16,6 +16,7 @@ from jaxgpt import data, lecture, sharding, tokenizer, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import layout, loop, metrics, muon, program
+from jaxgpt.run.configs import LoopConfig
 
 MODEL = ModelConfig(
     vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True
@@ -223,15 +224,8 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12, **model_kw):
         dropout=0.1,
         **model_kw,
     )
-    cfg = TrainConfig(
-        batch_size=4,
-        max_iters=max_iters,
-        stop_at=stop_at,
-        warmup_iters=2,
-        eval_interval=4,
-        eval_iters=2,
-        log_interval=3,
-    )
+    cfg = TrainConfig(batch_size=4, max_iters=max_iters, warmup_iters=2, eval_iters=2)
+    loop_cfg = LoopConfig(max_iters, stop_at, eval_interval=4, log_interval=3)
     root, mesh = train.root_key(1337), sharding.make_mesh()
     meta = {"vocab": vocab}
     with ckpt.Checkpointer(workdir, meta) as checkpointer:
@@ -241,11 +235,13 @@ def run(workdir, tokens, stop_at=None, on_step=None, max_iters=12, **model_kw):
         else:
             state = program.create_state(model_cfg, cfg, root, mesh)
         schedule, start = train.lr_schedule(cfg), int(state.step)
-        log = RecordingLog(workdir, model_cfg, cfg, schedule, start, on_step=on_step)
+        log = RecordingLog(
+            workdir, model_cfg, cfg, loop_cfg, schedule, start, on_step=on_step
+        )
         step = program.make_train_step(model_cfg, cfg, mesh)
         state, stopped_by = loop.train(
             state,
-            cfg,
+            loop_cfg,
             lambda state, x, y: step(state, x, y, root),
             program.make_batches(splits["train"], root, 4, 16, mesh),
             program.make_evaluate(model_cfg, cfg, splits, root, mesh),
@@ -324,7 +320,6 @@ def test_evaluation_batches_are_fixed_per_run(tokens):
         ({"max_iters": -5}, "--max_iters"),
         ({"min_lr": 1.0, "learning_rate": 0.1}, "--min_lr"),
         ({"warmup_iters": 500, "max_iters": 100}, "--lr_decay_iters"),
-        ({"stop_at": 0}, "--stop_at"),
         ({"eval_iters": 0}, "--eval_iters"),
         ({"grad_accum_steps": 0}, "--grad_accum_steps"),
         ({"batch_size": 6, "grad_accum_steps": 4}, "--grad_accum_steps=4"),
@@ -333,6 +328,27 @@ def test_evaluation_batches_are_fixed_per_run(tokens):
 def test_bad_train_config_names_the_flag(kw, flag):
     with pytest.raises(ConfigError, match=flag):
         TrainConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"stop_at": 0}, r"--stop_at=0 must lie in \(0, --max_iters=10\]"),
+        ({"stop_at": 11}, r"--stop_at=11 must lie in \(0, --max_iters=10\]"),
+        ({"eval_interval": 0}, "--eval_interval=0 must be positive"),
+        ({"log_interval": -1}, "--log_interval=-1 must be positive"),
+        ({"max_loss_ratio": 1.0}, "--max_loss_ratio=1.0 must exceed 1"),
+        ({"save_every_minutes": -1.0}, "--save_every_minutes=-1.0 and"),
+    ],
+)
+def test_bad_loop_config_names_the_flag(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        LoopConfig(max_iters=10, **kw)
+
+
+def test_the_loop_ends_at_stop_at_else_max_iters():
+    assert LoopConfig(max_iters=10).end_step == 10
+    assert LoopConfig(max_iters=10, stop_at=4).end_step == 4
 
 
 # --- --optimizer=muon ------------------------------------------------------------

@@ -209,7 +209,7 @@ def run(cmd: cli.Command, mesh) -> int:
         if state is None:  # New weights, or --init_from's with a fresh optimizer.
             state = program.create_state(model_cfg, train_cfg, root, mesh, params)
         log_start(model_cfg, state.params, dataset.splits, mesh)
-        log = make_log(run, model_cfg, train_cfg, int(state.step), mesh)
+        log = make_log(run, model_cfg, train_cfg, cmd.loop, int(state.step), mesh)
         packed = bool(dataset.rows)  # Rows of conversations: train.accumulate's.
         train_step = program.make_train_step(model_cfg, train_cfg, mesh, packed)
         if run.tensorboard:  # A short sample of text beside each evaluation's losses.
@@ -225,7 +225,7 @@ def run(cmd: cli.Command, mesh) -> int:
         B, T = train_cfg.batch_size, model_cfg.block_size
         hooks = []
         if packed:
-            hooks = [rows.LearnedTokens(train_cfg.log_interval, log.say)]
+            hooks = [rows.LearnedTokens(cmd.loop.log_interval, log.say)]
             batches = rows.make_batches(
                 rows.rows_of(dataset)["train"], root, B, mesh, hooks[0]
             )
@@ -234,7 +234,7 @@ def run(cmd: cli.Command, mesh) -> int:
         t0 = time.perf_counter()
         state, stopped_by = loop.train(
             state,
-            train_cfg,
+            cmd.loop,
             lambda state, *batch: train_step(state, *batch[:2], root, *batch[2:]),
             batches,
             evaluate,
@@ -318,7 +318,7 @@ def read_hellaswag(eval_cfg: EvalConfig, data_dir: str) -> list[dict]:
     return rows if hosts.is_main_process() else read()
 
 
-def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
+def make_log(run: RunConfig, model_cfg, train_cfg, loop_cfg, start_step: int, mesh):
     """The run's TrainLog, with the peak FLOP/s its MFU divides by."""
     peak, source = perf.peak_flops(
         model_cfg.dtype, run.peak_tflops, store=cache.peak_file()
@@ -329,6 +329,7 @@ def make_log(run: RunConfig, model_cfg, train_cfg, start_step: int, mesh):
         run.workdir,
         model_cfg,
         train_cfg,
+        loop_cfg,
         schedule,
         start_step,
         peak,

@@ -167,6 +167,7 @@ class Command:
     run: configs.RunConfig
     data: configs.DataConfig
     train: config.TrainConfig
+    loop: configs.LoopConfig
     sample: config.SampleConfig
     mesh: configs.MeshConfig
     eval: configs.EvalConfig
@@ -199,6 +200,7 @@ def command() -> Command:
         run=from_flags(configs.RunConfig),
         data=from_flags(configs.DataConfig),
         train=from_flags(config.TrainConfig),
+        loop=from_flags(configs.LoopConfig, max_iters=FLAGS.max_iters),
         sample=from_flags(config.SampleConfig),
         mesh=from_flags(configs.MeshConfig),
         eval=from_flags(configs.EvalConfig),

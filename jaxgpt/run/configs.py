@@ -1,7 +1,8 @@
 """The engine's options, beside the core's (config.py): where a run lives and
-what it does (RunConfig), its dataset (DataConfig), its devices (MeshConfig),
-downstream evaluation (EvalConfig) and export (ExportConfig). Each field with
-help text is a flag, made by cli.py, as in config.py."""
+what it does (RunConfig), the training loop (LoopConfig), its dataset
+(DataConfig), its devices (MeshConfig), downstream evaluation (EvalConfig),
+export (ExportConfig) and chat (ChatConfig). Each field with help text is a
+flag, made by cli.py, as in config.py."""
 
 from __future__ import annotations
 
@@ -77,6 +78,56 @@ class RunConfig:
                 f"--seed={self.seed} does not fit in 64 bits: choose a seed in"
                 f" [{-(2**63)}, {2**63 - 1}]."
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The training loop: evaluations, checkpoints, log lines and guards."""
+
+    max_iters: int  # TrainConfig's (--max_iters): the schedule's end, not a flag here.
+    stop_at: int | None = option(
+        None,
+        "Stop (and checkpoint) at this step without changing the schedule; rerun"
+        " to resume.",
+    )
+    eval_interval: int = option(250, "Steps between evaluations and checkpoints.")
+    log_interval: int = option(10, "Steps between log lines.")
+    save_every_minutes: float = option(
+        15.0,
+        "Also save the latest checkpoint when this many minutes have passed since"
+        " the last save, so a preempted run loses at most that much (0: off).",
+    )
+    max_loss_ratio: float = option(
+        3.0,
+        "Stop as diverged when a loss exceeds this multiple of the best val loss"
+        " so far (0: only a non-finite loss stops); nothing diverged is saved.",
+    )
+
+    def __post_init__(self):
+        check_choices(self)
+        require_positive(
+            eval_interval=self.eval_interval, log_interval=self.log_interval
+        )
+        if self.save_every_minutes < 0 or self.max_loss_ratio < 0:
+            raise ConfigError(
+                f"--save_every_minutes={self.save_every_minutes} and --max_loss_ratio"
+                f"={self.max_loss_ratio} must be >= 0 (0 turns them off)."
+            )
+        if 0 < self.max_loss_ratio <= 1:
+            raise ConfigError(
+                f"--max_loss_ratio={self.max_loss_ratio} must exceed 1 (or be 0:"
+                " off): a loss a little above the best is normal noise."
+            )
+        if self.stop_at is not None and not 0 < self.stop_at <= self.max_iters:
+            raise ConfigError(
+                f"--stop_at={self.stop_at} must lie in (0, --max_iters="
+                f"{self.max_iters}]."
+            )
+
+    @property
+    def end_step(self) -> int:
+        """Where this invocation stops: --stop_at, else --max_iters."""
+        return self.stop_at or self.max_iters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,9 +403,10 @@ class ChatConfig:
 # them, the checkpoint's meta leaves them out of the settings a resume checks.
 FREE_ON_RESUME = {
     ModelConfig: ("dropout", "dtype", "remat", "attention"),
-    TrainConfig: (
-        "stop_at", "eval_interval", "eval_iters", "log_interval",
-        "save_every_minutes", "max_loss_ratio",
+    TrainConfig: ("eval_iters",),
+    LoopConfig: (
+        "stop_at", "eval_interval", "log_interval", "save_every_minutes",
+        "max_loss_ratio",
     ),
 }  # fmt: skip
 
@@ -370,6 +422,7 @@ ALL = (
     DataConfig,
     ModelConfig,
     TrainConfig,
+    LoopConfig,
     SampleConfig,
     MeshConfig,
     EvalConfig,

@@ -32,7 +32,7 @@ from absl import logging
 from jaxgpt.config import ConfigError, TrainConfig
 from jaxgpt.run import hosts
 from jaxgpt.run.checkpoint import Checkpointer, on_host
-from jaxgpt.run.configs import free_on_resume
+from jaxgpt.run.configs import LoopConfig, free_on_resume
 from jaxgpt.run.stops import StopRequest
 from jaxgpt.train import TrainState
 
@@ -41,7 +41,7 @@ Hook = Callable[[int, TrainState, dict], bool]
 
 def train(
     state: TrainState,
-    cfg: TrainConfig,
+    cfg: LoopConfig,
     step_fn: Callable,
     next_batch: Callable[[int], tuple],
     evaluate: Callable[[Any], dict[str, float]],
@@ -93,7 +93,7 @@ def train(
 # --- The guards ----------------------------------------------------------------------
 
 
-def at_sync(step: int, cfg: TrainConfig) -> bool:
+def at_sync(step: int, cfg: LoopConfig) -> bool:
     """The steps where the host waits for the device: every log_interval, the end."""
     return step % cfg.log_interval == 0 or step == cfg.end_step
 
@@ -102,7 +102,7 @@ def at_sync(step: int, cfg: TrainConfig) -> bool:
 class LossGuard:
     """Checks the train loss and the checkpointer's saves at each sync step."""
 
-    cfg: TrainConfig
+    cfg: LoopConfig
     checkpointer: Checkpointer
 
     def __call__(self, step: int, state, metrics) -> bool:
@@ -161,7 +161,7 @@ class Diverged(FloatingPointError):
 
 
 def check_loss(
-    losses: dict[str, Any], step: int, cfg: TrainConfig, checkpointer: Checkpointer
+    losses: dict[str, Any], step: int, cfg: LoopConfig, checkpointer: Checkpointer
 ) -> None:
     """Raises Diverged if a loss is not finite or exceeds max_loss_ratio x the
     best val loss so far (accuracies are not losses: they are not checked)."""

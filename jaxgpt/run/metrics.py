@@ -27,6 +27,7 @@ from tqdm import tqdm
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.run import hosts, perf, quiet
 from jaxgpt.run import workdir as workdir_lib
+from jaxgpt.run.configs import LoopConfig
 from jaxgpt.run.perf import flops_per_token
 
 
@@ -45,6 +46,7 @@ class TrainLog:
         workdir: str | Path,
         model_cfg: ModelConfig,
         train_cfg: TrainConfig,
+        loop_cfg: LoopConfig,
         schedule: Callable[[int], float],
         start_step: int,
         peak_flops: float | None = None,
@@ -52,13 +54,13 @@ class TrainLog:
         tensorboard: bool = False,
     ):
         self.path = Path(workdir) / workdir_lib.METRICS_NAME
-        self.cfg, self.schedule = train_cfg, schedule
+        self.cfg, self.schedule = loop_cfg, schedule
         self.tokens_per_step = train_cfg.batch_size * model_cfg.block_size
         self.flops_per_token = flops_per_token(model_cfg)
         self.peak_flops, self.devices = peak_flops, devices
         self.is_main = hosts.is_main_process()
         self.bar = tqdm(
-            total=train_cfg.end_step,
+            total=loop_cfg.end_step,
             initial=start_step,
             desc="train",
             unit="step",

@@ -255,6 +255,7 @@ def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
     """Learns from rewards for --max_iters steps; saves the final model in
     --workdir. Returns the final exact match (None without --chat_eval_path)."""
     run, train_cfg, sample_cfg, eval_cfg = cmd.run, cmd.train, cmd.sample, cmd.eval
+    loop_cfg = cmd.loop
     check(cmd)
     model_cfg, params, tok = import_model(cmd, mesh)
     # Plain arrays on the default device, as the jitted step returns them: one
@@ -304,7 +305,7 @@ def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
         x_NT, y_NT, w_NT = rows_of(prompts, replies, row_length(prompts, replies, T))
         state, loss = step_fn(state, x_NT, y_NT, w_NT, adv_N)
         loss = float(loss)
-        if step % train_cfg.log_interval == 0 or step == train_cfg.max_iters - 1:
+        if step % loop_cfg.log_interval == 0 or step == train_cfg.max_iters - 1:
             learning = np.mean(rewards_PG.std(axis=1) > 0)
             print(
                 f"step {step}: reward {rewards_PG.mean():.3f}, groups with a"
@@ -314,7 +315,7 @@ def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
                 flush=True,
             )
         done = step + 1
-        if done % train_cfg.eval_interval == 0 and done < train_cfg.max_iters:
+        if done % loop_cfg.eval_interval == 0 and done < train_cfg.max_iters:
             scored(done)
     seconds = time.perf_counter() - t_start
     print(f"{train_cfg.max_iters} steps in {seconds:.1f}s", flush=True)
