@@ -226,7 +226,7 @@ class ModelConfig:
                 " --attention=dot_product."
             )
         if self.kind.lecture:  # None of GPT's ways to compute.
-            gpt_only = {**self.changed(RUNTIME_FIELDS), **self.architecture_choices()}
+            gpt_only = self.changed(RUNTIME_FIELDS + ARCHITECTURE_CHOICES)
             gpt_only.pop("dropout", None)  # The lecture's models have dropout.
             for name, value in gpt_only.items():
                 shown = name if value is True else f"{name}={value}"
@@ -264,18 +264,6 @@ class ModelConfig:
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.name in names and getattr(self, f.name) != f.default
-        }
-
-    def architecture_choices(self) -> dict[str, Any]:
-        """The architecture options whose values are not GPT-2's (name -> value)."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        defaults.update(n_kv_head=self.n_head, mlp_hidden=4 * self.n_embd)
-        resolved = {**self.to_dict(), "n_kv_head": self.kv_heads}
-        resolved["mlp_hidden"] = self.hidden_dim
-        return {
-            name: resolved[name]
-            for name in ARCHITECTURE_CHOICES
-            if resolved[name] != defaults[name]
         }
 
     def check_length(self, T: int) -> None:

@@ -30,7 +30,7 @@ from absl import logging
 
 from jaxgpt import sharding
 from jaxgpt.config import ConfigError, SampleConfig
-from jaxgpt.hub import hf, load
+from jaxgpt.hub import gpt2, hf, load
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import (
     cli,  # Defines the flags.
@@ -67,7 +67,7 @@ def export(run: RunConfig, which: str, out: str, layout: str = "auto") -> str:
     params = hosts.to_local(params, mesh)
     files, how = hf.tokenizer_files(tok)
     if layout == "auto":
-        layout = "llama" if model_cfg.architecture_choices() else "gpt2"
+        layout = "llama" if gpt2.architecture_choices(model_cfg) else "gpt2"
     ids = {}
     if tok.name == "hf":  # Its bos and eos, as the imported model had them.
         ids = {

@@ -27,12 +27,13 @@ one onto jaxgpt's parameters (L layers, C = n_embd):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
 import numpy as np
 
-from jaxgpt.config import RUNTIME_FIELDS, ModelConfig
+from jaxgpt.config import ARCHITECTURE_CHOICES, RUNTIME_FIELDS, ModelConfig
 from jaxgpt.hub import hf
 from jaxgpt.hub.hf import GPT2_VOCAB_SIZES, HuggingFaceError
 
@@ -108,13 +109,27 @@ def n_params(c: dict[str, Any], path: str) -> int:
     return (V + T) * C + L * (12 * C * C + 13 * C) + 2 * C
 
 
+def architecture_choices(cfg: ModelConfig) -> dict[str, Any]:
+    """`cfg`'s architecture options whose values are not GPT-2's (name -> value,
+    with n_kv_head and mlp_hidden resolved): what GPT-2's layout has no room for."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    defaults.update(n_kv_head=cfg.n_head, mlp_hidden=4 * cfg.n_embd)
+    resolved = {**cfg.to_dict(), "n_kv_head": cfg.kv_heads}
+    resolved["mlp_hidden"] = cfg.hidden_dim
+    return {
+        name: resolved[name]
+        for name in ARCHITECTURE_CHOICES
+        if resolved[name] != defaults[name]
+    }
+
+
 def config_to_hf(cfg: ModelConfig, token_ids: Any = None) -> dict[str, Any]:
     """config.json for `cfg`: a GPT2Config that transformers loads (bos/eos:
     GPT-2's <|endoftext|> when the vocabulary has GPT-2's size, else unset).
     Refuses a model GPT-2's layout cannot hold."""
     if not cfg.kind.gpt:
         raise HuggingFaceError(f"only a GPT exports to GPT-2, not a {cfg.model!r}.")
-    choices = cfg.architecture_choices()  # Options GPT-2's layout has no room for.
+    choices = architecture_choices(cfg)  # Options GPT-2's layout has no room for.
     if choices:
         name, value = next(iter(choices.items()))
         raise HuggingFaceError(
