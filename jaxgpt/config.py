@@ -1,10 +1,11 @@
-"""Every option of jaxgpt, defined once: frozen dataclasses validated on construction.
+"""The core's options, each defined once: frozen dataclasses validated on construction.
 
-A field with help text is a command-line flag of the same name (main.py makes
-the flags from these fields: type, default and help come from here and nowhere
-else; a `Literal` type lists the flag's choices). A bad value raises
-`ConfigError` naming the flag and how to fix it. Every module takes the config
-it needs and arrays; only main.py reads flags.
+A field with help text is a command-line flag of the same name (the engine
+makes the flags from these fields, and from its own in run/configs.py: type,
+default and help come from here and nowhere else; a `Literal` type lists the
+flag's choices). A bad value raises `ConfigError` naming the flag and how to
+fix it. Every module takes the config it needs and arrays; only main.py
+reads flags.
 """
 
 from __future__ import annotations
