@@ -16,7 +16,8 @@ path (jaxgpt.evals.generation.generate_ids): all prompts in --bench_rows rows
 (default: all at once), then in one row, one prompt after another. Each is run
 once to compile, then timed in --bench_repeats rounds in which the two take
 turns (the median, and the best). A second table splits the batched run: the
-prefills (Decoder.start, one row each) and the steps (Decoder.step, every row).
+prefills (Decoder.start_rows: one call per padded prompt length, the rows
+vmapped) and the steps (Decoder.step, every row); per call: per prompt, and per step.
 """
 
 from __future__ import annotations
@@ -90,8 +91,7 @@ def split_times(apply_fn, params, cfg, prompts, opts: RowOptions, repeats: int):
     starts, steps = [], []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        for row, prompt in enumerate(prompts):
-            decoder.start(row, prompt, opts)
+        decoder.start_rows(range(len(prompts)), prompts, [opts] * len(prompts))
         t1 = time.perf_counter()
         for _ in range(opts.max_tokens - 1):
             decoder.step()
@@ -145,7 +145,7 @@ def main(argv):
     prefill, steps = split_times(apply_fn, params, cfg, prompts, opts, repeats)
     print("| batched run's part | seconds | per call (ms) |")
     print("|---|---:|---:|")
-    print(f"| {P} prefills (one row each) | {prefill:.3f} | {prefill / P * 1e3:.2f} |")
+    print(f"| {P} prefills (one per padded length) | {prefill:.3f} | {prefill / P * 1e3:.2f} |")
     print(f"| {N - 1} steps of {P} rows | {steps:.3f} | {steps / (N - 1) * 1e3:.2f} |")
 
 

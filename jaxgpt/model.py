@@ -126,7 +126,10 @@ def cached_attention(q_BTHD, k_BKSD, v_BKSD, q_pos_T, k_pos_S, used, C=128):
     top_BKGT = jnp.full((B, K, H // K, T), jnp.finfo(jnp.float32).min)
     zeros_BKGT = jnp.zeros((B, K, H // K, T))
     carry = (top_BKGT, zeros_BKGT, jnp.zeros((B, K, H // K, T, D)))
-    _, sum_BKGT, y_BKGTD = jax.lax.fori_loop(0, -(-used // C), chunk, carry)
+    if C == S:  # One chunk: no loop (under vmap, a loop's counter is per row).
+        _, sum_BKGT, y_BKGTD = chunk(0, carry)
+    else:
+        _, sum_BKGT, y_BKGTD = jax.lax.fori_loop(0, -(-used // C), chunk, carry)
     y_BKGTD = (y_BKGTD / sum_BKGT[..., None]).astype(v_BKSD.dtype)
     return y_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 

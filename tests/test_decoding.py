@@ -116,6 +116,15 @@ def test_rows_draw_the_same_whatever_their_neighbours_ask():
             assert int(together[r]) in order[:n_kept], (i, r)
 
 
+def test_a_rows_key_is_jax_prngkey_of_its_seed():
+    apply_fn, params = model(GPT)
+    decoder = decoding.Decoder(apply_fn, params, GPT, rows=1)
+    for seed in (0, 7, 2**31 + 5, -3, 2**40 + 9):
+        decoder.start(0, [1, 2], RowOptions(1, seed=seed))
+        want = jax.random.PRNGKey(seed % 2**32)
+        np.testing.assert_array_equal(decoder.key_R[0], want)
+
+
 def test_a_prompt_that_fills_the_context_is_refused():
     apply_fn, params = model(GPT)
     decoder = decoding.Decoder(apply_fn, params, GPT, rows=1)

@@ -31,7 +31,8 @@ from jaxgpt.generate import cache_options
 @dataclasses.dataclass(frozen=True)
 class RowOptions:
     """How one row samples: new tokens at most, temperature (0: greedy), top-p,
-    top-k (0: all) and the seed of its key (token i: fold_in(key(seed), i))."""
+    top-k (0: all) and the seed of its key: jax.random.PRNGKey(seed mod 2**32),
+    token i drawn with fold_in(key, i)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -104,21 +105,28 @@ def draw_rows(logits_RV, key_R, i_R, opts_R):
 
 
 @partial(jax.jit, static_argnames=("apply_fn",))
-def prefill(apply_fn: Callable, params, ids_W: jax.Array, n: jax.Array, key, opts):
-    """One row's first n tokens (ids_W padded past n; the causal mask hides the
-    padding, which later tokens overwrite): its first new token, and its cache."""
-    logits_11V, new = apply_fn(
-        {"params": params}, ids_W[None], decode=True, mutable="cache", logits_at=n - 1
-    )
-    cache = {**new["cache"], "index": n.astype(jnp.int32)}  # Next position: n.
-    one = jax.tree.map(lambda x: jnp.asarray(x)[None], (key, 0, opts))
-    return draw_rows(logits_11V[:, 0], *one)[0], cache
+def prefill(apply_fn: Callable, params, ids_NW, n_N, key_N, opts_N):
+    """N rows' first n tokens (ids_NW padded past n; the causal mask hides the
+    padding, which later tokens overwrite), the model vmapped over the rows:
+    each row's first new token, and the rows' caches."""
+
+    def one(ids_W, n):
+        logits_11V, new = apply_fn(
+            {"params": params}, ids_W[None], decode=True, mutable="cache", logits_at=n - 1
+        )
+        return logits_11V[0, 0], {**new["cache"], "index": n.astype(jnp.int32)}
+
+    logits_NV, cache_N = jax.vmap(one)(ids_NW, n_N)
+    return draw_rows(logits_NV, key_N, jnp.zeros_like(n_N), opts_N), cache_N
 
 
 @partial(jax.jit, donate_argnums=0)
-def put_row(cache_R, row: jax.Array, cache):
-    """The batch's caches with row `row` replaced by `cache`."""
-    return jax.tree.map(lambda all_R, one: all_R.at[row].set(one), cache_R, cache)
+def put_rows(cache_R, rows_N: jax.Array, cache_N):
+    """The batch's caches with rows rows_N replaced by cache_N (a row past the
+    batch's: dropped)."""
+    return jax.tree.map(
+        lambda all_R, new_N: all_R.at[rows_N].set(new_N, mode="drop"), cache_R, cache_N
+    )
 
 
 @partial(jax.jit, static_argnames=("apply_fn",), donate_argnums=2)
@@ -157,6 +165,12 @@ def padded_length(n: int, context: int) -> int:
     return min(context, max(16, 1 << (n - 1).bit_length()))
 
 
+def padded_rows(n: int) -> int:
+    """A prefill's row count for n prompts: a power of two up to 8, then a
+    multiple of 8 (few compiled prefills; at most 7 rows of padding)."""
+    return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
 class Decoder:
     """`rows` slots decoding together: start() prefills one row and returns
     its first new token; step() draws the next token of every row (free rows'
@@ -176,11 +190,11 @@ class Decoder:
             np.zeros(rows, np.int32),  # top_k
         )
         if self.kv_cache:
-            ids = jax.ShapeDtypeStruct((S,), jnp.int32)
-            args = (ids, 0, self.key_R[0], tuple(c[0] for c in self.opts_R))
+            ids = jax.ShapeDtypeStruct((1, S), jnp.int32)
+            args = (ids, self.i_R[:1], self.key_R[:1], tuple(c[:1] for c in self.opts_R))
             _, cache = jax.eval_shape(partial(prefill, apply_fn), params, *args)
             self.cache_R = jax.tree.map(
-                lambda x: jnp.zeros((rows, *x.shape), x.dtype), cache
+                lambda x: jnp.zeros((rows, *x.shape[1:]), x.dtype), cache
             )
         else:
             self.window_RS = np.zeros((rows, S), np.int32)
@@ -188,30 +202,60 @@ class Decoder:
     def start(self, row: int, prompt_ids: Sequence[int], opts: RowOptions) -> int:
         """Prefills `row` with the prompt (1 .. context - 1 tokens); returns the
         row's first new token."""
-        n, S = len(prompt_ids), self.context
-        if not 0 < n < S:
-            raise ValueError(f"a prompt of {n} tokens: give 1 to {S - 1} tokens.")
-        self.pos_R[row], self.i_R[row] = n, 0
-        self.key_R[row] = np.asarray(jax.random.PRNGKey(opts.seed))
-        for column, value in zip(
-            self.opts_R, (opts.temperature, opts.top_p, opts.top_k)
-        ):
-            column[row] = value
+        return self.start_rows([row], [prompt_ids], [opts])[0]
+
+    def start_rows(
+        self,
+        rows: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        opts: Sequence[RowOptions],
+    ) -> list[int]:
+        """start() of several rows: the prompts of one padded length in one
+        prefill (their count padded by padded_rows)."""
+        S = self.context
+        for n in map(len, prompts):
+            if not 0 < n < S:
+                raise ValueError(f"a prompt of {n} tokens: give 1 to {S - 1} tokens.")
+        if not rows:
+            return []
+        for row, prompt_ids, o in zip(rows, prompts, opts, strict=True):
+            self.pos_R[row], self.i_R[row] = len(prompt_ids), 0
+            self.key_R[row] = 0, o.seed % 2**32  # PRNGKey's, without a call.
+            for column, value in zip(self.opts_R, (o.temperature, o.top_p, o.top_k)):
+                column[row] = value
+        first = dict.fromkeys(rows, 0)
         if self.kv_cache:
-            ids_W = np.zeros(padded_length(n, S), np.int32)
-            ids_W[:n] = prompt_ids
-            options = tuple(c[row] for c in self.opts_R)
-            token, cache = prefill(
-                self.apply_fn, self.params, ids_W, n, self.key_R[row], options
-            )
-            self.cache_R = put_row(self.cache_R, row, cache)
-            token = int(token)
+            groups: dict[int, list[int]] = {}  # Padded length -> indices into rows.
+            for k, prompt_ids in enumerate(prompts):
+                groups.setdefault(padded_length(len(prompt_ids), S), []).append(k)
+            for W, ks in groups.items():
+                N = padded_rows(len(ks))  # Padding rows: dropped.
+                rows_N = np.full(N, self.rows, np.int32)
+                rows_N[: len(ks)] = [rows[k] for k in ks]
+                ids_NW, n_N = np.zeros((N, W), np.int32), np.ones(N, np.int32)
+                for j, k in enumerate(ks):
+                    n_N[j] = len(prompts[k])
+                    ids_NW[j, : n_N[j]] = prompts[k]
+                at_N = np.minimum(rows_N, self.rows - 1)
+                tokens_N, cache_N = prefill(
+                    self.apply_fn,
+                    self.params,
+                    ids_NW,
+                    n_N,
+                    self.key_R[at_N],
+                    tuple(c[at_N] for c in self.opts_R),
+                )
+                self.cache_R = put_rows(self.cache_R, rows_N, cache_N)
+                first.update(zip(rows_N[: len(ks)].tolist(), np.asarray(tokens_N).tolist()))
         else:
-            self.window_RS[row] = 0
-            self.window_RS[row, :n] = prompt_ids
-            token = int(self._window_step()[row])
-        self.last_R[row], self.i_R[row] = token, 1
-        return token
+            for row, prompt_ids in zip(rows, prompts):
+                self.window_RS[row] = 0
+                self.window_RS[row, : len(prompt_ids)] = prompt_ids
+            tokens_R = self._window_step()
+            first = {row: int(tokens_R[row]) for row in rows}
+        for row in rows:
+            self.last_R[row], self.i_R[row] = first[row], 1
+        return [first[row] for row in rows]
 
     def step(self) -> np.ndarray:
         """[rows] int32: every row's next token (each row fed its last one)."""
@@ -221,11 +265,11 @@ class Decoder:
                 self.apply_fn,
                 self.params,
                 self.cache_R,
-                jnp.asarray(np.where(fed_R, self.pos_R, 0)),
-                jnp.asarray(self.last_R),
-                jnp.asarray(self.key_R),
-                jnp.asarray(self.i_R),
-                tuple(jnp.asarray(c) for c in self.opts_R),
+                np.where(fed_R, self.pos_R, 0),
+                self.last_R,  # (numpy: jit copies it in, faster than jnp.asarray)
+                self.key_R,
+                self.i_R,
+                self.opts_R,
             )
             self.pos_R += fed_R
         else:
@@ -251,11 +295,11 @@ class Decoder:
             window_step(
                 self.apply_fn,
                 self.params,
-                jnp.asarray(self.window_RS),
-                jnp.asarray(np.maximum(self.pos_R, 1)),
-                jnp.asarray(self.key_R),
-                jnp.asarray(self.i_R),
-                tuple(jnp.asarray(c) for c in self.opts_R),
+                self.window_RS,
+                np.maximum(self.pos_R, 1),
+                self.key_R,
+                self.i_R,
+                self.opts_R,
             )
         )
 
@@ -288,10 +332,15 @@ def decode(
             decoder.free(row)
 
     while waiting or active:
-        for row in range(decoder.rows):
-            if row not in active and waiting:
-                k = active[row] = waiting.pop()
-                took(row, decoder.start(row, prompts[k], opts[k]))
+        free = [row for row in range(decoder.rows) if row not in active]
+        starting = {row: waiting.pop() for row in free[: len(waiting)]}
+        active.update(starting)
+        ks = list(starting.values())
+        firsts = decoder.start_rows(
+            list(starting), [prompts[k] for k in ks], [opts[k] for k in ks]
+        )
+        for row, token in zip(starting, firsts):
+            took(row, token)
         if active:
             tokens_R = decoder.step()
             for row in list(active):
