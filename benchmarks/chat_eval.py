@@ -145,7 +145,9 @@ def main(argv):
     prefill, steps = split_times(apply_fn, params, cfg, prompts, opts, repeats)
     print("| batched run's part | seconds | per call (ms) |")
     print("|---|---:|---:|")
-    print(f"| {P} prefills (one per padded length) | {prefill:.3f} | {prefill / P * 1e3:.2f} |")
+    print(
+        f"| {P} prefills (one per padded length) | {prefill:.3f} | {prefill / P * 1e3:.2f} |"
+    )
     print(f"| {N - 1} steps of {P} rows | {steps:.3f} | {steps / (N - 1) * 1e3:.2f} |")
 
 

@@ -106,7 +106,9 @@ def cached_attention(q_BTHD, k_BKSD, v_BKSD, q_pos_T, k_pos_S, used, C=128):
     def chunk(c, carry):  # Slots c*C .. c*C + C - 1 (the last chunk: S - C ..).
         top_BKGT, sum_BKGT, y_BKGTD = carry  # The max score, sum(exp), sum(exp v).
         at = jnp.minimum(c * C, S - C)
-        k_BKCD, v_BKCD = (jax.lax.dynamic_slice_in_dim(z, at, C, 2) for z in (k_BKSD, v_BKSD))
+        k_BKCD, v_BKCD = (
+            jax.lax.dynamic_slice_in_dim(z, at, C, 2) for z in (k_BKSD, v_BKSD)
+        )
         slot_C = at + jnp.arange(C)
         k_pos_C = jax.lax.dynamic_slice_in_dim(k_pos_S, at, C)
         keep_TC = (q_pos_T[:, None] >= k_pos_C) & (slot_C >= c * C)  # Causal, new.

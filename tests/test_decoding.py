@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import generate, lecture
+from jaxgpt import model as model_lib
 from jaxgpt.config import ModelConfig
 from jaxgpt.run import decoding
 from jaxgpt.run.decoding import RowOptions
@@ -98,7 +99,13 @@ def test_rows_draw_the_same_whatever_their_neighbours_ask():
     need another way, and only among the tokens a sort would keep."""
     V = decoding.NEAR + 300
     logits_RV = 3 * jax.random.normal(jax.random.PRNGKey(1), (5, V))
-    opts = [(1.0, 1.0, 0), (0.7, 0.9, 40), (1.0, 0.5, 0), (1.2, 1.0, V - 9), (0.0, 1.0, 0)]
+    opts = [
+        (1.0, 1.0, 0),
+        (0.7, 0.9, 40),
+        (1.0, 0.5, 0),
+        (1.2, 1.0, V - 9),
+        (0.0, 1.0, 0),
+    ]
     cols = tuple(jnp.asarray(c) for c in zip(*opts))
     key_R = jax.vmap(jax.random.PRNGKey)(jnp.arange(5))
     draw = jax.jit(decoding.draw_rows)
@@ -114,6 +121,35 @@ def test_rows_draw_the_same_whatever_their_neighbours_ask():
             probs = probs[: k or V] / probs[: k or V].sum()
             n_kept = max(1, int(np.sum(np.cumsum(probs) - probs < p))) if t else 1
             assert int(together[r]) in order[:n_kept], (i, r)
+
+
+@pytest.mark.parametrize(
+    "T,start",
+    [(1, 3), (1, 8), (5, 0), (1, 13)],
+    ids=["early", "step", "prefill", "ring"],
+)
+def test_cached_attention_reads_the_cache_in_chunks(T, start):
+    """model.cached_attention over chunks of C slots (the last one overlapping
+    the one before when C does not divide S) equals plain softmax attention
+    over the slots each query sees; chunks past the slots in use change no bit."""
+    B, H, K, D, S = 2, 4, 2, 8, 10
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), s) for i, s in
+               enumerate([(B, T, H, D), (B, K, S, D), (B, K, S, D)]))  # fmt: skip
+    q_pos_T = start + jnp.arange(T)
+    slot_S = jnp.arange(S)  # Slot s holds the last position p < start + T, p % S = s.
+    k_pos_S = slot_S + S * ((start + T - 1 - slot_S) // S)
+    k_pos_S = jnp.where(k_pos_S >= 0, k_pos_S, jnp.iinfo(jnp.int32).max)
+    used = min(start + T, S)
+    got = model_lib.cached_attention(q, k, v, q_pos_T, k_pos_S, used, C=4)
+    k_BSHD, v_BSHD = (
+        jnp.repeat(z, H // K, axis=1).transpose(0, 2, 1, 3) for z in (k, v)
+    )
+    att_BHTS = jnp.einsum("bthd,bshd->bhts", q, k_BSHD) / np.sqrt(D)
+    att_BHTS = jnp.where(q_pos_T[:, None] >= k_pos_S, att_BHTS, -jnp.inf)
+    want = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(att_BHTS), v_BSHD)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    more = model_lib.cached_attention(q, k, v, q_pos_T, k_pos_S, S, C=4)
+    np.testing.assert_array_equal(got, more)
 
 
 def test_a_rows_key_is_jax_prngkey_of_its_seed():

@@ -99,7 +99,9 @@ def draw_rows(logits_RV, key_R, i_R, opts_R):
         [
             lambda: jax.vmap(draw)(logits_RV, key_R, i_R, temperature_R),
             lambda: jax.vmap(draw_row)(logits_RV, key_R, i_R, *opts_R),
-            lambda: jax.vmap(partial(draw_row, every=True))(logits_RV, key_R, i_R, *opts_R),
+            lambda: jax.vmap(partial(draw_row, every=True))(
+                logits_RV, key_R, i_R, *opts_R
+            ),
         ],
     )
 
@@ -112,7 +114,11 @@ def prefill(apply_fn: Callable, params, ids_NW, n_N, key_N, opts_N):
 
     def one(ids_W, n):
         logits_11V, new = apply_fn(
-            {"params": params}, ids_W[None], decode=True, mutable="cache", logits_at=n - 1
+            {"params": params},
+            ids_W[None],
+            decode=True,
+            mutable="cache",
+            logits_at=n - 1,
         )
         return logits_11V[0, 0], {**new["cache"], "index": n.astype(jnp.int32)}
 
@@ -191,7 +197,12 @@ class Decoder:
         )
         if self.kv_cache:
             ids = jax.ShapeDtypeStruct((1, S), jnp.int32)
-            args = (ids, self.i_R[:1], self.key_R[:1], tuple(c[:1] for c in self.opts_R))
+            args = (
+                ids,
+                self.i_R[:1],
+                self.key_R[:1],
+                tuple(c[:1] for c in self.opts_R),
+            )
             _, cache = jax.eval_shape(partial(prefill, apply_fn), params, *args)
             self.cache_R = jax.tree.map(
                 lambda x: jnp.zeros((rows, *x.shape[1:]), x.dtype), cache
@@ -246,7 +257,9 @@ class Decoder:
                     tuple(c[at_N] for c in self.opts_R),
                 )
                 self.cache_R = put_rows(self.cache_R, rows_N, cache_N)
-                first.update(zip(rows_N[: len(ks)].tolist(), np.asarray(tokens_N).tolist()))
+                first.update(
+                    zip(rows_N[: len(ks)].tolist(), np.asarray(tokens_N).tolist())
+                )
         else:
             for row, prompt_ids in zip(rows, prompts):
                 self.window_RS[row] = 0
