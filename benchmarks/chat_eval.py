@@ -16,8 +16,9 @@ path (jaxgpt.evals.generation.generate_ids): all prompts in --bench_rows rows
 (default: all at once), then in one row, one prompt after another. Each is run
 once to compile, then timed in --bench_repeats rounds in which the two take
 turns (the median, and the best). A second table splits the batched run: the
-prefills (Decoder.start_rows: one call per padded prompt length, the rows
-vmapped) and the steps (Decoder.step, every row); per call: per prompt, and per step.
+prefills (Decoder.start_rows: the prompts of a padded length together, up to
+16 rows a call, the rows vmapped) and the steps (Decoder.step, every row);
+"per call": per prompt, and per step.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def main(argv):
     print("| batched run's part | seconds | per call (ms) |")
     print("|---|---:|---:|")
     print(
-        f"| {P} prefills (one per padded length) | {prefill:.3f} | {prefill / P * 1e3:.2f} |"
+        f"| {P} prefills (16 rows a call at most, by padded length) | {prefill:.3f} | {prefill / P * 1e3:.2f} |"
     )
     print(f"| {N - 1} steps of {P} rows | {steps:.3f} | {steps / (N - 1) * 1e3:.2f} |")
 

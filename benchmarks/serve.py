@@ -29,7 +29,8 @@ first text (transformers: its first new token, queueing not counted); peak RSS:
 the part's process (the server's, not its clients'), reset before each level
 (/proc/<pid>/clear_refs); load: the machine's load average over the minute
 before the level ended (other work on its CPUs slows every part). Warm: one
-request per compiled prompt length is sent before timing. Printed: a table per
+request per compiled prompt length is sent before timing (the decoder: the
+level's own prompts, which compile its prefills of several rows). Printed: a table per
 model, then the goals at the most streams (the server's tokens/s against
 transformers' one request at a time, and against its own single stream);
 --bench_out writes every figure as JSON.
@@ -270,7 +271,7 @@ def run_decoder(folder: str, levels: dict[int, list[dict]]) -> dict:
 
     out = {}
     for c, requests in levels.items():
-        run(warm_requests(requests) * c, c)  # Compiles this row count's step.
+        run(requests, c)  # Compiles this level's step and prefills (rows per length).
         reset_peak_rss()
         out[c] = {**run(requests, c), "peak_rss_mib": peak_rss_mib()}
     return out

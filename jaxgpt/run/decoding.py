@@ -171,6 +171,9 @@ def padded_length(n: int, context: int) -> int:
     return min(context, max(16, 1 << (n - 1).bit_length()))
 
 
+PREFILL_ROWS = 16  # Rows prefilled in one call, at most (each: a whole cache).
+
+
 def padded_rows(n: int) -> int:
     """A prefill's row count for n prompts: a power of two up to 8, then a
     multiple of 8 (few compiled prefills; at most 7 rows of padding)."""
@@ -222,7 +225,8 @@ class Decoder:
         opts: Sequence[RowOptions],
     ) -> list[int]:
         """start() of several rows: the prompts of one padded length in one
-        prefill (their count padded by padded_rows)."""
+        prefill of up to PREFILL_ROWS rows (their count padded by padded_rows;
+        GPT-2's shape, 16 rows of 48 tokens: 1.44 s against 16 x 0.12 s)."""
         S = self.context
         for n in map(len, prompts):
             if not 0 < n < S:
@@ -239,7 +243,11 @@ class Decoder:
             groups: dict[int, list[int]] = {}  # Padded length -> indices into rows.
             for k, prompt_ids in enumerate(prompts):
                 groups.setdefault(padded_length(len(prompt_ids), S), []).append(k)
-            for W, ks in groups.items():
+            for W, ks in [  # At most PREFILL_ROWS at once: their caches' memory.
+                (W, ks[i : i + PREFILL_ROWS])
+                for W, ks in groups.items()
+                for i in range(0, len(ks), PREFILL_ROWS)
+            ]:
                 N = padded_rows(len(ks))  # Padding rows: dropped.
                 rows_N = np.full(N, self.rows, np.int32)
                 rows_N[: len(ks)] = [rows[k] for k in ks]
