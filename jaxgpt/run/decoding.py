@@ -171,7 +171,8 @@ def padded_length(n: int, context: int) -> int:
     return min(context, max(16, 1 << (n - 1).bit_length()))
 
 
-PREFILL_ROWS = 16  # Rows prefilled in one call, at most (each: a whole cache).
+PREFILL_BYTES = 1 << 28  # The new caches one prefill call holds, at most,
+PREFILL_ROWS = 16  # and its rows (a power of two).
 
 
 def padded_rows(n: int) -> int:
@@ -210,6 +211,9 @@ class Decoder:
             self.cache_R = jax.tree.map(
                 lambda x: jnp.zeros((rows, *x.shape[1:]), x.dtype), cache
             )
+            row_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+            fit = max(1, min(PREFILL_ROWS, PREFILL_BYTES // row_bytes))
+            self.prefill_rows = 1 << (fit.bit_length() - 1)  # GPT-2's shape: 2.
         else:
             self.window_RS = np.zeros((rows, S), np.int32)
 
@@ -225,8 +229,8 @@ class Decoder:
         opts: Sequence[RowOptions],
     ) -> list[int]:
         """start() of several rows: the prompts of one padded length in one
-        prefill of up to PREFILL_ROWS rows (their count padded by padded_rows;
-        GPT-2's shape, 16 rows of 48 tokens: 1.44 s against 16 x 0.12 s)."""
+        prefill of up to prefill_rows rows (their count padded by padded_rows),
+        as many as PREFILL_BYTES of new caches allow."""
         S = self.context
         for n in map(len, prompts):
             if not 0 < n < S:
@@ -243,11 +247,12 @@ class Decoder:
             groups: dict[int, list[int]] = {}  # Padded length -> indices into rows.
             for k, prompt_ids in enumerate(prompts):
                 groups.setdefault(padded_length(len(prompt_ids), S), []).append(k)
-            for W, ks in [  # At most PREFILL_ROWS at once: their caches' memory.
-                (W, ks[i : i + PREFILL_ROWS])
+            calls = [  # At most prefill_rows at once: their caches' memory.
+                (W, ks[i : i + self.prefill_rows])
                 for W, ks in groups.items()
-                for i in range(0, len(ks), PREFILL_ROWS)
-            ]:
+                for i in range(0, len(ks), self.prefill_rows)
+            ]
+            for W, ks in calls:
                 N = padded_rows(len(ks))  # Padding rows: dropped.
                 rows_N = np.full(N, self.rows, np.int32)
                 rows_N[: len(ks)] = [rows[k] for k in ks]
