@@ -17,7 +17,7 @@ path (jaxgpt.evals.generation.generate_ids): all prompts in --bench_rows rows
 once to compile, then timed in --bench_repeats rounds in which the two take
 turns (the median, and the best). A second table splits the batched run: the
 prefills (Decoder.start_rows: the prompts of a padded length together, up to
-16 rows a call, the rows vmapped) and the steps (Decoder.step, every row);
+Decoder.prefill_rows a call, the rows vmapped) and the steps (Decoder.step, every row);
 "per call": per prompt, and per step.
 """
 
@@ -147,7 +147,7 @@ def main(argv):
     print("| batched run's part | seconds | per call (ms) |")
     print("|---|---:|---:|")
     print(
-        f"| {P} prefills (16 rows a call at most, by padded length) | {prefill:.3f} | {prefill / P * 1e3:.2f} |"
+        f"| {P} prefills (batched by padded length) | {prefill:.3f} | {prefill / P * 1e3:.2f} |"
     )
     print(f"| {N - 1} steps of {P} rows | {steps:.3f} | {steps / (N - 1) * 1e3:.2f} |")
 

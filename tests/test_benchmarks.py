@@ -158,7 +158,7 @@ def test_chat_eval_times_prompts_together_and_alone():
         row = rf"^\| {way} \| {rows} \| [\d.]+ \([\d.]+\) \| [\d.]+ \| [\d,]+ \| [\d.]+x \|$"
         assert re.search(row, out, re.MULTILINE), out[-2000:]
     assert re.search(
-        r"^\| 3 prefills \(16 rows a call at most, by padded length\) \| [\d.]+ \|",
+        r"^\| 3 prefills \(batched by padded length\) \| [\d.]+ \|",
         out,
         re.MULTILINE,
     )
