@@ -3,11 +3,13 @@
   python benchmarks/serve.py                                   # the baby GPT's and GPT-2 124M's shapes
   python benchmarks/serve.py --bench_models=gpt2 --bench_streams=1,16
   python benchmarks/serve.py --bench_parts=engine,decoder      # no HTTP, no PyTorch
+  python benchmarks/serve.py --bench_models=cpu --bench_prompt_tokens=16,24 --bench_new_tokens=32
 
 Each model has random weights in a shape: "shakespeare" (experiments/shakespeare.cfg's
 baby GPT over tiny shakespeare's 65 characters), "gpt2" (experiments/gpt2_124m.cfg's
-shape over GPT-2's 50,257 tokens, float32), "tiny" (1 layer, 16 wide: the smoke
-run). It is written once as a Hugging Face folder (hub.load.write_model), and
+shape over GPT-2's 50,257 tokens, float32), "cpu" (experiments/shakespeare_cpu.cfg's:
+a context of 64, so pass e.g. --bench_prompt_tokens=16,24 --bench_new_tokens=32),
+"tiny" (1 layer, 16 wide: the smoke run). It is written once as a Hugging Face folder (hub.load.write_model), and
 every part reads that folder and answers the same requests: each a chat request
 (a base model: plain continuation of the message) with a prompt of
 --bench_prompt_tokens, --bench_new_tokens new tokens drawn at temperature 1 from
@@ -68,7 +70,7 @@ WORDS = [  # Prompts are drawn from these.
 ]  # fmt: skip
 
 _MODELS = flags.DEFINE_list(
-    "bench_models", ["shakespeare", "gpt2"], "Shapes: shakespeare, gpt2, tiny."
+    "bench_models", ["shakespeare", "gpt2"], "Shapes: shakespeare, gpt2, cpu, tiny."
 )
 _STREAMS = flags.DEFINE_list("bench_streams", ["1", "4", "16"], "Concurrent streams.")
 _PARTS = flags.DEFINE_list("bench_parts", list(PARTS), "What to time.")
@@ -99,7 +101,11 @@ def shape(model: str) -> tuple[dict, str]:
     """(ModelConfig fields, tokenizer kind) of a named shape."""
     if model == "tiny":
         return {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 128}, "chars"
-    cfg = {"shakespeare": "shakespeare.cfg", "gpt2": "gpt2_124m.cfg"}[model]
+    cfg = {
+        "cpu": "shakespeare_cpu.cfg",
+        "shakespeare": "shakespeare.cfg",
+        "gpt2": "gpt2_124m.cfg",
+    }[model]
     text = (REPO / "experiments" / cfg).read_text()
     fields = {
         k: int(v)
@@ -108,7 +114,7 @@ def shape(model: str) -> tuple[dict, str]:
         )
     }
     fields["bias"] = "--nobias" not in text
-    return fields, "chars" if model == "shakespeare" else "gpt2"
+    return fields, "gpt2" if model == "gpt2" else "chars"
 
 
 def write_folder(model: str, folder: str) -> str:
