@@ -1,13 +1,14 @@
 """Decoding many requests at once: each row its own prompt, options and seed.
 
 generate.py continues one prompt in every row of a batch; here each of R rows
-(slots) holds a request of its own. `Decoder.start` prefills one row (a
-compiled program per padded prompt length W), and `Decoder.step` draws the
-next token of every row in one jitted call: the model vmapped over the rows,
-so each row keeps its own KV cache, position and key, and a row's tokens
-depend on its prompt and options only, never on the other rows (the same
-seed gives the same reply alone or beside others). Models without a KV cache
-(the lecture's) re-run the model on each row's window instead.
+(slots) holds a request of its own. `Decoder.start_rows` prefills rows (the
+prompts of one padded length W together: a compiled program per W and row
+count), and `Decoder.step` draws the next token of every row in one jitted
+call: the model vmapped over the rows, so each row keeps its own KV cache,
+position and key, and a row's tokens depend on its prompt and options only,
+never on the other rows (the same seed gives the same reply alone or beside
+others). Models without a KV cache (the lecture's) re-run the model on each
+row's window instead.
 
 A row ends at the model's context (block_size): prompt plus reply never
 exceed it. `decode` runs a list of prompts to the end through one Decoder;
@@ -182,9 +183,9 @@ def padded_rows(n: int) -> int:
 
 
 class Decoder:
-    """`rows` slots decoding together: start() prefills one row and returns
-    its first new token; step() draws the next token of every row (free rows'
-    values are to be ignored); free() releases a row."""
+    """`rows` slots decoding together: start() prefills a row and returns its
+    first new token (start_rows: several rows); step() draws the next token of
+    every row (free rows' values are to be ignored); free() releases a row."""
 
     def __init__(self, apply_fn: Callable, params, model_cfg: ModelConfig, rows: int):
         self.apply_fn, self.params, self.rows = apply_fn, params, rows
