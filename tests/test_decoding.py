@@ -1,5 +1,8 @@
 """run/decoding.py: rows that decode together each get what they get alone."""
 
+import dataclasses
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +80,33 @@ def test_sampled_rows_do_not_depend_on_their_neighbours():
     stop = together[0][4]
     stopped = decoding.decode(apply_fn, params, GPT, PROMPTS[:1], opts[:1], [stop])[0]
     assert stopped == together[0][: together[0].index(stop) + 1]
+
+
+def test_rows_cross_the_caches_chunks_at_their_own_pace(monkeypatch):
+    """Chunks of 8 slots in a context of 44: rows decoded together read as many
+    chunks as the longest row needs, and still draw what they draw alone; greedy
+    rows draw what one chunk of all 44 slots gives."""
+    cfg = dataclasses.replace(GPT, block_size=44)
+    apply_fn, params = model(cfg)
+    greedy = decoding.decode(apply_fn, params, cfg, PROMPTS, RowOptions(20, 0.0))
+    whole, traced = model_lib.cached_attention, []
+
+    def in_chunks_of_8(*args):
+        traced.append(args[1].shape)
+        return whole(*args, C=8)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model_lib, "cached_attention", in_chunks_of_8)
+        fresh = partial(apply_fn)  # A new static argument: traced anew, in chunks.
+        opts = [RowOptions(20, 1.0, seed=s) for s in range(len(PROMPTS))]
+        together = decoding.decode(fresh, params, cfg, PROMPTS, opts, rows=4)
+        alone = [
+            decoding.decode(fresh, params, cfg, [p], [o], rows=4)[0]
+            for p, o in zip(PROMPTS, opts)
+        ]
+        chunked = decoding.decode(fresh, params, cfg, PROMPTS, RowOptions(20, 0.0))
+    assert traced and together == alone
+    assert chunked == greedy
 
 
 def test_top_k_and_top_p_keep_only_the_likeliest():
