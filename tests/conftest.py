@@ -221,6 +221,23 @@ def subprocess_report(test_file: str, timeout: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def write_run(workdir, cfg, tok, state) -> None:
+    """A run's workdir holding `state` at step 0, with the meta a run writes
+    (cfg's model, tok's tokenizer): what the chat, the chat evaluation and
+    GRPO load (their tests)."""
+    from jaxgpt.run import checkpoint as ckpt
+
+    meta = {
+        "model": cfg.to_dict(),
+        "tokenizer": tok.to_json(),
+        "seed": 0,
+        "dataset": "test",
+        "init_from": None,
+    }
+    with ckpt.Checkpointer(workdir, meta) as checkpointer:
+        checkpointer.save(0, state)
+
+
 @contextlib.contextmanager
 def serving(app):
     """An ASGI `app` served by uvicorn in a thread on a free port: its base URL

@@ -24,13 +24,12 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, write_run
 
 from jaxgpt import sharding, train
 from jaxgpt.chat import terminal
 from jaxgpt.config import ConfigError, ModelConfig, SampleConfig, TrainConfig
 from jaxgpt.datasets.chat_template import add_chat_tokens
-from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import program
 from jaxgpt.tokenizer import CharTokenizer
 
@@ -67,15 +66,7 @@ def save_run(workdir, tok, context: int) -> None:
         "scale": np.zeros(cfg.n_embd, np.float32),
         "bias": np.eye(cfg.n_embd, dtype=np.float32)[0],  # Logits: wte_VC[:, 0].
     }
-    meta = {
-        "model": cfg.to_dict(),
-        "tokenizer": tok.to_json(),
-        "seed": 0,
-        "dataset": "test",
-        "init_from": None,
-    }
-    with ckpt.Checkpointer(workdir, meta) as checkpointer:
-        checkpointer.save(0, state.replace(params=params))
+    write_run(workdir, cfg, tok, state.replace(params=params))
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, write_run
 
 from jaxgpt import lecture, sharding, train
 from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.datasets import chat_tasks, chat_template
 from jaxgpt.evals import generation
-from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import configs, decoding, program
 from jaxgpt.run.decoding import RowOptions
 from jaxgpt.tokenizer import CharTokenizer
@@ -175,15 +174,7 @@ def save_run(workdir, cfg: ModelConfig, params) -> None:
     state = program.create_state(
         cfg, TrainConfig(batch_size=1), train.root_key(0), sharding.make_mesh()
     )
-    meta = {
-        "model": cfg.to_dict(),
-        "tokenizer": TOK.to_json(),
-        "seed": 0,
-        "dataset": "test",
-        "init_from": None,
-    }
-    with ckpt.Checkpointer(workdir, meta) as checkpointer:
-        checkpointer.save(0, state.replace(params=params))
+    write_run(workdir, cfg, TOK, state.replace(params=params))
 
 
 def test_the_command_prints_the_table(tmp_path):

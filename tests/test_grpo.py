@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import flagsaver
+from conftest import write_run
 
 from jaxgpt import lecture, sharding, train
 from jaxgpt.config import ModelConfig, TrainConfig
@@ -92,12 +93,7 @@ def save_run(workdir, params) -> None:
     """A run's checkpoint holding `params` and the chat tokenizer."""
     tx = grpo.make_optimizer(TrainConfig(batch_size=1, warmup_iters=0))
     state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    meta = {
-        "model": CFG.to_dict(), "tokenizer": TOK.to_json(), "seed": 0,
-        "dataset": "test", "init_from": None,
-    }  # fmt: skip
-    with ckpt.Checkpointer(workdir, meta) as checkpointer:
-        checkpointer.save(0, state.replace(params=params))
+    write_run(workdir, CFG, TOK, state)
 
 
 @pytest.fixture(scope="module")
