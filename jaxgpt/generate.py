@@ -121,11 +121,13 @@ def prefill(s: Sampling, t, n, W: int, buf_BA: jax.Array):
     W >= n tokens (the padding past n is hidden, then overwritten); returns
     token t's logits and the cache."""
     window_BW = jax.lax.dynamic_slice(buf_BA, (0, t - n), (buf_BA.shape[0], W))
-    logits_BWV, new = s.apply_fn(s.variables, window_BW, decode=True, mutable="cache")
+    logits_B1V, new = s.apply_fn(
+        s.variables, window_BW, decode=True, mutable="cache", logits_at=n - 1
+    )
     cache = new.get("cache", {})
     if "index" in cache:  # The next token takes position n.
         cache = {**cache, "index": jnp.asarray(n, jnp.int32)}
-    return jax.lax.dynamic_index_in_dim(logits_BWV, n - 1, 1, False), cache
+    return logits_B1V[:, 0], cache
 
 
 def extend(s: Sampling, t, buf_BA: jax.Array, cache):
