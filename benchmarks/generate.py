@@ -21,12 +21,13 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from jaxgpt import generate, lecture, model, sharding
-from jaxgpt.config import ModelConfig, SampleConfig
+from jaxgpt.config import ModelConfig
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import (
     cli,  # Defines the flags.
     program,
 )
+from jaxgpt.run.configs import SampleConfig
 from jaxgpt.run.perf import cpu_speedups
 
 _BATCHES = flags.DEFINE_list("bench_batch_sizes", ["1", "8"], "Rows sampled at once.")

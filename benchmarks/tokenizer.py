@@ -36,6 +36,7 @@ from absl import app, flags
 
 from jaxgpt import tokenizer
 from jaxgpt.datasets import prepare, tokenizer_train
+from jaxgpt.hub import tokenizer_io
 from jaxgpt.hub.tokenizer_io import load_gpt2
 from jaxgpt.run import perf
 
@@ -175,7 +176,7 @@ def encoding_rows(text: str, ours: tokenizer.BPE, hf) -> None:
     mb = len(text.encode("utf-8")) / 1e6
     encoders = {
         "ours, pure Python (chunk cache)": lambda t: tokenizer.encode(t, ours),
-        "tiktoken, our merges": tokenizer.to_tiktoken(ours).encode_ordinary,
+        "tiktoken, our merges": tokenizer_io.to_tiktoken(ours).encode_ordinary,
         "tiktoken, GPT-2's merges": load_gpt2().encoding.encode_ordinary,
     }
     if hf is not None:  # fed 100 kB pieces: one huge string is far slower in HF
@@ -197,7 +198,9 @@ def encoding_rows(text: str, ours: tokenizer.BPE, hf) -> None:
 def main(argv):
     del argv
     pattern = (
-        tokenizer.GPT2_PATTERN if _PATTERN.value == "gpt2" else tokenizer.GPT4_PATTERN
+        tokenizer_io.GPT2_PATTERN
+        if _PATTERN.value == "gpt2"
+        else tokenizer.GPT4_PATTERN
     )
     base_path = prepare.find_corpus(_TEXT.value)
     base = base_path.read_text(encoding="utf-8")

@@ -37,10 +37,10 @@ from absl import app, flags
 from torch import nn
 
 from jaxgpt import data, train
-from jaxgpt.config import ModelConfig, SampleConfig, TrainConfig
+from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.datasets import prepare
 from jaxgpt.run import cli  # Defines the flags.
-from jaxgpt.run.configs import DataConfig, LoopConfig, RunConfig
+from jaxgpt.run.configs import DataConfig, LoopConfig, RunConfig, SampleConfig
 
 
 class Block(nn.Module):

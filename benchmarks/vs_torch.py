@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_twin
 
 from jaxgpt import generate, lecture, sharding, train
-from jaxgpt.config import ModelConfig, SampleConfig, TrainConfig
+from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import (
     cli,  # Defines the flags.
@@ -67,7 +67,7 @@ from jaxgpt.run import (
     perf,
     program,
 )
-from jaxgpt.run.configs import LoopConfig, RunConfig
+from jaxgpt.run.configs import LoopConfig, RunConfig, SampleConfig
 from jaxgpt.run.perf import cpu_speedups
 
 _BENCH = flags.DEFINE_enum(
@@ -357,7 +357,9 @@ def bench_sample():
     twin = torch_twin.GPT(model_cfg)
     twin.load_flax(params)
     key = jax.random.PRNGKey(0)
-    draw = lambda: generate.sample(apply_fn, params, model_cfg, [0], cfg, key)
+    draw = lambda: generate.sample(
+        apply_fn, params, model_cfg, [0], key, **cfg.options()
+    )
     draw().block_until_ready()  # What --mode=sample runs, compiled first.
     for r in range(_ROUNDS.value):
         settle()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from jaxgpt import data, generate, lecture, tokenizer, train
-from jaxgpt.config import ModelConfig, SampleConfig, TrainConfig
+from jaxgpt.config import ModelConfig, TrainConfig
 
 
 def corpus_path(given: str | None) -> Path:
@@ -70,8 +70,8 @@ def main() -> None:
 
     # 300 characters after a newline, drawn with temperature 0.8 and top-k 200.
     apply_fn, key = lecture.make_model(model_cfg).apply, train.stream(root, "sample")
-    sample_cfg, prompt = SampleConfig(max_new_tokens=300), tok.encode("\n")
-    ids_BA = generate.sample(apply_fn, state.params, model_cfg, prompt, sample_cfg, key)
+    ids_BA = generate.sample(apply_fn, state.params, model_cfg, tok.encode("\n"), key,
+                             max_new_tokens=300, temperature=0.8, top_k=200)  # fmt: skip
     print(tok.decode(ids_BA[0]))
 
 

@@ -76,6 +76,7 @@ KINDS = {
         for step in ("head", "heads", "ffwd", "residual", "layernorm")
     },
 }
+ModelName = Literal[tuple(KINDS)]  # The --model choices: KINDS' names.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +84,7 @@ class ModelConfig:
     """The network: nanoGPT's GPT, the bigram baseline, or a step of the lecture."""
 
     vocab_size: int  # V: set by the tokenizer, not a flag.
-    model: Literal[
-        "gpt",
-        "bigram",
-        "lecture_head",
-        "lecture_heads",
-        "lecture_ffwd",
-        "lecture_residual",
-        "lecture_layernorm",
-    ] = option(
+    model: ModelName = option(  # noqa: RUF009 (a Literal, as the fields below)
         "gpt", "Architecture: nanoGPT's GPT, the bigram, or a step of the lecture."
     )
     block_size: int = option(256, "T: context length in tokens.")
@@ -351,49 +344,6 @@ class TrainConfig:
             raise ConfigError("--weight_decay and --grad_clip must be >= 0.")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("--beta1 and --beta2 must lie in [0, 1).")
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-    """Text generation from a trained model (its key: the run's sample stream)."""
-
-    checkpoint: Literal["latest", "best"] = option(
-        "latest", "Which checkpoint --mode=sample reads."
-    )
-    prompt: str = option("\n", "Text the samples continue.")
-    max_new_tokens: int = option(500, "Tokens to generate.")
-    temperature: float = option(0.8, "Sampling temperature (0: greedy).")
-    top_k: int = option(200, "Sample among the k likeliest tokens (0: all).")
-    top_p: float = option(
-        1.0, "Sample among the likeliest tokens holding this mass (1: all)."
-    )
-    num_samples: int = option(1, "Samples to draw.")
-    kv_cache: bool = option(
-        True, "Cache keys/values while sampling (no: re-run the window per token)."
-    )
-
-    def __post_init__(self):
-        check_choices(self)
-        require_positive(
-            max_new_tokens=self.max_new_tokens, num_samples=self.num_samples
-        )
-        if not self.prompt:
-            raise ConfigError(
-                "--prompt is empty: give at least one character, e.g."
-                " --prompt=$'\\n' (the default)."
-            )
-        if self.temperature < 0:
-            raise ConfigError(
-                f"--temperature={self.temperature} must be >= 0 (0 samples greedily)."
-            )
-        if self.top_k < 0:
-            raise ConfigError(
-                f"--top_k={self.top_k} must be >= 0 (0 keeps all tokens)."
-            )
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(
-                f"--top_p={self.top_p} must lie in (0, 1] (1 keeps all tokens)."
-            )
 
 
 # ModelConfig's options that change how, not what, the model computes: a run's

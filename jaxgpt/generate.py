@@ -14,10 +14,6 @@ step); rotary positions (`rolling=True`) roll on in a ring buffer, a sliding
 window (docs/architecture.md). Without the cache (nanoGPT's loop), each step
 re-runs the model on the last min(S, A) positions.
 
-With `prompt_len`, each row's prompt is its first prompt_len tokens and the
-rest of prompt_BP padding (hidden by the causal mask, then overwritten): one
-program serves prompts of every length up to P.
-
 In reading order: sample_logits picks a token, draw writes it; window_step
 (no cache); prefill, extend, decode_step and segment (the cache); generate
 schedules them in one program; sample is what a run calls.
@@ -32,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.config import ModelConfig, SampleConfig
+from jaxgpt.config import ModelConfig
 
 
 def filter_logits(
@@ -242,18 +238,25 @@ def sample(
     params,
     model_cfg: ModelConfig,
     prompt_ids,
-    cfg: SampleConfig,
     key: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    kv_cache: bool = True,
 ) -> jax.Array:
     """[num_samples, len(prompt) + max_new_tokens] token ids continuing one prompt,
-    drawn from `key` (a run's: train.stream(root, "sample"))."""
-    prompt_BP = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (cfg.num_samples, 1))
+    drawn from `key` (a run's: train.stream(root, "sample")); top_k 0 and top_p
+    1 keep every token."""
+    prompt_BP = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (num_samples, 1))
     options = {
         "block_size": model_cfg.block_size,
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": float(cfg.temperature),
-        "top_k": cfg.top_k or None,
-        "top_p": float(cfg.top_p) if cfg.top_p < 1.0 else None,
-        **cache_options(model_cfg, cfg.kv_cache),
+        "max_new_tokens": max_new_tokens,
+        "temperature": float(temperature),
+        "top_k": top_k or None,
+        "top_p": float(top_p) if top_p < 1.0 else None,
+        **cache_options(model_cfg, kv_cache),
     }
     return generate(apply_fn, params, prompt_BP, key, **options)

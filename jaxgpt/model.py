@@ -5,16 +5,13 @@ H heads, K key/value heads (H unless grouped-query), D head size (C // H),
 F the feed-forward's hidden width, V vocabulary, L layers, S key positions
 (T, or block_size when decoding from the cache).
 
-ModelConfig's options are GPT-2's by default (docs/architecture.md describes
-each): rotary positions, RMSNorm, QK-norm, ReLU^2 or SwiGLU, grouped-query
-attention, an untied head, soft-capped logits; and, leaving the math as it
-is, bfloat16 matmuls (parameters, norms, softmax, logits and loss stay
-float32, as under torch.autocast), remat, scan_layers (one nn.scan over the
-blocks, their parameters stacked on an L axis under "h"), XLA's or cuDNN's
-fused attention. With decode=True the model runs on the next tokens of a
+ModelConfig's options are GPT-2's by default; docs/architecture.md describes
+the modern ones (rotary positions, RMSNorm, SwiGLU, grouped-query attention...)
+and those that leave the math as it is (bfloat16 matmuls, remat, scan_layers,
+fused attention). With decode=True the model runs on the next tokens of a
 sequence whose keys and values sit in the "cache" collection (generate.py).
 The building blocks come first, then the model; the registry of every model
-by its --model name (MODELS, make_model, init_params) ends lecture.py.
+by its --model name ends lecture.py.
 """
 
 from __future__ import annotations

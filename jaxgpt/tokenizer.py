@@ -1,16 +1,17 @@
-"""Tokenizers: text <-> int32 ids, from characters to GPT-2's byte-level BPE.
+"""Tokenizers: text <-> int32 ids, characters and byte-level BPE.
 
 - `CharTokenizer` ("char"): one id per distinct character of the corpus.
-- `BPETokenizer` ("bpe"): byte-level BPE as in Karpathy's minbpe lecture: the
-  256 bytes are ids 0..255; a regex cuts text into chunks (words, numbers,
+- `BPE`, `encode`, `decode`: byte-level BPE as in Karpathy's minbpe lecture:
+  the 256 bytes are ids 0..255; a regex cuts text into chunks (words, numbers,
   punctuation, spaces) that merges never cross; encoding applies the learned
-  merges (tokenizer_train.py learns them) in the order they were learned.
-  Special tokens (<|endoftext|>) come after the merges, only where allowed.
-- GPT-2's is a BPETokenizer named "gpt2" holding OpenAI's 50,000 merges.
+  merges (datasets/tokenizer_train.py learns them) in the order they were
+  learned. Special tokens (<|endoftext|>) come after the merges, only where
+  allowed. GPT-2's holds OpenAI's 50,000 merges.
 
-The readable `encode` below and tiktoken's Rust encoder built from the same
-merges give the same ids (tested); tokenizers use tiktoken's for speed. Each
-saves itself as a small JSON dict (`to_json`) that tokenizer_io.py reads back.
+Runs encode with tiktoken's Rust encoder built from the same merges, which
+gives the same ids (tested): hub/tokenizer_io.BPETokenizer ("bpe", "gpt2").
+Each tokenizer saves itself as a small JSON dict (`to_json`) that
+tokenizer_io.py reads back.
 """
 
 from __future__ import annotations
@@ -99,12 +100,6 @@ def check_ids(ids, vocab_size: int) -> list[int]:
 
 # --- Byte-level BPE: the tokenizer as data -----------------------------------------
 
-# GPT-2's split (tiktoken's faster form of encoder.py's): contractions, optional
-# space + letters, optional space + digits, optional space + symbols, spaces.
-GPT2_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$"""
-    r"""|\s+(?!\S)|\s"""
-)
 # GPT-4's split (cl100k_base): case-insensitive contractions, a letter run may
 # start with one symbol, numbers of at most three digits, newlines apart.
 GPT4_PATTERN = (
@@ -223,61 +218,3 @@ def decode(ids: Iterable[int], bpe: BPE) -> str:
             f" (size {bpe.vocab_size})."
         ) from None
     return data.decode("utf-8", errors="replace")
-
-
-def to_tiktoken(bpe: BPE, name: str = "bpe"):
-    """The same merges as a `tiktoken.Encoding` (Rust: tens of MB/s); tiktoken
-    ranks tokens by their bytes, and its rank is our id."""
-    import tiktoken
-
-    ranks = {bpe.vocab[i]: i for i in range(256 + len(bpe.merges))}
-    if len(ranks) != 256 + len(bpe.merges):
-        raise ValueError(
-            "two ids stand for the same bytes; tiktoken cannot hold this BPE."
-        )
-    return tiktoken.Encoding(
-        name=name,
-        pat_str=bpe.pattern,
-        mergeable_ranks=ranks,
-        special_tokens=dict(bpe.special_tokens),
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class BPETokenizer:
-    """A byte-level BPE at tiktoken's speed: "bpe" learned here, or "gpt2"."""
-
-    bpe: BPE
-    name: str = "bpe"
-
-    @property
-    def vocab_size(self) -> int:
-        return self.bpe.vocab_size
-
-    @property
-    def eos_id(self) -> int | None:
-        """<|endoftext|>'s id: it ends a text, and (as GPT-2's) begins one."""
-        return self.bpe.special_tokens.get(ENDOFTEXT)
-
-    bos_id = eos_id
-
-    @functools.cached_property
-    def encoding(self):
-        return to_tiktoken(self.bpe, self.name)
-
-    def encode(
-        self, text: str, allowed_special: Iterable[str] | str = ()
-    ) -> np.ndarray:
-        """int32 ids, shape [n_tokens]; special-token strings become their id only
-        when allowed (a set, or "all")."""
-        allowed = allowed_special if allowed_special == "all" else set(allowed_special)
-        ids = self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
-        return np.asarray(ids, np.int32)
-
-    def decode(self, ids) -> str:
-        return decode(check_ids(ids, self.vocab_size), self.bpe)
-
-    def to_json(self) -> dict:
-        if self.name == "gpt2":  # Saved by name, not by its 50,000 merges.
-            return {"name": "gpt2"}
-        return {"name": "bpe", **self.bpe.to_json()}

@@ -85,7 +85,7 @@ def test_gpt2_ids_equal_tiktoken_on_whole_corpus(corpus_text, gpt2_bpe, tiktoken
 def test_tiktoken_from_gpt2_files_equals_tiktoken_gpt2(
     corpus_text, gpt2_bpe, tiktoken_gpt2
 ):
-    ours = tokenizer.to_tiktoken(gpt2_bpe, "gpt2")
+    ours = tokenizer_io.to_tiktoken(gpt2_bpe, "gpt2")
     assert ours.n_vocab == tiktoken_gpt2.n_vocab
     want = tiktoken_gpt2.encode_ordinary(corpus_text)
     assert_same(ours.encode_ordinary(corpus_text), want)
@@ -198,7 +198,7 @@ def naive_train(text: str, num_merges: int, pattern: str) -> list[tuple[int, int
     return merges
 
 
-@pytest.mark.parametrize("pattern", [tokenizer.GPT2_PATTERN, tokenizer.GPT4_PATTERN])
+@pytest.mark.parametrize("pattern", [tokenizer_io.GPT2_PATTERN, tokenizer.GPT4_PATTERN])
 def test_incremental_trainer_equals_naive_on_corpus(corpus_text, pattern):
     text = corpus_text[:20_000]
     expected = naive_train(text, 150, pattern)
@@ -231,7 +231,7 @@ def test_special_tokens_are_kept_out_of_training():
 
 
 def test_tiktoken_from_trained_merges_equals_ours(corpus_text, trained):
-    enc = tokenizer.to_tiktoken(trained)
+    enc = tokenizer_io.to_tiktoken(trained)
     assert_same(
         enc.encode_ordinary(corpus_text), tokenizer.encode(corpus_text, trained)
     )
@@ -240,13 +240,13 @@ def test_tiktoken_from_trained_merges_equals_ours(corpus_text, trained):
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=200))
 def test_tiktoken_from_trained_merges_equals_ours_on_unicode(trained, text):
-    enc = tokenizer.to_tiktoken(trained)  # cheap: 1k ranks
+    enc = tokenizer_io.to_tiktoken(trained)  # cheap: 1k ranks
     assert enc.encode(text, allowed_special="all") == tokenizer.encode(
         text, trained, "all"
     )
 
 
-@pytest.mark.parametrize("pattern", [tokenizer.GPT2_PATTERN, tokenizer.GPT4_PATTERN])
+@pytest.mark.parametrize("pattern", [tokenizer_io.GPT2_PATTERN, tokenizer.GPT4_PATTERN])
 def test_safe_cuts_keep_the_chunks(corpus_text, pattern):
     pieces = tokenizer_train.split_at_safe_points(corpus_text, 64)
     assert len(pieces) > 32

@@ -141,7 +141,7 @@ def test_whole_characters_only():
     """A byte-level tokenizer's reply is yielded in whole characters: no piece
     ends inside a character's bytes (a random model's stray bytes that never
     form one decode as U+FFFD, as in the whole reply)."""
-    bpe = tokenizer.BPETokenizer(tokenizer_train.train_bpe("héllo wörld " * 20, 260))
+    bpe = tokenizer_io.BPETokenizer(tokenizer_train.train_bpe("héllo wörld " * 20, 260))
     model = chat_model(bpe, seed=1)
     engine = Engine(model, slots=2)
     try:

@@ -96,7 +96,7 @@ def test_char_render_names_unknown_characters():
 def bpe_chat():
     text = " ".join(m["content"] for c in CONVERSATIONS.values() for m in c) * 3
     bpe = tokenizer_train.train_bpe(text, vocab_size=300)
-    return add_chat_tokens(tokenizer.BPETokenizer(bpe))[0]
+    return add_chat_tokens(tokenizer_io.BPETokenizer(bpe))[0]
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))

@@ -28,9 +28,10 @@ from conftest import REPO, write_run
 
 from jaxgpt import sharding, train
 from jaxgpt.chat import terminal
-from jaxgpt.config import ConfigError, ModelConfig, SampleConfig, TrainConfig
+from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
 from jaxgpt.datasets.chat_template import add_chat_tokens
 from jaxgpt.run import program
+from jaxgpt.run.configs import SampleConfig
 from jaxgpt.tokenizer import CharTokenizer
 
 pexpect = pytest.importorskip("pexpect")

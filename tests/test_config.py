@@ -7,9 +7,9 @@ import pytest
 from absl import flags
 
 from jaxgpt import config, main  # noqa: F401  (main: the entry point loads)
-from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
+from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.run import cli, configs
-from jaxgpt.run.configs import MeshConfig, RunConfig
+from jaxgpt.run.configs import MeshConfig, RunConfig, SampleConfig
 
 FLAG_FIELDS = {
     f.name: (f, hint) for cls in configs.ALL for f, hint in config.flag_fields(cls)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from jaxgpt import generate, lecture
-from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
+from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.hub import hf
+from jaxgpt.run.configs import SampleConfig
 
 CFG = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
 
@@ -86,9 +87,9 @@ def test_sample_shapes_seed_and_single_compilation(params):
     cfg = SampleConfig(prompt="x", max_new_tokens=30, num_samples=4)
     key = jax.random.PRNGKey(3)
     before = generate.generate._cache_size()
-    a = generate.sample(apply, params, CFG, [4, 5], cfg, key)
+    a = generate.sample(apply, params, CFG, [4, 5], key, **cfg.options())
     assert generate.generate._cache_size() == before + 1  # One program for 30 tokens.
-    b = generate.sample(apply, params, CFG, [4, 5], cfg, key)
+    b = generate.sample(apply, params, CFG, [4, 5], key, **cfg.options())
     assert generate.generate._cache_size() == before + 1  # Reused, not recompiled.
     chex.assert_shape(a, (4, 32))
     chex.assert_trees_all_equal(a, b)  # Same seed, same samples.

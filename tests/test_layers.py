@@ -63,13 +63,14 @@ def test_the_core_files_are_the_ones_readme_lists():
 
 
 def test_the_core_stays_an_evening_read():
-    """The 8 core files hold about 1,980 lines (the aim: about 1,800; a budget:
-    over 2,050 fails). What only the engine uses lives in the engine's folders
-    (run/layout.py, run/configs.LoopConfig, datasets/token_file.py...)."""
+    """The 8 core files hold about 1,870 lines (the aim: about 1,800; a budget:
+    over 1,950 fails). What only the engine uses lives in the engine's folders
+    (run/layout.py, run/configs: LoopConfig and SampleConfig,
+    datasets/token_file.py, hub/tokenizer_io.BPETokenizer...)."""
     total = sum(
         len((REPO / "jaxgpt" / f"{n}.py").read_text().splitlines()) for n in CORE
     )
-    assert total <= 2_050, f"the core is {total} lines: move what is not the lecture's"
+    assert total <= 1_950, f"the core is {total} lines: move what is not the lecture's"
 
 
 def test_the_docs_readme_links_exist():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxgpt import generate, lecture, model
-from jaxgpt.config import ConfigError, ModelConfig, SampleConfig
+from jaxgpt.config import ConfigError, ModelConfig
 from jaxgpt.tools import ladder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,8 +114,8 @@ def test_sampling_re_runs_the_window_as_the_lectures_generate():
     cfg = config("lecture_layernorm")
     params, apply = init(cfg), jax.jit(lecture.make_model(cfg).apply)
     prompt, N = [1, 2, 3], 2 * T
-    sample_cfg = SampleConfig(max_new_tokens=N, temperature=0.0, kv_cache=True)
-    got = generate.sample(apply, params, cfg, prompt, sample_cfg, jax.random.key(0))
+    options = {"max_new_tokens": N, "temperature": 0.0, "kv_cache": True}
+    got = generate.sample(apply, params, cfg, prompt, jax.random.key(0), **options)
     idx = jnp.array([prompt])
     for _ in range(N):
         logits = apply({"params": params}, idx[:, -T:])[:, -1]

@@ -14,10 +14,10 @@ from absl.testing import flagsaver
 from conftest import REPO
 
 from jaxgpt import main
-from jaxgpt.config import ModelConfig, SampleConfig, TrainConfig
+from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.modes import evaluation, training
 from jaxgpt.run import cli
-from jaxgpt.run.configs import DataConfig
+from jaxgpt.run.configs import DataConfig, SampleConfig
 
 TINY = """\
 --n_layer=2

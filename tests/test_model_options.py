@@ -405,13 +405,11 @@ def test_sampling_a_rotary_model_rolls_its_cache(monkeypatch):
     real = generate.generate
     spy = lambda *a, **kw: seen.append(kw["rolling"]) or real(*a, **kw)
     monkeypatch.setattr(generate, "generate", spy)
-    from jaxgpt.config import SampleConfig
-
-    sample_cfg = SampleConfig(max_new_tokens=2, temperature=0.0)
     for cfg in (BASE, config(**MODERN)):
         params = lecture.init_params(cfg, jax.random.PRNGKey(0))
         key = jax.random.PRNGKey(0)
         generate.sample(
-            lecture.make_model(cfg).apply, params, cfg, [1], sample_cfg, key
-        )
+            lecture.make_model(cfg).apply, params, cfg, [1], key,
+            max_new_tokens=2, temperature=0.0,
+        )  # fmt: skip
     assert seen == [False, True]

@@ -55,7 +55,9 @@ def test_token_bytes_count_utf8_and_skip_special_tokens():
 
 @pytest.fixture(scope="module")
 def bpe_tok(corpus_text):
-    return tokenizer.BPETokenizer(tokenizer_train.train_bpe(corpus_text[:200_000], 512))
+    return tokenizer_io.BPETokenizer(
+        tokenizer_train.train_bpe(corpus_text[:200_000], 512)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ import numpy as np
 
 from jaxgpt.chat.engine import Engine
 from jaxgpt.chat.model import ChatModel, PromptTooLong
-from jaxgpt.config import ConfigError, SampleConfig
+from jaxgpt.config import ConfigError
+from jaxgpt.run.configs import SampleConfig
 from jaxgpt.run.decoding import RowOptions
 
 PROMPT = "> "

@@ -721,7 +721,9 @@ def make_tokenizer(spec: str, cfg: DataConfig, recipe: Recipe, docs=None):
             counts = tokenizer_train.count_chunks(
                 text, tokenizer.GPT4_PATTERN, specials
             )
-        return tokenizer.BPETokenizer(tokenizer_train.train_bpe(counts, int(spec[4:])))
+        return tokenizer_io.BPETokenizer(
+            tokenizer_train.train_bpe(counts, int(spec[4:]))
+        )
     raise unknown_tokenizer(spec)
 
 

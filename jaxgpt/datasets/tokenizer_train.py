@@ -33,7 +33,7 @@ def chunk_counts(text: str, pattern: str, specials: Iterable[str] = ()) -> Count
 
 PARALLEL_MIN_CHARS = 4_000_000
 # A newline after a non-space and before a letter ends a chunk under both
-# pre-tokenisers (tokenizer.GPT2_PATTERN, GPT4_PATTERN: no alternative runs
+# pre-tokenisers (GPT-2's and tokenizer.GPT4_PATTERN: no alternative runs
 # from a newline into a letter), and the newline forms the same chunk whether
 # or not the text ends after it. So text cut there has exactly the chunks of
 # the whole.

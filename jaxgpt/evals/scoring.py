@@ -138,7 +138,7 @@ def encoder(tok, add_bos_token: bool | None = None) -> Callable[..., list[int]]:
         def plain(text: str) -> list[int]:
             return [stoi.get(ch, unknown) for ch in text]
 
-    elif isinstance(tok, tokenizer.BPETokenizer):
+    elif isinstance(tok, tokenizer_io.BPETokenizer):
 
         def plain(text: str) -> list[int]:
             return tok.encode(text, allowed_special="all").tolist()

@@ -29,7 +29,7 @@ from pathlib import Path
 from absl import logging
 
 from jaxgpt import sharding
-from jaxgpt.config import ConfigError, SampleConfig
+from jaxgpt.config import ConfigError
 from jaxgpt.hub import gpt2, hf, load
 from jaxgpt.run import checkpoint as ckpt
 from jaxgpt.run import (
@@ -39,7 +39,7 @@ from jaxgpt.run import (
     quiet,
     workdir,
 )
-from jaxgpt.run.configs import ExportConfig, RunConfig
+from jaxgpt.run.configs import ExportConfig, RunConfig, SampleConfig
 
 
 def check_writable(out: str) -> None:

@@ -703,7 +703,7 @@ def load_tokenizer(folder: str, kinds: Iterable[str], vocab_size: int | None = N
         if kind == "vocab.json":
             files = (os.path.join(folder, f) for f in ("vocab.json", "merges.txt"))
             found, gpt2 = tokenizer_io.load_gpt2_files(*files), tokenizer_io.load_gpt2()
-            return gpt2 if found == gpt2.bpe else tokenizer.BPETokenizer(found)
+            return gpt2 if found == gpt2.bpe else tokenizer_io.BPETokenizer(found)
         config = tokenizer_config(folder)
         return tokenizer_io.HFTokenizer(
             read_json(os.path.join(folder, kind)),

@@ -10,9 +10,10 @@ import numpy as np
 from absl import logging
 
 from jaxgpt import generate, lecture, train
-from jaxgpt.config import ConfigError, SampleConfig
+from jaxgpt.config import ConfigError
 from jaxgpt.hub import load
 from jaxgpt.run import cli, hosts, memory
+from jaxgpt.run.configs import SampleConfig
 
 
 def encode_prompt(prompt: str, tok) -> np.ndarray:
@@ -31,7 +32,12 @@ def draw_samples(params, model_cfg, tok, prompt_ids, cfg: SampleConfig, root, me
     key = train.stream(root, "sample")
     ids_BA = jax.device_get(
         generate.sample(
-            lecture.apply_of(model_cfg), params, model_cfg, prompt_ids, cfg, key
+            lecture.apply_of(model_cfg),
+            params,
+            model_cfg,
+            prompt_ids,
+            key,
+            **cfg.options(),
         )
     )
     return [tok.decode(row) for row in ids_BA]

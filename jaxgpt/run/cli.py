@@ -168,7 +168,7 @@ class Command:
     data: configs.DataConfig
     train: config.TrainConfig
     loop: configs.LoopConfig
-    sample: config.SampleConfig
+    sample: configs.SampleConfig
     mesh: configs.MeshConfig
     eval: configs.EvalConfig
     chat: configs.ChatConfig
@@ -201,7 +201,7 @@ def command() -> Command:
         data=from_flags(configs.DataConfig),
         train=from_flags(config.TrainConfig),
         loop=from_flags(configs.LoopConfig, max_iters=FLAGS.max_iters),
-        sample=from_flags(config.SampleConfig),
+        sample=from_flags(configs.SampleConfig),
         mesh=from_flags(configs.MeshConfig),
         eval=from_flags(configs.EvalConfig),
         chat=from_flags(configs.ChatConfig),

@@ -1,7 +1,8 @@
 """The engine's options, beside the core's (config.py): where a run lives and
-what it does (RunConfig), the training loop (LoopConfig), its dataset
-(DataConfig), its devices (MeshConfig), downstream evaluation (EvalConfig),
-export (ExportConfig) and chat (ChatConfig). Each field with help text is a
+what it does (RunConfig), the training loop (LoopConfig), sampling
+(SampleConfig), its dataset (DataConfig), its devices (MeshConfig),
+downstream evaluation (EvalConfig), export (ExportConfig) and chat
+(ChatConfig). Each field with help text is a
 flag, made by cli.py, as in config.py."""
 
 from __future__ import annotations
@@ -13,12 +14,59 @@ from typing import Literal
 from jaxgpt.config import (
     ConfigError,
     ModelConfig,
-    SampleConfig,
     TrainConfig,
     check_choices,
     option,
     require_positive,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Text generation from a trained model (its key: the run's sample stream)."""
+
+    checkpoint: Literal["latest", "best"] = option(
+        "latest", "Which checkpoint --mode=sample reads."
+    )
+    prompt: str = option("\n", "Text the samples continue.")
+    max_new_tokens: int = option(500, "Tokens to generate.")
+    temperature: float = option(0.8, "Sampling temperature (0: greedy).")
+    top_k: int = option(200, "Sample among the k likeliest tokens (0: all).")
+    top_p: float = option(
+        1.0, "Sample among the likeliest tokens holding this mass (1: all)."
+    )
+    num_samples: int = option(1, "Samples to draw.")
+    kv_cache: bool = option(
+        True, "Cache keys/values while sampling (no: re-run the window per token)."
+    )
+
+    def __post_init__(self):
+        check_choices(self)
+        require_positive(
+            max_new_tokens=self.max_new_tokens, num_samples=self.num_samples
+        )
+        if not self.prompt:
+            raise ConfigError(
+                "--prompt is empty: give at least one character, e.g."
+                " --prompt=$'\\n' (the default)."
+            )
+        if self.temperature < 0:
+            raise ConfigError(
+                f"--temperature={self.temperature} must be >= 0 (0 samples greedily)."
+            )
+        if self.top_k < 0:
+            raise ConfigError(
+                f"--top_k={self.top_k} must be >= 0 (0 keeps all tokens)."
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(
+                f"--top_p={self.top_p} must lie in (0, 1] (1 keeps all tokens)."
+            )
+
+    def options(self) -> dict:
+        """generate.sample's keyword arguments."""
+        names = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p")
+        return {name: getattr(self, name) for name in (*names, "kv_cache")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,8 @@ import os
 import jax
 import numpy as np
 
-from jaxgpt.config import ConfigError, ModelConfig, SampleConfig, TrainConfig
+from jaxgpt.config import ConfigError, ModelConfig, TrainConfig
+from jaxgpt.run.configs import SampleConfig
 
 F32 = 4  # Bytes: logits are float32 whatever the compute dtype; ids are int32.
 
