@@ -37,6 +37,7 @@ from jaxgpt.config import ConfigError
 from jaxgpt.evals import harness, hellaswag, scoring
 from jaxgpt.hub import hf, tokenizer_io
 from jaxgpt.modes import sampling
+from jaxgpt.run.configs import EvalConfig
 
 TOL = 1e-4  # Log-likelihoods, jaxgpt against HFLM (float32 both).
 CONTEXT = 64  # The reference models' context: padded lengths 32 and 64.
@@ -659,10 +660,17 @@ def test_add_bos_token_takes_true_or_false(bos_models):
 
 
 @pytest.fixture(scope="module")
-def chat_models(tmp_path_factory):
-    """(JaxGPTLM, HFLM) of a random Llama whose folder has a ChatML template."""
+def chat_folder(tmp_path_factory):
+    """A random Llama whose folder has a ChatML template."""
     folder = tmp_path_factory.mktemp("chat")
     make_llama(folder, chat_template=CHATML)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_models(chat_folder):
+    """(JaxGPTLM, HFLM) of chat_folder's model."""
+    folder = chat_folder
     ours = harness.JaxGPTLM(init_from=str(folder), batch_size=4)
     theirs = huggingface.HFLM(
         pretrained=str(folder), backend="causal", batch_size=4, device="cpu",
@@ -722,6 +730,28 @@ def test_chat_task_equals_hflm(chat_models, tasks):
     diff = np.abs(lls[0] - lls[1]).max()
     print(f"chat tiny_arc: max |jaxgpt - HFLM| = {diff:.2e}")
     assert diff < TOL
+
+
+def test_main_mode_eval_tasks_takes_the_chat_flags(
+    chat_folder, tasks, tmp_path, parsed_flags
+):
+    """--apply_chat_template, --fewshot_as_multiturn and --system_instruction
+    reach the harness from jaxgpt.main (its JSON records them), and refuse to
+    run without --tasks."""
+    with flagsaver.flagsaver(
+        mode="eval", init_from=str(chat_folder), workdir=str(tmp_path),
+        tasks=str(tasks / "tiny_arc.yaml"), num_fewshot=1, limit=2.0,
+        eval_batch_size=4, apply_chat_template=True,
+        system_instruction="Answer briefly.",
+    ):  # fmt: skip
+        assert main.main(["jaxgpt.main"]) == 0
+    (written,) = tmp_path.glob("lm_eval_results_*.json")
+    results = json.loads(written.read_text())
+    assert results["chat_template"] == CHATML
+    assert results["system_instruction"] == "Answer briefly."
+    assert results["fewshot_as_multiturn"] is True
+    with pytest.raises(ConfigError, match="--apply_chat_template .* --tasks"):
+        EvalConfig(apply_chat_template=True)
 
 
 def test_chat_generation_equals_hflm(chat_models):

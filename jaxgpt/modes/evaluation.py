@@ -130,5 +130,8 @@ def run_tasks(cmd: cli.Command, mesh) -> int:
         limit=int(limit) if limit is not None and limit >= 1 else limit,
         include_path=eval_cfg.include_path,
         output=output,
+        apply_chat_template=eval_cfg.apply_chat_template,
+        fewshot_as_multiturn=eval_cfg.fewshot_as_multiturn,
+        system_instruction=eval_cfg.system_instruction,
     )
     return 0

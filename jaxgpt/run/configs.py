@@ -323,6 +323,23 @@ class EvalConfig:
         "Score only the first this many examples of each of --tasks (below 1: that"
         " fraction of them); for a quick look, not for reported scores.",
     )
+    apply_chat_template: bool = option(
+        False,
+        "--tasks as a chat model answers them (lm-eval's --apply_chat_template):"
+        " each request rendered with the model's chat template, the checkpoint's"
+        " own or its Hugging Face folder's.",
+    )
+    fewshot_as_multiturn: bool = option(
+        True,
+        "With --apply_chat_template: the few-shot examples as earlier turns of the"
+        " conversation (lm-eval's default); --nofewshot_as_multiturn: all in the"
+        " first user turn.",
+    )
+    system_instruction: str | None = option(
+        None,
+        "--tasks: a system message before every request (with"
+        " --apply_chat_template, the template's system turn).",
+    )
     eval_batch_size: int = option(
         16,
         "Rows (sequences) per compiled call when scoring tasks: --tasks' requests,"
@@ -383,6 +400,16 @@ class EvalConfig:
             require_positive(limit=self.limit)
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"--num_fewshot={self.num_fewshot} must be >= 0.")
+        chat = (
+            ("apply_chat_template", self.apply_chat_template),
+            ("system_instruction", self.system_instruction is not None),
+        )
+        for name, given in chat:
+            if given and self.tasks is None:
+                raise ConfigError(
+                    f"--{name} shapes lm-evaluation-harness's requests: add"
+                    " --mode=eval --tasks=..., or leave it out."
+                )
 
     def task_list(self, name: str = "tasks") -> list[str]:
         """--tasks (or --eval_tasks) as a list of names."""
