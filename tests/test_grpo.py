@@ -133,11 +133,42 @@ def test_two_steps_save_a_checkpoint_the_readers_load(files, capsys):
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), loaded, params)
     assert max(jax.tree.leaves(moved)) > 0  # AdamW's weight decay at least.
 
-    # The workdir now holds checkpoints: refused, in one line, unless --overwrite.
+    # The same command again resumes the complete run: nothing changes.
+    run_main(tmp)
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert ckpt.read_meta(tmp / "rl")["step"] == 2
+    # Other settings on its workdir: refused, in one line.
     with pytest.raises(SystemExit) as refused:
-        run_main(tmp)
-    assert str(refused.value.code).startswith("error: --workdir=")
-    assert "--overwrite" in str(refused.value.code)
+        run_main(tmp, learning_rate=2e-2)
+    line = str(refused.value.code)
+    assert line.startswith("error: --workdir=") and "(train differ)" in line
+    assert "--overwrite" in line and "\n" not in line
+
+
+def test_a_run_cut_short_resumes_as_if_never_cut(files, monkeypatch):
+    """Saved at each --eval_interval: a run stopped in step 1 and started again
+    ends with the parameters of the run that never stopped, bit for bit."""
+    tmp, _ = files
+    run_main(tmp, workdir=str(tmp / "whole"))
+    real = grpo.rollout
+
+    def stops_in_step_1(*args):
+        if args[6] == 1:  # (apply_fn, params, model_cfg, tok, task, root, step, ...)
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(grpo, "rollout", stops_in_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(tmp, workdir=str(tmp / "cut"), eval_interval=1)
+    assert ckpt.read_meta(tmp / "cut")["step"] == 1
+    monkeypatch.setattr(grpo, "rollout", real)
+    run_main(tmp, workdir=str(tmp / "cut"), eval_interval=1)
+    mesh = sharding.make_mesh()
+    whole, cut = (
+        hub_load.load_model(configs.RunConfig(workdir=str(tmp / w)), ckpt.LATEST, mesh)
+        for w in ("whole", "cut")
+    )
+    chex.assert_trees_all_equal(whole[1], cut[1])
 
 
 @pytest.mark.parametrize(

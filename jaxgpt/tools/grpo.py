@@ -14,8 +14,12 @@ else 0, and takes the reply's advantage as its reward less its group's mean
 
 over the sampled tokens only (prompt and padding masked out). The test
 split's exact match is measured at the start, every --eval_interval steps and
-at the end; the final model is saved as a training run saves it, so
-jaxgpt.evals.generation and jaxgpt.chat read it from --workdir.
+at the end. The state is saved as a training run saves it at each
+--eval_interval and at the end, so jaxgpt.evals.generation and jaxgpt.chat
+read it from --workdir; a run started again on the same --workdir with the
+same settings resumes from its newest intact checkpoint, and goes on as the
+uninterrupted run would (a step's prompts and replies are a function of the
+seed, the step and the parameters).
 """
 
 from __future__ import annotations
@@ -244,20 +248,41 @@ def check(cmd: cli.Command) -> None:
             f"--workdir={run.workdir} is --init_from: write the new model to"
             " another --workdir."
         )
-    if not run.overwrite and ckpt.read_meta(run.workdir) is not None:
+
+
+def check_resume(cmd: cli.Command, meta: dict) -> None:
+    """A --workdir with checkpoints resumes only a run of these settings (meta)."""
+    run = cmd.run
+    saved = None if run.overwrite else ckpt.read_meta(run.workdir)
+    if saved is None:
+        return
+    if "rl" not in saved:
         raise ConfigError(
-            f"--workdir={run.workdir} holds checkpoints already: pass --overwrite"
-            " (they are deleted) or choose another --workdir."
+            f"--workdir={run.workdir} holds another run's checkpoints: pass"
+            " --overwrite (they are deleted) or choose another --workdir."
+        )
+    changed = [k for k in RESUMED if saved.get(k) != meta[k]]
+    if changed:
+        raise ConfigError(
+            f"--workdir={run.workdir} holds a run of other settings ({', '.join(changed)}"
+            " differ): give its settings to resume it, --overwrite to start again,"
+            " or another --workdir."
         )
 
 
+RESUMED = ("model", "train", "seed", "init_from", "rl")  # What a resume keeps.
+
+
 def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
-    """Learns from rewards for --max_iters steps; saves the final model in
-    --workdir. Returns the final exact match (None without --chat_eval_path)."""
+    """Learns from rewards for --max_iters steps (resuming --workdir's run),
+    saving at each --eval_interval and at the end. Returns the final exact
+    match (None without --chat_eval_path)."""
     run, train_cfg, sample_cfg, eval_cfg = cmd.run, cmd.train, cmd.sample, cmd.eval
     loop_cfg = cmd.loop
     check(cmd)
     model_cfg, params, tok = import_model(cmd, mesh)
+    meta = run_meta(cmd, model_cfg, tok)
+    check_resume(cmd, meta)
     # Plain arrays on the default device, as the jitted step returns them: one
     # compiled step (a checkpoint's mesh shardings would compile a second).
     params = jax.tree.map(jnp.asarray, jax.device_get(hosts.to_local(params, mesh)))
@@ -288,48 +313,68 @@ def run_rl(cmd: cli.Command, mesh) -> dict[str, float] | None:
         print(f"step {at}: {describe_scores(scores)} [{seconds:.1f}s]", flush=True)
         return scores
 
-    print(
-        f"{len(train_records)} train prompts of {eval_cfg.chat_data_path};"
-        f" {P} prompts x {G} replies a step at temperature {sample_cfg.temperature}",
-        flush=True,
-    )
-    scores = scored(0)
-    t_start = time.perf_counter()
-    for step in range(train_cfg.max_iters):
-        t0 = time.perf_counter()
-        prompts, replies, rewards_PG = rollout(
-            apply_fn, state.params, model_cfg, tok, task, root, step, sample_cfg, P, G
+    def learn(saver: ckpt.Checkpointer) -> dict[str, float] | None:
+        """The steps from the newest intact checkpoint (or 0) to --max_iters."""
+        nonlocal state
+        if resumed := saver.resume(state):
+            state = resumed[0]
+            print(f"resuming from step {int(state.step)}", flush=True)
+        first = int(state.step)
+        print(
+            f"{len(train_records)} train prompts of {eval_cfg.chat_data_path};"
+            f" {P} prompts x {G} replies a step at temperature {sample_cfg.temperature}",
+            flush=True,
         )
-        t1 = time.perf_counter()
-        adv_N = advantages(rewards_PG).reshape(-1)
-        x_NT, y_NT, w_NT = rows_of(prompts, replies, row_length(prompts, replies, T))
-        state, loss = step_fn(state, x_NT, y_NT, w_NT, adv_N)
-        loss = float(loss)
-        if step % loop_cfg.log_interval == 0 or step == train_cfg.max_iters - 1:
-            learning = np.mean(rewards_PG.std(axis=1) > 0)
-            print(
-                f"step {step}: reward {rewards_PG.mean():.3f}, groups with a"
-                f" signal {learning:.2f}, reply tokens {w_NT.sum(1).mean():.1f},"
-                f" loss {loss:+.4f} [sample {t1 - t0:.2f}s,"
-                f" update {time.perf_counter() - t1:.2f}s]",
-                flush=True,
+        scores = scored(first)
+        t_start = time.perf_counter()
+        for step in range(first, train_cfg.max_iters):
+            t0 = time.perf_counter()
+            prompts, replies, rewards_PG = rollout(
+                apply_fn, state.params, model_cfg, tok, task, root, step, sample_cfg,
+                P, G,
+            )  # fmt: skip
+            t1 = time.perf_counter()
+            adv_N = advantages(rewards_PG).reshape(-1)
+            x_NT, y_NT, w_NT = rows_of(
+                prompts, replies, row_length(prompts, replies, T)
             )
-        done = step + 1
-        if done % loop_cfg.eval_interval == 0 and done < train_cfg.max_iters:
-            scored(done)
-    seconds = time.perf_counter() - t_start
-    print(f"{train_cfg.max_iters} steps in {seconds:.1f}s", flush=True)
-    if train_cfg.max_iters:
-        scores = scored(train_cfg.max_iters)
-    save(cmd, state, model_cfg, tok)
+            state, loss = step_fn(state, x_NT, y_NT, w_NT, adv_N)
+            loss = float(loss)
+            if step % loop_cfg.log_interval == 0 or step == train_cfg.max_iters - 1:
+                learning = np.mean(rewards_PG.std(axis=1) > 0)
+                print(
+                    f"step {step}: reward {rewards_PG.mean():.3f}, groups with a"
+                    f" signal {learning:.2f}, reply tokens {w_NT.sum(1).mean():.1f},"
+                    f" loss {loss:+.4f} [sample {t1 - t0:.2f}s,"
+                    f" update {time.perf_counter() - t1:.2f}s]",
+                    flush=True,
+                )
+            done = step + 1
+            if done % loop_cfg.eval_interval == 0 and done < train_cfg.max_iters:
+                scored(done)
+                saver.save(done, state)
+        seconds = time.perf_counter() - t_start
+        print(f"{train_cfg.max_iters - first} steps in {seconds:.1f}s", flush=True)
+        if train_cfg.max_iters > first:  # (Else the run was complete.)
+            scores = scored(train_cfg.max_iters)
+            saver.save(int(state.step), state)
+        return scores
+
+    workdir.make(run.workdir)
+    with workdir.Lock(run.workdir):
+        if run.overwrite:
+            ckpt.clear(run.workdir)
+        with ckpt.Checkpointer(run.workdir, meta, check=ckpt.check_run_meta) as saver:
+            scores = learn(saver)
+    print(f"saved step {int(state.step)} in {run.workdir}", flush=True)
     return scores
 
 
-def save(cmd: cli.Command, state: train.TrainState, model_cfg: ModelConfig, tok):
-    """The final state as a training run's checkpoint (meta: model, tokenizer,
-    settings), so every reader of a run's --workdir reads it."""
+def run_meta(cmd: cli.Command, model_cfg: ModelConfig, tok) -> dict:
+    """A checkpoint's meta, as a training run's (model, tokenizer, settings), so
+    every reader of a run's --workdir reads it; "rl": this run's settings."""
     run, sample = cmd.run, cmd.sample
-    meta = {
+    return {
         "model": model_cfg.to_dict(),
         "train": dataclasses.asdict(cmd.train),
         "seed": run.seed,
@@ -344,13 +389,6 @@ def save(cmd: cli.Command, state: train.TrainState, model_cfg: ModelConfig, tok)
             "top_p": sample.top_p,
         },
     }
-    workdir.make(run.workdir)
-    with workdir.Lock(run.workdir):
-        if run.overwrite:
-            ckpt.clear(run.workdir)
-        with ckpt.Checkpointer(run.workdir, meta, check=ckpt.check_run_meta) as saver:
-            saver.save(int(state.step), state)
-    print(f"saved step {int(state.step)} in {run.workdir}", flush=True)
 
 
 def main(argv: list[str]) -> int:
