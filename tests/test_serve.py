@@ -101,6 +101,10 @@ class Recording:
         self.submitted.append(request)
         return request
 
+    @property
+    def waiting(self):
+        return self.engine.waiting
+
 
 SETTINGS = serve_app.Settings(
     slots=SLOTS,
@@ -552,6 +556,36 @@ def test_api_key(chat_model_, chat_engine):
         assert c.get("/v1/models", headers=good).status_code == 200
         assert c.post(CHAT, json=chat(), headers=good).status_code == 200
         assert c.get("/health").status_code == 200  # For a load balancer's checks.
+
+
+def test_a_full_queue_is_a_429_with_retry_after(chat_model_):
+    """Past --max_waiting replies waiting, a request is refused at once (n rows
+    count as n), and OpenAI's client reads it as a rate limit."""
+
+    class Busy:  # An engine whose slots are taken and 2 replies wait.
+        waiting = (object(), object())
+
+        def submit(self, *args, **kwargs):
+            raise AssertionError("a refused request reached the engine")
+
+    settings = serve_app.Settings(slots=SLOTS, max_waiting=3)
+    with TestClient(serve_app.make_app(chat_model_, Busy(), settings)) as c:
+        r = c.post(CHAT, json=chat(n=2))
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        error = r.json()["error"]
+        assert (
+            error["code"] == "rate_limit_exceeded"
+            and "--max_waiting=3" in error["message"]
+        )
+        openai = pytest.importorskip("openai")
+        api = openai.OpenAI(
+            base_url=str(c.base_url) + "/v1", api_key="-", http_client=c,
+            max_retries=0,
+        )  # fmt: skip
+        with pytest.raises(openai.RateLimitError):
+            api.chat.completions.create(
+                model="tiny-chat", messages=[{"role": "user", "content": "hi"}], n=2
+            )
 
 
 def test_a_stopped_engine_is_a_503(chat_model_):

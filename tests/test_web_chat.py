@@ -123,6 +123,10 @@ class Paced:
         self.submitted.append(request)
         return request
 
+    @property
+    def waiting(self):
+        return self.engine.waiting
+
 
 @pytest.fixture(scope="module")
 def server(model):

@@ -454,6 +454,11 @@ class ChatConfig:
     slots: int = option(
         16, "Requests the server decodes together, one token each per step."
     )
+    max_waiting: int = option(
+        256,
+        "Replies that may wait for a free slot; a request past them gets 429 at"
+        " once, with Retry-After (OpenAI's clients retry it).",
+    )
     max_request_bytes: int = option(
         1_000_000, "The largest request body the server reads (larger: 413)."
     )
@@ -468,6 +473,7 @@ class ChatConfig:
         require_positive(
             port=self.port,
             slots=self.slots,
+            max_waiting=self.max_waiting,
             max_request_bytes=self.max_request_bytes,
             max_messages=self.max_messages,
         )

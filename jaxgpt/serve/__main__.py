@@ -83,6 +83,7 @@ def main(argv: list[str]) -> int:
     sample = cmd.sample
     settings = Settings(
         slots=chat.slots,
+        max_waiting=chat.max_waiting,
         api_key=chat.api_key,
         max_request_bytes=chat.max_request_bytes,
         max_messages=chat.max_messages,

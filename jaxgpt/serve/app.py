@@ -57,6 +57,7 @@ class Settings:
     """The server's limits and defaults (ChatConfig's and SampleConfig's flags)."""
 
     slots: int = 16
+    max_waiting: int = 256
     api_key: str = ""
     max_request_bytes: int = 1_000_000
     max_messages: int = 512
@@ -238,7 +239,17 @@ class Server:
         return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
     def submit(self, prompt_ids, k: Knobs, max_tokens: int) -> list:
-        """k.n rows of the prompt, seeds seed, seed + 1, ... (modulo 2**32)."""
+        """k.n rows of the prompt, seeds seed, seed + 1, ... (modulo 2**32); a
+        429 if they would make more than --max_waiting replies wait."""
+        waiting, most = len(self.engine.waiting), self.settings.max_waiting
+        if waiting + k.n > most:
+            raise ApiError(
+                429,
+                f"{waiting} replies wait for one of the {self.settings.slots} slots"
+                f" (--max_waiting={most}): try again in a moment.",
+                code="rate_limit_exceeded",
+                type_="requests",
+            )
         seed = self.next_seed() if k.seed is None else k.seed
         try:
             return self.rows(prompt_ids, k, max_tokens, seed)
@@ -408,7 +419,8 @@ def usage_of(replies: Sequence) -> dict[str, int]:
 
 
 async def api_error(request: Request, e: ApiError) -> Response:
-    headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
+    headers = {401: {"www-authenticate": "Bearer"}, 429: {"retry-after": "1"}}
+    headers = headers.get(e.status)
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -442,7 +454,7 @@ async def server_error(request: Request, e: Exception) -> Response:
 
 def make_app(model: ChatModel, engine, settings: Settings = Settings()) -> Starlette:
     """The Starlette app serving `model` through `engine` (an Engine, whose
-    rows number settings.slots)."""
+    rows number settings.slots: its submit() and its queue, `waiting`)."""
     s = Server(model, engine, settings)
     routes = [
         Route("/v1/chat/completions", s.chat_completions, methods=["POST"]),
