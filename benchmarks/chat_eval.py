@@ -18,7 +18,9 @@ once to compile, then timed in --bench_repeats rounds in which the two take
 turns (the median, and the best). A second table splits the batched run: the
 prefills (Decoder.start_rows: the prompts of a padded length together, up to
 Decoder.prefill_rows a call, the rows vmapped) and the steps (Decoder.step, every row);
-"per call": per prompt, and per step.
+"per call": per prompt, and per step. Last, the floor of a prefill: one
+forward over every prompt token, packed into rows of block_size with no
+padding (segment ids keep the prompts apart), as training's packed rows run.
 """
 
 from __future__ import annotations
@@ -101,6 +103,34 @@ def split_times(apply_fn, params, cfg, prompts, opts: RowOptions, repeats: int):
     return statistics.median(starts[1:]), statistics.median(steps[1:])
 
 
+def packed_forward(apply_fn, params, prompts, T: int, repeats: int) -> float:
+    """Seconds of one forward over all prompts packed into rows of T tokens
+    (first fit, longest first), the median after a run to compile."""
+    rows: list[list] = []
+    for p in sorted(prompts, key=len, reverse=True):
+        row = next((r for r in rows if sum(map(len, r)) + len(p) <= T), None)
+        rows.append([p]) if row is None else row.append(p)
+    ids_BT, seg_BT, pos_BT = (np.zeros((len(rows), T), np.int32) for _ in range(3))
+    for b, row in enumerate(rows):
+        at = 0
+        for j, p in enumerate(row):
+            span = slice(at, at + len(p))
+            ids_BT[b, span], seg_BT[b, span] = p, j + 1
+            pos_BT[b, span] = np.arange(len(p))
+            at += len(p)
+    forward = jax.jit(
+        lambda params, *rows: apply_fn(
+            {"params": params}, rows[0], seg_BT=rows[1], pos_BT=rows[2]
+        )
+    )
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        jax.block_until_ready(forward(params, ids_BT, seg_BT, pos_BT))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def main(argv):
     del argv
     cpu_speedups()
@@ -150,6 +180,12 @@ def main(argv):
         f"| {P} prefills (batched by padded length) | {prefill:.3f} | {prefill / P * 1e3:.2f} |"
     )
     print(f"| {N - 1} steps of {P} rows | {steps:.3f} | {steps / (N - 1) * 1e3:.2f} |")
+    if cfg.kind.gpt:  # (Packed rows: GPT's segment ids.)
+        floor = packed_forward(apply_fn, params, prompts, cfg.block_size, repeats)
+        print(
+            f"| floor: the {sum(lengths):,} prompt tokens in one packed forward |"
+            f" {floor:.3f} | {floor / P * 1e3:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ def test_chat_eval_times_prompts_together_and_alone():
         out,
         re.MULTILINE,
     )
+    floor = r"^\| floor: the \d+ prompt tokens in one packed forward \| [\d.]+ \|"
+    assert re.search(floor, out, re.MULTILINE), out[-2000:]
 
 
 def test_tokenizer_trains_and_encodes(corpus_path):
