@@ -34,7 +34,7 @@ from absl import app, flags
 
 from jaxgpt import lecture, model
 from jaxgpt.config import ModelConfig
-from jaxgpt.datasets import chat_tasks, chat_template
+from jaxgpt.datasets import chat_tasks, chat_template, conversations
 from jaxgpt.evals import generation
 from jaxgpt.run import (
     cli,  # Defines the flags.
@@ -104,29 +104,29 @@ def split_times(apply_fn, params, cfg, prompts, opts: RowOptions, repeats: int):
 
 
 def packed_forward(apply_fn, params, prompts, T: int, repeats: int) -> float:
-    """Seconds of one forward over all prompts packed into rows of T tokens
-    (first fit, longest first), the median after a run to compile."""
-    rows: list[list] = []
+    """Seconds of one forward over all prompts packed into rows of T tokens as
+    training packs conversations (conversations.pack, in first-fit order,
+    longest first), the median after a run to compile."""
+    bins: list[list] = []
     for p in sorted(prompts, key=len, reverse=True):
-        row = next((r for r in rows if sum(map(len, r)) + len(p) <= T), None)
-        rows.append([p]) if row is None else row.append(p)
-    ids_BT, seg_BT, pos_BT = (np.zeros((len(rows), T), np.int32) for _ in range(3))
-    for b, row in enumerate(rows):
-        at = 0
-        for j, p in enumerate(row):
-            span = slice(at, at + len(p))
-            ids_BT[b, span], seg_BT[b, span] = p, j + 1
-            pos_BT[b, span] = np.arange(len(p))
-            at += len(p)
-    forward = jax.jit(
-        lambda params, *rows: apply_fn(
-            {"params": params}, rows[0], seg_BT=rows[1], pos_BT=rows[2]
-        )
-    )
+        fits = [b for b in bins if sum(map(len, b)) + len(p) <= T]
+        if fits:
+            fits[0].append(p)
+        else:
+            bins.append([p])
+    ordered = [np.asarray(p) for b in bins for p in b]
+    packed = conversations.pack(ordered, [np.ones(len(p)) for p in ordered], T - 1)
+    seg_BT = packed.segments_RL
+    pos_BT = conversations.segment_positions(seg_BT)
+
+    @jax.jit
+    def forward(params, ids_BT, seg_BT, pos_BT):
+        return apply_fn({"params": params}, ids_BT, seg_BT=seg_BT, pos_BT=pos_BT)
+
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        jax.block_until_ready(forward(params, ids_BT, seg_BT, pos_BT))
+        jax.block_until_ready(forward(params, packed.tokens_RL, seg_BT, pos_BT))
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 

@@ -419,9 +419,13 @@ def usage_of(replies: Sequence) -> dict[str, int]:
 
 
 async def api_error(request: Request, e: ApiError) -> Response:
-    headers = {401: {"www-authenticate": "Bearer"}, 429: {"retry-after": "1"}}
-    headers = headers.get(e.status)
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return JSONResponse(
+        e.body(), status_code=e.status, headers=ERROR_HEADERS.get(e.status)
+    )
+
+
+# What a client needs beside a refusal's body: how to authenticate, when to retry.
+ERROR_HEADERS = {401: {"www-authenticate": "Bearer"}, 429: {"retry-after": "1"}}
 
 
 async def http_error(request: Request, e: HTTPException) -> Response:
