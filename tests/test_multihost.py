@@ -88,19 +88,23 @@ def wait_all(procs: list[subprocess.Popen], logs: list[Path]) -> None:
         assert proc.returncode == 0, f"{log}:\n{log.read_text()[-4000:]}"
 
 
-GLOO = re.compile(
-    r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. "
-    r"Expected number of connected peer ranks is : \d+"
+# Gloo's connection notice, printed in pieces ("[Gloo] Rank ", the rank, the
+# rest, a newline): another thread's notice may come between any two of them.
+GLOO_HEAD = "[Gloo] Rank "
+GLOO_REST = re.compile(
+    r"\d* is connected to (\d+) peer ranks\. "
+    r"Expected number of connected peer ranks is : \1"
 )
 
 
 def printed(log: Path) -> str:
     """A process's stdout without gloo's connection notices. Gloo's threads
-    print them at start-up, text and newline apart, so two may interleave
-    ("A B\n\n"): each notice's text goes, and with it one of the first
-    newlines."""
+    print them at start-up piece by piece, so two may interleave ("[Gloo] Rank
+    [Gloo] Rank 3 is ...\n2 is ...\n", or "A B\n\n"): each notice's pieces
+    go, and with them one of the first newlines."""
     text = log.with_suffix(".out").read_text()
-    text, n = GLOO.subn("", text)
+    n = text.count(GLOO_HEAD)
+    text = GLOO_REST.sub("", text.replace(GLOO_HEAD, ""))
     for _ in range(n):
         text = text.replace("\n", "", 1)
     return text
